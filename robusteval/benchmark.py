@@ -4,10 +4,10 @@ A suite is a fixed grid (numbers of images, budgets, noise levels):
 
 - every registered model with shipped weights for the data set, under
   `autoattack` on the L∞ and L2 grids;
-- for the joint models, adaptive attacks on their deployed pipelines: the
-  `denoise:S` purification (gradient `auto`: exact and BPDA, a point counts as
-  broken if either breaks it) and the randomized `noise:S` pipeline
-  (`autoattack-rand`, with EOT);
+- for the joint models, adaptive attacks on their deployed pipelines at the
+  suite's defense ε: the `denoise:S` purification (gradient `auto`: exact and
+  BPDA, a point counts as broken if either breaks it) and the randomized
+  `noise:S` pipeline (`autoattack-rand`, with EOT);
 - randomized-smoothing certification at each σ of the suite, `direct`, and
   `denoised` for models with a denoiser; a baseline trained at one σ (its card's
   recipe says which) is certified at that σ only;
@@ -58,7 +58,8 @@ class Suite:
     sigmas: tuple[float, ...]  # certification noise levels
     defense_sigma: float  # S of the denoise:S and noise:S pipelines
     eps: dict[str, tuple[float, ...] | None]  # per norm; None: the engine's default grid for the data set
-    defense_norms: tuple[str, ...] = ("Linf",)
+    # Adaptive attacks on a pipeline cost 10-50× an attack on the bare model: one headline ε per norm.
+    defense_eps: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"Linf": (0.1,)})
     defenses: bool = True
     denoise_sigmas: tuple[float, ...] = (0.12, 0.25, 0.5)
     denoise_images: int = 500
@@ -73,7 +74,8 @@ SUITES: dict[str, Suite] = {
         name="digits", dataset="digits",
         description="the digits leaderboard: every zoo model, AutoAttack L∞/L2 grids, adaptive attacks on the "
                     "joint models' pipelines, certification at σ = 0.12/0.25/0.5 (direct and denoised), PSNR",
-        n_attack=100, n_defense=25, n_certify=200, n0=100, n=10_000, alpha=0.001, sigmas=(0.12, 0.25, 0.5),
+        # Sized to finish within 60 minutes on 2 CPU cores with --jobs 2 (benchmarks/RESULTS.md has the timing).
+        n_attack=40, n_defense=20, n_certify=100, n0=100, n=2_000, alpha=0.001, sigmas=(0.12, 0.25, 0.5),
         defense_sigma=0.25, eps={"Linf": None, "L2": None},
     ),
     "digits-ci": Suite(
@@ -151,20 +153,20 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
                             cost=suite.n_attack * (len(eps) if eps else 5)))
         if suite.defenses and card.family == "joint" and suite.n_defense > 0:
             s = f"{suite.defense_sigma:g}"
-            for norm in suite.defense_norms:
-                eps = suite.eps.get(norm)
+            for norm, eps in suite.defense_eps.items():
+                eps = list(eps)
                 if can_denoise:
                     arguments = {"attack": "autoattack", "norm": norm, "eps": eps, "n": suite.n_defense,
                                  "defense": f"denoise:{s}", "gradient": "auto",
                                  "large_eps_check": suite.large_eps_check, "device": device}
                     jobs.append(Job("attack", model, suite.dataset, arguments,
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-denoise{s}",
-                                    cost=suite.n_defense * 5 * 4))
+                                    cost=suite.n_defense * len(eps) * 8))
                 arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_defense,
                              "defense": f"noise:{s}", "large_eps_check": suite.large_eps_check, "device": device}
                 jobs.append(Job("attack", model, suite.dataset, arguments,
                                 folder / f"attack-{slug(model)}-{norm}-autoattack-rand-noise{s}",
-                                cost=suite.n_defense * 5 * 20))
+                                cost=suite.n_defense * len(eps) * 1.5))
         own_sigma = card.recipe.get("sigma")
         sigmas = (float(own_sigma),) if isinstance(own_sigma, (int, float)) else suite.sigmas
         modes = ("direct", "denoised") if can_denoise else ("direct",)
@@ -172,8 +174,8 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
             for mode in modes:
                 arguments = {"sigma": sigma, "mode": mode, "n0": suite.n0, "n": suite.n, "alpha": suite.alpha,
                              "n_images": suite.n_certify, "device": device}
-                # Certification forwards a batch of many draws: far cheaper per forward pass than an attack.
-                cost = suite.n_certify * (suite.n0 + suite.n) / 20_000 * (3 if mode == "denoised" else 1)
+                # Relative to an attack's cost of one point at one ε (measured on jdm, the slowest model).
+                cost = suite.n_certify * (suite.n0 + suite.n) / 5_000 * (2 if mode == "denoised" else 1)
                 jobs.append(Job("certify", model, suite.dataset, arguments,
                                 folder / f"certify-{slug(model)}-{mode}-s{sigma:g}", cost=cost))
         if can_denoise:
@@ -181,6 +183,34 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
             jobs.append(Job("denoise", model, suite.dataset, arguments, folder / f"denoise-{slug(model)}",
                             cost=1.0))
     return sorted(jobs, key=lambda j: -j.cost)
+
+
+def describe(suite: Suite, seconds: float | None = None, jobs: int = 1) -> str:
+    """The grid's sizes in one paragraph, for the report: small samples must be read with their intervals."""
+    from scipy.stats import norm as normal
+
+    from robusteval.attacks.engine import default_eps
+
+    def grid(eps_by_norm: dict[str, Any]) -> str:
+        parts = []
+        for norm, eps in eps_by_norm.items():
+            values = eps if eps is not None else default_eps(suite.dataset, norm)
+            parts.append(f"{'L∞' if norm == 'Linf' else norm} ε ∈ {{{', '.join(f'{e:g}' for e in values)}}}")
+        return "; ".join(parts)
+
+    # With every draw correct, the Clopper-Pearson bound is α^(1/n): no radius beyond σ·Φ⁻¹(α^(1/n)) can be certified.
+    reach = float(normal.ppf(suite.alpha ** (1 / suite.n)))
+    text = [f"Grid (suite {suite.name}, {suite.dataset} test split): AutoAttack on {suite.n_attack} points per "
+            f"model and norm ({grid(suite.eps)})."]
+    if suite.defenses and suite.n_defense > 0:
+        text.append(f"Adaptive attacks on the joint models' denoise:{suite.defense_sigma:g} and "
+                    f"noise:{suite.defense_sigma:g} pipelines on {suite.n_defense} points ({grid(suite.defense_eps)}).")
+    text.append(f"Certification of {suite.n_certify} images per model, σ and mode with n0 = {suite.n0}, "
+                f"n = {suite.n:,}, α = {suite.alpha:g} (the largest certifiable radius is {reach:.2f}σ).")
+    text.append(f"PSNR on {suite.denoise_images} images. Samples are small: read every figure with its 95% interval.")
+    if seconds is not None:
+        text.append(f"This invocation took {seconds / 60:.0f} min with {jobs} process(es).")
+    return " ".join(text)
 
 
 def run_job(job: Job) -> tuple[str, float]:

@@ -584,7 +584,7 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     """Run a standard grid over the model zoo (attacks, adaptive attacks, certification, PSNR), then `report`."""
     import dataclasses
 
-    from robusteval.benchmark import resolve_suite, run_benchmark
+    from robusteval.benchmark import describe, resolve_suite, run_benchmark
     from robusteval.reports.loading import load_runs
     from robusteval.reports.report import write_report
 
@@ -601,9 +601,11 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
         target = report_out or (Path("reports/leaderboard.html") if suite.name == "digits"
                                 else result.folder / "report" / "leaderboard.html")
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
-        command = f"robusteval benchmark --suite {suite.name} --out {out}" + (f" {options}" if options else "")
+        command = (f"robusteval benchmark --suite {suite.name} --out {out}" + (f" --jobs {jobs}" if jobs > 1 else "")
+                   + (f" {options}" if options else ""))
         report = write_report(load_runs(result.finished), target, command=command,
-                              title=f"robusteval leaderboard: {suite.name}")
+                              title=f"robusteval leaderboard: {suite.name}",
+                              notes=[describe(suite, result.seconds, jobs)])
         click.echo(f"wrote {report.main}")
     if result.failed:
         for label, error in sorted(result.failed.items()):

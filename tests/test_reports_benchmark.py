@@ -31,7 +31,7 @@ def test_digits_grid_for_baselines(tmp_path):
     attack = jobs["attack-standard-Linf-autoattack"].arguments
     assert attack["n"] == SUITES["digits"].n_attack and attack["eps"] is None  # the engine's full ε grid
     certify = jobs["certify-dncnn+standard-denoised-s0.25"].arguments
-    assert (certify["n0"], certify["n"], certify["alpha"]) == (100, 10_000, 0.001)
+    assert (certify["n0"], certify["n"], certify["alpha"]) == (100, 2_000, 0.001)
     ci = _jobs(SUITES["digits-ci"], ["standard"], tmp_path)
     assert set(ci) == {"attack-standard-Linf-autoattack", "attack-standard-L2-autoattack",
                        "certify-standard-direct-s0.25"}
@@ -47,6 +47,8 @@ def test_joint_models_get_adaptive_attacks_on_their_pipelines(tmp_path):
     assert (denoise["defense"], denoise["gradient"]) == ("denoise:0.25", "auto")
     noise = jobs[f"attack-{model}-Linf-autoattack-rand-noise0.25"].arguments
     assert (noise["attack"], noise["defense"]) == ("autoattack-rand", "noise:0.25")
+    assert denoise["eps"] == noise["eps"] == [0.1]  # adaptive attacks at the headline ε only
+    assert f"attack-{model}-L2-autoattack-rand-noise0.25" not in jobs
     assert f"certify-{model}-denoised-s0.5" in jobs
     ci = _jobs(SUITES["digits-ci"], [model], tmp_path)
     assert sorted(label for label in ci if label.startswith("attack-")) == [

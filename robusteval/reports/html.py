@@ -145,8 +145,12 @@ def _number_cell(value: float) -> dict[str, str]:
 
 
 def render_html(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_dir: str | Path,
-                title: str = "robusteval leaderboard", command: str | None = None) -> str:
-    """The leaderboard page as a string (links to PNG/SVG files are relative to `out_dir`)."""
+                title: str = "robusteval leaderboard", command: str | None = None,
+                notes: Sequence[str] = ()) -> str:
+    """The leaderboard page as a string (links to PNG/SVG files are relative to `out_dir`).
+
+    notes: paragraphs shown under the title (e.g. the grid's sizes), escaped like every other string.
+    """
     out_dir = Path(out_dir)
     index = iter(range(10**6))
     anchors = {model: f"model-{slug(model)}" for model in {r.model for r in runs}}
@@ -207,7 +211,7 @@ def render_html(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_d
         version = "unknown"
     template = _environment().get_template("leaderboard.html.j2")
     return template.render(
-        title=title, version=version, command=command,
+        title=title, version=version, command=command, notes=list(notes),
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         runs_count=len(runs), kinds=", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
         datasets=sorted({r.dataset for r in runs}), leaderboards=leaderboards, overall_figures=overall,

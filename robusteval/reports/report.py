@@ -40,10 +40,12 @@ class Report:
 
 
 def _markdown_report(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_dir: Path,
-                     command: str | None) -> str:
+                     command: str | None, notes: Sequence[str] = ()) -> str:
     parts = ["# robusteval report", ""]
     if command:
         parts += [f"Regenerate with `{command}`.", ""]
+    for note in notes:
+        parts += [note, ""]
     parts += ["## Leaderboard", "", tables.files["leaderboard.md"].read_text(), ""]
     for figure in figures.overall:
         parts += [f"![{figure.title}]({Path(os.path.relpath(figure.png, out_dir)).as_posix()})", ""]
@@ -55,8 +57,12 @@ def _markdown_report(runs: Sequence[Run], tables: TableSet, figures: FigureSet, 
 
 def write_report(runs: Sequence[Run], out: str | Path, fmt: str = "html",
                  eps_overrides: dict[str, float] | None = None, radii: Sequence[float] | None = None,
-                 command: str | None = None, title: str = "robusteval leaderboard") -> Report:
-    """Write figures and tables beside `out`, then the main output in format `fmt`."""
+                 command: str | None = None, title: str = "robusteval leaderboard",
+                 notes: Sequence[str] = ()) -> Report:
+    """Write figures and tables beside `out`, then the main output in format `fmt`.
+
+    notes: paragraphs for the HTML and Markdown reports (e.g. the sizes of the grid behind them).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not runs:
@@ -75,9 +81,10 @@ def write_report(runs: Sequence[Run], out: str | Path, fmt: str = "html",
     tables = write_tables(runs, out_dir / "tables", eps_overrides, radii)
     report = Report(main=out, figures=figures, tables=tables)
     if fmt == "html":
-        write_html(out, render_html(runs, tables, figures, out_dir, title=title, command=command))
+        write_html(out, render_html(runs, tables, figures, out_dir, title=title, command=command,
+                                            notes=notes))
     elif fmt == "md":
-        atomic_write_bytes(out, _markdown_report(runs, tables, figures, out_dir, command).encode())
+        atomic_write_bytes(out, _markdown_report(runs, tables, figures, out_dir, command, notes).encode())
     elif fmt == "csv":
         atomic_write_bytes(out, tables.files["leaderboard.csv"].read_bytes())
     elif fmt == "latex":
