@@ -185,8 +185,11 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
     return sorted(jobs, key=lambda j: -j.cost)
 
 
-def describe(suite: Suite, seconds: float | None = None, jobs: int = 1) -> str:
-    """The grid's sizes in one paragraph, for the report: small samples must be read with their intervals."""
+def describe(suite: Suite, run_seconds: float | None = None) -> str:
+    """The grid's sizes in one paragraph, for the report: small samples must be read with their intervals.
+
+    run_seconds: the runs' own wall times summed (each run records it, so a resumed grid still counts them).
+    """
     from scipy.stats import norm as normal
 
     from robusteval.attacks.engine import default_eps
@@ -208,8 +211,8 @@ def describe(suite: Suite, seconds: float | None = None, jobs: int = 1) -> str:
     text.append(f"Certification of {suite.n_certify} images per model, σ and mode with n0 = {suite.n0}, "
                 f"n = {suite.n:,}, α = {suite.alpha:g} (the largest certifiable radius is {reach:.2f}σ).")
     text.append(f"PSNR on {suite.denoise_images} images. Samples are small: read every figure with its 95% interval.")
-    if seconds is not None:
-        text.append(f"This invocation took {seconds / 60:.0f} min with {jobs} process(es).")
+    if run_seconds is not None:
+        text.append(f"The runs took {run_seconds / 60:.0f} min of single-threaded compute in all.")
     return " ".join(text)
 
 

@@ -603,9 +603,9 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
         command = (f"robusteval benchmark --suite {suite.name} --out {out}" + (f" --jobs {jobs}" if jobs > 1 else "")
                    + (f" {options}" if options else ""))
-        report = write_report(load_runs(result.finished), target, command=command,
-                              title=f"robusteval leaderboard: {suite.name}",
-                              notes=[describe(suite, result.seconds, jobs)])
+        runs = load_runs(result.finished)
+        report = write_report(runs, target, command=command, title=f"robusteval leaderboard: {suite.name}",
+                              notes=[describe(suite, sum(r.summary.get("seconds") or 0 for r in runs))])
         click.echo(f"wrote {report.main}")
     if result.failed:
         for label, error in sorted(result.failed.items()):

@@ -173,11 +173,11 @@ def test_clear_errors(digits):
 def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
     from robusteval.certify import sampler
 
-    def eager(clean, noise):
-        return torch.zeros(clean.shape[0], dtype=torch.long)
+    def eager(noisy):
+        return torch.zeros(noisy.shape[0], dtype=torch.long)
 
-    def compiled(clean, noise):
-        return torch.ones(clean.shape[0], dtype=torch.long)
+    def compiled(noisy):
+        return torch.ones(noisy.shape[0], dtype=torch.long)
 
     built = []
 
@@ -189,13 +189,13 @@ def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
     # A long run left: the second (timed) eager pass decides to compile, the third pass runs compiled.
     monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", 0.0)
     runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
-    outputs = [int(runner(x, x, passes_left=10)[0]) for _ in range(3)]
+    outputs = [int(runner(x, passes_left=10)[0]) for _ in range(3)]
     assert outputs == [0, 0, 1] and runner.compiled and built == [True]
     # A short run left: it stays eager and never builds the compiled classifier.
     monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", float("inf"))
     built.clear()
     runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
-    assert [int(runner(x, x, passes_left=10)[0]) for _ in range(3)] == [0, 0, 0] and not built
+    assert [int(runner(x, passes_left=10)[0]) for _ in range(3)] == [0, 0, 0] and not built
     # Explicit choices are obeyed from the first pass.
-    assert int(sampler.BaseClassifierRunner(eager, make_compiled, True)(x, x, 0)[0]) == 1
-    assert int(sampler.BaseClassifierRunner(eager, make_compiled, False)(x, x, 10**6)[0]) == 0
+    assert int(sampler.BaseClassifierRunner(eager, make_compiled, True)(x, 0)[0]) == 1
+    assert int(sampler.BaseClassifierRunner(eager, make_compiled, False)(x, 10**6)[0]) == 0

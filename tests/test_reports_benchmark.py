@@ -7,7 +7,7 @@ import json
 
 from click.testing import CliRunner
 
-from robusteval.benchmark import SUITES, plan, run_benchmark
+from robusteval.benchmark import SUITES, describe, plan, run_benchmark
 from robusteval.cli import main
 from robusteval.model_zoo.registry import list_models, model_card
 from robusteval.reports.loading import load_runs
@@ -80,3 +80,15 @@ def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
 def test_unknown_suite_is_a_clear_error():
     result = CliRunner().invoke(main, ["benchmark", "--suite", "digit"])
     assert result.exit_code == 2 and "unknown suite 'digit'" in result.output and "digits" in result.output
+
+
+def test_the_report_states_the_grid_sizes():
+    text = describe(SUITES["digits"], run_seconds=1800)
+    suite = SUITES["digits"]
+    for fact in (f"AutoAttack on {suite.n_attack} points", f"on {suite.n_defense} points",
+                 f"Certification of {suite.n_certify} images", f"n0 = {suite.n0}", f"n = {suite.n:,}",
+                 "L∞ ε ∈ {0.05, 0.1, 0.15, 0.2, 0.3}", "30 min of single-threaded compute"):
+        assert fact in text
+    # α^(1/n) is the Clopper-Pearson bound when every draw is correct: Φ⁻¹(0.001^(1/2000)) = 2.70.
+    assert "largest certifiable radius is 2.70σ" in text
+    assert "Adaptive" not in describe(SUITES["digits-ci"])  # the CI grid runs no adaptive attacks

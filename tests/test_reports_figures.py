@@ -154,3 +154,15 @@ def test_svg_is_reproducible_and_user_strings_are_literal(tmp_path):
     second, _ = save_figure(robustness_figure(runs, "digits", "Linf", styles), tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()
     assert "cost $5 and $6_x" in first.read_text()  # shown as typed, not as mathtext
+
+
+def test_a_dot_in_a_model_name_does_not_clash_files(tmp_path):
+    # gaussian-s0.12 and gaussian-s0.5: the dot is part of the name, not a file suffix.
+    run = copy_run("standard-autoattack-Linf", tmp_path)
+    runs = load_runs([run])
+    styles = model_styles(r.model for r in runs)
+    written = [save_figure(robustness_figure(runs, "digits", "Linf", styles), tmp_path / f"model_gaussian-s{s}_robust")
+               for s in ("0.12", "0.5")]
+    names = {path.name for pair in written for path in pair}
+    assert names == {"model_gaussian-s0.12_robust.svg", "model_gaussian-s0.12_robust.png",
+                     "model_gaussian-s0.5_robust.svg", "model_gaussian-s0.5_robust.png"}

@@ -52,7 +52,7 @@ def report(tmp_path_factory):
     copy_run("standard-autoattack-L2", runs_dir, evil, new_name="evil")
     runs = load_runs([runs_dir])
     out = root / "reports" / "leaderboard.html"
-    written = write_report(runs, out, command=f"robusteval report {runs_dir}/*")
+    written = write_report(runs, out, command=f"robusteval report {runs_dir}/*", notes=[f"Grid note {EVIL}"])
     return {"runs": runs, "out": out, "html": out.read_text(encoding="utf-8"), "report": written}
 
 
@@ -61,6 +61,7 @@ def test_user_strings_are_escaped_everywhere(report):
     assert EVIL not in page
     assert "<img src=x" not in page and 'onerror="alert' not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # rendered as text
+    assert "Grid note &lt;script&gt;" in page  # the report's notes too
     assert "&lt;img src=x onerror=" in page
     elements = _Elements(page).elements
     tags = [tag for tag, _ in elements]

@@ -159,30 +159,29 @@ def _base_classifier(
     model: JointModel, settings: SmoothingSettings, batch: int, device: torch.device, dtype: torch.dtype,
     compile: bool | None,
 ) -> BaseClassifierRunner:
-    sigma = settings.sigma
-    sigma_rows = torch.full((batch,), sigma, device=device, dtype=dtype)
+    sigma_rows = torch.full((batch,), settings.sigma, device=device, dtype=dtype)
     clean_rows = torch.zeros((batch,), device=device, dtype=dtype)
 
     if settings.mode == "direct":
-        def classify(clean: Tensor, noise: Tensor) -> Tensor:
-            return model.logits(clean + sigma * noise, sigma_rows).argmax(1)
+        def classify(noisy: Tensor) -> Tensor:
+            return model.logits(noisy, sigma_rows).argmax(1)
 
         return BaseClassifierRunner(classify, lambda: torch.compile(classify, dynamic=False), compile)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
 
-    def denoise(clean: Tensor, noise: Tensor) -> Tensor:
+    def denoise(noisy: Tensor) -> Tensor:
         # A Tweedie denoiser takes a gradient inside; its graph is freed when it returns.
-        return model.denoise(clean + sigma * noise, sigma_rows).detach()
+        return model.denoise(noisy, sigma_rows).detach()
 
-    def classify_denoised(clean: Tensor, noise: Tensor) -> Tensor:
-        return head(denoise(clean, noise))
+    def classify_denoised(noisy: Tensor) -> Tensor:
+        return head(denoise(noisy))
 
     def make_compiled() -> Classify:
         # The denoiser may differentiate inside; only the classifier head is compiled.
         compiled_head = torch.compile(head, dynamic=False)
-        return lambda clean, noise: compiled_head(denoise(clean, noise))
+        return lambda noisy: compiled_head(denoise(noisy))
 
     return BaseClassifierRunner(classify_denoised, make_compiled, compile)
 
@@ -330,7 +329,8 @@ def run_smoothing(
         try:
             with grad_context, trusted_inputs():
                 count_classes(
-                    runner, images[done:], [skip + done + i for i in range(remaining)], settings.phases,
+                    runner, images[done:], [skip + done + i for i in range(remaining)], settings.sigma,
+                    settings.phases,
                     model.num_classes, noise, batch, chunk_images, on_chunk,
                 )
         finally:

@@ -101,8 +101,8 @@ class NoiseSource:
             offset += rows
 
 
-Classify = Callable[[Tensor, Tensor], Tensor]
-"""classify(clean, noise) -> (B,) predicted classes of the base classifier on clean + σ·noise."""
+Classify = Callable[[Tensor], Tensor]
+"""classify(noisy) -> (B,) predicted classes of the base classifier on a pass of noisy inputs."""
 
 
 class BaseClassifierRunner:
@@ -125,15 +125,15 @@ class BaseClassifierRunner:
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def __call__(self, clean: Tensor, noise: Tensor, passes_left: int) -> Tensor:
+    def __call__(self, noisy: Tensor, passes_left: int) -> Tensor:
         if self.policy and self._compiled is None:
             self._compiled = self._make_compiled()  # type: ignore[misc]
         if self._compiled is not None:
-            return self._compiled(clean, noise)
+            return self._compiled(noisy)
         if self.policy is False:
-            return self.eager(clean, noise)
+            return self.eager(noisy)
         started = time.perf_counter()
-        predictions = self.eager(clean, noise)
+        predictions = self.eager(noisy)
         if self._eager_passes >= 1:  # the first pass is a warm-up
             int(predictions[0])  # wait for the device, so the timing is real
             expected = (time.perf_counter() - started) * passes_left
@@ -158,6 +158,7 @@ def count_classes(
     classify: BaseClassifierRunner,
     images: Tensor,
     indices: Sequence[int],
+    sigma: float,
     phases: Sequence[Phase],
     num_classes: int,
     noise: NoiseSource,
@@ -165,9 +166,12 @@ def count_classes(
     chunk_images: int,
     on_chunk: Callable[[ChunkCounts], None],
 ) -> None:
-    """Count the base classifier's predictions for every image, phase and class.
+    """Count the base classifier's predictions on image + σ·noise for every image, phase and class.
 
     images: (N, C, H, W) clean inputs (any device; moved pass by pass).
+    The noisy inputs of a pass are built in place in one buffer, image by image
+    (noise scaled, clean image broadcast onto its rows), so no (batch, C, H, W)
+    copy of the clean images is ever gathered.
     indices: data-set index of each image, which addresses its noise.
     on_chunk is called in order for every `chunk_images` consecutive images
     (the last chunk may be shorter) once all their draws are counted.
@@ -203,6 +207,7 @@ def count_classes(
         # Noise: walk the (image, phase) segments this pass covers.
         row = 0
         for image in range(first_image, last_image + 1):
+            image_row = row
             image_lo = max(start, image * per_image) - image * per_image
             image_hi = min(stop, (image + 1) * per_image) - image * per_image
             for phase_number, phase in enumerate(phases):
@@ -213,14 +218,13 @@ def count_classes(
                 phase_lo = lo - int(boundaries[phase_number])
                 noise.write(noise_buffer[row : row + hi - lo], indices[image], phase, phase_lo, phase_lo + hi - lo)
                 row += hi - lo
+            noise_buffer[image_row:row].mul_(sigma).add_(clean_images[image - first_image])
         if row < batch:
-            noise_buffer[row:].zero_()
+            noise_buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
 
         rows = offsets + start
         position = rows // per_image
-        local = (position - first_image).clamp_(max=last_image - first_image)
-        clean = clean_images.index_select(0, local)
-        predictions = classify(clean, noise_buffer, passes - pass_number - 1)
+        predictions = classify(noise_buffer, passes - pass_number - 1)
         if pass_number == 0 and (predictions.shape != (batch,) or int(predictions.max()) >= num_classes):
             # A model whose logits have more columns than num_classes would be miscounted silently.
             raise ValueError(f"the base classifier must return {batch} class indices below {num_classes}, got "

@@ -111,7 +111,8 @@ def _finish(fig: Figure, ax, title: str, xlabel: str, ylabel: str, handles: list
 def save_figure(fig: Figure, stem: Path) -> tuple[Path, Path]:
     """Write `stem`.svg and `stem`.png (150 dpi); the files do not depend on the time they were made."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    svg, png = stem.with_suffix(".svg"), stem.with_suffix(".png")
+    # Not with_suffix: a model name like gaussian-s0.12 has a dot that is not a suffix.
+    svg, png = stem.with_name(stem.name + ".svg"), stem.with_name(stem.name + ".png")
     with matplotlib.rc_context(_RC):
         fig.savefig(svg, format="svg", metadata={"Date": None})
         fig.savefig(png, format="png", dpi=150, metadata={"Software": None})
