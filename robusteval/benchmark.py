@@ -193,12 +193,13 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
     from scipy.stats import norm as normal
 
     from robusteval.attacks.engine import default_eps
+    from robusteval.reports.tables import NORM_SYMBOL
 
     def grid(eps_by_norm: dict[str, Any]) -> str:
         parts = []
         for norm, eps in eps_by_norm.items():
             values = eps if eps is not None else default_eps(suite.dataset, norm)
-            parts.append(f"{'L∞' if norm == 'Linf' else norm} ε ∈ {{{', '.join(f'{e:g}' for e in values)}}}")
+            parts.append(f"{NORM_SYMBOL[norm]} ε ∈ {{{', '.join(f'{e:g}' for e in values)}}}")
         return "; ".join(parts)
 
     # With every draw correct, the Clopper-Pearson bound is α^(1/n): no radius beyond σ·Φ⁻¹(α^(1/n)) can be certified.
