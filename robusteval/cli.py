@@ -164,7 +164,9 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
               help="Radii to evaluate (default for digits: Linf 0.05,0.1,0.15,0.2,0.3; L2 0.25,0.5,1,1.5,2).")
 @click.option("--n", type=int, default=None, help="Evaluate the first N test points (default: all).")
-@click.option("--batch-size", type=int, default=250, show_default=True, help="Points attacked together (resume unit).")
+@click.option("--batch-size", type=int, default=500, show_default=True,
+              help="Points attacked together; the state is saved after each eps of a batch, so a killed run "
+                   "resumes from the last finished (batch, eps).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--defense", default="none", show_default=True,
               help="What is attacked: none | denoise:S | denoise:S:noise | noise:S | smooth:S:K.")

@@ -14,6 +14,7 @@ most one batch and never leaves a corrupt file behind.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ class RunConfigMismatch(RuntimeError):
     """A run directory holds a different configuration than the one asked for."""
 
 
+@functools.cache  # installed versions do not change within a process; looking them up costs ~10 ms
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("robusteval", "torch", "torchattacks", "pyautoattack", "robustbench", "statsmodels"):
@@ -67,7 +69,7 @@ def git_commit() -> str | None:
 def provenance() -> dict[str, Any]:
     """Versions, git commit, command line, host and time of this process."""
     return {
-        "versions": _versions(),
+        "versions": dict(_versions()),  # a copy: the cached dict stays as it is
         "git_commit": git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         "host": platform.node(),

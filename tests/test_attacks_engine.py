@@ -83,6 +83,49 @@ def test_run_directory_holds_config_records_summary_and_resumes_a_finished_run(s
     assert all(torch.equal(again.adversarial[e], first.adversarial[e]) for e in first.eps)
 
 
+class _Killed(Exception):
+    pass
+
+
+def _without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "batch_seconds"} for r in records]
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_batch_killed_between_eps_resumes_from_its_last_finished_eps(monkeypatch, standard, digits, tmp_path,
+                                                                         corrupt):
+    eps = [0.05, 0.1, 0.15]
+    kwargs = dict(attack="pgd", eps=eps, n=30, batch_size=30, device="cpu", seed=4, large_eps_check=False)
+    fresh = robusteval.evaluate_attack(standard, digits, out=tmp_path / "fresh", **kwargs)
+    real_build = engine.build_attack
+    built_at: list[float] = []
+
+    def build(spec, attacked, expected, *, eps, **options):
+        built_at.append(eps)
+        if eps == 0.15 and kill:
+            raise _Killed
+        return real_build(spec, attacked, expected, eps=eps, **options)
+
+    monkeypatch.setattr(engine, "build_attack", build)
+    out = tmp_path / "killed"
+    kill = True
+    with pytest.raises(_Killed):
+        robusteval.evaluate_attack(standard, digits, out=out, **kwargs)
+    partial = out / "partial_batch00000.pt"
+    assert partial.exists() and not (out / "samples.jsonl").exists()
+    if corrupt:
+        partial.write_bytes(b"not a torch file")
+    kill = False
+    built_at.clear()
+    resumed = robusteval.evaluate_attack(standard, digits, out=out, **kwargs)
+    # build_attack runs once up front (skipped members), then once per ε attacked in this call.
+    assert built_at[1:] == (eps if corrupt else [0.15])
+    assert resumed.summary() | {"seconds": 0} == fresh.summary() | {"seconds": 0}
+    assert _without_seconds(resumed.records) == _without_seconds(fresh.records)
+    assert all(torch.equal(resumed.adversarial[e], fresh.adversarial[e]) for e in eps)
+    assert not partial.exists()
+
+
 def test_constant_model_keeps_its_clean_accuracy_and_is_flagged(digits):
     model = robusteval.wrap(Constant(), num_classes=10, input_shape=SHAPE, name="constant")
     result = robusteval.evaluate_attack(model, digits, attack="autoattack", eps=[0.1], n=40, device="cpu",

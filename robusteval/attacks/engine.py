@@ -14,8 +14,9 @@ For each batch of points (moved to the device one batch at a time):
    candidates are counted, never used.
 
 Each batch writes its adversarial examples (one shard, atomically) and then
-appends its records to samples.jsonl, so a killed run resumes from the last
-complete batch. Every random draw is seeded from (seed, batch, ε, …), so a
+appends its records to samples.jsonl; within a batch, the state after each ε
+is saved too (atomically), so a killed run resumes from the last finished
+(batch, ε). Every random draw is seeded from (seed, batch, ε, …), so a
 resumed run produces exactly the summary of an uninterrupted one.
 """
 
@@ -57,7 +58,9 @@ from robusteval.runs import SUMMARY_FILE, RunDirectory
 logger = logging.getLogger(__name__)
 
 KIND = "attack"
-DEFAULT_BATCH_SIZE = 250
+# Small images attack fastest in large batches (per-call overhead, Square's 5,000 queries per batch);
+# the state is saved after every ε of a batch, so a large batch loses little work to a kill.
+DEFAULT_BATCH_SIZE = 500
 BALL_TOLERANCE = 1e-6
 LARGE_EPS_SUBSET = 100
 # AutoAttack's randomness / output-range / dynamic checks look at this many points (a qualitative property).
@@ -235,6 +238,7 @@ class _BatchOutcome:
     records: list[dict[str, Any]]
     adversarial: list[Tensor]  # per ε, (B, C, H, W) on the CPU
     notes: set[str]
+    seconds: float  # time spent on the batch, including calls killed after saving part of it
 
 
 class AttackJob:
@@ -309,17 +313,17 @@ class AttackJob:
                     if b in done:
                         adversarial[b] = self._load_shard(run_dir, b, start, stop)
                         continue
-                    batch_started = time.perf_counter()
+                    partial = run_dir.artifact(_partial_name(b)) if run_dir is not None else None
                     outcome = self._attack_batch(pipelines, b, self.x[start:stop], self.y[start:stop], start,
-                                                 self.eps, bar=bar, robust_done=robust_done)
-                    seconds = round(time.perf_counter() - batch_started, 3)
+                                                 self.eps, bar=bar, robust_done=robust_done, partial=partial)
                     for record in outcome.records:
-                        record["batch_seconds"] = seconds
+                        record["batch_seconds"] = round(outcome.seconds, 3)
                     notes |= outcome.notes
                     adversarial[b] = outcome.adversarial
                     if run_dir is not None:
                         _save_shard(run_dir.artifact(_shard_name(b)), outcome.adversarial)
                         run_dir.append_batch(b, outcome.records)
+                        partial.unlink(missing_ok=True)
                     records.extend(outcome.records)
                     for e in range(len(self.eps)):
                         robust_done[e] += sum(1 for r in outcome.records
@@ -354,37 +358,35 @@ class AttackJob:
     # --- one batch ------------------------------------------------------------------------------
     def _attack_batch(self, pipelines: dict[str, DeployedPipeline], b: int, x_cpu: Tensor, y_cpu: Tensor,
                       offset: int, eps_list: Sequence[float], bar: Any = None,
-                      robust_done: list[int] | None = None) -> _BatchOutcome:
+                      robust_done: list[int] | None = None, partial: Path | None = None) -> _BatchOutcome:
+        """Attack one batch at every ε; with `partial`, continue from and save the state after each ε."""
+        started = time.perf_counter()
         x = x_cpu.to(self.device)
         y = y_cpu.to(self.device)
         size = x.shape[0]
         primary = pipelines[self.variants[0]]
-        masked: dict[str, list[bool]] = {}
-        seed_torch(derive_seed(self.seed, _CLEAN, b), self.device)
-        if primary.randomized:
-            clean_prediction = primary.predict(x)
-        else:
-            # One pass gives the clean predictions and the input gradients of the gradient-masking check.
-            clean_prediction, flags = sanity.predict_with_gradient_check(primary, x, y)
-            masked[self.variants[0]] = flags.tolist()
+        state = _load_partial(partial, size, len(eps_list)) if partial is not None else None
+        if state is None:
+            clean_prediction, masked = self._clean_pass(pipelines, b, x, y)
+            state = {"clean_prediction": clean_prediction.cpu(), "masked": masked, "adv": x_cpu.clone(),
+                     "broken": torch.zeros(size, dtype=torch.bool), "final_prediction": clean_prediction.cpu(),
+                     "broken_by": [None] * size, "per_eps": [[] for _ in range(size)], "adversarial": [],
+                     "notes": [], "seconds": 0.0}
+        # Copies: the working tensors change in place, and a loaded "adv" shares storage with the last ε's examples.
+        clean_prediction = state["clean_prediction"].to(self.device, copy=True)
+        masked: dict[str, list[bool]] = state["masked"]
+        adv = state["adv"].to(self.device, copy=True)
+        broken = state["broken"].to(self.device, copy=True)
+        final_prediction = state["final_prediction"].to(self.device, copy=True)
+        broken_by: list[str | None] = state["broken_by"]
+        per_eps: list[list[dict[str, Any]]] = state["per_eps"]
+        adversarial: list[Tensor] = state["adversarial"]
+        notes: set[str] = set(state["notes"])
         correct = clean_prediction == y
-        for v, mode in enumerate(self.variants):
-            if mode in masked:
-                continue
-            seed_torch(derive_seed(self.seed, _GRADIENT, b, v), self.device)
-            flags = torch.zeros(size, dtype=torch.bool, device=self.device)
-            flags[correct] = sanity.gradient_masked(pipelines[mode], x[correct], y[correct])
-            masked[mode] = flags.tolist()
-
-        adv = x.clone()
-        broken = torch.zeros(size, dtype=torch.bool, device=self.device)
-        final_prediction = clean_prediction.clone()
-        broken_by: list[str | None] = [None] * size
-        per_eps: list[list[dict[str, Any]]] = [[] for _ in range(size)]
-        adversarial: list[Tensor] = []
-        minimized: dict[int, Tensor] = {}
-        notes: set[str] = set()
+        minimized: dict[tuple[int, int], Tensor] = {}
         for e, eps in enumerate(eps_list):
+            if e < len(adversarial):
+                continue  # finished before the previous call was killed
             rejected = torch.zeros(size, dtype=torch.long, device=self.device)
             if bool(broken.any()):
                 # A break at a smaller ε is inside this ball too; check it still fools a fresh pass.
@@ -447,6 +449,10 @@ class AttackJob:
             adversarial.append(adv.detach().to("cpu", copy=True))
             if bar is not None:
                 self._postfix(bar, e, robust_done, correct, broken, 0)
+            if partial is not None and e + 1 < len(eps_list):
+                _save_partial(partial, {
+                    **state, "adv": adversarial[-1], "broken": broken.cpu(), "final_prediction": final_prediction.cpu(),
+                    "notes": sorted(notes), "seconds": state["seconds"] + time.perf_counter() - started})
 
         labels, clean, correct_list = y.tolist(), clean_prediction.tolist(), correct.tolist()
         records = [{
@@ -455,7 +461,29 @@ class AttackJob:
             "gradient_masked": {mode: masked[mode][i] for mode in self.variants} if correct_list[i] else None,
             "results": per_eps[i],
         } for i in range(size)]
-        return _BatchOutcome(records, adversarial, notes)
+        return _BatchOutcome(records, adversarial, notes, state["seconds"] + time.perf_counter() - started)
+
+    def _clean_pass(self, pipelines: dict[str, DeployedPipeline], b: int, x: Tensor,
+                    y: Tensor) -> tuple[Tensor, dict[str, list[bool]]]:
+        """Clean predictions of a batch and, per gradient variant, which correct points have masked gradients."""
+        primary = pipelines[self.variants[0]]
+        masked: dict[str, list[bool]] = {}
+        seed_torch(derive_seed(self.seed, _CLEAN, b), self.device)
+        if primary.randomized:
+            clean_prediction = primary.predict(x)
+        else:
+            # One pass gives the clean predictions and the input gradients of the gradient-masking check.
+            clean_prediction, flags = sanity.predict_with_gradient_check(primary, x, y)
+            masked[self.variants[0]] = flags.tolist()
+        correct = clean_prediction == y
+        for v, mode in enumerate(self.variants):
+            if mode in masked:
+                continue
+            seed_torch(derive_seed(self.seed, _GRADIENT, b, v), self.device)
+            flags = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
+            flags[correct] = sanity.gradient_masked(pipelines[mode], x[correct], y[correct])
+            masked[mode] = flags.tolist()
+        return clean_prediction, masked
 
     def _skipped(self, pipeline: DeployedPipeline) -> set[str]:
         built = build_attack(self.spec, pipeline, pipeline, norm=self.norm, eps=self.eps[0],
@@ -604,6 +632,34 @@ def _save_shard(path: Path, adversarial: list[Tensor]) -> None:
     buffer = io.BytesIO()
     torch.save(list(adversarial), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _partial_name(batch: int) -> str:
+    return f"partial_batch{batch:05d}.pt"
+
+
+def _save_partial(path: Path, state: dict[str, Any]) -> None:
+    """The state of a batch after some of its ε (tensors on the CPU, plain lists and strings)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_partial(path: Path, size: int, n_eps: int) -> dict[str, Any] | None:
+    """A batch's saved state, or None (start the batch afresh) when there is none or it does not fit."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        fits = (state["adv"].shape[0] == size and len(state["per_eps"]) == size
+                and 0 < len(state["adversarial"]) < n_eps)
+    except Exception as error:  # an unreadable file only costs the work it held
+        logger.warning("ignoring %s (%s); the batch starts afresh", path, error)
+        return None
+    if not fits:
+        logger.warning("ignoring %s: it does not match this batch; the batch starts afresh", path)
+        return None
+    return state
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
