@@ -186,6 +186,9 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
               help="Continue a run directory holding the same configuration, or start it afresh.")
 @click.option("--large-eps-check/--no-large-eps-check", default=True, show_default=True,
               help="Re-run the attack at a very large eps on up to 100 points (a gradient-masking check).")
+@click.option("--masking-checks/--no-masking-checks", default=True, show_default=True,
+              help="AutoAttack's randomness, softmax-output and dynamic-forward checks and the zero-gradient check "
+                   "(one extra gradient pass at the clean points). Turn off only to time a bare attack.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON (the run path goes to stderr).")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -197,8 +200,8 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
 def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | None, norm: str, eps_text: str | None,
                 n: int | None, batch_size: int, device: str, defense: str, gradient: str | None, eot: int | None,
                 steps: int | None, step_size: float | None, seed: int, out: Path | None, resume: bool,
-                large_eps_check: bool, quiet: bool, as_json: bool, model_dir: Path | None, checkpoint: Path | None,
-                allow_unsafe_pickle: bool) -> None:
+                large_eps_check: bool, masking_checks: bool, quiet: bool, as_json: bool, model_dir: Path | None,
+                checkpoint: Path | None, allow_unsafe_pickle: bool) -> None:
     """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
     from robusteval.attacks.engine import prepare_attack
     from robusteval.runs import default_run_dir
@@ -206,8 +209,8 @@ def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | Non
     job = prepare_attack(model_name, dataset, attack=attack, norm=norm, eps=_parse_eps_list(eps_text), n=n,
                          batch_size=batch_size, device=device, defense=defense, gradient=gradient, eot=eot,
                          steps=steps, step_size=step_size, seed=seed, large_eps_check=large_eps_check,
-                         checkpoint=checkpoint, model_dir=model_dir, allow_unsafe_pickle=allow_unsafe_pickle,
-                         data_dir=data_dir)
+                         masking_checks=masking_checks, checkpoint=checkpoint, model_dir=model_dir,
+                         allow_unsafe_pickle=allow_unsafe_pickle, data_dir=data_dir)
     out = out or default_run_dir(job.config, job.run_dir_parts())
     click.echo(f"run directory: {out}", err=True)
     result = job.run(out=out, resume=resume, progress=not (quiet or as_json))

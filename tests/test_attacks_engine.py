@@ -142,6 +142,25 @@ def test_constant_model_keeps_its_clean_accuracy_and_is_flagged(digits):
     assert {"zero-gradients", "large-eps"} <= _codes(large)
 
 
+def test_masking_checks_off_skip_the_model_checks_but_not_the_results(standard, digits):
+    common = dict(attack="fgsm", eps=[0.05, 0.1], n=30, device="cpu", seed=1, large_eps_check=False)
+    on = robusteval.evaluate_attack(standard, digits, **common)
+    off = robusteval.evaluate_attack(standard, digits, masking_checks=False, **common)
+    assert [p.robust_accuracy for p in off.curve] == [p.robust_accuracy for p in on.curve]
+    assert off.clean_accuracy == on.clean_accuracy
+    assert {"softmax-output", "dynamic-forward", "zero-gradients"} <= _codes(off, "n/a")
+    assert {"softmax-output", "dynamic-forward", "zero-gradients"} <= _codes(on, "pass")
+    assert all(r["gradient_masked"] is None for r in off.records)
+    # The constant model's zero gradients go unseen with the checks off...
+    constant = robusteval.wrap(Constant(), num_classes=10, input_shape=SHAPE, name="constant")
+    assert "zero-gradients" not in _codes(robusteval.evaluate_attack(constant, digits, masking_checks=False, **common))
+    # ...but a randomized defense attacked without EOT is still flagged: that needs no model call.
+    noisy = robusteval.evaluate_attack(robusteval.create_model("gaussian", device="cpu"), digits, attack="pgd",
+                                       eps=[0.1], n=12, device="cpu", defense="noise:0.25", eot=1,
+                                       large_eps_check=False, masking_checks=False)
+    assert "randomized-without-eot" in _codes(noisy)
+
+
 def test_eps_zero_leaves_accuracy_unchanged_under_apgd(standard, digits):
     result = robusteval.evaluate_attack(standard, digits, attack="apgd-ce", eps=[0.0], n=30, device="cpu",
                                         large_eps_check=False)

@@ -247,7 +247,7 @@ class AttackJob:
     def __init__(self, model: JointModel, x: Tensor, y: Tensor, *, model_name: str, dataset_name: str,
                  spec: AttackSpec, norm: str, eps: list[float], defense: str, gradient: str, eot: int,
                  steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
-                 large_eps_check: bool, checkpoint: str | None):
+                 large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True):
         self.model = model
         self.x = x
         self.y = y
@@ -263,13 +263,14 @@ class AttackJob:
         self.batch_size = batch_size
         self.device = device
         self.large_eps_check = large_eps_check
+        self.masking_checks = masking_checks
         self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
         self.config: dict[str, Any] = {
             "kind": KIND, "model": model_name, "checkpoint": checkpoint, "model_fingerprint": _fingerprint(model),
             "dataset": dataset_name, "n": int(x.shape[0]), "attack": spec.name, "norm": norm, "eps": list(eps),
             "defense": str(self.defense), "gradient": gradient, "eot": eot, "steps": steps, "step_size": step_size,
             "seed": seed, "batch_size": batch_size, "device": str(device), "decision_draws": DECISION_DRAWS,
-            "large_eps_check": large_eps_check,
+            "large_eps_check": large_eps_check, "masking_checks": masking_checks,
         }
 
     @property
@@ -458,7 +459,8 @@ class AttackJob:
         records = [{
             "index": offset + i, "batch": b, "label": labels[i], "clean_prediction": clean[i],
             "correct": correct_list[i],
-            "gradient_masked": {mode: masked[mode][i] for mode in self.variants} if correct_list[i] else None,
+            "gradient_masked": ({mode: masked[mode][i] for mode in self.variants}
+                                if correct_list[i] and self.masking_checks else None),
             "results": per_eps[i],
         } for i in range(size)]
         return _BatchOutcome(records, adversarial, notes, state["seconds"] + time.perf_counter() - started)
@@ -469,7 +471,7 @@ class AttackJob:
         primary = pipelines[self.variants[0]]
         masked: dict[str, list[bool]] = {}
         seed_torch(derive_seed(self.seed, _CLEAN, b), self.device)
-        if primary.randomized:
+        if primary.randomized or not self.masking_checks:
             clean_prediction = primary.predict(x)
         else:
             # One pass gives the clean predictions and the input gradients of the gradient-masking check.
@@ -477,7 +479,7 @@ class AttackJob:
             masked[self.variants[0]] = flags.tolist()
         correct = clean_prediction == y
         for v, mode in enumerate(self.variants):
-            if mode in masked:
+            if mode in masked or not self.masking_checks:
                 continue
             seed_torch(derive_seed(self.seed, _GRADIENT, b, v), self.device)
             flags = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
@@ -514,12 +516,15 @@ class AttackJob:
         x = self.x[first].to(self.device)
         y = self.y[first].to(self.device)
         seed_torch(derive_seed(self.seed, _CHECKS), self.device)
-        checks += sanity.autoattack_checks(primary, x, y, randomized=primary.randomized, eot=self.eot,
-                                           adaptive_denoise=self.defense.kind == "denoise")
         correct = [r for r in records if r["correct"]]
-        for mode in self.variants:
-            masked = sum(1 for r in correct if r["gradient_masked"][mode])
-            checks.append(sanity.zero_gradient_check(masked, len(correct), mode))
+        if self.masking_checks:
+            checks += sanity.autoattack_checks(primary, x, y, randomized=primary.randomized, eot=self.eot,
+                                               adaptive_denoise=self.defense.kind == "denoise")
+            for mode in self.variants:
+                masked = sum(1 for r in correct if r["gradient_masked"][mode])
+                checks.append(sanity.zero_gradient_check(masked, len(correct), mode))
+        else:
+            checks += sanity.masking_checks_disabled(primary.randomized, self.eot, self.variants)
         order = self._component_order()
         # Robust accuracy after each member, in the order they ran (per gradient variant), as AutoAttack tracks it.
         accuracy_after: dict[str, dict[str, float]] = {}
@@ -763,6 +768,7 @@ def prepare_attack(
     step_size: float | None = None,
     seed: int = 0,
     large_eps_check: bool = True,
+    masking_checks: bool = True,
     checkpoint: str | Path | None = None,
     model_dir: str | Path | None = None,
     allow_unsafe_pickle: bool = False,
@@ -824,7 +830,8 @@ def prepare_attack(
     return AttackJob(model, x, y, model_name=model_name, dataset_name=dataset_name, spec=spec, norm=norm,
                      eps=eps_list, defense=str(parsed), gradient=gradient, eot=int(eot), steps=steps,
                      step_size=step_size, seed=int(seed), batch_size=int(batch_size), device=target,
-                     large_eps_check=large_eps_check, checkpoint=str(checkpoint) if checkpoint is not None else None)
+                     large_eps_check=large_eps_check, checkpoint=str(checkpoint) if checkpoint is not None else None,
+                     masking_checks=masking_checks)
 
 
 def evaluate_attack(
@@ -847,6 +854,7 @@ def evaluate_attack(
     resume: bool = True,
     progress: bool = False,
     large_eps_check: bool = True,
+    masking_checks: bool = True,
     data_dir: str | Path | None = None,
 ) -> AttackResult:
     """Adversarial robust accuracy of `model` (with its `defense` in the loop) over an ε list.
@@ -862,10 +870,14 @@ def evaluate_attack(
     `out`: a run directory (config.json, samples.jsonl, adversarial_eps<ε>.pt,
     summary.json), resumed when it holds the same configuration; None keeps
     everything in memory. `large_eps_check` re-runs the attack at a very large ε
-    on up to 100 points (a gradient-masking check). Returns the figures of
+    on up to 100 points (a gradient-masking check); `masking_checks=False`
+    skips AutoAttack's randomness/softmax/dynamic checks and the zero-gradient
+    check (an extra gradient pass at the clean points; for timing against a
+    bare attack). Returns the figures of
     summary.json, with the per-point records and adversarial examples.
     """
     job = prepare_attack(model, dataset_or_xy, attack=attack, norm=norm, eps=eps, n=n, batch_size=batch_size,
                          device=device, defense=defense, gradient=gradient, eot=eot, steps=steps,
-                         step_size=step_size, seed=seed, large_eps_check=large_eps_check, data_dir=data_dir)
+                         step_size=step_size, seed=seed, large_eps_check=large_eps_check,
+                         masking_checks=masking_checks, data_dir=data_dir)
     return job.run(out=out, resume=resume, progress=progress)

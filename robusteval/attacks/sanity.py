@@ -88,17 +88,7 @@ def autoattack_checks(pipeline: nn.Module, x: Tensor, y: Tensor, *, randomized: 
     collector = _Collector()
     aa_checks.check_randomized(pipeline, x, y, bs=x.shape[0], logger=collector)
     detected = bool(collector.messages)
-    if randomized or detected:
-        how = "randomized by construction" if randomized else "AutoAttack's check_randomized saw outputs change"
-        if eot > 1:
-            results.append(Check("randomized-without-eot", "pass",
-                                 f"the defense is randomized ({how}); attacked with EOT over {eot} draws"))
-        else:
-            results.append(Check("randomized-without-eot", "flag",
-                                 f"the defense is randomized ({how}) but was attacked without EOT "
-                                 f"(--eot 1): gradients of single noise draws overestimate robustness; use --eot 20"))
-    else:
-        results.append(Check("randomized-without-eot", "n/a", "the deployed pipeline is deterministic"))
+    results.append(randomized_check(randomized, eot, detected=detected))
 
     collector = _Collector()
     aa_checks.check_range_output(pipeline, x, logger=collector)
@@ -124,6 +114,30 @@ def autoattack_checks(pipeline: nn.Module, x: Tensor, y: Tensor, *, randomized: 
                              "the forward pass computes gradients itself (AutoAttack's check_dynamic): "
                              "a dynamic defense that standard attacks may not evaluate reliably"))
     return results
+
+
+def randomized_check(randomized: bool, eot: int, detected: bool = False) -> Check:
+    """A defense that is randomized (by construction, or as `detected` by AutoAttack) needs EOT."""
+    if not (randomized or detected):
+        return Check("randomized-without-eot", "n/a", "the deployed pipeline is deterministic")
+    how = "randomized by construction" if randomized else "AutoAttack's check_randomized saw outputs change"
+    if eot > 1:
+        return Check("randomized-without-eot", "pass", f"the defense is randomized ({how}); attacked with EOT over "
+                                                       f"{eot} draws")
+    return Check("randomized-without-eot", "flag",
+                 f"the defense is randomized ({how}) but was attacked without EOT "
+                 f"(--eot 1): gradients of single noise draws overestimate robustness; use --eot 20")
+
+
+def masking_checks_disabled(randomized: bool, eot: int, variants: Sequence[str]) -> list[Check]:
+    """What stands in for `autoattack_checks` and the zero-gradient checks when they are switched off.
+
+    A defense randomized by construction is still flagged when attacked without EOT: that needs no model call.
+    """
+    off = "disabled (--no-masking-checks)"
+    return [randomized_check(randomized, eot), Check("softmax-output", "n/a", off),
+            Check("dynamic-forward", "n/a", off),
+            *(Check("zero-gradients" if v == "full" else f"zero-gradients-{v}", "n/a", off) for v in variants)]
 
 
 def gradient_masked(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
