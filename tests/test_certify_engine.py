@@ -199,3 +199,15 @@ def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
     # Explicit choices are obeyed from the first pass.
     assert int(sampler.BaseClassifierRunner(eager, make_compiled, True)(x, 0)[0]) == 1
     assert int(sampler.BaseClassifierRunner(eager, make_compiled, False)(x, 10**6)[0]) == 0
+
+
+def test_compiled_base_classifier_counts_like_the_eager_one(digits):
+    # The compiled path (inductor, with frozen weights) must count what eager PyTorch counts; argmax ties
+    # between classes are the only way they could differ, and the shipped CNN's logits do not tie.
+    model = robusteval.create_model("gaussian", device="cpu")
+    options = dict(model=model, sigma=0.25, n0=20, n=200, n_images=3, batch_size=128)
+    eager = certify_linear(digits, **options)
+    compiled = certify_linear(digits, compile=True, **options)
+    assert compiled.summary["compile"] is True and eager.summary["compile"] is False
+    assert [r["count"] for r in compiled.records] == [r["count"] for r in eager.records]
+    assert strip_timing(compiled.records) == strip_timing(eager.records)

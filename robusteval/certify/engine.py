@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +154,12 @@ def model_dtype(model: JointModel) -> torch.dtype:
     return torch.float32
 
 
+# Inductor's freezing folds the weights into the compiled graph as constants (pre-packed for oneDNN on
+# CPU): median forward throughput at batch 1,000 on 2 cores +6% for ResNet-18, +2% for the digits CNN
+# (interleaved timings). Sound here because the weights never change during a run.
+COMPILE_OPTIONS = {"freezing": True}
+
+
 def _base_classifier(
     model: JointModel, settings: SmoothingSettings, batch: int, device: torch.device, dtype: torch.dtype,
     compile: bool | None,
@@ -166,7 +171,8 @@ def _base_classifier(
         def classify(noisy: Tensor) -> Tensor:
             return model.logits(noisy, sigma_rows).argmax(1)
 
-        return BaseClassifierRunner(classify, lambda: torch.compile(classify, dynamic=False), compile)
+        return BaseClassifierRunner(
+            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
@@ -180,7 +186,7 @@ def _base_classifier(
 
     def make_compiled() -> Classify:
         # The denoiser may differentiate inside; only the classifier head is compiled.
-        compiled_head = torch.compile(head, dynamic=False)
+        compiled_head = torch.compile(head, dynamic=False, options=COMPILE_OPTIONS)
         return lambda noisy: compiled_head(denoise(noisy))
 
     return BaseClassifierRunner(classify_denoised, make_compiled, compile)
