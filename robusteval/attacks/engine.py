@@ -345,6 +345,8 @@ class AttackJob:
                 atomic_write_bytes(run_dir.artifact(adversarial_file_name(eps)), buffer.getvalue())
             for b in range(n_batches):
                 run_dir.artifact(_shard_name(b)).unlink(missing_ok=True)
+                # Left behind when a kill came between a batch's records and the removal of its partial state.
+                run_dir.artifact(_partial_name(b)).unlink(missing_ok=True)
         # Time of batches finished by earlier (interrupted) calls, plus this call's.
         earlier = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records if r["batch"] in done}.values())
         result = self._result(records, checks, large, sorted(notes),
