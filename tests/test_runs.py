@@ -120,6 +120,17 @@ def test_summary_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monke
     assert read_run(tmp_path)["summary"] == {"robust_accuracy": 0.5}
 
 
+def test_atomic_files_get_the_permissions_of_the_records_file(tmp_path: Path) -> None:
+    # The summary is written through a private temporary file; the result must be as readable as
+    # samples.jsonl, which open() creates under the process's umask.
+    run = RunDirectory(tmp_path, CONFIG)
+    run.append_batch(0, batch_records(0))
+    run.write_summary({"robust_accuracy": 0.5})
+    mode = (tmp_path / SAMPLES_FILE).stat().st_mode & 0o777
+    assert (tmp_path / SUMMARY_FILE).stat().st_mode & 0o777 == mode
+    assert (tmp_path / CONFIG_FILE).stat().st_mode & 0o777 == mode
+
+
 def test_read_run_needs_a_finished_run(tmp_path: Path) -> None:
     run = RunDirectory(tmp_path, CONFIG)
     run.append_batch(0, batch_records(0))
