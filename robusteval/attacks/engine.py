@@ -322,7 +322,7 @@ class AttackJob:
                     notes |= outcome.notes
                     adversarial[b] = outcome.adversarial
                     if run_dir is not None:
-                        _save_shard(run_dir.artifact(_shard_name(b)), outcome.adversarial)
+                        _save_atomically(run_dir.artifact(_shard_name(b)), list(outcome.adversarial))
                         run_dir.append_batch(b, outcome.records)
                         partial.unlink(missing_ok=True)
                     records.extend(outcome.records)
@@ -340,9 +340,7 @@ class AttackJob:
             self.model.train(was_training)
         if run_dir is not None:
             for eps, tensor in merged.items():
-                buffer = io.BytesIO()
-                torch.save(tensor, buffer)
-                atomic_write_bytes(run_dir.artifact(adversarial_file_name(eps)), buffer.getvalue())
+                _save_atomically(run_dir.artifact(adversarial_file_name(eps)), tensor)
             for b in range(n_batches):
                 run_dir.artifact(_shard_name(b)).unlink(missing_ok=True)
                 # Left behind when a kill came between a batch's records and the removal of its partial state.
@@ -453,7 +451,7 @@ class AttackJob:
             if bar is not None:
                 self._postfix(bar, e, robust_done, correct, broken, 0)
             if partial is not None and e + 1 < len(eps_list):
-                _save_partial(partial, {
+                _save_atomically(partial, {
                     **state, "adv": adversarial[-1], "broken": broken.cpu(), "final_prediction": final_prediction.cpu(),
                     "notes": sorted(notes), "seconds": state["seconds"] + time.perf_counter() - started})
 
@@ -635,21 +633,15 @@ def _shard_name(batch: int) -> str:
     return f"shard_batch{batch:05d}.pt"
 
 
-def _save_shard(path: Path, adversarial: list[Tensor]) -> None:
+def _save_atomically(path: Path, obj: Any) -> None:
+    """torch.save `obj` (tensors, plain lists, dicts and strings: loadable with weights_only=True) atomically."""
     buffer = io.BytesIO()
-    torch.save(list(adversarial), buffer)
+    torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def _partial_name(batch: int) -> str:
     return f"partial_batch{batch:05d}.pt"
-
-
-def _save_partial(path: Path, state: dict[str, Any]) -> None:
-    """The state of a batch after some of its ε (tensors on the CPU, plain lists and strings)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_partial(path: Path, size: int, n_eps: int) -> dict[str, Any] | None:
