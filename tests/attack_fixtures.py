@@ -10,6 +10,16 @@ import robusteval
 SHAPE = (1, 8, 8)
 
 
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact two-sided interval from its definition: Beta quantiles (0 and 1 at the ends)."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
+
+
 class LinearBinary(nn.Module):
     """Two logits ±(w·x + b)/2: class 1 exactly where w·x + b > 0."""
 

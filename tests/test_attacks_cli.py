@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from attack_fixtures import clopper_pearson
 from click.testing import CliRunner
 
 from robusteval.cli import main
@@ -31,7 +33,7 @@ def _summary(path: Path) -> dict:
     return summary
 
 
-def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path):
+def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path, monkeypatch):
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "robusteval.cli", *RESUME_ARGS, "--out", str(killed)],
@@ -52,11 +54,29 @@ def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path):
     written = len(_records(killed))
     assert 5 <= written < 40
 
+    # Count the points APGD attacks at the run's ε (not the large-ε check) after the restart: only the
+    # unfinished batches' points may be attacked again, where recomputing everything attacks all 40's.
+    import torchattacks
+
+    attacked: dict[float, int] = {}
+    real_forward = torchattacks.APGD.forward
+
+    def counting_forward(self, images, labels):
+        attacked[round(float(self.eps), 6)] = attacked.get(round(float(self.eps), 6), 0) + len(images)
+        return real_forward(self, images, labels)
+
+    monkeypatch.setattr(torchattacks.APGD, "forward", counting_forward)
     runner = CliRunner()
     resumed = runner.invoke(main, [*RESUME_ARGS, "--out", str(killed)])
     assert resumed.exit_code == 0, resumed.output
+    after_restart = dict(attacked)
+    attacked.clear()
     fresh = runner.invoke(main, [*RESUME_ARGS, "--out", str(tmp_path / "fresh")])
     assert fresh.exit_code == 0, fresh.output
+    fresh_records = _records(tmp_path / "fresh")
+    left = [r for r in fresh_records[written:] if r["correct"]]
+    # At ε = 0.05 APGD attacks exactly the correct points of the batches left; the fresh run attacks them all.
+    assert after_restart[0.05] == len(left) < attacked[0.05] == sum(r["correct"] for r in fresh_records)
 
     assert _summary(killed) == _summary(tmp_path / "fresh")
     assert _records(killed) == _records(tmp_path / "fresh")
@@ -80,7 +100,9 @@ def test_run_egc_autoattack_writes_a_valid_run_directory(tmp_path):
     assert summary["n"] == 20 and [p["eps"] for p in summary["curve"]] == [0.1, 0.3]
     accuracies = [p["robust_accuracy"] for p in summary["curve"]]
     assert summary["clean_accuracy"] >= accuracies[0] >= accuracies[1]
-    assert all(p["ci_low"] <= p["robust_accuracy"] <= p["ci_high"] for p in summary["curve"])
+    for point in summary["curve"]:
+        robust = round(point["robust_accuracy"] * 20)
+        assert (point["ci_low"], point["ci_high"]) == pytest.approx(clopper_pearson(robust, 20), abs=1e-9)
     assert set(k for p in summary["curve"] for k in p["broken_by"]) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
     assert len((out / "samples.jsonl").read_text().splitlines()) == 20
     assert json.loads((out / "config.json").read_text())["model"] == "egc"

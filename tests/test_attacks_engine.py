@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from attack_fixtures import SHAPE, Constant, linear_problem
+from attack_fixtures import SHAPE, Constant, clopper_pearson, linear_problem
 
 import robusteval
 from robusteval.attacks import engine
@@ -58,11 +58,11 @@ def test_curve_is_monotone_and_every_adversarial_example_checks_out(standard, di
         with torch.no_grad():
             assert bool((standard(saved[broken]).argmax(1) != y[broken]).all())
         assert point.robust == int(len(y) * point.robust_accuracy + 0.5)
-        low, high = point.ci_low, point.ci_high
-        assert low <= point.robust_accuracy <= high
+        assert (point.ci_low, point.ci_high) == pytest.approx(clopper_pearson(point.robust, len(y)), abs=1e-9)
 
 
-def test_run_directory_holds_config_records_summary_and_resumes_a_finished_run(standard, digits, tmp_path):
+def test_run_directory_holds_config_records_summary_and_resumes_a_finished_run(standard, digits, tmp_path,
+                                                                              monkeypatch):
     out = tmp_path / "run"
     first = robusteval.evaluate_attack(standard, digits, attack="fgsm", eps=[0.1, 0.2], n=30, batch_size=10,
                                        device="cpu", out=out, large_eps_check=False)
@@ -77,8 +77,12 @@ def test_run_directory_holds_config_records_summary_and_resumes_a_finished_run(s
     assert {"index", "label", "clean_prediction", "results"} <= set(records[0])
     assert {"eps", "broken", "attack", "prediction", "perturbation_norm"} <= set(records[0]["results"][0])
     assert not list(out.glob("shard_*"))
+    calls = []
+    real_logits = standard.logits
+    monkeypatch.setattr(standard, "logits", lambda x, sigma=0.0: calls.append(len(x)) or real_logits(x, sigma))
     again = robusteval.evaluate_attack(standard, digits, attack="fgsm", eps=[0.1, 0.2], n=30, batch_size=10,
                                        device="cpu", out=out, large_eps_check=False)
+    assert calls == []  # a finished run is read back, not recomputed
     assert again.summary() == first.summary()
     assert all(torch.equal(again.adversarial[e], first.adversarial[e]) for e in first.eps)
 
@@ -220,14 +224,83 @@ def test_noise_defense_without_eot_is_flagged_and_with_eot_is_not(digits):
     assert "randomized-without-eot" in _codes(deterministic, "n/a")
 
 
+class _Band(torch.nn.Module):
+    """Class 1 exactly where the signed L2 distance m to the linear problem's hyperplane has |m| < width.
+
+    Under N(0, σ²I) noise m moves by N(0, σ²), so at m = 0 a single noisy draw says class 1 with probability
+    P(|Z| < width/σ): for width/σ = 0.4 that is 0.31, and the majority of 100 draws is class 0 (the noiseless
+    decision is class 1).
+    """
+
+    def __init__(self, unit: torch.Tensor, width: float):
+        super().__init__()
+        self.register_buffer("unit", unit)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = (x.flatten(1) - 0.5) @ self.unit
+        inside = self.width - m.abs()
+        return torch.stack([-inside, inside], dim=1)
+
+
+class _CountingRows(torch.nn.Module):
+    """Counts the images that pass through a module's forward (noise draws are stacked into the batch)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.module(x)
+
+
 def test_randomized_decision_is_the_majority_of_fresh_draws():
-    model, x, y, signed = linear_problem(n=40)
-    far = signed.abs() > 0.5  # at σ = 0.05 the noise moves the margin by ~0.05 in L2: these never flip
-    pipeline = DeployedPipeline(model, parse_defense("noise:0.05"))
+    from scipy.stats import norm as gaussian
+
+    from robusteval.attacks.defenses import DECISION_DRAWS
+
+    model, x, y, signed = linear_problem(n=400)
+    sigma = 0.1
+    # Points whose single noisy draw is right with probability Φ(|d|/σ) between 0.6 and 0.75: they do flip.
+    near = (signed.abs() > 0.3 * sigma) & (signed.abs() < 0.6 * sigma)
+    assert int(near.sum()) >= 10
+    xs, ys = x[near], y[near]
+    one_draw = gaussian.cdf(signed[near].abs().double().numpy() / sigma)
+    # A majority of 100 independent draws is right with probability P(Bin(100, p) > 50) > 0.97 for p >= 0.6.
+    pipeline = DeployedPipeline(model, parse_defense(f"noise:{sigma}"))
     torch.manual_seed(0)
-    assert torch.equal(pipeline.predict(x[far]), y[far])
-    smooth = DeployedPipeline(model, parse_defense("smooth:0.05:7"))
-    assert torch.equal(smooth.predict(x[far]), y[far])
+    repeats = 20
+    majority_right = sum(float((pipeline.predict(xs) == ys).float().mean()) for _ in range(repeats)) / repeats
+    with torch.no_grad():
+        single_right = sum(float((pipeline(xs).argmax(1) == ys).float().mean()) for _ in range(repeats)) / repeats
+    # The single draws really do flip (their rate is Φ(|d|/σ), ~0.68 here) and the decision does not.
+    assert abs(single_right - one_draw.mean()) < 0.05
+    assert single_right < 0.8 and majority_right > 0.95
+    smooth = DeployedPipeline(model, parse_defense(f"smooth:{sigma}:7"))
+    assert float((smooth.predict(xs) == ys).float().mean()) > 0.95  # 7 votes would give ~0.8: max(K, 100) vote
+
+    # A decision without noise differs from the majority: in the band's middle the noiseless class is 1,
+    # the smoothed (majority) class is 0 with probability 1 − P(Bin(100, 0.31) >= 50) > 0.999.
+    unit = model.module.w.detach() / model.module.w.detach().norm()
+    middle = (x[:20].flatten(1) - signed[:20].unsqueeze(1) * unit).view(20, *SHAPE)  # moved onto the hyperplane
+    band = _CountingRows(_Band(unit, 0.4 * sigma))
+    banded = robusteval.wrap(band, num_classes=2, input_shape=SHAPE, name="band")
+    assert bool((banded(middle).argmax(1) == 1).all())
+    band_pipeline = DeployedPipeline(banded, parse_defense(f"noise:{sigma}"))
+    band.rows = 0
+    assert bool((band_pipeline.predict(middle) == 0).all())
+    assert band.rows == DECISION_DRAWS * len(middle)  # every decision counts exactly 100 draws per point
+    band.rows = 0
+    DeployedPipeline(banded, parse_defense(f"smooth:{sigma}:250")).predict(middle)
+    assert band.rows == 250 * len(middle)  # smooth:S:K votes with max(K, 100) draws
+    # End to end: the engine's clean accuracy is that of the majority decision, not of one draw or none.
+    labels = torch.zeros(len(middle), dtype=torch.long)
+    result = robusteval.evaluate_attack(banded, (middle, labels), attack="fgsm", eps=[0.0], defense=f"noise:{sigma}",
+                                        device="cpu", large_eps_check=False, masking_checks=False)
+    assert result.clean_accuracy == 1.0
+
     soft = smooth.expected(x[:3], 50)
     assert torch.allclose(soft.exp().sum(1), torch.ones(3), atol=1e-5)  # log of a mean of probabilities
 

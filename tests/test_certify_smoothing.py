@@ -1,6 +1,7 @@
 """The statistics of randomized smoothing: Clopper–Pearson bound, CERTIFY and PREDICT decisions, summaries."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -86,7 +87,12 @@ def test_predict_matches_the_binomial_test():
     assert pred.top_class == 1 and pred.count == 60 and pred.runner_up_count == 37
     assert pred.p_value == pytest.approx(p_value, abs=1e-12)
     assert (pred.prediction is None) == (p_value > 0.05)
-    assert predict_decision(counts, alpha=0.05).p_value == pytest.approx(0.02492, abs=1e-4)
+    # The two-sided exact binomial test from its definition: the total probability under Bin(97, 1/2) of every
+    # count no more likely than 60, in exact rational arithmetic: 0.0249911...
+    pmf = [Fraction(math.comb(97, k), 2**97) for k in range(98)]
+    exact = float(sum(p for p in pmf if p <= pmf[60]))
+    assert exact == pytest.approx(0.024991, abs=5e-7)
+    assert pred.p_value == pytest.approx(exact, rel=1e-9)
     assert predict_decision(counts, alpha=0.01).abstain
     assert predict_decision([0, 1000, 0], alpha=0.001).prediction == 1
     # A tie for the top two is never significant; the lower index is reported as top.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import torch
 from click.testing import CliRunner
 
 from robusteval.benchmark import SUITES, describe, plan, run_benchmark
@@ -59,7 +60,13 @@ def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
     suite = dataclasses.replace(SUITES["digits-ci"], name="tiny", eps={}, n_certify=4, n0=20, n=100,
                                 denoise_images=8)
     events = []
-    result = run_benchmark(suite, tmp_path, models=("standard", "dncnn*"), device="cpu", on_event=events.append)
+    forwards = []
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        result = run_benchmark(suite, tmp_path, models=("standard", "dncnn*"), device="cpu", on_event=events.append)
+    finally:
+        hook.remove()
+    assert forwards  # the hook sees the evaluations' forward passes
     assert not result.failed
     runs = load_runs(result.finished)
     assert sorted((r.kind, r.model) for r in runs) == [
@@ -69,7 +76,14 @@ def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
     record = json.loads((tmp_path / "tiny" / "benchmark.json").read_text())
     assert record["suite"]["n"] == 100 and set(record["runs"]) == {p.name for p in result.finished}
     before = {p.name: json.loads((p / "summary.json").read_text()) for p in result.finished}
-    again = run_benchmark(suite, tmp_path, models=("standard", "dncnn*"), device="cpu")
+    # Finished runs are read back, not recomputed: no module runs a forward pass in the second call.
+    forwards.clear()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        again = run_benchmark(suite, tmp_path, models=("standard", "dncnn*"), device="cpu")
+    finally:
+        hook.remove()
+    assert forwards == []
     after = {p.name: json.loads((p / "summary.json").read_text()) for p in again.finished}
     assert after.keys() == before.keys()
     for name, summary in after.items():  # finished runs are resumed, not recomputed: the same figures

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 
 import pytest
 from click.testing import CliRunner
@@ -55,8 +57,14 @@ def _check(tmp_path, baseline, edit=None, name=ATTACK, alpha=0.05, extra=()):
 
 
 def test_p_value_is_fishers_one_sided_exact_test():
+    # By hand: given the 50 successes of both runs, the current run's count is hypergeometric (80 points, 40 of
+    # them current); the one-sided p-value is P(at most 20 of the 50 successes fall in the current run).
+    by_hand = sum(Fraction(math.comb(50, k) * math.comb(30, 40 - k), math.comb(80, 40)) for k in range(21))
+    assert p_value_lower(Count(20, 40), Count(30, 40)) == pytest.approx(float(by_hand), rel=1e-12)
     assert p_value_lower(Count(20, 40), Count(30, 40)) == pytest.approx(
         fisher_exact([[20, 20], [30, 10]], alternative="less").pvalue, rel=1e-12)
+    # A single point: 0 of 1 now against 1 of 1 before has p = 1/2 (the success is in either run equally likely).
+    assert p_value_lower(Count(0, 1), Count(1, 1)) == pytest.approx(0.5, rel=1e-12)
     # No evidence of a drop when the accuracy rose, and defined at 0% and 100%.
     assert p_value_lower(Count(35, 40), Count(30, 40)) > 0.5
     assert p_value_lower(Count(40, 40), Count(40, 40)) == 1.0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from robusteval.data import load_dataset
-from robusteval.denoising import evaluate_denoising, per_image_psnr
+from robusteval.denoising import evaluate_denoising
 from robusteval.interface import CapabilityError, JointModel
 from robusteval.reports.loading import load_run
 
@@ -25,11 +26,13 @@ class _Denoiser(JointModel):
         super().__init__()
         self.kind = kind
         self.name = f"{kind}-denoiser"
+        self.rows = 0  # images denoised so far
 
     def _logits(self, x, sigma):
         return torch.zeros(x.shape[0], self.num_classes)
 
     def _denoise(self, x, sigma):
+        self.rows += x.shape[0]
         return x.clone() if self.kind == "identity" else torch.full_like(x, 0.5)
 
 
@@ -49,7 +52,9 @@ def test_identity_denoiser_scores_the_noisy_input_and_psnr_follows_sigma(digits,
 
 def test_constant_denoiser_has_the_psnr_of_the_grey_image(digits, tmp_path):
     summary = evaluate_denoising(_Denoiser("grey"), digits, sigmas=(0.25,), n_images=100, out=tmp_path / "run")
-    expected = float(per_image_psnr(torch.full_like(digits.x[:100], 0.5), digits.x[:100]).mean())
+    # By hand, in float64: per image 10·log10(1 / mean((0.5 − x)²)), then the mean over images.
+    clean = digits.x[:100].double().numpy().reshape(100, -1)
+    expected = float(np.mean(10 * np.log10(1 / np.mean((0.5 - clean) ** 2, axis=1))))
     assert summary["psnr"][0]["psnr"] == pytest.approx(expected, abs=1e-5)
 
 
@@ -62,8 +67,10 @@ def test_run_directory_resumes_to_the_same_summary_and_loads_as_a_denoise_run(di
     lines = (path / "samples.jsonl").read_text().splitlines()[:40]
     (path / "samples.jsonl").write_text("\n".join(lines) + "\n")
     (path / "summary.json").unlink()
+    model.rows = 0
     resumed = evaluate_denoising(model, digits, n_images=90, batch_size=40, seed=3, out=path)
     assert resumed["psnr"] == whole["psnr"]
+    assert model.rows == 50 * 3  # only the 50 images after the first batch, at each of the 3 σ
     run = load_run(path)
     assert run.kind == "denoise" and run.model == "identity-denoiser" and len(run.records) == 90
     config = json.loads((path / "config.json").read_text())
