@@ -78,14 +78,15 @@ class GaussianTweedie(robusteval.JointModel):
 
     capabilities = frozenset({"logits", "denoise"})
 
-    def __init__(self, weight: Tensor, bias: Tensor, mean: float = 0.5, tau: float = 0.3):
+    def __init__(self, weight: Tensor, bias: Tensor, mean: float | Tensor = 0.5, tau: float = 0.3):
         super().__init__()
         self.name = "gaussian-tweedie"
         self.num_classes = weight.shape[0]
         self.input_shape = SHAPE
         self.weight = nn.Parameter(weight.clone())
         self.bias = nn.Parameter(bias.clone())
-        self.mean = mean
+        # The prior's mean: a grey level, or an image (a buffer, so it moves with the model).
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).expand(SHAPE).clone())
         self.tau = tau
 
     def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:

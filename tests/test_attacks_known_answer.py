@@ -68,11 +68,14 @@ def test_linear_robust_accuracy_is_the_exact_fraction(problem, attack, norm, eps
         assert any("apgd-t" in note for note in result.notes)  # 2 classes: the targeted DLR loss cannot run
 
 
-def _gaussian_tweedie(tau: float = 0.3) -> GaussianTweedie:
+def _gaussian_tweedie(tau: float = 0.3, shift: float = 0.0) -> GaussianTweedie:
+    """The linear problem's classifier behind a Tweedie denoiser whose prior mean lies `shift` (signed L2
+    distance) off its decision boundary."""
     model, _, _, _ = linear_problem(n=1)
     w = model.module.w.detach()
     b = model.module.b.detach()
-    return GaussianTweedie(torch.stack([-w / 2, w / 2]), torch.stack([-b / 2, b / 2]), mean=0.5, tau=tau)
+    mean = 0.5 + shift * (w / w.norm()).view(SHAPE)
+    return GaussianTweedie(torch.stack([-w / 2, w / 2]), torch.stack([-b / 2, b / 2]), mean=mean, tau=tau)
 
 
 def test_full_gradient_differentiates_through_the_tweedie_denoiser_and_bpda_skips_it():
@@ -93,17 +96,85 @@ def test_full_gradient_differentiates_through_the_tweedie_denoiser_and_bpda_skip
         assert torch.allclose(grad, expected, atol=1e-5), pipeline.gradient
 
 
-def test_denoise_defense_with_both_gradients_keeps_the_exact_answer():
-    # Shrinking towards μ = 0.5, a point of the boundary, keeps the decision boundary: the same exact distances.
-    model = _gaussian_tweedie()
+TAU, SIGMA, SHIFT = 0.3, 0.2, 0.3
+
+
+def _purified_exact(signed: torch.Tensor, w: torch.Tensor, eps: list[float]) -> tuple[torch.Tensor, list, list, torch.Tensor]:
+    """Per point: correct behind the shrinking denoiser, robust at each ε behind it, robust without it, and
+    its L∞ distance to the purified boundary.
+
+    denoise(x) = s·x + (1 − s)·μ with s = τ²/(τ² + σ²) is affine, so the purified classifier is linear with
+    the signed distance s·d + (1 − s)·shift: its boundary moves to d = −c, c = (1 − s)·shift/s. Points with
+    −c < d < 0 are misclassified outright; a correct point's L∞ distance is |d + c|·‖w‖₂/‖w‖₁.
+    """
+    s = TAU**2 / (TAU**2 + SIGMA**2)
+    c = (1 - s) * SHIFT / s
+    scale = float(w.norm() / w.abs().sum())
+    d = signed.double()
+    correct = (d + c > 0) == (d > 0)
+    purified = [correct & ((d + c).abs() * scale > e) for e in eps]
+    bare = [d.abs() * scale > e for e in eps]
+    return correct, purified, bare, (d + c).abs() * scale
+
+
+def _robust_points(result, e: int) -> torch.Tensor:
+    return torch.tensor([r["correct"] and not r["results"][e]["broken"] for r in result.records])
+
+
+@pytest.mark.parametrize("gradient", ["auto", "bpda"])
+def test_denoise_defense_moves_the_boundary_and_the_attack_finds_the_exact_answer(gradient):
+    model = _gaussian_tweedie(TAU, SHIFT)
     _, x, y, signed = linear_problem(n=200)
-    w = model.weight[1].detach().double() * 2
-    linf = signed.abs().double() * w.norm() / w.abs().sum()
-    result = robusteval.evaluate_attack(model, (x, y), attack="pgd", norm="Linf", eps=[0.03, 0.08], device="cpu",
-                                        defense="denoise:0.2", gradient="auto", large_eps_check=False)
-    assert result.gradient == "auto"
-    for point in result.curve:
-        assert abs(point.robust - int((linf > point.eps).sum())) <= 2
-        assert set(point.broken_by) <= {"pgd[full]", "pgd[bpda]"}
+    eps = [0.03, 0.08]
+    correct, purified, bare, _ = _purified_exact(signed, model.weight[1].detach() * 2, eps)
+    # The defense matters: an engine that skipped the denoiser would be right on all 200 points and robust on
+    # the `bare` points, which differ from the `purified` ones on many points.
+    assert 190 > int(correct.sum()) > 180 and all(int((p != q).sum()) >= 10 for p, q in zip(purified, bare))
+    result = robusteval.evaluate_attack(model, (x, y), attack="pgd", norm="Linf", eps=eps, device="cpu",
+                                        defense=f"denoise:{SIGMA}", gradient=gradient, large_eps_check=False)
+    assert result.gradient == gradient
+    assert torch.equal(torch.tensor([r["correct"] for r in result.records]), correct)
+    for e, point in enumerate(result.curve):
+        assert int((_robust_points(result, e) != purified[e]).sum()) <= 2, (point.eps, point.robust)
+        labels = {"pgd[full]", "pgd[bpda]"} if gradient == "auto" else {"pgd"}
+        assert point.broken_by and set(point.broken_by) <= labels
     dynamic = next(c for c in result.checks if c["check"] == "dynamic-forward")
     assert dynamic["status"] == "pass" and "denoiser" in dynamic["message"]
+
+
+def test_noise_and_denoise_defense_has_the_deterministic_purification_answer():
+    # x + σn, then the affine denoiser: the purified margin is the deterministic one plus symmetric Gaussian
+    # noise, so the majority decision (and its exact robust points) are those of denoise:S.
+    model = _gaussian_tweedie(TAU, SHIFT)
+    _, x, y, signed = linear_problem(n=200)
+    eps = [0.03, 0.08]
+    correct, purified, bare, distance = _purified_exact(signed, model.weight[1].detach() * 2, eps)
+    result = robusteval.evaluate_attack(model, (x, y), attack="pgd", norm="Linf", eps=eps, device="cpu",
+                                        defense=f"denoise:{SIGMA}:noise", large_eps_check=False)
+    assert result.defense == f"denoise:{SIGMA}:noise" and result.eot == 20
+    # Only points within 0.01 (L∞; 0.4σ of vote noise on the margin) of the boundary, before or after the attack,
+    # may go either way; every other point has the exact answer, which differs from `bare` on many points.
+    assert torch.equal(torch.tensor([r["correct"] for r in result.records])[distance > 0.01], correct[distance > 0.01])
+    for e, point in enumerate(result.curve):
+        robust = _robust_points(result, e)
+        clear = ((distance - point.eps).abs() > 0.01) & (distance > 0.01)
+        assert torch.equal(robust[clear], purified[e][clear]), point.eps
+        assert int((robust[clear] != bare[e][clear]).sum()) >= 5 and int(clear.sum()) >= 140
+    randomized = next(c for c in result.checks if c["check"] == "randomized-without-eot")
+    assert randomized["status"] == "pass"
+
+
+def test_smoothed_linear_classifier_keeps_the_exact_answer_under_eot():
+    # Gaussian smoothing of a linear classifier keeps its boundary (the noise on the margin is symmetric),
+    # so the smoothed pipeline has the bare classifier's exact L∞ distances.
+    model, x, y, signed = linear_problem(n=200)
+    w = model.module.w.detach().double()
+    linf = signed.abs().double() * w.norm() / w.abs().sum()
+    eps = [0.03, 0.08]
+    result = robusteval.evaluate_attack(model, (x, y), attack="pgd", norm="Linf", eps=eps, device="cpu",
+                                        defense="smooth:0.1:50", large_eps_check=False)
+    assert result.clean_accuracy >= 0.97  # only points within the vote's noise of the boundary can be lost
+    for point in result.curve:
+        exact = int((linf > point.eps).sum())
+        assert abs(point.robust - exact) <= 6, (point.eps, point.robust, exact)
+        assert point.robust < 200 * result.clean_accuracy - 20  # the attack does break the near points
