@@ -33,15 +33,16 @@ class LinearBinary(nn.Module):
         return torch.stack([-margin / 2, margin / 2], dim=1)
 
 
-def linear_problem(n: int = 200, seed: int = 0) -> tuple[robusteval.JointModel, Tensor, Tensor, Tensor]:
-    """A wrapped linear classifier, points x (n, 1, 8, 8), labels y and signed L2 distances to its boundary.
+def linear_problem(n: int = 200, seed: int = 0,
+                   shape: tuple[int, int, int] = SHAPE) -> tuple[robusteval.JointModel, Tensor, Tensor, Tensor]:
+    """A wrapped linear classifier, points x (n, *shape), labels y and signed L2 distances to its boundary.
 
     Each point is placed at a chosen signed L2 distance d ∈ [-1, 1] from the
     hyperplane w·x + b = 0 through the mid-grey image; its label is the side
     it lies on, so the clean accuracy is 100%.
     """
     g = torch.Generator().manual_seed(seed)
-    dim = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    dim = shape[0] * shape[1] * shape[2]
     sign = torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0)
     w = sign * (0.8 + 0.4 * torch.rand(dim, generator=g))
     b = -float(w.sum()) * 0.5  # the hyperplane passes through x = 0.5
@@ -51,8 +52,8 @@ def linear_problem(n: int = 200, seed: int = 0) -> tuple[robusteval.JointModel, 
     current = (base - 0.5) @ unit
     x = base + (distance - current).unsqueeze(1) * unit
     y = (distance > 0).long()
-    model = robusteval.wrap(LinearBinary(w, b), num_classes=2, input_shape=SHAPE, name="linear")
-    return model, x.view(n, *SHAPE), y, distance
+    model = robusteval.wrap(LinearBinary(w, b), num_classes=2, input_shape=shape, name="linear")
+    return model, x.view(n, *shape), y, distance
 
 
 class Constant(nn.Module):
@@ -101,3 +102,41 @@ class GaussianTweedie(robusteval.JointModel):
             (score,) = torch.autograd.grad(log_p, inputs, create_graph=create_graph)
         out = inputs + s2 * score
         return out if create_graph else out.detach()
+
+
+class LinearMulti(nn.Module):
+    """Logits W·x + b over K classes."""
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1) @ self.weight.t() + self.bias
+
+
+def multiclass_problem(n: int = 30, classes: int = 10, shape: tuple[int, int, int] = SHAPE,
+                       seed: int = 0) -> tuple[robusteval.JointModel, Tensor, Tensor, dict[str, Tensor]]:
+    """A K-class linear classifier, points near mid-grey labelled by it, and their exact minimal distances.
+
+    The distance from x to the region of class j ≠ y is (z_y − z_j)/‖w_y − w_j‖_* in the dual norm (ℓ1 for
+    L∞, ℓ2 for L2); the minimal adversarial distance is the minimum over j. The points lie in [0.25, 0.75]
+    and every L∞ distance is below 0.2, so the minimisers stay inside [0, 1]: these are the box-constrained
+    answers.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dim = shape[0] * shape[1] * shape[2]
+    weight = torch.randn(classes, dim, generator=g)
+    bias = -0.5 * weight.sum(1)  # every class meets at the mid-grey image: the labels vary
+    x = 0.25 + 0.5 * torch.rand(n, dim, generator=g)
+    logits = x @ weight.t() + bias
+    y = logits.argmax(1)
+    gap = logits.gather(1, y.view(-1, 1)) - logits  # (n, K), 0 at y
+    difference = weight[y].unsqueeze(1) - weight.unsqueeze(0)  # (n, K, dim)
+    own = torch.nn.functional.one_hot(y, classes).bool()
+    linf = (gap / difference.abs().sum(2).clamp_min(1e-12)).masked_fill(own, float("inf")).amin(1)
+    l2 = (gap / difference.norm(dim=2).clamp_min(1e-12)).masked_fill(own, float("inf")).amin(1)
+    assert float(linf.max()) < 0.2
+    model = robusteval.wrap(LinearMulti(weight, bias), num_classes=classes, input_shape=shape, name="linear-multi")
+    return model, x.view(n, *shape), y, {"Linf": linf, "L2": l2}
