@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -106,3 +107,26 @@ def test_the_report_states_the_grid_sizes():
     # α^(1/n) is the Clopper-Pearson bound when every draw is correct: Φ⁻¹(0.001^(1/2000)) = 2.70.
     assert "largest certifiable radius is 2.70σ" in text
     assert "Adaptive" not in describe(SUITES["digits-ci"])  # the CI grid runs no adaptive attacks
+
+
+def test_committed_baseline_covers_exactly_the_digits_ci_plan(tmp_path):
+    # The CI gate compares a fresh digits-ci grid with reports/baseline.json: an entry missing from the baseline
+    # is never gated, and a stale one fails CI. The keys are rebuilt here from the suite's own parameters.
+    suite = SUITES["digits-ci"]
+    baseline = json.loads((Path(__file__).parents[1] / "reports" / "baseline.json").read_text())["entries"]
+    jobs = plan(suite, [m for m in list_models() if suite.dataset in model_card(m).checkpoints()], tmp_path)
+    expected = {}
+    for job in jobs:
+        arguments = job.arguments
+        if job.kind == "attack":
+            key = f"attack/{suite.dataset}/{job.model}/{arguments['norm']}/{arguments['attack']}/{arguments['defense']}"
+            expected[key] = {"n": suite.n_attack, "eps": list(arguments["eps"])}
+        elif job.kind == "certify":
+            key = f"certify/{suite.dataset}/{job.model}/{arguments['mode']}/sigma={arguments['sigma']:g}"
+            expected[key] = {"n_images": suite.n_certify, "n0": suite.n0, "n": suite.n, "alpha": suite.alpha}
+    assert sorted(baseline) == sorted(expected)
+    for key, config in expected.items():
+        recorded = baseline[key]["config"]
+        assert {k: recorded[k] for k in config} == config, key
+        total = config.get("n", config.get("n_images")) if key.startswith("attack") else config["n_images"]
+        assert all(f["total"] == total for f in baseline[key]["figures"].values()), key
