@@ -12,7 +12,13 @@ from robusteval.data import ImageDataset, dataset_info
 from robusteval.interface import CapabilityError
 from robusteval.model_zoo.jem import JEM, JEM_RECIPE, train_jem
 from robusteval.training import TrainContext
-from zoo_floors import clean_accuracy, conditional_sample_confidence, digits_test_split, energy_aurocs
+from zoo_floors import (
+    assert_softmax_is_the_energy_ratio,
+    clean_accuracy,
+    conditional_sample_confidence,
+    digits_test_split,
+    energy_aurocs,
+)
 
 
 @functools.cache
@@ -35,7 +41,7 @@ def test_card_cites_the_paper_and_declares_what_jem_computes():
 def test_energy_is_minus_logsumexp_of_the_logits():
     x = digits_test_split().x[:32]
     with torch.no_grad():
-        torch.testing.assert_close(jem().energy(x), -torch.logsumexp(jem().logits(x), dim=1))
+        assert_softmax_is_the_energy_ratio(jem(), x, 0.0)
         # p(y | x) = exp(f_y) / Σ exp(f): −f_y − E(x) is the cross-entropy of y.
         y = digits_test_split().y[:32]
         logits = jem().logits(x)

@@ -7,6 +7,7 @@ a failing assertion shows the numbers.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -99,3 +100,38 @@ def assert_denoiser_gradient_is_exact(model: JointModel, x: torch.Tensor, sigma:
         finite = (loss(x + step * direction) - loss(x - step * direction)) / (2 * step)
     assert float((grad * direction).sum()) == pytest.approx(float(finite), rel=1e-4)
     assert not torch.allclose(grad, weights, atol=1e-3)
+
+
+def assert_tweedie_by_finite_differences(model: JointModel, x: torch.Tensor, sigma: float, directions: int = 4,
+                                         step: float = 1e-2, tolerance: float = 0.03) -> None:
+    """denoise(x, σ) − x = −σ²∇E(x, σ) (Tweedie–Miyasawa), with the gradient taken by central differences of the
+    energy along random unit directions, a route that shares no autograd with the model's own denoiser.
+
+    Per direction v: ⟨denoise(x) − x, v⟩ ≈ −σ²·(E(x + h·v) − E(x − h·v)) / 2h, to `tolerance` of the
+    typical size of the left-hand side (the central difference errs by O(h²)).
+    """
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        shift = (model.denoise(x, sigma) - x).double()
+    for _ in range(directions):
+        v = torch.randn(x.shape, generator=generator)
+        v = v / v.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        with torch.no_grad():
+            ahead = model.energy(x + step * v, sigma).double()
+            behind = model.energy(x - step * v, sigma).double()
+        by_differences = -(sigma**2) * (ahead - behind) / (2 * step)
+        projected = (shift * v.double()).flatten(1).sum(1)
+        scale = shift.flatten(1).norm(dim=1) / math.sqrt(x[0].numel())  # typical |⟨shift, v⟩| for a random v
+        assert bool(((projected - by_differences).abs() <= tolerance * scale.clamp_min(1e-6) + 1e-4).all()), (
+            projected, by_differences)
+
+
+def assert_softmax_is_the_energy_ratio(model: JointModel, x: torch.Tensor, sigma: float | torch.Tensor) -> None:
+    """p(y | x) = exp(−E(x, y)) / exp(−E(x)) with E(x, y) = −f_y: Σ_y exp(f_y + E(x)) = 1, and each term is the
+    classifier's softmax probability (computed here in float64 from the logits)."""
+    with torch.no_grad():
+        logits = model.logits(x, sigma).double()
+        energy = model.energy(x, sigma).double()
+    ratio = (logits + energy.unsqueeze(1)).exp()
+    torch.testing.assert_close(ratio.sum(1), torch.ones_like(energy), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ratio, torch.softmax(logits, 1), rtol=0, atol=1e-5)
