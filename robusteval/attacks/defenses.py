@@ -129,6 +129,10 @@ class DeployedPipeline(nn.Module):
         self.gradient = gradient
         self.decision_draws = decision_draws
         self.randomized = defense.randomized or bool(getattr(model, "stochastic_inference", False))
+        # An evaluation module, never in train mode: torchattacks restores train mode on the whole pipeline
+        # (the model included) after each attack when it finds the pipeline in train mode, after which every
+        # pass would use batch statistics and overwrite the model's BatchNorm statistics.
+        self.eval()
 
     # --- one draw -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -204,6 +208,7 @@ class Expectation(nn.Module):
         super().__init__()
         self.pipeline = pipeline
         self.draws = draws
+        self.eval()  # see DeployedPipeline.__init__
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pipeline.expected(x, self.draws)
