@@ -196,3 +196,45 @@ def test_three_channel_inputs_through_certification():
     assert len(certified) >= 10  # the far points certify, and with 2000 draws their radii are near |d|
     # Below the largest certifiable radius σΦ⁻¹(α^(1/n)) = 0.67, the radius is close to the distance.
     assert max(float(signed[r["index"]].abs()) - r["radius"] for r in certified if signed[r["index"]].abs() < 0.6) < 0.1
+
+
+# --- the model stays in eval mode ---------------------------------------------------------------------------------
+class _BatchNormNet(nn.Module):
+    """A linear map with BatchNorm after it: in train mode it uses the batch's statistics and updates its own."""
+
+    def __init__(self, inner: nn.Module, classes: int):
+        super().__init__()
+        self.inner = inner
+        self.norm = nn.BatchNorm1d(classes)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(0))
+            self.norm.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, x):
+        return self.norm(self.inner(x))
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "fab-t"])
+def test_attacks_leave_batchnorm_statistics_alone_and_verify_in_eval_mode(multiclass, attack):
+    # torchattacks puts a module back in train mode after an attack when it found it in train mode; a pipeline
+    # built in train mode would then run every later pass (verification included) on batch statistics.
+    import copy
+
+    model, x, y, distance = multiclass
+    net = _BatchNormNet(model.module, 10).eval()
+    wrapped = robusteval.wrap(net, num_classes=10, input_shape=SHAPE, name="batchnorm")
+    reference = copy.deepcopy(net).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        labels = reference(x).argmax(1)
+    eps = [0.01, 0.02]
+    result = robusteval.evaluate_attack(wrapped, (x, labels), attack=attack, eps=eps, steps=10, device="cpu",
+                                        large_eps_check=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net.training
+    for e, eps_value in enumerate(eps):
+        broken = torch.tensor([r["results"][e]["broken"] for r in result.records])
+        with torch.no_grad():
+            fooled = reference(result.adversarial[eps_value]).argmax(1) != labels
+        assert torch.equal(broken, fooled)  # each break fools the eval-mode model, and only breaks do
+        assert 0 < int(broken.sum()) < len(labels)
