@@ -33,6 +33,7 @@ def _summary(path: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path, monkeypatch):
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -87,6 +88,7 @@ def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path, 
         assert torch.equal(restored, torch.load(tmp_path / "fresh" / name, weights_only=True))
 
 
+@pytest.mark.slow
 def test_run_egc_autoattack_writes_a_valid_run_directory(tmp_path):
     # egc ships with digits weights: this must run, not skip.
     assert "digits" in model_card("egc").checkpoints()

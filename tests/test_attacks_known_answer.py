@@ -43,9 +43,9 @@ def problem():
         # PGD-L2 from a random start shrinks its angle to the optimal direction by ~1.2× per step of 0.2ε:
         # its default 10 steps stop ~3% short of the optimal margin; 50 steps reach it.
         ("pgd-l2", "L2", L2_EPS, 50),
-        ("autoattack", "Linf", [0.03, 0.08], None),
+        pytest.param("autoattack", "Linf", [0.03, 0.08], None, marks=pytest.mark.slow),
         # Square's 5000 queries on the truly robust points dominate AutoAttack's time: one ε for L2.
-        ("autoattack", "L2", [0.5], None),
+        pytest.param("autoattack", "L2", [0.5], None, marks=pytest.mark.slow),
     ],
 )
 def test_linear_robust_accuracy_is_the_exact_fraction(problem, attack, norm, eps, steps):

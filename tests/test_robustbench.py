@@ -83,6 +83,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return attempts
 
 
+@pytest.mark.slow
 def test_fresh_process_imports_robustbench_through_robusteval() -> None:
     code = textwrap.dedent(
         """
