@@ -99,7 +99,8 @@ def test_full_gradient_differentiates_through_the_tweedie_denoiser_and_bpda_skip
 TAU, SIGMA, SHIFT = 0.3, 0.2, 0.3
 
 
-def _purified_exact(signed: torch.Tensor, w: torch.Tensor, eps: list[float]) -> tuple[torch.Tensor, list, list, torch.Tensor]:
+def _purified_exact(signed: torch.Tensor, w: torch.Tensor,
+                    eps: list[float]) -> tuple[torch.Tensor, list, list, torch.Tensor]:
     """Per point: correct behind the shrinking denoiser, robust at each ε behind it, robust without it, and
     its L∞ distance to the purified boundary.
 

@@ -104,8 +104,8 @@ def assert_denoiser_gradient_is_exact(model: JointModel, x: torch.Tensor, sigma:
 
 def assert_tweedie_by_finite_differences(model: JointModel, x: torch.Tensor, sigma: float, directions: int = 4,
                                          step: float = 1e-2, tolerance: float = 0.03) -> None:
-    """denoise(x, σ) − x = −σ²∇E(x, σ) (Tweedie–Miyasawa), with the gradient taken by central differences of the
-    energy along random unit directions, a route that shares no autograd with the model's own denoiser.
+    """denoise(x, σ) − x = −σ²∇E(x, σ) (Tweedie–Miyasawa), with the gradient taken by central differences of
+    the energy along random unit directions, a route that shares no autograd with the model's own denoiser.
 
     Per direction v: ⟨denoise(x) − x, v⟩ ≈ −σ²·(E(x + h·v) − E(x − h·v)) / 2h, to `tolerance` of the
     typical size of the left-hand side (the central difference errs by O(h²)).

@@ -44,7 +44,8 @@ DEFECTS = (
         "robusteval/attacks/defenses.py",
         "draws = max(self.decision_draws, self.defense.votes)", "draws = 1",
         ("tests/test_attacks_engine.py::test_randomized_decision_is_the_majority_of_fresh_draws",
-         "tests/test_attacks_known_answer.py::test_noise_and_denoise_defense_has_the_deterministic_purification_answer"),
+         "tests/test_attacks_known_answer.py::"
+         "test_noise_and_denoise_defense_has_the_deterministic_purification_answer"),
     ),
     Defect(
         "noiseless-decision", "a randomized pipeline decides without any noise",
@@ -98,13 +99,13 @@ DEFECTS = (
         "        sigma = self.defense.sigma\n        if self.gradient == \"full\" or not torch.is_grad_enabled():",
         "        return x\n        sigma = self.defense.sigma\n"
         "        if self.gradient == \"full\" or not torch.is_grad_enabled():",
-        ("tests/test_attacks_known_answer.py::test_denoise_defense_moves_the_boundary_and_the_attack_finds_the_exact_answer",),
+        ("tests/test_attacks_known_answer.py::"
+         "test_denoise_defense_moves_the_boundary_and_the_attack_finds_the_exact_answer",),
     ),
     Defect(
         "train-mode-pipeline", "the attack pipeline is left in train mode (BatchNorm uses batch statistics)",
         "robusteval/attacks/defenses.py",
-        "        # pass would use batch statistics and overwrite the model's BatchNorm statistics.\n        self.eval()",
-        "        # pass would use batch statistics and overwrite the model's BatchNorm statistics.\n        self.train()",
+        "BatchNorm statistics.\n        self.eval()", "BatchNorm statistics.\n        self.train()",
         ("tests/test_attacks_paths.py::test_attacks_leave_batchnorm_statistics_alone_and_verify_in_eval_mode",),
     ),
 )
