@@ -64,7 +64,7 @@ REFERENCE_LABEL = "faint: same model, no defense"
 _RC = {
     "svg.fonttype": "none",  # text stays text: searchable, small, escaped by the SVG writer
     "svg.hashsalt": "robusteval",  # stable element ids: the same data gives the same file
-    "font.size": 9,
+    "font.size": 10,
     "axes.grid": True,
     "grid.alpha": 0.3,
 }
@@ -136,13 +136,13 @@ def _panels(count: int, legend: bool) -> tuple[Figure, list]:
 
 
 def _finish(fig: Figure, axes: list, title: str, xlabel: str, ylabel: str, handles: list, labels: list[str]) -> None:
-    fig.suptitle(_text(title), fontsize=10)
+    fig.suptitle(_text(title), fontsize=11)
     if len(axes) == 1:
         axes[0].set_xlabel(xlabel)
         axes[0].set_ylabel(ylabel)
     else:
-        fig.supxlabel(xlabel, fontsize=9)
-        fig.supylabel(ylabel, fontsize=9)
+        fig.supxlabel(xlabel, fontsize=10)
+        fig.supylabel(ylabel, fontsize=10)
     if handles:
         # Outside on the right (the figure was widened for it): the legend never hides data.
         rows_fit = max(8, int(fig.get_figheight() / 0.21))
@@ -273,7 +273,7 @@ def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: 
                                       model, defense, alpha=band_alpha(len(by_defense[defense])))
             any_flag |= flagged
         if len(defenses) > 1:
-            ax.set_title("no defense" if defense == "none" else f"+ {_text(defense)}", fontsize=9)
+            ax.set_title("no defense" if defense == "none" else f"+ {_text(defense)}", fontsize=10)
         _robust_axes(ax)
     handles = [_identity_handle(identities[m], m) for m in models]
     if not single:
@@ -381,7 +381,7 @@ def _mark_caps(ax, caps: Sequence[tuple[float, int, float, float]], label_sigma:
         if label_sigma or direct:
             text = f"largest radius n = {n} can certify" if direct else f"σ={format_number(sigma)}"
             ax.annotate(text, (radius, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(-2, -2), textcoords="offset points", ha="right", va="top", fontsize=7,
+                        xytext=(-2, -2), textcoords="offset points", ha="right", va="top", fontsize=8,
                         color=REFERENCE_GREY)
 
 
@@ -470,7 +470,7 @@ def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Id
                             f"curve-{slug(f'{run.model}-{mode}-{format_number(sigma)}')}", run.model, 1.5)
         _mark_caps(ax, [_cap(r) for r in mine], label_sigma=False, direct=single)
         if len(sigmas) > 1:
-            ax.set_title(f"σ = {format_number(sigma)}", fontsize=9)
+            ax.set_title(f"σ = {format_number(sigma)}", fontsize=10)
         _certified_axes(ax, radii)
     handles = [] if single else [_identity_handle(identities[m], m) for m in models]
     if not single:
@@ -537,7 +537,7 @@ def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identi
         caps = [_cap(r) for r in group]
         _mark_caps(ax, caps, label_sigma=len(caps) > 1, panel=f"{mode}-")
         if len(groups) > 1:
-            ax.set_title(f"{mode} certification", fontsize=9)
+            ax.set_title(f"{mode} certification", fontsize=10)
         _certified_axes(ax, radii)
     handles.append(Line2D([], [], color=REFERENCE_GREY, linestyle=(0, (1, 2)), linewidth=1.1,
                           label=_cap_label([_cap(r) for r in relevant])))
