@@ -349,3 +349,23 @@ def test_a_one_model_figure_is_a_single_clean_plot(tmp_path):
     assert [t.get_text() for t in fig.axes[0].texts] == ["largest radius n = 1000 can certify"]  # a direct label
     width, height = _plotting_area(fig)
     assert width >= 0.8 and height >= 0.75
+
+
+def test_a_pipeline_attacked_at_one_budget_shows_its_interval_as_a_bar(tmp_path):
+    def one_budget(summary):
+        summary["curve"] = [p for p in summary["curve"] if p["eps"] == 0.1]
+
+    runs = load_runs([copy_run("toy-joint-pgd-denoise-Linf", tmp_path, one_budget),
+                      copy_run("toy-joint-autoattack-Linf", tmp_path)])
+    point = fixture_summary("toy-joint-pgd-denoise-Linf")["curve"][1]
+    assert point["eps"] == 0.1
+    fig = robustness_figure(runs, "digits", "Linf", model_identities(["toy-joint"]))
+    panel = fig.axes[1]
+    assert panel.get_title() == "+ denoise:0.25"
+    bar = next(c for c in panel.collections if c.get_gid() == f"band-{slug('toy-joint + denoise:0.25')}")
+    (segment,) = bar.get_segments()
+    assert np.allclose(segment, [[0.1, 100 * point["ci_low"]], [0.1, 100 * point["ci_high"]]])
+    # The undefended curve is repeated faintly beside the point, for reference.
+    faint = next(line for line in panel.lines if line.get_gid() == f"reference-toy-joint-{slug('denoise:0.25')}")
+    assert np.allclose(faint.get_ydata(), [100 * p["robust_accuracy"]
+                                           for p in fixture_summary("toy-joint-autoattack-Linf")["curve"]])

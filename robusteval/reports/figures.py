@@ -59,7 +59,7 @@ def band_alpha(series: int) -> float:
 SIGMA_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
 IDENTITIES_FILE = "identities.json"
 FLAG_LABEL = "sanity flags fired (unreliable)"
-BAND_LABEL = "shaded: 95% CI"
+BAND_LABEL = "shaded (or bar): 95% CI"
 REFERENCE_LABEL = "faint: same model, no defense"
 _RC = {
     "svg.fonttype": "none",  # text stays text: searchable, small, escaped by the SVG writer
@@ -219,9 +219,13 @@ def _plot_robust(ax, curve: list[RobustPoint], identity: Identity, gid: str, lab
                       fillstyle=fill, linestyle=linestyle or dashes, linewidth=1.6, markersize=6, zorder=3,
                       label=label)
     line.set_gid(f"curve-{gid}")
-    poly = ax.fill_between(eps, [100 * p.low for p in curve], [100 * p.high for p in curve], color=identity.color,
-                           alpha=alpha, linewidth=0, zorder=1, label=BAND_LABEL)
-    poly.set_gid(f"band-{gid}")
+    if len(curve) > 1:
+        band = ax.fill_between(eps, [100 * p.low for p in curve], [100 * p.high for p in curve],
+                               color=identity.color, alpha=alpha, linewidth=0, zorder=1, label=BAND_LABEL)
+    else:  # one budget (a pipeline attacked at the headline ε only): a band of no width shows nothing; a bar does
+        band = ax.vlines(eps, [100 * curve[0].low], [100 * curve[0].high], colors=identity.color, alpha=0.45,
+                         linewidth=1.2, zorder=1, label=BAND_LABEL)
+    band.set_gid(f"band-{gid}")
     flagged = [p for p in curve if p.flagged]
     if flagged:
         (rings,) = ax.plot([p.eps for p in flagged], [100 * p.accuracy for p in flagged], linestyle="none",
@@ -510,23 +514,31 @@ def certified_envelope_figure(runs: Sequence[Run], dataset: str, identities: dic
 
 @_styled
 def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identity: Identity) -> Figure:
-    """One model's certified curves, a panel per mode: a line per σ and the envelope over σ."""
+    """One model's certified curves, a panel per mode: a line per σ and the envelope over σ.
+
+    A model certified at one σ in one mode gets a single plot: its line in its identity, no legend.
+    """
     relevant = _certify_runs(runs, dataset, model)
     radii = _radius_grid(relevant)
     groups = _certify_groups(relevant)
     sigmas = sorted({round(float(r.summary["sigma"]), 9) for r in relevant})
     dashes = {s: SIGMA_LINESTYLES[i % len(SIGMA_LINESTYLES)] for i, s in enumerate(sigmas)}
-    fig, axes = _panels(len(groups), legend=True)
+    single = len(relevant) == 1
+    fig, axes = _panels(len(groups), legend=not single)
     handles = []
     for ax, ((_, mode), group) in zip(axes, groups.items()):
         curves = [certified_curve(r, radii) for r in group]
         for run, values in zip(group, curves):
             sigma = round(float(run.summary["sigma"]), 9)
+            gid = f"curve-{slug(f'{model}-{mode}-{format_number(sigma)}')}"
+            label = f"σ = {format_number(sigma)}"
+            if single:
+                _certified_line(ax, radii, values, identity, mode, gid, label, 1.6, "-")
+                continue
             (line,) = ax.plot(*_until_zero(radii, 100 * values), color=identity.color, linestyle=dashes[sigma],
-                              linewidth=1.2,
-                              zorder=2, label=f"σ = {format_number(sigma)}")
-            line.set_gid(f"curve-{slug(f'{model}-{mode}-{format_number(sigma)}')}")
-            if line.get_label() not in [h.get_label() for h in handles]:
+                              linewidth=1.2, zorder=2, label=label)
+            line.set_gid(gid)
+            if label not in [h.get_label() for h in handles]:
                 handles.append(line)
         if len(group) > 1:
             envelope = _certified_line(ax, radii, np.max(curves, axis=0), identity, mode,
@@ -535,13 +547,16 @@ def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identi
             if envelope.get_label() not in [h.get_label() for h in handles]:
                 handles.append(envelope)
         caps = [_cap(r) for r in group]
-        _mark_caps(ax, caps, label_sigma=len(caps) > 1, panel=f"{mode}-")
+        _mark_caps(ax, caps, label_sigma=len(caps) > 1, direct=single, panel=f"{mode}-")
         if len(groups) > 1:
             ax.set_title(f"{mode} certification", fontsize=10)
         _certified_axes(ax, radii)
-    handles.append(Line2D([], [], color=REFERENCE_GREY, linestyle=(0, (1, 2)), linewidth=1.1,
-                          label=_cap_label([_cap(r) for r in relevant])))
-    only = f" ({str(relevant[0].summary['mode'])})" if len(groups) == 1 else ""
+    if not single:
+        handles.append(Line2D([], [], color=REFERENCE_GREY, linestyle=(0, (1, 2)), linewidth=1.1,
+                              label=_cap_label([_cap(r) for r in relevant])))
+    only = ""
+    if len(groups) == 1:
+        only = f" ({relevant[0].summary['mode']}" + (f", σ = {format_number(sigmas[0])})" if single else ")")
     _finish(fig, axes, f"{model}{only}: certified accuracy vs radius, {dataset} ({_images(relevant)} images)",
             _RADIUS_LABEL, "certified accuracy (%)", handles, [h.get_label() for h in handles])
     return fig
