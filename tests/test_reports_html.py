@@ -146,6 +146,8 @@ def test_other_formats_write_their_main_file(tmp_path):
     text = md.main.read_text()
     assert "## Leaderboard" in text
     assert "![Robust accuracy vs ε (digits, L∞)](figures/robust_digits_Linf.png)" in text
+    assert "([figures/identities.json](figures/identities.json))" in text
+    assert (tmp_path / "md" / "figures" / "identities.json").is_file()
     csv = write_report(runs, tmp_path / "csv" / "board.csv", "csv")
     assert csv.main.read_text().splitlines()[0].startswith("dataset,system,model,defense,clean")
     latex = write_report(runs, tmp_path / "tex" / "tables.tex", "latex")
