@@ -308,7 +308,10 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
                       key=lambda r: (pipeline_order(r.defense), r.attack_label))
     if not relevant:
         raise ValueError(f"no attack runs of {model!r} for data set {dataset!r} and norm {norm!r}")
-    fig, axes = _panels(1, legend=True)
+    # One run without flags: a single plot, no legend; the title says what it is.
+    single = len(relevant) == 1 and not any(_flagged_at(relevant[0], float(p["eps"]))
+                                           for p in relevant[0].summary["curve"])
+    fig, axes = _panels(1, legend=not single)
     ax = axes[0]
     handles, any_flag, seen = [], False, {}
     for run in relevant:
@@ -327,8 +330,11 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
     handles.append(_band_handle())
     if any_flag:
         handles.append(_flag_handle())
+    what = "95% CI"
+    if single:
+        handles, what = [], f"{handles[0].get_label()}, 95% CI"
     _robust_axes(ax)
-    _finish(fig, axes, f"{model}: robust accuracy vs ε, {dataset}, {NORM_SYMBOL[norm]} (95% CI)",
+    _finish(fig, axes, f"{model}: robust accuracy vs ε, {dataset}, {NORM_SYMBOL[norm]} ({what})",
             _eps_label(norm), "robust accuracy (%)", handles, [h.get_label() for h in handles])
     return fig
 
