@@ -54,7 +54,7 @@ FLAG_EDGE = "#000000"
 
 def band_alpha(series: int) -> float:
     """Opacity of a 95% band: light enough that the bands of every series in a panel do not bury the curves."""
-    return max(0.04, min(0.12, 0.6 / max(1, series)))
+    return max(0.02, min(0.12, 0.6 / max(1, series)))
 
 SIGMA_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
 IDENTITIES_FILE = "identities.json"
@@ -148,8 +148,9 @@ def _finish(fig: Figure, axes: list, title: str, xlabel: str, ylabel: str, handl
         rows_fit = max(8, int(fig.get_figheight() / 0.21))
         # Long labels wrap: a wide legend would take its width from the plotting area.
         labels = [textwrap.fill(_text(label), 34, subsequent_indent="  ") for label in labels]
-        fig.legend(handles, labels, loc="outside right center", frameon=False,
-                   ncols=math.ceil(len(handles) / rows_fit), handlelength=2.6)
+        columns = math.ceil(len(handles) / rows_fit)
+        fig.set_figwidth(fig.get_figwidth() + (columns - 1) * _LEGEND_W)  # a second column widens the figure
+        fig.legend(handles, labels, loc="outside right center", frameon=False, ncols=columns, handlelength=2.6)
 
 
 def _identity_handle(identity: Identity, label: str) -> Line2D:

@@ -18,6 +18,7 @@ evaluated (pipeline, certification mode, σ).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -87,7 +88,7 @@ def model_identities(models: Iterable[str]) -> dict[str, Identity]:
     """One identity per model: zoo models at their fixed slots, the others in the next free slots by name."""
     names = sorted(set(models))
     slots = {name: KNOWN_MODELS.index(name) for name in names if name in KNOWN_MODELS}
-    free = (slot for slot in range(len(KNOWN_MODELS), 10**9))
+    free = itertools.count(len(KNOWN_MODELS))
     for name in names:
         if name not in slots:
             slots[name] = next(free)
