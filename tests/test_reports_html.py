@@ -19,6 +19,7 @@ import pytest
 from reports_fixtures import copy_all, copy_run, fixture_summary
 
 from robusteval.reports.loading import load_runs
+from robusteval.reports.paths import slug
 from robusteval.reports.report import write_report
 from robusteval.reports.tables import leaderboard
 
@@ -91,6 +92,24 @@ def test_page_is_self_contained(report):
         assert (report["out"].parent / href).is_file(), href
 
 
+def test_figures_are_shown_at_their_size_link_their_svg_and_the_model_identities(report):
+    page = report["html"]
+    written = report["report"].figures
+    for figure in written.all():
+        svg = figure.svg.relative_to(report["out"].parent).as_posix()
+        # The inline figure is itself a link to its SVG file (open at full size), and the caption links both files.
+        block = re.search(rf'<figure id="[^"]*figure-{re.escape(slug(figure.name))}">(.*?)</figure>', page, re.S)
+        assert block, figure.name
+        assert re.match(rf'\s*<a class="open" href="{re.escape(svg)}"[^>]*>\s*<svg ', block.group(1)), figure.name
+        assert f'<a href="{svg}">SVG</a>' in block.group(1)
+    assert '<a href="figures/identities.json">figures/identities.json</a>' in page
+    assert written.identities == report["out"].parent / "figures" / "identities.json"
+    # No CSS stretches a figure past its own size (a 6-inch figure blown up to the page width reads at 20px).
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    assert "figure svg { display: block; max-width: 100%; height: auto; }" in style
+    assert not re.search(r"svg\s*\{[^}]*(?<![-\w])width:\s*100%", style)
+
+
 def test_leaderboard_rows_columns_and_values(report):
     page = report["html"]
     table = re.search(r'<table class="sortable leaderboard" id="leaderboard-digits".*?</table>', page, re.S).group(0)
@@ -127,6 +146,8 @@ def test_other_formats_write_their_main_file(tmp_path):
     text = md.main.read_text()
     assert "## Leaderboard" in text
     assert "![Robust accuracy vs ε (digits, L∞)](figures/robust_digits_Linf.png)" in text
+    assert "([figures/identities.json](figures/identities.json))" in text
+    assert (tmp_path / "md" / "figures" / "identities.json").is_file()
     csv = write_report(runs, tmp_path / "csv" / "board.csv", "csv")
     assert csv.main.read_text().splitlines()[0].startswith("dataset,system,model,defense,clean")
     latex = write_report(runs, tmp_path / "tex" / "tables.tex", "latex")

@@ -215,6 +215,7 @@ def render_html(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_d
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         runs_count=len(runs), kinds=", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
         datasets=sorted({r.dataset for r in runs}), leaderboards=leaderboards, overall_figures=overall,
+        identities_href=(Path(os.path.relpath(figures.identities, out_dir)).as_posix() if figures.identities else ""),
         certified_headers=certified_headers, certified_rows=certified_rows,
         adversarial_tables=adversarial_tables, models=models,
     )

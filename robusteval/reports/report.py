@@ -49,6 +49,9 @@ def _markdown_report(runs: Sequence[Run], tables: TableSet, figures: FigureSet, 
     parts += ["## Leaderboard", "", tables.files["leaderboard.md"].read_text(), ""]
     for figure in figures.overall:
         parts += [f"![{figure.title}]({Path(os.path.relpath(figure.png, out_dir)).as_posix()})", ""]
+    if figures.identities is not None:
+        href = Path(os.path.relpath(figures.identities, out_dir)).as_posix()
+        parts += [f"Each model keeps one colour and marker in every figure ([{href}]({href})).", ""]
     for name, heading in (("certified.md", "## Certified radii"), ("adversarial.md", "## Adversarial robustness")):
         if name in tables.files:
             parts += [heading, "", tables.files[name].read_text(), ""]
