@@ -118,7 +118,8 @@ def load_imagenet(split: str = "test", root: str | Path | None = None, limit: in
     labels_of = class_index(directory)
     order = image_order(directory)
     if not order:
-        raise FileNotFoundError(f"imagenet: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {directory}")
+        raise FileNotFoundError(f"imagenet: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of "
+                                f"{directory}")
     if limit is None and len(order) > MAX_UNLIMITED:
         raise ValueError(f"imagenet: {len(order)} images under {directory}; pass a number of images (--n / "
                          f"--n-images) of at most {MAX_UNLIMITED} rather than decoding them all into memory")

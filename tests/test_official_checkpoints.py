@@ -12,9 +12,15 @@ against closed forms of the official definitions.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
 import os
 import pickle
+import sys
+import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ from robusteval.cli import main
 from robusteval.data import dataset_info
 from robusteval.model_zoo.official.cifar_resnet import CifarResNet
 from robusteval.model_zoo.official.cohen import build_cohen
+from robusteval.model_zoo.official.gmmc import OfficialGMMC, build_gmmc, mmc_centers
 from robusteval.model_zoo.official.jem import OfficialJEM, build_jem
 
 CIFAR10 = dataset_info("cifar10")
@@ -78,6 +85,11 @@ def cohen_cifar_file(path: Path, depth: int = 20) -> dict[str, Tensor]:
 # --- reference forwards, written from the official code ---------------------------------------------
 def reference_jem_logits(state: dict[str, Tensor], x: Tensor) -> Tensor:
     """CCF.classify of wgrathwohl/JEM on JEM's normalisation, from the raw state dict."""
+    return reference_wrn_features(state, x) @ state["class_output.weight"].T + state["class_output.bias"]
+
+
+def reference_wrn_features(state: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Wide_ResNet(norm=None).forward on (x - 0.5)/0.5 (JEM's and GMMC's data pipeline), from the raw state dict."""
     h = F.conv2d((x - 0.5) / 0.5, state["f.conv1.weight"], state["f.conv1.bias"], padding=1)
     for stage in (1, 2, 3):
         index = 0
@@ -91,8 +103,7 @@ def reference_jem_logits(state: dict[str, Tensor], x: Tensor) -> Tensor:
                 h = F.conv2d(h, state[p + "shortcut.0.weight"], state[p + "shortcut.0.bias"], stride=stride)
             h = out + h
             index += 1
-    features = F.leaky_relu(h, 0.2).mean(dim=(2, 3))  # avg_pool2d(·, 8) of an 8×8 map
-    return features @ state["class_output.weight"].T + state["class_output.bias"]
+    return F.leaky_relu(h, 0.2).mean(dim=(2, 3))  # avg_pool2d(·, 8) of an 8×8 map
 
 
 def _bn(h: Tensor, state: dict[str, Tensor], prefix: str) -> Tensor:
@@ -211,6 +222,236 @@ def test_jem_full_size_is_wrn_28_10_with_the_official_parameter_count() -> None:
 def test_jem_without_a_file_explains_that_nothing_is_shipped() -> None:
     with pytest.raises(CheckpointError, match="ships no weights.*checkpoint=<file>"):
         robusteval.create_model("jem", dataset="cifar10")
+
+
+# === GMMC ===========================================================================================
+def gmmc_file(path: Path, num_classes: int = 10, depth: int = 10, width: int = 2, centers: Tensor | None = None,
+              margin: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+    """What GMMC's utils.checkpoint writes: F's state dict, the replay buffer [x, y] and the pickled LDALayer."""
+    info = dataset_info("cifar10" if num_classes == 10 else "cifar100")
+    state = seeded_state(OfficialGMMC(info, depth, width), seed=5)
+    if centers is None:
+        centers = mmc_centers(num_classes, 64 * width)
+    generator = torch.Generator().manual_seed(6)
+    buffer = [torch.rand(4 * num_classes, 3, 32, 32, generator=generator) * 2 - 1,
+              torch.arange(num_classes).repeat_interleave(4)]
+    contents = {"model_state_dict": state, "replay_buffer": buffer}
+    if margin:
+        contents["margin"] = official_lda_layer(num_classes, 64 * width, centers)
+    with lda_module_importable():
+        torch.save(contents, path)
+    return state, centers
+
+
+@contextlib.contextmanager
+def lda_module_importable():
+    """GMMC's LDALayer lives in its repository's top-level module `LDALayer`; pickling needs it importable."""
+    sys.modules["LDALayer"] = _LDA_MODULE
+    try:
+        yield
+    finally:
+        del sys.modules["LDALayer"]
+
+
+def _make_lda_module() -> types.ModuleType:
+    module = types.ModuleType("LDALayer")
+
+    class LDALayer(torch.nn.Module):  # the official layer's state: a fixed, non-trainable `centers` parameter
+        def __init__(self, num_classes: int, feat_dim: int, alpha: float, args=None):
+            super().__init__()
+            self.feat_dim, self.num_classes = feat_dim, num_classes
+            self.centers = torch.nn.Parameter(torch.randn(num_classes, feat_dim), requires_grad=False)
+
+    LDALayer.__module__ = "LDALayer"
+    LDALayer.__qualname__ = "LDALayer"
+    module.LDALayer = LDALayer
+    return module
+
+
+_LDA_MODULE = _make_lda_module()
+
+
+def official_lda_layer(num_classes: int, dim: int, centers: Tensor) -> torch.nn.Module:
+    layer = _LDA_MODULE.LDALayer(num_classes, dim, 1.0)
+    layer.centers.data = centers.clone()
+    return layer
+
+
+def reference_gmmc_logits(state: dict[str, Tensor], centers: Tensor, x: Tensor) -> Tensor:
+    """LDALayer.forward(F.feature(x)): −½ Σ (φ − μ_c)², from the raw state dict."""
+    features = reference_wrn_features(state, x)
+    return -0.5 * ((features[:, None, :] - centers[None]) ** 2).sum(-1)
+
+
+def test_max_mahalanobis_centres_are_equiangular_with_norm_c() -> None:
+    for classes, dim in ((10, 640), (100, 640), (3, 5)):
+        centers = mmc_centers(classes, dim).double()
+        gram = centers @ centers.T
+        expected = torch.full((classes, classes), -100.0 / (classes - 1), dtype=torch.float64)
+        expected.fill_diagonal_(100.0)
+        torch.testing.assert_close(gram, expected, atol=1e-3, rtol=1e-4)
+        assert torch.count_nonzero(centers[:, classes:]) == 0  # row k lives on the first k + 1 axes
+
+
+def test_gmmc_file_with_its_pickled_ldalayer_loads_and_computes_the_official_logits(tmp_path: Path) -> None:
+    path = tmp_path / "gmmc.pt"
+    centers = mmc_centers(10, 128) * torch.linspace(0.9, 1.1, 10).view(-1, 1)  # the file's, not recomputed ones
+    state, centers = gmmc_file(path, centers=centers)
+    assert "f.layer1.0.shortcut.0.weight" in state and not any(k.startswith("f.linear") for k in state)
+    with pytest.raises(ModuleNotFoundError):
+        __import__("LDALayer")  # GMMC's code is not importable here: the stand-in must do
+    model = robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path)
+    torch.testing.assert_close(model.centers, centers)
+    x = images()
+    with torch.no_grad():
+        expected = reference_gmmc_logits(state, centers, x)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.energy(x), -torch.logsumexp(expected, 1), atol=1e-5, rtol=1e-5)
+    assert model.replay_buffer is not None and model.replay_buffer[0].shape == (40, 3, 32, 32)
+    model.sample_config = type(model.sample_config)(steps=0, step_size=0.25, noise=0.0)
+    y = torch.tensor([2, 7])
+    starts = model.sample(2, y, generator=torch.Generator().manual_seed(0))
+    # Class-y chains start in the buffer's class-y block (slots 4y .. 4y + 3), as sample_p_0 indexes it.
+    for row, label in enumerate(y.tolist()):
+        block = model.replay_buffer[0][4 * label: 4 * label + 4]
+        assert any(torch.equal(starts[row], image) for image in block)
+    model.sample_config = type(model.sample_config)(steps=2, step_size=0.25, noise=0.0)
+    assert model.sample(2, y, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+
+
+def test_gmmc_with_allow_unsafe_pickle_still_reads_the_ldalayer_without_gmmcs_code(tmp_path: Path) -> None:
+    path = tmp_path / "gmmc.pt"
+    state, centers = gmmc_file(path)
+    model = robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path, allow_unsafe_pickle=True)
+    torch.testing.assert_close(model.centers, centers)
+    x = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_gmmc_logits(state, centers, x), atol=1e-5, rtol=1e-5)
+
+
+def test_gmmc_without_margin_uses_the_recomputed_centres_and_cifar100_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "gmmc100.pt"
+    state, _ = gmmc_file(path, num_classes=100, depth=16, width=2, margin=False)
+    model = robusteval.create_model("gmmc", dataset="cifar100", checkpoint=path)
+    assert (model.f.depth, model.f.widen_factor, model.num_classes) == (16, 2, 100)
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_gmmc_logits(state, mmc_centers(100, 128), x), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_gmmc_full_size_has_the_official_parameter_count() -> None:
+    with torch.device("meta"):
+        model = build_gmmc(CIFAR10)
+    assert count(model) == wrn_parameters(28, 10, 10, jem_linear=False) - (641 + 6410)  # no linear, no CCF heads
+    assert model.centers.shape == (10, 640)
+
+
+# === DMAE ============================================================================================
+def dmae_file(path: Path, num_classes: int = 10, extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """What MAE's misc.save_model writes after DMAE's fine-tuning, for a two-block, 128-wide ViT/16."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, mlp_ratio=4,
+                            qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                            num_classes=num_classes, global_pool="avg")
+    state = seeded_state(vit, seed=7)
+    optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-3).state_dict()
+    args = argparse.Namespace(model="vit_tiny_test", global_pool=True, nb_classes=num_classes, input_size=224,
+                              sigma=0.25, output_dir="./out", device="cuda")
+    torch.save({"model": {**state, **(extra or {})}, "optimizer": optimizer, "epoch": 99,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args}, path)
+    return state
+
+
+def reference_vit_logits(state: dict[str, Tensor], x: Tensor, mean: Tensor, std: Tensor, heads: int = 2) -> Tensor:
+    """models_vit.VisionTransformer.forward (global_pool) written out, on the documented preprocessing."""
+    from torchvision.transforms import InterpolationMode, Resize
+
+    if x.shape[-1] != 224:  # engine_finetune.py / util/smooth.py: Resize((224, 224), BICUBIC) on the noisy tensor
+        x = Resize((224, 224), interpolation=InterpolationMode.BICUBIC, antialias=False)(x)
+    x = (x - mean) / std
+    h = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=16).flatten(2)
+    h = torch.cat([state["cls_token"].expand(len(x), -1, -1), h.transpose(1, 2)], 1) + state["pos_embed"]
+    width = h.shape[-1]
+    for block in range(2):
+        p = f"blocks.{block}."
+        y = F.layer_norm(h, (width,), state[p + "norm1.weight"], state[p + "norm1.bias"], eps=1e-6)
+        q, k, v = (y @ state[p + "attn.qkv.weight"].T + state[p + "attn.qkv.bias"]).chunk(3, dim=-1)
+        split = lambda t: t.reshape(len(x), -1, heads, width // heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width // heads), dim=-1)
+        y = (attention @ v).transpose(1, 2).reshape(len(x), -1, width)
+        h = h + y @ state[p + "attn.proj.weight"].T + state[p + "attn.proj.bias"]
+        y = F.layer_norm(h, (width,), state[p + "norm2.weight"], state[p + "norm2.bias"], eps=1e-6)
+        y = F.gelu(y @ state[p + "mlp.fc1.weight"].T + state[p + "mlp.fc1.bias"])
+        h = h + y @ state[p + "mlp.fc2.weight"].T + state[p + "mlp.fc2.bias"]
+    pooled = F.layer_norm(h[:, 1:].mean(1), (width,), state["fc_norm.weight"], state["fc_norm.bias"], eps=1e-6)
+    return pooled @ state["head.weight"].T + state["head.bias"]
+
+
+def vit_parameters(width: int, depth: int, patch: int, classes: int, image: int = 224) -> int:
+    tokens = (image // patch) ** 2 + 1
+    return (3 * patch * patch * width + width) + width + tokens * width + depth * (12 * width**2 + 13 * width) \
+        + 2 * width + width * classes + classes
+
+
+DMAE_CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+DMAE_CIFAR_STD = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def test_dmae_cifar10_file_loads_and_resizes_the_noisy_32px_image_as_the_official_code(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint-99.pth"
+    state = dmae_file(path)
+    assert {"fc_norm.weight", "blocks.1.attn.qkv.weight", "head.weight", "pos_embed"} <= set(state)
+    assert "norm.weight" not in state
+    model = robusteval.create_model("dmae", dataset="cifar10", checkpoint=path)
+    assert (model.num_classes, model.input_shape, len(model.vit.blocks)) == (10, (3, 32, 32), 2)
+    x = images(2)
+    noisy = x + 0.25 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_vit_logits(state, x, DMAE_CIFAR_MEAN, DMAE_CIFAR_STD),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.logits(noisy, 0.25),
+                                   reference_vit_logits(state, noisy, DMAE_CIFAR_MEAN, DMAE_CIFAR_STD),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_dmae_imagenet_file_and_pretraining_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "imagenet.pth"
+    extra = {"mask_token": torch.zeros(1, 1, 128), "decoder_embed.weight": torch.zeros(64, 128)}
+    state = dmae_file(path, num_classes=1000, extra=extra)
+    with caplog.at_level("WARNING"):
+        model = robusteval.create_model("dmae", dataset="imagenet", checkpoint=path)
+    assert "ignoring 2 pre-training-only entries" in caplog.text
+    x = images(1, size=224)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_vit_logits(state, x, mean, std), atol=1e-5, rtol=1e-5)
+    # A pre-training file has a decoder but no classifier: the error names what is missing.
+    pretrain = {k: v for k, v in state.items() if not k.startswith(("fc_norm", "head"))}
+    torch.save({"model": {**pretrain, **extra, "norm.weight": torch.ones(128), "norm.bias": torch.zeros(128)},
+                "args": argparse.Namespace(model="mae_vit_base_patch16")}, tmp_path / "pretrain.pth")
+    with pytest.raises(CheckpointError, match=r"is not a DMAE fine-tuning checkpoint .*missing keys \['fc_norm.bias', "
+                                              r"'fc_norm.weight', 'head.bias', 'head.weight'\].*unexpected keys "
+                                              r"\['norm.bias', 'norm.weight'\]"):
+        robusteval.create_model("dmae", dataset="imagenet", checkpoint=tmp_path / "pretrain.pth")
+
+
+def test_dmae_full_size_vits_have_the_official_parameter_counts() -> None:
+    from robusteval.model_zoo.official.dmae_vit import build_dmae
+
+    assert vit_parameters(768, 12, 16, 1000) == 86_567_656  # timm's vit_base_patch16_224
+    assert vit_parameters(1024, 24, 16, 1000) == 304_326_632  # timm's vit_large_patch16_224
+    with torch.device("meta"):
+        base_cifar = build_dmae(CIFAR10)
+        base = build_dmae(dataset_info("imagenet"))
+        large = build_dmae(dataset_info("imagenet"), "vit_large_patch16")
+    assert count(base_cifar) == vit_parameters(768, 12, 16, 10)
+    assert count(base) == vit_parameters(768, 12, 16, 1000)
+    assert count(large) == vit_parameters(1024, 24, 16, 1000)
+    assert base.vit.blocks[0].attn.num_heads == 12 and large.vit.blocks[0].attn.num_heads == 16
 
 
 # === Cohen et al. ====================================================================================
@@ -353,7 +594,8 @@ def test_a_data_set_the_file_does_not_fit_is_an_error_before_any_work(tmp_path: 
     with pytest.raises(CheckpointError, match=r"CIFAR ResNet .*32×32.* data set imagenet has images of shape "
                                               r"\(3, 224, 224\)"):
         robusteval.create_model("cohen", dataset="imagenet", checkpoint=path)
-    with pytest.raises(ValueError, match="official architecture of 'jem' .* is defined for the data sets cifar10, cifar100, not imagenet"):
+    with pytest.raises(ValueError, match="official architecture of 'jem' .* is defined for the data sets cifar10, "
+                                         "cifar100, not imagenet"):
         robusteval.create_model("jem", dataset="imagenet", checkpoint=path)
 
 
@@ -376,7 +618,24 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("official")
     jem_file(root / "jem.pt")
     cohen_cifar_file(root / "cohen.pt")
-    return {"jem": root / "jem.pt", "cohen": root / "cohen.pt", "data": make_cifar10(root / "data")}
+    gmmc_file(root / "gmmc.pt")
+    dmae_file(root / "dmae.pth")
+    return {"jem": root / "jem.pt", "cohen": root / "cohen.pt", "gmmc": root / "gmmc.pt", "dmae": root / "dmae.pth",
+            "data": make_cifar10(root / "data")}
+
+
+def reference_logits(name: str, path: Path, x: Tensor) -> Tensor:
+    """The row's reference forward on the file's weights (GMMC's centres are those its LDALayer was given)."""
+    if name == "dmae":
+        return reference_vit_logits(torch.load(path, weights_only=False)["model"], x, DMAE_CIFAR_MEAN,
+                                    DMAE_CIFAR_STD)
+    with lda_module_importable():
+        loaded = torch.load(path, weights_only=False)
+    if name == "gmmc":
+        return reference_gmmc_logits(loaded["model_state_dict"], loaded["margin"].centers.detach(), x)
+    if name == "jem":
+        return reference_jem_logits(loaded["model_state_dict"], x)
+    return reference_cohen_cifar_logits(loaded["state_dict"], x)
 
 
 @pytest.mark.parametrize("name", ["jem", "cohen"])
@@ -391,9 +650,7 @@ def test_cli_run_and_certify_finish_on_a_few_cifar10_images(name: str, cli_files
     assert (summary["model"], summary["dataset"], summary["n"]) == (name, "cifar10", 3)
     # The clean accuracy is that of the reference forward on the same three images.
     data = robusteval.load_dataset("cifar10", root=cli_files["data"])
-    state = torch.load(cli_files[name], weights_only=True)
-    reference = (reference_jem_logits(state["model_state_dict"], data.x[:3]) if name == "jem"
-                 else reference_cohen_cifar_logits(state["state_dict"], data.x[:3]))
+    reference = reference_logits(name, cli_files[name], data.x[:3])
     assert summary["clean_accuracy"] == pytest.approx(float((reference.argmax(1) == data.y[:3]).float().mean()))
     certify = CliRunner().invoke(main, ["certify", *common, "--sigma", "0.25", "--n-images", "2", "--n0", "10",
                                         "--n", "40", "--batch-size", "50", "--no-compile",
@@ -402,6 +659,20 @@ def test_cli_run_and_certify_finish_on_a_few_cifar10_images(name: str, cli_files
     certified = json.loads(certify.stdout)
     assert (certified["model"], certified["n_images"], certified["sigma"]) == (name, 2, 0.25)
     assert len((tmp_path / "certify" / "samples.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("name", ["gmmc", "dmae"])
+def test_cli_run_takes_the_gmmc_and_dmae_files(name: str, cli_files: dict[str, Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--model", name, "--dataset", "cifar10", "--data-dir",
+                                       str(cli_files["data"]), "--checkpoint", str(cli_files[name]), "--attack", "fgsm",
+                                       "--n", "4", "--eps", "0.01", "--no-large-eps-check", "--no-masking-checks",
+                                       "--device", "cpu", "--quiet", "--json", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    data = robusteval.load_dataset("cifar10", root=cli_files["data"])
+    expected = (reference_logits(name, cli_files[name], data.x[:4]).argmax(1) == data.y[:4]).float().mean()
+    assert (summary["model"], summary["n"]) == (name, 4)
+    assert summary["clean_accuracy"] == pytest.approx(float(expected))
 
 
 def test_cli_predict_and_sample_take_the_official_files(cli_files: dict[str, Path], tmp_path: Path) -> None:

@@ -64,6 +64,56 @@ def _jem() -> OfficialArchitecture:
     )
 
 
+def _gmmc() -> OfficialArchitecture:
+    from robusteval.model_zoo.official import gmmc
+
+    return OfficialArchitecture(
+        model="gmmc", datasets=gmmc.DATASETS, repository="https://github.com/sndnyang/GMMC",
+        architecture="F over JEM's Wide_ResNet(depth, k, norm=None) without its linear layer; LDALayer with identity "
+                     "covariance: logits -1/2 ||phi(x) - mu_c||^2 with the Max-Mahalanobis centres. Depth and width "
+                     "are read from the file (published: WRN-28-10).",
+        file_format=gmmc.FORMAT,
+        preprocessing="(x - 0.5) / 0.5 inside the model",
+        build=gmmc.build_gmmc, load=gmmc.load_gmmc,
+        unsettled=(
+            "The centres are the file's (its pickled LDALayer, of which only 'centers' is read); a file without "
+            "'margin' gets the Max-Mahalanobis centres recomputed with --mu_c 10, train_gmmc.py's default.",
+            "sample(): train_gmmc.py's staged sampling (gamma 0): 20 steps of x -= 1 * grad of the batch mean of "
+            "1/2 ||phi(x) - mu_y||^2 on [-1, 1] images, clamped, no noise, from the file's replay buffer "
+            "(class-y slots y * N/C + i, as sample_p_0). The official step depends on the batch size through the "
+            "mean; robusteval fixes it at the official batch of 64.",
+        ),
+    )
+
+
+def _dmae() -> OfficialArchitecture:
+    from robusteval.model_zoo.official import dmae_vit
+
+    return OfficialArchitecture(
+        model="dmae", datasets=dmae_vit.DATASETS, repository="https://github.com/quanlin-wu/dmae",
+        architecture="models_vit.VisionTransformer (timm ViT, global average pooling of the patch tokens + fc_norm): "
+                     "ViT-B/16 or ViT-L/16; width, depth, patch, MLP ratio and input size read from the file "
+                     "(published: ViT-B/16 for CIFAR-10, ViT-B/16 and ViT-L/16 for ImageNet)",
+        file_format=dmae_vit.FORMAT,
+        preprocessing="CIFAR-10: the 32x32 image (noise added there) resized bicubically to 224, then normalised "
+                      "with mean (0.4914, 0.4822, 0.4465), std (0.2471, 0.2435, 0.2616); ImageNet: normalised with "
+                      "ImageNet's mean/std",
+        build=dmae_vit.build_dmae, load=dmae_vit.load_dmae,
+        unsettled=(
+            "The number of attention heads is not in the weights' shapes: it comes from the file's args.model "
+            "(vit_base_patch16: 12, vit_large_patch16: 16, vit_huge_patch14: 16), else from the width (768: 12, "
+            "1024: 16, 1280: 16, otherwise width / 64).",
+            "Bicubic upsampling 32 -> 224 without antialiasing (torch interpolate, cubic a = -0.75): what "
+            "torchvision's tensor Resize did before 0.17; newer torchvision antialiases by default, which changes "
+            "the cubic kernel to a = -0.5. The official requirements do not pin torchvision.",
+            "ImageNet images are resized as RobustBench does (bilinear 256, centre crop 224) for every model; "
+            "DMAE's own evaluation transform resizes bicubically.",
+            "Pre-training checkpoints (decoder_*, mask_token) are not classifiers: those entries are ignored with a "
+            "warning and the missing fc_norm/head keys are reported.",
+        ),
+    )
+
+
 def _cohen() -> OfficialArchitecture:
     from robusteval.model_zoo.official import cohen
 
@@ -80,7 +130,9 @@ def _cohen() -> OfficialArchitecture:
     )
 
 
-_OFFICIAL: dict[str, Callable[[], OfficialArchitecture]] = {"jem": _jem, "cohen": _cohen}
+_OFFICIAL: dict[str, Callable[[], OfficialArchitecture]] = {
+    "jem": _jem, "gmmc": _gmmc, "dmae": _dmae, "cohen": _cohen,
+}
 
 
 def official_spec(model: str) -> OfficialArchitecture | None:
