@@ -2,7 +2,9 @@
 
 Shipped checkpoints are safetensors files: they hold tensors only and cannot
 run code on load. `.pt` files load with `torch.load(weights_only=True)`;
-arbitrary unpickling needs the explicit `allow_unsafe_pickle=True`.
+the papers' own files (`read_torch_file`) additionally admit exactly
+`argparse.Namespace` and GMMC's `LDALayer` (reduced to its centres).
+Arbitrary unpickling needs the explicit `allow_unsafe_pickle=True`.
 """
 
 from __future__ import annotations

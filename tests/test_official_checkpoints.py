@@ -695,3 +695,21 @@ def test_model_cards_describe_the_official_architectures() -> None:
     assert cards["jem"]["official"]["unsettled"], "the card must say what the official code leaves open"
     assert cards["cohen"]["official"]["datasets"] == ["cifar10", "imagenet"]
     assert cards["standard"]["official"] is None
+
+
+def test_robusteval_own_weights_keep_the_re_implementation_on_paper_data_sets(tmp_path: Path) -> None:
+    from robusteval.checkpoints import save_safetensors
+    from robusteval.model_zoo.jem import JEM
+
+    own = robusteval.create_model("jem", dataset="cifar10", pretrained=False, official=False)
+    assert isinstance(own, JEM)  # what `robusteval train --model jem --dataset cifar10` trains
+    path = tmp_path / "jem-cifar10.safetensors"
+    save_safetensors(own, path)
+    again = robusteval.create_model("jem", dataset="cifar10", checkpoint=path)
+    assert isinstance(again, JEM)
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), own(x))
+    assert isinstance(robusteval.create_model("jem", dataset="cifar10", pretrained=False, device="meta"), OfficialJEM)
+    with pytest.raises(ValueError, match="no official architecture for data set 'digits'"):
+        robusteval.create_model("jem", pretrained=False, official=True)

@@ -168,6 +168,7 @@ def create_model(
     model_dir: str | Path | None = None,
     threat_model: str = "Linf",
     allow_unsafe_pickle: bool = False,
+    official: bool | None = None,
 ) -> JointModel:
     """Build a registered model for `dataset`, with its shipped (verified) weights.
 
@@ -175,6 +176,9 @@ def create_model(
     data set for which the model has an official architecture (JEM on cifar10,
     Cohen et al.'s ResNets on imagenet, ...), `checkpoint` is a file as the
     paper's code writes it, and the network is built to the file's sizes.
+    `official=None` decides by the weights: a `.safetensors` file or shipped
+    weights are robusteval's own re-implementation, anything else the
+    official architecture; True or False forces the choice.
     `robustbench:<Name>` builds a RobustBench zoo architecture with weights
     from `model_dir` in RobustBench's layout; it never downloads.
     """
@@ -189,9 +193,15 @@ def create_model(
 
     entry = get_entry(name)
     info = dataset_info(dataset)
-    official = official_architecture(entry.card.name, info.name)
-    if official is not None:
-        model = _create_official(official, info, pretrained, checkpoint, allow_unsafe_pickle)
+    spec = official_architecture(entry.card.name, info.name) if official is not False else None
+    if official and spec is None:
+        raise ValueError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")
+    if official is None and spec is not None:
+        own_weights = (str(checkpoint).endswith(".safetensors") if checkpoint is not None
+                       else pretrained and info.name in entry.card.checkpoints())
+        spec = None if own_weights else spec
+    if spec is not None:
+        model = _create_official(spec, info, pretrained, checkpoint, allow_unsafe_pickle)
         model.name = entry.card.name
         return model.eval().to(target)
     model = entry.build(info)
