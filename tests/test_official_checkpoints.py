@@ -202,6 +202,14 @@ def test_jem_samples_start_from_the_files_replay_buffer(tmp_path: Path) -> None:
     # With zero SGLD steps every sample is one of the buffer's images.
     distances = (starts.flatten(1)[:, None] - model.replay_buffer.flatten(1)[None]).abs().amax(2)
     assert float(distances.min(1).values.max()) == 0.0
+    # Class-conditional chains start from buffer images the model classifies as the class (cond_samples).
+    with torch.no_grad():
+        classes = model(model.replay_buffer).argmax(1)
+    label = int(classes[0])
+    starts = model.sample(3, torch.full((3,), label), generator=torch.Generator().manual_seed(1))
+    for start in starts:
+        matches = [i for i in range(len(classes)) if torch.equal(model.replay_buffer[i], start)]
+        assert matches and all(int(classes[i]) == label for i in matches)
     model.sample_config = type(model.sample_config)(steps=3, step_size=0.25, noise=0.005)
     y = torch.tensor([0, 3])
     samples = model.sample(2, y, generator=torch.Generator().manual_seed(0))

@@ -134,9 +134,8 @@ def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     if isinstance(margin, PickledLDALayer):
         centers = margin.centers
         require_classes(path, "margin.centers", int(centers.shape[0]), info)
-        recomputed = mmc_centers(int(centers.shape[0]), int(centers.shape[1])) if centers.shape[0] <= centers.shape[1] \
-            else None
-        if recomputed is None or not torch.allclose(centers.float(), recomputed, atol=1e-4):
+        classes, dim = (int(d) for d in centers.shape)
+        if classes > dim or not torch.allclose(centers.float(), mmc_centers(classes, dim), atol=1e-4):
             logger.info("%s: the file's centres are not the Max-Mahalanobis centres with C = %g (trained with another "
                         "--method or --mu_c); the file's centres are used", path, MU_C)
     elif margin is None:

@@ -72,9 +72,7 @@ class OfficialJEM(JointModel):
         buffer = self.replay_buffer
         if y is None:
             return buffer[torch.randint(0, len(buffer), (n,), generator=generator)].clone()
-        with torch.no_grad():
-            predicted = torch.cat([self._logits(chunk.to(self.device), torch.zeros(len(chunk), device=self.device))
-                                   .argmax(1).cpu() for chunk in buffer.split(500)])
+        predicted = self._buffer_classes()
         starts = []
         for label in y.cpu().tolist():
             pool = (predicted == label).nonzero().flatten()
@@ -82,6 +80,21 @@ class OfficialJEM(JointModel):
                 pool = torch.arange(len(buffer))
             starts.append(buffer[pool[torch.randint(0, len(pool), (1,), generator=generator)]])
         return torch.cat(starts).clone()
+
+
+    def _buffer_classes(self) -> Tensor:
+        """The model's class for every buffer image, computed once per buffer (a full pass over it)."""
+        buffer = self.replay_buffer
+        assert buffer is not None
+        cached = getattr(self, "_buffer_predictions", None)
+        if cached is None or cached[0] is not buffer:
+            with torch.no_grad():
+                predicted = torch.cat([
+                    self._logits(chunk.to(self.device), torch.zeros(len(chunk), device=self.device)).argmax(1).cpu()
+                    for chunk in buffer.split(500)
+                ])
+            self._buffer_predictions = (buffer, predicted)
+        return self._buffer_predictions[1]
 
 
 def build_jem(info: DatasetInfo) -> OfficialJEM:
