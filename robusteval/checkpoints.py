@@ -2,16 +2,22 @@
 
 Shipped checkpoints are safetensors files: they hold tensors only and cannot
 run code on load. `.pt` files load with `torch.load(weights_only=True)`;
-arbitrary unpickling needs the explicit `allow_unsafe_pickle=True`.
+the papers' own files (`read_torch_file`) additionally admit exactly
+`argparse.Namespace` and GMMC's `LDALayer` (reduced to its centres).
+Arbitrary unpickling needs the explicit `allow_unsafe_pickle=True`.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import pickle
+import re
 import struct
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +169,114 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             f"checkpoint {source} does not match the architecture of {type(model).__name__}: " + "; ".join(parts)
         )
     model.load_state_dict(state, strict=True)
+
+
+# --- the papers' own .pt files ---------------------------------------------------------------------
+
+
+class UnsafePickleError(CheckpointError):
+    """A checkpoint pickles an object that the restricted unpickler does not admit."""
+
+
+class PickledLDALayer:
+    """What robusteval keeps of GMMC's pickled `LDALayer` module: its `centers` tensor, nothing else.
+
+    GMMC's training script saves the whole `LDALayer` module under "margin".
+    Unpickling it as itself would import GMMC's code; this stand-in receives
+    the module's state and keeps only the Max-Mahalanobis centres.
+    """
+
+    centers: torch.Tensor
+
+    def __setstate__(self, state: Any) -> None:
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        centers = parameters.get("centers") if isinstance(parameters, dict) else None
+        if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
+            raise pickle.UnpicklingError("GMMC's pickled LDALayer holds no 2-d 'centers' parameter")
+        self.centers = centers.detach().clone()
+
+
+# The objects the papers' formats need beyond what torch's weights_only unpickler admits (tensors,
+# containers, numbers, strings): DMAE's training arguments and GMMC's centres module.
+_OFFICIAL_GLOBALS: list[Any] = [argparse.Namespace, (PickledLDALayer, "LDALayer.LDALayer")]
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    """Full unpickling (only with allow_unsafe_pickle) that still maps GMMC's LDALayer to its stand-in."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("LDALayer", "LDALayer"):
+            return PickledLDALayer
+        return super().find_class(module, name)
+
+
+def _stand_in_pickle_module() -> Any:
+    module = types.ModuleType("robusteval_stand_in_pickle")
+    module.Unpickler = _StandInUnpickler  # type: ignore[attr-defined]
+    module.load = lambda handle, **kwargs: _StandInUnpickler(handle, **kwargs).load()  # type: ignore[attr-defined]
+    module.__dict__.update({k: getattr(pickle, k) for k in ("UnpicklingError", "HIGHEST_PROTOCOL")})
+    return module
+
+
+def read_torch_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
+    """Everything a torch `.pt`/`.pth` file holds, unpickled by the restricted unpickler.
+
+    Admitted: what `torch.load(weights_only=True)` admits (tensors, dicts,
+    lists, tuples, numbers, strings), `argparse.Namespace` and GMMC's
+    `LDALayer`, reduced to a `PickledLDALayer` holding its centres. Anything
+    else is an `UnsafePickleError` naming the class; `allow_unsafe_pickle`
+    unpickles everything (only for files whose source you trust).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if allow_unsafe_pickle:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stand_in_pickle_module())
+        except Exception as error:
+            raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+    try:
+        with torch.serialization.safe_globals(_OFFICIAL_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _REFUSED_GLOBAL.search(str(error))
+        what = f"the class/function '{found.group(1)}'" if found else f"an object robusteval does not admit ({error})"
+        raise UnsafePickleError(
+            f"checkpoint {path} pickles {what}, which robusteval refuses to unpickle: loading it could run "
+            f"arbitrary code. Only tensors, plain containers, argparse.Namespace and GMMC's LDALayer are admitted. "
+            f"If you trust the file's source, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)."
+        ) from None
+    except Exception as error:
+        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+
+
+def match_state_dict(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_format: str,
+    optional: tuple[str, ...] = ("num_batches_tracked",),
+) -> None:
+    """Load `state` into `module` strictly; a mismatch names the expected format and the first differing keys.
+
+    Keys of `module` whose last name is in `optional` may be absent from the
+    file (BatchNorm's step counter, which files from before torch 0.4.1 lack
+    and which inference never reads); they keep the module's value.
+    """
+    own = module.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if k.rsplit(".", 1)[-1] not in optional)
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs architecture {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"({len(unexpected)} in all)")
+        if wrong_shape:
+            parts.append(f"shape mismatches {wrong_shape[:5]}")
+        raise CheckpointError(f"checkpoint {source} is not {expected_format}: " + "; ".join(parts))
+    module.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)

@@ -290,7 +290,10 @@ def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
 
     settings = SmoothingSettings(kind, sigma=options["sigma"], n=options["n"], alpha=options["alpha"],
                                  n0=options.get("n0", 0), mode=options["mode"], seed=options["seed"])
-    data = load_dataset(options["dataset"], "test", root=options["data_dir"])
+    # Only the images the run needs are read (ImageNet decodes them one by one).
+    wanted = (options["n_images"] or 0) >= 1 and options["skip"] >= 0
+    limit = options["skip"] + options["n_images"] if wanted else None
+    data = load_dataset(options["dataset"], "test", root=options["data_dir"], limit=limit)
     model = create_model(options["model_name"], dataset=options["dataset"], device=options["device"],
                          checkpoint=options["checkpoint"], model_dir=options["model_dir"])
     require_capabilities(model, settings.mode)

@@ -14,6 +14,9 @@ Sources:
   where Debian's package ``dataset-fashion-mnist`` puts the four ``.gz`` files.
 - ``cifar10``: the python pickle batches of ``cifar-10-batches-py/``; ``root``
   is that folder or its parent.
+- ``cifar100``: the python pickles of ``cifar-100-python/`` (fine labels).
+- ``imagenet``: the validation images in the ImageFolder layout, resized and
+  centre-cropped as RobustBench does, in a fixed order (see `robusteval.imagenet`).
 - any path ending in ``.npz`` holding arrays ``x`` and ``y`` (see `load_npz`).
 
 Malformed files are a `DatasetError` (a ValueError) naming the file and what
@@ -84,6 +87,15 @@ DATASETS: dict[str, DatasetInfo] = {
         "cifar10", 10, (3, 32, 32),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         source="python pickle batches in root/cifar-10-batches-py (or root itself)",
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, (3, 32, 32), tuple(str(i) for i in range(100)),
+        source="python pickles (train, test, meta) in root/cifar-100-python (or root itself); fine labels",
+    ),
+    "imagenet": DatasetInfo(
+        "imagenet", 1000, (3, 224, 224), tuple(str(i) for i in range(1000)),
+        source="validation images in the ImageFolder layout (one folder per WordNet id) in root/val (or root "
+               "itself); resize 256, centre crop 224",
     ),
 }
 
@@ -410,6 +422,63 @@ def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDa
     return ImageDataset("cifar10", split, torch.from_numpy(x), torch.from_numpy(y), classes)
 
 
+# --- CIFAR-100 python pickles ------------------------------------------------------------------
+
+CIFAR100_FOLDER = "cifar-100-python"
+_CIFAR100_META = "meta"
+
+
+def _cifar100_directory(root: str | Path | None) -> Path:
+    wanted = f"{CIFAR100_FOLDER}/ (train, test, meta)"
+    if root is None:
+        raise FileNotFoundError(f"cifar100: no data directory given; pass root=<directory> holding {wanted}; "
+                                f"nothing is downloaded.")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"cifar100: data directory {root} {_not_a_directory(root)}; expected {wanted} in it "
+                                f"or to be it.")
+    for directory in (root, root / CIFAR100_FOLDER):
+        if (directory / _CIFAR100_META).is_file():
+            return directory
+    raise FileNotFoundError(f"cifar100: no {_CIFAR100_META} in {root} or {root / CIFAR100_FOLDER}; expected the "
+                            f"python pickles (train, test, meta) there.")
+
+
+def load_cifar100(split: str = "test", root: str | Path | None = None) -> ImageDataset:
+    """CIFAR-100 from the python pickles (`train`, `test`, `meta`), with the 100 fine labels.
+
+    `root` is the `cifar-100-python` folder or its parent. Each file holds
+    uint8 `data` (n, 3072) in CIFAR-10's layout and n `fine_labels`; class
+    names are `meta`'s `fine_label_names`.
+    """
+    _check_split(split)
+    directory = _cifar100_directory(root)
+    meta_path = directory / _CIFAR100_META
+    names = _load_cifar_pickle(meta_path).get("fine_label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != 100:
+        raise DatasetError(f"{meta_path}: expected a 'fine_label_names' list of 100 names")
+    classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    path = directory / split
+    if not path.is_file():
+        raise FileNotFoundError(f"cifar100: {split} missing in {directory} (expected train, test and meta).")
+    batch = _load_cifar_pickle(path)
+    data, labels = batch.get("data"), batch.get("fine_labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: expected 'data' as a uint8 array of shape (n, 3072), got {got}")
+    if labels is None:
+        raise DatasetError(f"{path}: no 'fine_labels' entry (keys: {', '.join(sorted(batch))})")
+    label_array = np.asarray(labels)
+    if label_array.ndim != 1 or len(label_array) != len(data) or (
+            label_array.size and not np.issubdtype(label_array.dtype, np.integer)):
+        raise DatasetError(f"{path}: expected {len(data)} integer 'fine_labels', got {label_array.dtype} "
+                           f"{label_array.shape}")
+    label_array = label_array.astype(np.int64)
+    _check_label_range(label_array, 100, str(path))
+    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+    return ImageDataset("cifar100", split, torch.from_numpy(x), torch.from_numpy(label_array), classes)
+
+
 # --- .npz files --------------------------------------------------------------------------------
 
 
@@ -513,14 +582,32 @@ def load_npz(path: str | Path, split: str = "test") -> ImageDataset:
 # --- entry point -------------------------------------------------------------------------------
 
 
-def load_dataset(name: str, split: str = "test", root: str | Path | None = None) -> ImageDataset:
+def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
+                 limit: int | None = None) -> ImageDataset:
     """Load a data set by name, or an `.npz` file by path.
 
     Known names: see `DATASETS`. `root` is the directory holding the files of
-    mnist, fashion-mnist (default /usr/share/datasets/fashion-mnist) and cifar10;
-    digits and .npz paths ignore it. Nothing is downloaded; missing files are a
-    clear error naming what was expected where.
+    mnist, fashion-mnist (default /usr/share/datasets/fashion-mnist), cifar10,
+    cifar100 and imagenet; digits and .npz paths ignore it. `limit` keeps the
+    first `limit` images only (ImageNet then decodes only those). Nothing is
+    downloaded; missing files are a clear error naming what was expected where.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if str(name).lower() == "imagenet":  # decoded image by image, so only the first `limit` are read
+        from robusteval.imagenet import load_imagenet
+
+        return load_imagenet(split, root, limit)
+    return _limited(_load_dataset(name, split, root), limit)
+
+
+def _limited(dataset: ImageDataset, limit: int | None) -> ImageDataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return ImageDataset(dataset.name, dataset.split, dataset.x[:limit], dataset.y[:limit], dataset.classes)
+
+
+def _load_dataset(name: str, split: str, root: str | Path | None) -> ImageDataset:
     from robusteval.names import resolve_name
 
     _check_split(split)
@@ -533,4 +620,6 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None)
         return load_idx_dataset(key, split, root)
     if key == "cifar10":
         return load_cifar10(split, root)
+    if key == "cifar100":
+        return load_cifar100(split, root)
     raise AssertionError(f"no loader for {key}")  # pragma: no cover

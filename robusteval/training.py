@@ -106,7 +106,8 @@ def train_model(
     try:
         train_set = load_dataset(dataset, split="train", root=root)
         test_set = load_dataset(dataset, split="test", root=root)
-        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu")
+        # robusteval's own re-implementation, also on the data sets of the papers' official architectures.
+        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu", official=False)
         context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe_options)
         started = time.perf_counter()
         model.train()

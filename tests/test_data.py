@@ -118,8 +118,9 @@ def test_unknown_name_lists_known_datasets_and_suggests():
     assert "Did you mean: fashion-mnist" in message
     for known in ("digits", "mnist", "fashion-mnist", "cifar10"):
         assert known in message
-    with pytest.raises(UnknownNameError, match="Known datasets: cifar10, digits"):
-        dataset_info("imagenet")
+    with pytest.raises(UnknownNameError, match="Known datasets: cifar10, cifar100, digits, fashion-mnist, imagenet, "
+                                               "mnist"):
+        dataset_info("svhn")
 
 
 def test_names_are_case_insensitive_and_info_matches_the_issue():

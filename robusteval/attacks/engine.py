@@ -721,7 +721,7 @@ def _resolve_data(dataset_or_xy: Any, n: int | None, data_dir: str | Path | None
     from robusteval.data import load_dataset
 
     if isinstance(dataset_or_xy, (str, Path)):
-        data = load_dataset(str(dataset_or_xy), "test", root=data_dir)
+        data = load_dataset(str(dataset_or_xy), "test", root=data_dir, limit=n if n is not None and n >= 1 else None)
         name, x, y = data.name, data.x, data.y
     elif isinstance(dataset_or_xy, ImageDataset):
         name, x, y = dataset_or_xy.name, dataset_or_xy.x, dataset_or_xy.y

@@ -3,3 +3,4 @@
 from robusteval.model_zoo import baselines  # noqa: F401
 from robusteval.model_zoo import cdn, egc, jdm  # noqa: F401
 from robusteval.model_zoo import dmae, gmmc, jem  # noqa: F401
+from robusteval.model_zoo import cohen  # noqa: F401

@@ -19,6 +19,7 @@ import torch
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo, dataset_info
 from robusteval.interface import CAPABILITIES, JointModel
+from robusteval.model_zoo.official import OfficialArchitecture, official_architecture, official_spec
 from robusteval.names import resolve_name
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -70,7 +71,13 @@ class ModelCard:
             "randomness": self.randomness,
             "recipe": dict(self.recipe),
             "checkpoints": self.checkpoints(),
+            "official": self.official(),
         }
+
+    def official(self) -> dict[str, Any] | None:
+        """The paper's own architecture and file format, where robusteval builds it (see model_zoo/official)."""
+        spec = official_spec(self.name)
+        return spec.as_dict() if spec is not None else None
 
 
 @dataclass(frozen=True)
@@ -161,10 +168,17 @@ def create_model(
     model_dir: str | Path | None = None,
     threat_model: str = "Linf",
     allow_unsafe_pickle: bool = False,
+    official: bool | None = None,
 ) -> JointModel:
     """Build a registered model for `dataset`, with its shipped (verified) weights.
 
-    `checkpoint` loads other weights for the same architecture instead.
+    `checkpoint` loads other weights for the same architecture instead. On a
+    data set for which the model has an official architecture (JEM on cifar10,
+    Cohen et al.'s ResNets on imagenet, ...), `checkpoint` is a file as the
+    paper's code writes it, and the network is built to the file's sizes.
+    `official=None` decides by the weights: a `.safetensors` file or shipped
+    weights are robusteval's own re-implementation, anything else the
+    official architecture; True or False forces the choice.
     `robustbench:<Name>` builds a RobustBench zoo architecture with weights
     from `model_dir` in RobustBench's layout; it never downloads.
     """
@@ -179,6 +193,17 @@ def create_model(
 
     entry = get_entry(name)
     info = dataset_info(dataset)
+    spec = official_architecture(entry.card.name, info.name) if official is not False else None
+    if official and spec is None:
+        raise ValueError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")
+    if official is None and spec is not None:
+        own_weights = (str(checkpoint).endswith(".safetensors") if checkpoint is not None
+                       else pretrained and info.name in entry.card.checkpoints())
+        spec = None if own_weights else spec
+    if spec is not None:
+        model = _create_official(spec, info, pretrained, checkpoint, allow_unsafe_pickle)
+        model.name = entry.card.name
+        return model.eval().to(target)
     model = entry.build(info)
     model.name = entry.card.name
     if checkpoint is not None:
@@ -199,3 +224,19 @@ def create_model(
         state = read_state_dict(path, expected_sha256=record["sha256"])
         load_into(model, state, str(path))
     return model.eval().to(target)
+
+
+def _create_official(
+    official: OfficialArchitecture, info: DatasetInfo, pretrained: bool, checkpoint: str | Path | None,
+    allow_unsafe_pickle: bool,
+) -> JointModel:
+    """The paper's architecture for `info`: from its official file, or at the published size with random weights."""
+    if checkpoint is not None:
+        return official.load(info, Path(checkpoint), allow_unsafe_pickle)
+    if pretrained:
+        raise CheckpointError(
+            f"model '{official.model}' on {info.name} is the official architecture of {official.repository}; "
+            f"robusteval ships no weights for it (nothing is downloaded). Pass the paper's file with "
+            f"checkpoint=<file> (CLI: --checkpoint), or pretrained=False for random weights."
+        )
+    return official.build(info)

@@ -1,0 +1,153 @@
+"""GMMC's official CIFAR model (sndnyang/GMMC `train_gmmc.py`) under the JointModel contract.
+
+GMMC's `F` holds only `f`, JEM's Wide ResNet without its unused `linear`
+layer; the classifier is an `LDALayer` with identity covariance whose
+`centers` μ_c are the Max-Mahalanobis centres (`Utils/mmc_utils.py
+cal_center`, scaled by C = 10) and logits −½‖φ(x) − μ_c‖². Inputs are
+normalised by (x − 0.5)/0.5. The training script saves
+`{"model_state_dict": F.state_dict(), "replay_buffer": [x, y], "margin": LDALayer}`,
+pickling the whole LDALayer module; robusteval keeps only its centres.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from robusteval.checkpoints import CheckpointError, PickledLDALayer, match_state_dict
+from robusteval.data import DatasetInfo
+from robusteval.interface import JointModel
+from robusteval.model_zoo.official.common import (
+    official_state_dict,
+    read_official_file,
+    require_classes,
+    require_dataset,
+)
+from robusteval.model_zoo.official.wideresnet import WideResNet, wrn_size
+from robusteval.model_zoo.sgld import SGLDConfig, sgld, uniform_noise
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("cifar10", "cifar100")
+FORMAT = ("GMMC's checkpoint ({'model_state_dict': {f.*}, 'replay_buffer': [x, y], 'margin': LDALayer with "
+          "'centers'})")
+MU_C = 10.0  # train_gmmc.py --mu_c default
+# GMMC's sample_q: 20 steps of x -= 1·∇ mean_batch ½‖φ(x) − μ_y‖² on [-1, 1] images, no noise, clamped: a step of
+# 1/4 on [0, 1] images; the batch mean is taken over the official batch of 64.
+GMMC_SGLD = SGLDConfig(steps=20, step_size=0.25, noise=0.0)
+OFFICIAL_BATCH = 64
+
+
+def mmc_centers(num_classes: int, dim: int, scale: float = MU_C) -> Tensor:
+    """The Max-Mahalanobis centres of `cal_center`: unit vectors with pairwise inner product −1/(C − 1), × scale.
+
+    Row k is fixed by its inner products with rows 0..k−1 (solved in order,
+    a triangular system) and then completed to unit norm on axis k.
+    """
+    if num_classes < 2 or dim < num_classes:
+        raise ValueError(f"Max-Mahalanobis centres need 2 <= classes <= dim, got {num_classes} classes in {dim} dims")
+    centers = torch.zeros(num_classes, dim, dtype=torch.float64, device="cpu")  # also inside a meta-device build
+    centers[0, 0] = 1.0
+    for k in range(1, num_classes):
+        for j in range(k):
+            centers[k, j] = -(1.0 / (num_classes - 1) + centers[k] @ centers[j]) / centers[j, j]
+        centers[k, k] = math.sqrt(abs(1.0 - float(centers[k].norm() ** 2)))
+    return (centers * scale).float()
+
+
+class OfficialGMMC(JointModel):
+    """GMMC: logits −½‖φ((x − 0.5)/0.5) − μ_c‖², energy −logsumexp(logits)."""
+
+    capabilities = frozenset({"logits", "energy", "sample"})
+
+    def __init__(self, info: DatasetInfo, depth: int = 28, widen_factor: int = 10, centers: Tensor | None = None):
+        super().__init__()
+        self.num_classes = info.num_classes
+        self.input_shape = (3, 32, 32)
+        self.f = WideResNet(depth, widen_factor, linear_outputs=None)
+        if centers is None:
+            centers = mmc_centers(info.num_classes, self.f.last_dim)
+        if tuple(centers.shape) != (info.num_classes, self.f.last_dim):
+            raise CheckpointError(f"GMMC centres of shape {tuple(centers.shape)} do not fit {info.num_classes} classes "
+                                  f"of {self.f.last_dim}-d features")
+        # Not part of the state dict: the official file keeps them in the pickled LDALayer.
+        self.register_buffer("centers", centers.float().clone(), persistent=False)
+        self.replay_buffer: tuple[Tensor, Tensor] | None = None  # ([0, 1] images, labels) on the CPU
+        self.sample_config = GMMC_SGLD
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.f((x - 0.5) / 0.5)
+
+    def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return -0.5 * (self.features(x)[:, None, :] - self.centers[None]).pow(2).sum(-1)
+
+    def _energy(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return -torch.logsumexp(self._logits(x, sigma), dim=1)
+
+    def _sample(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        start, labels = self._chain_starts(n, y, generator)
+        target = self.centers[labels.to(self.device)]
+
+        def energy(v: Tensor) -> Tensor:  # P_X_y: ½‖φ − μ_y‖², averaged over the official batch
+            return 0.5 * (self.features(v) - target).pow(2).sum(1) / OFFICIAL_BATCH
+
+        return sgld(energy, start.to(self.device), self.sample_config, generator)
+
+    def _chain_starts(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Official sample_p_0: class-y chains from buffer slots y·(N/C) + i, else random slots and their labels."""
+        if self.replay_buffer is None:
+            labels = y.cpu() if y is not None else torch.randint(0, self.num_classes, (n,), generator=generator)
+            return uniform_noise(n, self.input_shape, generator), labels
+        images, buffer_labels = self.replay_buffer
+        if y is None:
+            index = torch.randint(0, len(images), (n,), generator=generator)
+            return images[index].clone(), buffer_labels[index].clone()
+        per_class = len(images) // self.num_classes
+        index = y.cpu() * per_class + torch.randint(0, per_class, (n,), generator=generator)
+        return images[index].clone(), y.cpu()
+
+
+def build_gmmc(info: DatasetInfo) -> OfficialGMMC:
+    """The published configuration, WRN-28-10 with the Max-Mahalanobis centres (C = 10), random weights."""
+    require_dataset("GMMC", info, DATASETS)
+    return OfficialGMMC(info)
+
+
+def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = False) -> OfficialGMMC:
+    """GMMC's file as train_gmmc.py writes it; the WRN's size is read from its shapes."""
+    require_dataset("GMMC", info, DATASETS)
+    loaded = read_official_file(path, allow_unsafe_pickle, FORMAT)
+    state = official_state_dict(loaded, path, FORMAT)
+    if "f.layer1.0.conv1.weight" not in state:
+        with torch.device("meta"):
+            published = OfficialGMMC(info)
+        match_state_dict(published, state, str(path), FORMAT)
+    depth, widen_factor, linear_outputs = wrn_size(state)
+    if linear_outputs is not None:
+        raise CheckpointError(f"checkpoint {path} has f.linear.* (JEM's Wide ResNet); GMMC's has none. Is it a JEM "
+                              f"checkpoint? Load it with the model 'jem'.")
+    margin = loaded.get("margin")
+    if isinstance(margin, PickledLDALayer):
+        centers = margin.centers
+        require_classes(path, "margin.centers", int(centers.shape[0]), info)
+        classes, dim = (int(d) for d in centers.shape)
+        if classes > dim or not torch.allclose(centers.float(), mmc_centers(classes, dim), atol=1e-4):
+            logger.info("%s: the file's centres are not the Max-Mahalanobis centres with C = %g (trained with another "
+                        "--method or --mu_c); the file's centres are used", path, MU_C)
+    elif margin is None:
+        centers = mmc_centers(info.num_classes, 64 * widen_factor)
+        logger.warning("%s has no 'margin' (GMMC's pickled LDALayer); using the Max-Mahalanobis centres recomputed "
+                       "with C = %g, as train_gmmc.py initialises them", path, MU_C)
+    else:
+        raise CheckpointError(f"checkpoint {path}: 'margin' is a {type(margin).__name__}; expected {FORMAT}")
+    model = OfficialGMMC(info, depth, widen_factor, centers)
+    match_state_dict(model, state, str(path), FORMAT)
+    buffer = loaded.get("replay_buffer")
+    if (isinstance(buffer, (list, tuple)) and len(buffer) == 2 and all(isinstance(b, Tensor) for b in buffer)
+            and tuple(buffer[0].shape[1:]) == model.input_shape and buffer[1].shape == buffer[0].shape[:1]):
+        model.replay_buffer = ((buffer[0].float() * 0.5 + 0.5).clamp(0.0, 1.0), buffer[1].long())
+    return model

@@ -1,0 +1,121 @@
+"""The data sets of the papers' checkpoints: CIFAR-100's python pickles and ImageNet's validation folder."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robusteval import imagenet
+from robusteval.data import DatasetError, dataset_info, load_dataset
+
+
+def make_cifar100(directory: Path, n: int = 5) -> dict[str, dict]:
+    folder = directory / "cifar-100-python"
+    folder.mkdir(parents=True)
+    written = {}
+    for index, split in enumerate(("train", "test")):
+        rng = np.random.default_rng(index)
+        batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 b"fine_labels": [int(v) for v in rng.integers(0, 100, n)],
+                 b"coarse_labels": [int(v) for v in rng.integers(0, 20, n)]}
+        (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
+        written[split] = batch
+    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+def test_cifar100_reads_the_fine_labels_in_cifar_layout(tmp_path: Path) -> None:
+    written = make_cifar100(tmp_path)
+    for split in ("train", "test"):
+        data = load_dataset("cifar100", split, root=tmp_path)
+        raw = written[split]
+        assert data.x.shape == (5, 3, 32, 32) and data.num_classes == 100 and data.classes[7] == "fine7"
+        assert data.y.tolist() == raw[b"fine_labels"]
+        # Pixel (row 1, col 2) of the green plane sits at 1024 + 1·32 + 2 of the flat row.
+        assert float(data.x[3, 1, 1, 2]) == pytest.approx(raw[b"data"][3, 1024 + 34] / 255.0, abs=1e-7)
+    assert load_dataset("cifar100", root=tmp_path / "cifar-100-python", limit=2).x.shape[0] == 2
+    assert dataset_info("cifar100").input_shape == (3, 32, 32)
+
+
+def test_cifar100_missing_or_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no meta in"):
+        load_dataset("cifar100", root=tmp_path)
+    make_cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "test").write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8)}))
+    with pytest.raises(DatasetError, match=r"expected 'data' as a uint8 array of shape \(n, 3072\)"):
+        load_dataset("cifar100", root=tmp_path)
+
+
+WNIDS = ("n01440764", "n01443537", "n15075141")  # classes 0, 1 and 999 of ILSVRC-2012
+
+
+def make_imagenet(directory: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for wnid, sizes in zip(WNIDS, [((300, 400), (256, 256)), ((500, 333),), ((224, 640), (260, 300))]):
+        (directory / "val" / wnid).mkdir(parents=True)
+        for index, (height, width) in enumerate(sizes):
+            path = directory / "val" / wnid / f"ILSVRC2012_val_{index:08d}.png"
+            Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
+def reference_res256_crop224(path: Path) -> torch.Tensor:
+    """Shorter side to 256 (PIL bilinear), then the central 224×224, written out with PIL alone."""
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    if width <= height:
+        size = (256, int(256 * height / width))
+    else:
+        size = (int(256 * width / height), 256)
+    image = image.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - 224) / 2)), int(round((size[1] - 224) / 2))
+    array = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def test_imagenet_folder_is_read_in_the_documented_order_with_the_standard_labels(tmp_path: Path) -> None:
+    paths = make_imagenet(tmp_path)
+    data = load_dataset("imagenet", root=tmp_path)
+    assert data.x.shape == (5, 3, 224, 224) and data.num_classes == 1000
+    # Not all of RobustBench's 5,000 files are here: every image, sorted by (wnid, file name).
+    assert data.y.tolist() == [0, 0, 1, 999, 999]
+    for row, path in enumerate(sorted(paths, key=lambda p: (p.parent.name, p.name))):
+        torch.testing.assert_close(data.x[row], reference_res256_crop224(path), atol=1 / 255, rtol=0)
+    assert load_dataset("imagenet", root=tmp_path / "val").y.tolist() == data.y.tolist()
+
+
+def test_imagenet_uses_robustbenchs_list_order_when_all_its_files_exist(tmp_path: Path, monkeypatch) -> None:
+    paths = make_imagenet(tmp_path)
+    listed = tmp_path / "ids.txt"
+    order = [paths[3], paths[0], paths[2]]
+    listed.write_text("\n".join(f"{p.parent.name}/{p.name}" for p in order) + "\n")
+    real = imagenet.robustbench_helper_file
+    monkeypatch.setattr(imagenet, "robustbench_helper_file",
+                        lambda name: listed if name == "imagenet_test_image_ids.txt" else real(name))
+    decoded = []
+    original = imagenet.preprocess
+    monkeypatch.setattr(imagenet, "preprocess", lambda path: decoded.append(path) or original(path))
+    data = load_dataset("imagenet", root=tmp_path, limit=2)
+    assert data.y.tolist() == [999, 0]
+    assert decoded == order[:2], "only the first `limit` images are decoded"
+
+
+def test_imagenet_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no WordNet-id folders"):
+        load_dataset("imagenet", root=tmp_path)
+    make_imagenet(tmp_path)
+    (tmp_path / "val" / "n99999999").mkdir()
+    (tmp_path / "val" / "n99999999" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"folders \['n99999999'\] .* are not ILSVRC-2012 wnids"):
+        load_dataset("imagenet", root=tmp_path)
+    with pytest.raises(ValueError, match="only the validation images"):
+        load_dataset("imagenet", "train", root=tmp_path)
