@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from robusteval.checkpoints import CheckpointError
 from robusteval.data import DatasetInfo
+from dataclasses import replace
+
 from robusteval.model_zoo.official.guided_unet import (
     ConfigInferenceError,
     UNetConfig,
@@ -106,11 +108,49 @@ def ref_attention(sd: dict, p: str, x: torch.Tensor, heads: int) -> torch.Tensor
     return (flat + out).reshape(b, c, hh, ww)
 
 
-def ref_layer(sd: dict, p: str, h: torch.Tensor, emb: torch.Tensor, heads: int, resample: str | None) -> torch.Tensor:
+def ref_multihead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v per head of (b, n, heads·d) tensors, heads taking consecutive channel blocks."""
+    d = q.shape[-1] // heads
+    outs = []
+    for head in range(heads):
+        sl = slice(head * d, (head + 1) * d)
+        weights = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(d), dim=-1)
+        outs.append(weights @ v[..., sl])
+    return torch.cat(outs, dim=-1)
+
+
+def ref_transformer(sd: dict, p: str, x: torch.Tensor, context: torch.Tensor, heads: int) -> torch.Tensor:
+    """latent diffusion's SpatialTransformer: GroupNorm(eps 1e-6), proj_in, [self-attn, cross-attn, GEGLU] blocks, proj_out."""
+    b, c, hh, ww = x.shape
+    tokens = ref_conv(sd, p + ".proj_in", ref_group_norm(sd, p + ".norm", x, eps=1e-6)).flatten(2).transpose(1, 2)
+    depth = len({k.split(".")[len(p.split("."))+1] for k in sd if k.startswith(p + ".transformer_blocks.")})
+    for d in range(depth):
+        q = p + f".transformer_blocks.{d}"
+
+        def ln(name, z):
+            return F.layer_norm(z, z.shape[-1:], sd[f"{q}.{name}.weight"], sd[f"{q}.{name}.bias"], 1e-5)
+
+        def attend(name, z, ctx):
+            w = lambda n: sd[f"{q}.{name}.{n}.weight"]  # noqa: E731
+            out = ref_multihead(z @ w("to_q").T, ctx @ w("to_k").T, ctx @ w("to_v").T, heads)
+            return ref_linear(sd, f"{q}.{name}.to_out.0", out)
+
+        normed = ln("norm1", tokens)
+        tokens = attend("attn1", normed, normed) + tokens
+        tokens = attend("attn2", ln("norm2", tokens), context) + tokens
+        value, gate = ref_linear(sd, f"{q}.ff.net.0.proj", ln("norm3", tokens)).chunk(2, dim=-1)
+        tokens = ref_linear(sd, f"{q}.ff.net.2", value * F.gelu(gate)) + tokens
+    return x + ref_conv(sd, p + ".proj_out", tokens.transpose(1, 2).reshape(b, -1, hh, ww))
+
+
+def ref_layer(sd: dict, p: str, h: torch.Tensor, emb: torch.Tensor, heads: int, resample: str | None,
+              context: torch.Tensor | None = None) -> torch.Tensor:
     if p + ".in_layers.0.weight" in sd:
         return ref_resblock(sd, p, h, emb, resample)
     if p + ".qkv.weight" in sd:
         return ref_attention(sd, p, h, heads)
+    if p + ".proj_in.weight" in sd:
+        return ref_transformer(sd, p, h, context, heads)
     if p + ".op.weight" in sd:
         return ref_conv(sd, p + ".op", h, stride=2)
     if p + ".conv.weight" in sd:
@@ -118,8 +158,9 @@ def ref_layer(sd: dict, p: str, h: torch.Tensor, emb: torch.Tensor, heads: int, 
     return ref_conv(sd, p, h)  # the first convolution
 
 
-def ref_unet(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, num_res_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε output, classifier logits) of a joint-diffusion UNet state dict with `num_res_blocks` per level."""
+def ref_unet(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, num_res_blocks: int,
+             context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output map, joint-diffusion classifier logits or None) of a UNet state dict with `num_res_blocks` per level."""
     mc = sd["time_embed.0.weight"].shape[1]
     emb = ref_linear(sd, "time_embed.2", F.silu(ref_linear(sd, "time_embed.0", ref_timestep_embedding(t, mc))))
     per_level = num_res_blocks + 1
@@ -127,7 +168,7 @@ def ref_unet(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, num_res_blo
     def block(prefix: str, h: torch.Tensor, resample_last: str | None = None) -> torch.Tensor:
         layers = sorted({int(k[len(prefix) + 1 :].split(".")[0]) for k in sd if k.startswith(prefix + ".")})
         for i in layers:
-            h = ref_layer(sd, f"{prefix}.{i}", h, emb, heads, resample_last if i == layers[-1] else None)
+            h = ref_layer(sd, f"{prefix}.{i}", h, emb, heads, resample_last if i == layers[-1] else None, context)
         return h
 
     n_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
@@ -145,8 +186,10 @@ def ref_unet(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, num_res_blo
     def bn(p: str, z: torch.Tensor) -> torch.Tensor:
         return (z - sd[p + ".running_mean"]) / torch.sqrt(sd[p + ".running_var"] + 1e-5) * sd[p + ".weight"] + sd[p + ".bias"]
 
-    z = F.leaky_relu(ref_linear(sd, "clasifier.fc_1", bn("clasifier.bn_1", features)), 0.01)
-    logits = ref_linear(sd, "clasifier.fc_2", bn("clasifier.bn_2", z))
+    logits = None
+    if "clasifier.fc_1.weight" in sd:
+        z = F.leaky_relu(ref_linear(sd, "clasifier.fc_1", bn("clasifier.bn_1", features)), 0.01)
+        logits = ref_linear(sd, "clasifier.fc_2", bn("clasifier.bn_2", z))
     for j in range(n_blocks):
         up = j % per_level == num_res_blocks and j // per_level < levels - 1
         h = block(f"output_blocks.{j}", torch.cat([h, skips.pop()], 1), "up" if up else None)
@@ -458,3 +501,270 @@ def _check_jdm_full_size_counts():
                                             channel_mult=(1, 2, 2), attention_ds=(1, 3)), 10)
     assert parameter_count(fashion) == official_unet_count(1, 64, 1, 3, (1, 2, 2), (1, 3), True) \
         + official_jdm_classifier_count(64 * 21, 10)
+
+
+# --- egc ------------------------------------------------------------------------------------------
+
+from robusteval.model_zoo.official.egc import build_egc  # noqa: E402
+from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config  # noqa: E402
+from robusteval.model_zoo.official.kl_autoencoder import (  # noqa: E402
+    AutoencoderConfig,
+    AutoencoderKL,
+    infer_autoencoder_config,
+)
+
+TINY_EGC = UNetConfig(in_channels=4, model_channels=32, out_channels=10, num_res_blocks=1, channel_mult=(1, 2),
+                      attention_ds=(1, 2), num_heads=2, num_head_channels=16, use_scale_shift_norm=False)
+TINY_EGC_OPTIONS = EGCOptions(num_classes=10, context_dim=16, transformer_depth=1, transformer_heads=2,
+                              transformer_head_channels=16, pool="sattn")
+TINY_VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), z_channels=4, embed_dim=4)
+IMAGES_16 = DatasetInfo("tiny-imagenet-like", 10, (3, 16, 16), tuple(str(i) for i in range(10)))
+
+
+def save_egc(tmp_path, config=TINY_EGC, options=TINY_EGC_OPTIONS, vae=TINY_VAE, seed=0, ldm_ckpt=False):
+    net = EBMUNetModel(config, options)
+    state = randomise(net, seed)
+    net_path = tmp_path / "ema_0.9999_010000.pt"
+    torch.save(state, net_path)
+    autoencoder = AutoencoderKL(vae)
+    vae_state = randomise(autoencoder, seed + 1)
+    vae_path = tmp_path / ("model.ckpt" if ldm_ckpt else "autoencoder_kl.pth")
+    if ldm_ckpt:  # latent diffusion's checkpoint: the weights under state_dict, beside the training loss's
+        torch.save({"state_dict": {**vae_state, "loss.logvar": torch.zeros(())}, "global_step": 1}, vae_path)
+    else:
+        torch.save(vae_state, vae_path)
+    return net_path, state, vae_path, vae_state
+
+
+def ref_encode_mean(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """latent diffusion's Encoder + quant_conv → the mean half of the moments."""
+
+    def resnet(p, h):
+        out = ref_conv(sd, p + ".conv1", F.silu(ref_group_norm(sd, p + ".norm1", h, eps=1e-6)))
+        out = ref_conv(sd, p + ".conv2", F.silu(ref_group_norm(sd, p + ".norm2", out, eps=1e-6)))
+        return (ref_conv(sd, p + ".nin_shortcut", h) if p + ".nin_shortcut.weight" in sd else h) + out
+
+    def attn(p, h):
+        b, c, hh, ww = h.shape
+        n = ref_group_norm(sd, p + ".norm", h, eps=1e-6)
+        q, k, v = (ref_conv(sd, f"{p}.{m}", n).flatten(2).transpose(1, 2) for m in "qkv")
+        out = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1) @ v
+        return h + ref_conv(sd, p + ".proj_out", out.transpose(1, 2).reshape(b, c, hh, ww))
+
+    h = ref_conv(sd, "encoder.conv_in", x)
+    levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
+    for i in range(levels):
+        blocks = len({k.split(".")[4] for k in sd if k.startswith(f"encoder.down.{i}.block.")})
+        for j in range(blocks):
+            h = resnet(f"encoder.down.{i}.block.{j}", h)
+            if f"encoder.down.{i}.attn.{j}.q.weight" in sd:
+                h = attn(f"encoder.down.{i}.attn.{j}", h)
+        if f"encoder.down.{i}.downsample.conv.weight" in sd:
+            h = F.conv2d(F.pad(h, (0, 1, 0, 1)), sd[f"encoder.down.{i}.downsample.conv.weight"],
+                         sd[f"encoder.down.{i}.downsample.conv.bias"], stride=2)
+    h = resnet("encoder.mid.block_2", attn("encoder.mid.attn_1", resnet("encoder.mid.block_1", h)))
+    h = ref_conv(sd, "encoder.conv_out", F.silu(ref_group_norm(sd, "encoder.norm_out", h, eps=1e-6)))
+    moments = ref_conv(sd, "quant_conv", h)
+    return moments[:, : moments.shape[1] // 2]
+
+
+def ref_sattn_pool(out_map: torch.Tensor) -> torch.Tensor:
+    """The mean token attends over [mean token, every position] with q = k = v, one head of all C channels."""
+    tokens = out_map.flatten(2)
+    tokens = torch.cat([tokens.mean(-1, keepdim=True), tokens], dim=-1)  # (b, C, 1 + hw)
+    weights = torch.softmax((tokens[:, :, :1] * tokens).sum(1) / math.sqrt(tokens.shape[1]), dim=-1)  # (b, 1 + hw)
+    return (tokens * weights[:, None, :]).sum(-1)
+
+
+def test_egc_checkpoints_have_the_official_key_names(tmp_path):
+    _, state, _, vae_state = save_egc(tmp_path)
+    for key in ("label_emb.weight", "input_blocks.0.0.weight", "input_blocks.1.0.in_layers.2.weight",
+                "input_blocks.1.1.proj_in.weight", "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+                "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight", "input_blocks.1.1.transformer_blocks.0.norm3.bias",
+                "input_blocks.2.0.op.weight", "middle_block.1.proj_out.weight", "output_blocks.1.2.conv.weight", "out.2.weight"):
+        assert key in state, key
+    assert "input_blocks.1.1.transformer_blocks.0.attn1.to_q.bias" not in state
+    assert state["label_emb.weight"].shape == (11, 16)  # num_classes + 1: the null label
+    for key in ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "encoder.down.0.downsample.conv.weight",
+                "encoder.down.1.block.0.nin_shortcut.weight", "encoder.down.1.attn.0.q.weight", "encoder.mid.attn_1.proj_out.weight",
+                "encoder.norm_out.weight", "quant_conv.weight", "post_quant_conv.weight", "decoder.up.1.upsample.conv.weight",
+                "decoder.up.0.block.1.conv2.weight", "decoder.mid.block_1.norm1.weight", "decoder.conv_out.weight"):
+        assert key in vae_state, key
+
+
+def test_egc_config_inference_recovers_the_small_variants():
+    for config, options in ((TINY_EGC, TINY_EGC_OPTIONS),
+                            (replace(TINY_EGC, channel_mult=(1,), attention_ds=(1,), num_res_blocks=2, use_scale_shift_norm=True,
+                                     num_heads=4, num_head_channels=8),
+                             replace(TINY_EGC_OPTIONS, transformer_heads=4, transformer_head_channels=8, transformer_depth=2,
+                                     pool="attn"))):
+        state = EBMUNetModel(config, options).state_dict()
+        flags = {"num_heads": options.transformer_heads}
+        assert infer_egc_config(state, flags) == (config, options)
+    for vae in (TINY_VAE, AutoencoderConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_levels=(), z_channels=3, embed_dim=3)):
+        assert infer_autoencoder_config(AutoencoderKL(vae).state_dict()) == vae
+
+
+def test_egc_inference_fails_clearly_on_other_files(tmp_path):
+    jdm_state = JointDiffusionUNet(ONE_LEVEL, 10).state_dict()
+    with pytest.raises(ConfigInferenceError, match="not an EGC"):
+        infer_egc_config(jdm_state)
+    with pytest.raises(ConfigInferenceError, match="latent-diffusion layout"):
+        infer_autoencoder_config({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)})
+    with pytest.raises(ConfigInferenceError, match="num_heads"):
+        infer_egc_config(EBMUNetModel(TINY_EGC, TINY_EGC_OPTIONS).state_dict(), {"num_heads": 3})
+
+
+def test_egc_logits_and_energy_equal_the_reference_forward(tmp_path):
+    net_path, state, vae_path, vae_state = save_egc(tmp_path)
+    model = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2})
+    assert not model.training and model.capabilities == {"logits", "energy", "sample"}
+    x = images(2, size=16)
+    z = 0.18215 * ref_encode_mean(vae_state, 2 * x - 1)
+    null = state["label_emb.weight"][10].expand(2, 1, -1)
+    out_map, _ = ref_unet(state, z, torch.zeros(2), heads=2, num_res_blocks=1, context=null)
+    assert out_map.shape == (2, 10, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x), ref_sattn_pool(out_map), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.energy(x), -out_map.logsumexp(1).sum((1, 2)), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="sigma = 0"):
+        model.energy(x, 0.1)
+    with pytest.raises(Exception, match="denoise"):
+        model.denoise(x, 0.1)
+
+
+def test_egc_eps_is_the_gradient_of_the_energy_and_conditions_on_the_label(tmp_path):
+    net_path, state, vae_path, _ = save_egc(tmp_path, seed=2)
+    model = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2})
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([10.0, 500.0]), torch.tensor([3, 7])
+    eps = model.eps(z, t, y)
+    # Finite differences of the reference energy with the label's embedding as context.
+    context = state["label_emb.weight"][y][:, None, :]
+
+    def energy(zz):
+        out_map, _ = ref_unet(state, zz, t, heads=2, num_res_blocks=1, context=context)
+        return -out_map.logsumexp(1).sum((1, 2))
+
+    direction = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    h = 1e-3
+    with torch.no_grad():
+        numeric = (energy(z + h * direction) - energy(z - h * direction)) / (2 * h)
+    torch.testing.assert_close((eps * direction).sum((1, 2, 3)), numeric, atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(model.eps(z, t, None), eps)  # the null label is another condition
+    abar = model.schedule.alphas_cumprod[[10, 500]].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(model.score(z, t, y), -eps / (1 - abar).sqrt(), atol=1e-5, rtol=1e-5)
+
+
+def test_egc_loads_latent_diffusion_autoencoder_checkpoints_and_samples(tmp_path):
+    net_path, _, vae_path, vae_state = save_egc(tmp_path, ldm_ckpt=True)
+    model = build_egc(IMAGES_16, net_path, vae_path,
+                      model_config={"num_heads": 2, "timestep_respacing": "ddim4", "lr": 1e-4, "use_ddim": True})
+    assert model.sample_steps == 4 and model.ddim
+    torch.testing.assert_close(model.autoencoder.quant_conv.weight, vae_state["quant_conv.weight"])
+    samples = model.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 3, 16, 16) and float(samples.min()) >= 0 and float(samples.max()) <= 1
+    again = model.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples, again)  # DDIM is deterministic given the starting noise
+    unguided = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2, "sample_steps": 4, "classifier_scale": 0})
+    assert not torch.allclose(unguided.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0)), samples)
+
+
+def test_egc_refuses_mismatched_files_and_data(tmp_path):
+    net_path, _, vae_path, _ = save_egc(tmp_path)
+    with pytest.raises(CheckpointError, match="sides divisible by 4"):
+        build_egc(DatasetInfo("odd", 10, (3, 18, 18), tuple("0123456789")), net_path, vae_path, model_config={"num_heads": 2})
+    with pytest.raises(CheckpointError, match="classes"):
+        build_egc(DatasetInfo("c100", 100, (3, 16, 16), tuple(map(str, range(100)))), net_path, vae_path, model_config={"num_heads": 2})
+    other_vae = tmp_path / "vae3.pth"
+    torch.save(AutoencoderKL(replace(TINY_VAE, z_channels=3, embed_dim=3)).state_dict(), other_vae)
+    with pytest.raises(CheckpointError, match="3-channel latents"):
+        build_egc(IMAGES_16, net_path, other_vae, model_config={"num_heads": 2})
+    with pytest.raises(ValueError, match="unknown flags"):
+        build_egc(IMAGES_16, net_path, vae_path, model_config={"num_hedas": 2})
+
+
+# --- full-size EGC, counted from the official definitions ----------------------------------------
+
+def official_transformer_count(channels: int, inner: int, context: int, depth: int) -> int:
+    attn1 = 3 * inner * inner + inner * inner + inner
+    attn2 = inner * inner + 2 * context * inner + inner * inner + inner
+    ff = inner * 8 * inner + 8 * inner + 4 * inner * inner + inner
+    return 2 * channels + channels * inner + inner + depth * (attn1 + attn2 + ff + 6 * inner) + inner * channels + channels
+
+
+def official_ebm_unet_count(in_ch, mc, out_ch, nrb, mult, attn_ds, inner, context, depth, classes) -> int:
+    emb = 4 * mc
+
+    def res(ci, co):  # additive time conditioning (use_scale_shift_norm False)
+        return 2 * ci + 9 * ci * co + co + emb * co + co + 2 * co + 9 * co * co + co + (0 if ci == co else ci * co + co)
+
+    def attn(c):
+        return official_transformer_count(c, inner, context, depth)
+
+    total = mc * emb + emb + emb * emb + emb + 9 * in_ch * mc + mc
+    ch, chans, ds = mc, [mc], 1
+    for level, m in enumerate(mult):
+        for _ in range(nrb):
+            total += res(ch, m * mc) + (attn(m * mc) if ds in attn_ds else 0)
+            ch = m * mc
+            chans.append(ch)
+        if level != len(mult) - 1:
+            total += 9 * ch * ch + ch
+            chans.append(ch)
+            ds *= 2
+    total += 2 * res(ch, ch) + attn(ch)
+    for level, m in list(enumerate(mult))[::-1]:
+        for i in range(nrb + 1):
+            total += res(ch + chans.pop(), m * mc)
+            ch = m * mc
+            total += attn(ch) if ds in attn_ds else 0
+            if level and i == nrb:
+                total += 9 * ch * ch + ch
+                ds //= 2
+    return total + 2 * ch + 9 * mc * out_ch + out_ch + (classes + 1) * context
+
+
+def official_kl_autoencoder_count(ch, ch_mult, nrb, z, embed) -> int:
+    def res(ci, co):
+        return 2 * ci + 9 * ci * co + co + 2 * co + 9 * co * co + co + (0 if ci == co else ci * co + co)
+
+    def attn(c):
+        return 2 * c + 4 * (c * c + c)
+
+    def conv3(ci, co):
+        return 9 * ci * co + co
+
+    enc = conv3(3, ch)
+    block_in = ch
+    for i, m in enumerate(ch_mult):
+        for _ in range(nrb):
+            enc += res(block_in, ch * m)
+            block_in = ch * m
+        if i != len(ch_mult) - 1:
+            enc += conv3(block_in, block_in)
+    enc += 2 * res(block_in, block_in) + attn(block_in) + 2 * block_in + conv3(block_in, 2 * z)
+    dec = conv3(z, block_in) + 2 * res(block_in, block_in) + attn(block_in)
+    for i in reversed(range(len(ch_mult))):
+        for _ in range(nrb + 1):
+            dec += res(block_in, ch * ch_mult[i])
+            block_in = ch * ch_mult[i]
+        if i != 0:
+            dec += conv3(block_in, block_in)
+    dec += 2 * block_in + conv3(block_in, 3)
+    return enc + dec + (2 * z * 2 * embed + 2 * embed) + (embed * z + z)
+
+
+def test_egc_full_size_parameter_counts_match_the_official_definitions():
+    # run_imagenet_egc_*.sh: --num_channels 384 --num_res_blocks 2 --channel_mult 1,2,4 --attention_resolutions 32,16,8
+    # (image_size 32 → ds 1, 2, 4) --num_head_channels 64 (num_heads 4 by default) --in_channels 4 --context_dim 512
+    # --transformer_depth 1 --use_scale_shift_norm False; out_channels = num_classes = 1000.
+    config = UNetConfig(in_channels=4, model_channels=384, out_channels=1000, num_res_blocks=2, channel_mult=(1, 2, 4),
+                        attention_ds=(1, 2, 4), num_heads=4, num_head_channels=64, use_scale_shift_norm=False)
+    with torch.device("meta"):
+        net = EBMUNetModel(config, EGCOptions())
+        vae = AutoencoderKL(AutoencoderConfig())
+    assert parameter_count(net) == official_ebm_unet_count(4, 384, 1000, 2, (1, 2, 4), (1, 2, 4), 256, 512, 1, 1000)
+    # The KL-f8 autoencoder (ddconfig_f8 of EGC's extract_feat.py = latent diffusion's kl-f8; Stable Diffusion's VAE).
+    assert parameter_count(vae) == official_kl_autoencoder_count(128, (1, 2, 4, 4), 2, 4, 4) == 83_653_863
