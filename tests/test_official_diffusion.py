@@ -26,7 +26,7 @@ from robusteval.model_zoo.official.guided_unet import (
     infer_unet_layout,
     parameter_count,
 )
-from robusteval.model_zoo.official.jdm import JointDiffusionUNet, build_jdm
+from robusteval.model_zoo.official.jdm import JointDiffusionUNet, build_jdm, load_jdm
 from robusteval.model_zoo.official.schedule import DiscreteSchedule, jdm_linear_betas, space_timesteps
 
 CIFAR_LIKE = DatasetInfo("cifar10", 10, (3, 32, 32), tuple(str(i) for i in range(10)))
@@ -254,7 +254,7 @@ def test_jdm_config_inference_recovers_each_small_variant(variant):
 
 def test_jdm_logits_and_eps_equal_the_reference_forward(tmp_path):
     path, state = save_jdm(tmp_path, ONE_LEVEL)
-    model = build_jdm(SMALL, path)
+    model = load_jdm(SMALL, path)
     assert not model.training
     x = images(size=16)
     _, ref_logits = ref_unet(state, (x - 0.5) / 0.5, torch.zeros(3), heads=4, num_res_blocks=1)
@@ -272,7 +272,7 @@ def test_jdm_logits_and_eps_equal_the_reference_forward(tmp_path):
 def test_jdm_variants_load_and_match_the_reference(tmp_path, variant):
     config = JDM_VARIANTS[variant]
     path, state = save_jdm(tmp_path, config, seed=3)
-    model = build_jdm(CIFAR_LIKE, path)
+    model = load_jdm(CIFAR_LIKE, path)
     x = images(2)
     ref_out, ref_logits = ref_unet(state, (x - 0.5) / 0.5, torch.zeros(2), heads=4, num_res_blocks=config.num_res_blocks)
     with torch.no_grad():
@@ -286,11 +286,11 @@ def test_jdm_heads_come_from_the_model_config_when_shapes_cannot_tell(tmp_path):
     x = images(2)
     _, ref_logits = ref_unet(state, (x - 0.5) / 0.5, torch.zeros(2), heads=2, num_res_blocks=1)
     with torch.no_grad():
-        default_heads = build_jdm(CIFAR_LIKE, path).logits(x)  # 4 heads, the official command's
+        default_heads = load_jdm(CIFAR_LIKE, path).logits(x)  # 4 heads, the official command's
         assert (default_heads - ref_logits).abs().max() > 1e-4
         flags = tmp_path / "flags.json"
         flags.write_text(json.dumps({"num_heads": 2, "lr": 1e-4, "dataset": "CIFAR10"}))
-        torch.testing.assert_close(build_jdm(CIFAR_LIKE, path, model_config=flags).logits(x), ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_jdm(CIFAR_LIKE, path, model_config=flags).logits(x), ref_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_jdm_config_inference_fails_clearly_and_the_model_config_rescues(tmp_path):
@@ -304,28 +304,28 @@ def test_jdm_config_inference_fails_clearly_and_the_model_config_rescues(tmp_pat
     path = tmp_path / "broken.pt"
     torch.save(broken, path)
     with pytest.raises(ConfigInferenceError, match="--model-config"):
-        build_jdm(CIFAR_LIKE, path)
+        load_jdm(CIFAR_LIKE, path)
     # The explicit configuration builds the network; the file still does not fit, and the error names keys.
     flags = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": ""}
     with pytest.raises(CheckpointError, match="output_blocks"):
-        build_jdm(CIFAR_LIKE, path, model_config=flags)
+        load_jdm(CIFAR_LIKE, path, model_config=flags)
     # The same flags load the intact file.
     good = tmp_path / "good.pt"
     torch.save(state, good)
-    assert build_jdm(CIFAR_LIKE, good, model_config=flags).net.config.channel_mult == (1, 2)
+    assert load_jdm(CIFAR_LIKE, good, model_config=flags).net.config.channel_mult == (1, 2)
 
 
 def test_jdm_bad_inputs_are_refused_clearly(tmp_path):
     path, state = save_jdm(tmp_path, ONE_LEVEL)
     gray = DatasetInfo("mnist", 10, (1, 28, 28), tuple(str(i) for i in range(10)))
     with pytest.raises(CheckpointError, match="3-channel"):
-        build_jdm(gray, path)
+        load_jdm(gray, path)
     headless = tmp_path / "headless.pt"
     torch.save({k: v for k, v in state.items() if not k.startswith("clasifier.")}, headless)
     with pytest.raises(CheckpointError, match="clasifier"):
-        build_jdm(CIFAR_LIKE, headless)
+        load_jdm(CIFAR_LIKE, headless)
     with pytest.raises(ValueError, match="unknown flags"):
-        build_jdm(CIFAR_LIKE, path, model_config={"num_chanels": 32})
+        load_jdm(CIFAR_LIKE, path, model_config={"num_chanels": 32})
 
 
 def test_jdm_schedule_is_the_official_linear_one():
@@ -353,7 +353,7 @@ def test_matched_timestep_inverts_the_noise_level():
 
 def test_jdm_denoise_is_tweedie_from_eps_at_the_matched_timestep(tmp_path):
     path, state = save_jdm(tmp_path, ONE_LEVEL)
-    model = build_jdm(SMALL, path)
+    model = load_jdm(SMALL, path)
     abar = model.schedule.alphas_cumprod
     x0 = images(2, size=16)
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
@@ -395,7 +395,7 @@ def test_reverse_process_recovers_a_known_point():
 
 def test_jdm_sample_and_counterfactual_run(tmp_path):
     path, _ = save_jdm(tmp_path, ONE_LEVEL)
-    model = build_jdm(SMALL, path)
+    model = load_jdm(SMALL, path)
     model.sample_steps = 3
     samples = model.sample(2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, 16, 16) and float(samples.min()) >= 0 and float(samples.max()) <= 1
@@ -413,7 +413,7 @@ def test_jdm_sample_and_counterfactual_run(tmp_path):
 
 def test_jdm_feature_shift_moves_towards_the_target(tmp_path):
     path, _ = save_jdm(tmp_path, ONE_LEVEL)
-    model = build_jdm(SMALL, path)
+    model = load_jdm(SMALL, path)
     net = model.net
     x_t, t, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.full((4,), 40.0), torch.tensor([0, 1, 2, 3])
     emb = net.embed_time(t)
@@ -491,6 +491,8 @@ def test_jdm_full_size_parameter_counts_match_the_official_definition():
 def _check_jdm_full_size_counts():
     # The CIFAR-10 command: --num_channels 128 --num_res_blocks 3, attention at 16, 8; image size 32.
     cifar = JointDiffusionUNet(UNetConfig(model_channels=128, num_res_blocks=3, channel_mult=(1, 2, 2, 2), attention_ds=(2, 4)), 10)
+    published = build_jdm(CIFAR_LIKE)  # what create_model builds without a file
+    assert published.net.config == cifar.config and published.schedule.num_timesteps == 1000
     expected = official_unet_count(3, 128, 3, 3, (1, 2, 2, 2), (2, 4), True) + official_jdm_classifier_count(128 * 29, 10)
     assert parameter_count(cifar) == expected == 59_465_871
     cifar100 = JointDiffusionUNet(UNetConfig(model_channels=128, num_res_blocks=3, channel_mult=(1, 2, 2, 2), attention_ds=(2, 4)), 100)
@@ -505,7 +507,7 @@ def _check_jdm_full_size_counts():
 
 # --- egc ------------------------------------------------------------------------------------------
 
-from robusteval.model_zoo.official.egc import build_egc  # noqa: E402
+from robusteval.model_zoo.official.egc import build_egc, load_egc  # noqa: E402
 from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config  # noqa: E402
 from robusteval.model_zoo.official.kl_autoencoder import (  # noqa: E402
     AutoencoderConfig,
@@ -618,7 +620,7 @@ def test_egc_inference_fails_clearly_on_other_files(tmp_path):
 
 def test_egc_logits_and_energy_equal_the_reference_forward(tmp_path):
     net_path, state, vae_path, vae_state = save_egc(tmp_path)
-    model = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
     assert not model.training and model.capabilities == {"logits", "energy", "sample"}
     x = images(2, size=16)
     z = 0.18215 * ref_encode_mean(vae_state, 2 * x - 1)
@@ -636,7 +638,7 @@ def test_egc_logits_and_energy_equal_the_reference_forward(tmp_path):
 
 def test_egc_eps_is_the_gradient_of_the_energy_and_conditions_on_the_label(tmp_path):
     net_path, state, vae_path, _ = save_egc(tmp_path, seed=2)
-    model = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([10.0, 500.0]), torch.tensor([3, 7])
     eps = model.eps(z, t, y)
@@ -659,7 +661,7 @@ def test_egc_eps_is_the_gradient_of_the_energy_and_conditions_on_the_label(tmp_p
 
 def test_egc_loads_latent_diffusion_autoencoder_checkpoints_and_samples(tmp_path):
     net_path, _, vae_path, vae_state = save_egc(tmp_path, ldm_ckpt=True)
-    model = build_egc(IMAGES_16, net_path, vae_path,
+    model = load_egc(IMAGES_16, net_path, vae=vae_path,
                       model_config={"num_heads": 2, "timestep_respacing": "ddim4", "lr": 1e-4, "use_ddim": True})
     assert model.sample_steps == 4 and model.ddim
     torch.testing.assert_close(model.autoencoder.quant_conv.weight, vae_state["quant_conv.weight"])
@@ -667,22 +669,24 @@ def test_egc_loads_latent_diffusion_autoencoder_checkpoints_and_samples(tmp_path
     assert samples.shape == (2, 3, 16, 16) and float(samples.min()) >= 0 and float(samples.max()) <= 1
     again = model.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(samples, again)  # DDIM is deterministic given the starting noise
-    unguided = build_egc(IMAGES_16, net_path, vae_path, model_config={"num_heads": 2, "sample_steps": 4, "classifier_scale": 0})
+    unguided = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2, "sample_steps": 4, "classifier_scale": 0})
     assert not torch.allclose(unguided.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0)), samples)
 
 
 def test_egc_refuses_mismatched_files_and_data(tmp_path):
     net_path, _, vae_path, _ = save_egc(tmp_path)
     with pytest.raises(CheckpointError, match="sides divisible by 4"):
-        build_egc(DatasetInfo("odd", 10, (3, 18, 18), tuple("0123456789")), net_path, vae_path, model_config={"num_heads": 2})
+        load_egc(DatasetInfo("odd", 10, (3, 18, 18), tuple("0123456789")), net_path, vae=vae_path, model_config={"num_heads": 2})
     with pytest.raises(CheckpointError, match="classes"):
-        build_egc(DatasetInfo("c100", 100, (3, 16, 16), tuple(map(str, range(100)))), net_path, vae_path, model_config={"num_heads": 2})
+        load_egc(DatasetInfo("c100", 100, (3, 16, 16), tuple(map(str, range(100)))), net_path, vae=vae_path, model_config={"num_heads": 2})
     other_vae = tmp_path / "vae3.pth"
     torch.save(AutoencoderKL(replace(TINY_VAE, z_channels=3, embed_dim=3)).state_dict(), other_vae)
     with pytest.raises(CheckpointError, match="3-channel latents"):
-        build_egc(IMAGES_16, net_path, other_vae, model_config={"num_heads": 2})
+        load_egc(IMAGES_16, net_path, vae=other_vae, model_config={"num_heads": 2})
     with pytest.raises(ValueError, match="unknown flags"):
-        build_egc(IMAGES_16, net_path, vae_path, model_config={"num_hedas": 2})
+        load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_hedas": 2})
+    with pytest.raises(CheckpointError, match="--vae"):
+        load_egc(IMAGES_16, net_path)
 
 
 # --- full-size EGC, counted from the official definitions ----------------------------------------
@@ -765,6 +769,9 @@ def test_egc_full_size_parameter_counts_match_the_official_definitions():
     with torch.device("meta"):
         net = EBMUNetModel(config, EGCOptions())
         vae = AutoencoderKL(AutoencoderConfig())
+        published = build_egc(DatasetInfo("imagenet", 1000, (3, 256, 256), tuple(map(str, range(1000)))))
+    assert parameter_count(published) == parameter_count(net) + parameter_count(vae)
+    assert published.latent_shape == (4, 32, 32)
     assert parameter_count(net) == official_ebm_unet_count(4, 384, 1000, 2, (1, 2, 4), (1, 2, 4), 256, 512, 1, 1000)
     # The KL-f8 autoencoder (ddconfig_f8 of EGC's extract_feat.py = latent diffusion's kl-f8; Stable Diffusion's VAE).
     assert parameter_count(vae) == official_kl_autoencoder_count(128, (1, 2, 4, 4), 2, 4, 4) == 83_653_863

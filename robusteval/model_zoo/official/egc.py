@@ -26,7 +26,6 @@ model):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,14 @@ from torch import Tensor
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo
 from robusteval.interface import JointModel
-from robusteval.model_zoo.official.egc_unet import EBMUNetModel, infer_egc_config
-from robusteval.model_zoo.official.guided_unet import read_model_config
-from robusteval.model_zoo.official.kl_autoencoder import AutoencoderKL, autoencoder_state, infer_autoencoder_config
+from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config
+from robusteval.model_zoo.official.guided_unet import UNetConfig, read_model_config
+from robusteval.model_zoo.official.kl_autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    autoencoder_state,
+    infer_autoencoder_config,
+)
 from robusteval.model_zoo.official.schedule import DiscreteSchedule, linear_betas, space_timesteps
 
 # The official commands (run_imagenet_egc_*.sh): linear β 0.00085 … 0.012 over 1,000 steps;
@@ -164,12 +168,12 @@ class OfficialEGC(JointModel):
             return self.decode(z0)
 
 
-def build_egc(
+def load_egc(
     info: DatasetInfo,
     checkpoint: str | Path,
-    vae: str | Path,
-    model_config: str | Path | Mapping[str, Any] | None = None,
     allow_unsafe_pickle: bool = False,
+    vae: str | Path | None = None,
+    model_config: str | Path | Mapping[str, Any] | None = None,
 ) -> OfficialEGC:
     """The official EGC model for data set `info` from its network file and its autoencoder file (`vae`).
 
@@ -178,6 +182,11 @@ def build_egc(
     and num_head_channels of the transformers, pool, linear_start/linear_end,
     diffusion_steps, scale_factor, sample_steps, classifier_scale.
     """
+    if vae is None:
+        raise CheckpointError(
+            "egc needs its autoencoder's file too: pass vae=<file> (CLI: --vae FILE), e.g. EGC's autoencoder_kl.pth "
+            "or latent diffusion's KL-f8 model.ckpt"
+        )
     options = read_model_config(model_config) if isinstance(model_config, (str, Path)) else dict(model_config or {})
     sampler_options(options, 1000)  # reject unknown flags before reading any file
     if options.get("noise_schedule", "linear") != "linear":
@@ -218,3 +227,49 @@ def build_egc(
         classifier_scale=float(options.get("classifier_scale", OFFICIAL["classifier_scale"])),
         ddim=ddim,
     ).eval()
+
+
+def build_egc(info: DatasetInfo) -> OfficialEGC:
+    """The released ImageNet configuration (EBMUNet 384 channels over KL-f8) for `info`, random weights.
+
+    543 M + 84 M parameters: about 2.5 GB of memory in float32.
+    """
+    config = UNetConfig(in_channels=4, model_channels=384, out_channels=info.num_classes, num_res_blocks=2,
+                        channel_mult=(1, 2, 4), attention_ds=(1, 2, 4), num_heads=4, num_head_channels=64,
+                        use_scale_shift_norm=False)
+    net = EBMUNetModel(config, EGCOptions(num_classes=info.num_classes))
+    schedule = DiscreteSchedule(linear_betas(1000, OFFICIAL["linear_start"], OFFICIAL["linear_end"]))
+    return OfficialEGC(net, AutoencoderKL(AutoencoderConfig()), info, schedule).eval()
+
+
+# --- what the model card says about this row ---------------------------------------------------------
+DATASETS = ("imagenet",)
+REPOSITORY = "https://github.com/GuoQiushan/EGC"
+ARCHITECTURE = (
+    "EBMUNetModel: guided-diffusion UNet on 4×32×32 latents with latent diffusion's spatial transformers "
+    "(cross-attention on label_emb, whose last row is the null label), one output channel per class, "
+    "parameter-free attention pooling (sattn); over latent diffusion's KL-f8 autoencoder. Sizes read from the files."
+)
+FORMAT = (
+    "the EBMUNet's plain state dict (model*.pt, ema_*.pt, the released 256x256_EGC.pt: label_emb.weight, "
+    "input_blocks.*, middle_block.*, output_blocks.*, out.*) and, with --vae, the autoencoder's (EGC's "
+    "autoencoder_kl.pth, or latent diffusion's KL-f8 model.ckpt under state_dict: encoder.*, decoder.*, "
+    "quant_conv.*, post_quant_conv.*; loss.* ignored)"
+)
+PREPROCESSING = "2x - 1, the autoencoder's mean latent × 0.18215, inside the model"
+UNSETTLED = (
+    "The official evaluation resizes to 256 and centre-crops 256×256 (extract_feat.py); robusteval's imagenet data "
+    "set is RobustBench's 224 crop, on which the latent is 28×28 instead of 32×32: accuracy there is not the "
+    "paper's protocol.",
+    "logits(x, σ): the official cls_mode (null label) at t = 0 on the mean latent (sample_z False); σ is not told.",
+    "energy(x) = −Σ_positions logsumexp_k f_k(z, 0, ∅), the network's own energy; ε̂ = ∇_z E, so E/√(1 − ᾱ_0) is "
+    "−log p(z) of the latent up to a constant (no encoder Jacobian: not a pixel density). Defined at σ = 0 only.",
+    "No denoise: the diffusion's noise lives in the latent; a pixel-space denoiser cannot be read off it.",
+    "sample(): the official sampler's settings (DDIM over 100 respaced steps, classifier scale 6 with the "
+    "network's own cls_mode at t, no clipping); without labels the null label and no guidance (the official "
+    "sampler is always class-conditional).",
+    "Transformer heads: shapes show only heads × head width (256); 4 × 64 as the official command unless "
+    "--model-config gives num_heads / num_head_channels. Pooling: sattn unless the file has fc.0.qkv_proj (attn).",
+    "The KL autoencoder is written in robusteval with latent diffusion's key names (diffusers' AutoencoderKL names "
+    "its modules differently).",
+)
