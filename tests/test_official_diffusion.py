@@ -775,3 +775,37 @@ def test_egc_full_size_parameter_counts_match_the_official_definitions():
     assert parameter_count(net) == official_ebm_unet_count(4, 384, 1000, 2, (1, 2, 4), (1, 2, 4), 256, 512, 1, 1000)
     # The KL-f8 autoencoder (ddconfig_f8 of EGC's extract_feat.py = latent diffusion's kl-f8; Stable Diffusion's VAE).
     assert parameter_count(vae) == official_kl_autoencoder_count(128, (1, 2, 4, 4), 2, 4, 4) == 83_653_863
+
+
+# --- the engines run on the loaded models ------------------------------------------------------------
+
+def test_jdm_attacks_through_its_denoiser_and_denoised_certification_finish(tmp_path):
+    from robusteval.attacks.engine import evaluate_attack
+    from robusteval.certify.engine import certify
+
+    path, _ = save_jdm(tmp_path, ONE_LEVEL)
+    model = load_jdm(SMALL, path)
+    x = images(4, size=16)
+    from robusteval.interface import trusted_inputs
+
+    with torch.no_grad(), trusted_inputs():  # as the pipeline: the denoised image may leave [0, 1]
+        y = model.logits(model.denoise(x, 0.25)).argmax(1)  # labels the deployed pipeline gets right
+    attacked = evaluate_attack(model, (x, y), attack="pgd", eps=[2 / 255], steps=2, defense="denoise:0.25",
+                               gradient="full", device="cpu", large_eps_check=False, masking_checks=False)
+    assert attacked.n == 4 and attacked.clean_accuracy == 1.0 and not model.training
+    assert 0.0 <= attacked.curve[0].robust_accuracy <= 1.0
+    result = certify(model, (x, y), sigma=0.25, n0=4, n=16, mode="denoised", batch_size=16, compile=False)
+    assert len(result.records) == 4
+
+
+def test_egc_logits_attack_finishes(tmp_path):
+    from robusteval.attacks.engine import evaluate_attack
+
+    net_path, _, vae_path, _ = save_egc(tmp_path)
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    x = images(2, size=16)
+    with torch.no_grad():
+        y = model.logits(x).argmax(1)
+    attacked = evaluate_attack(model, (x, y), attack="pgd", eps=[2 / 255], steps=2, device="cpu",
+                               large_eps_check=False, masking_checks=False)
+    assert attacked.n == 2 and attacked.clean_accuracy == 1.0

@@ -125,6 +125,10 @@ class DeployedPipeline(nn.Module):
         if decision_draws < 1:
             raise ValueError(f"decision_draws must be >= 1, got {decision_draws}")
         self.model = model
+        # Take the model's mode: a new nn.Module is in training mode, and torchattacks restores the mode it
+        # found on the module it attacks (`_recover_model_mode`), which would switch the model's BatchNorm
+        # and dropout to training for every later call.
+        self.train(model.training)
         self.defense = defense
         self.gradient = gradient
         self.decision_draws = decision_draws
@@ -203,6 +207,7 @@ class Expectation(nn.Module):
     def __init__(self, pipeline: DeployedPipeline, draws: int):
         super().__init__()
         self.pipeline = pipeline
+        self.train(pipeline.training)  # see DeployedPipeline: torchattacks restores the mode it finds
         self.draws = draws
 
     def forward(self, x: Tensor) -> Tensor:
