@@ -280,6 +280,33 @@ def test_jdm_variants_load_and_match_the_reference(tmp_path, variant):
         torch.testing.assert_close(model.eps((x - 0.5) / 0.5, torch.zeros(2)), ref_out[:, :3], atol=1e-5, rtol=1e-5)
 
 
+def test_jdm_fashion_mnist_layout_loads(tmp_path):
+    # The official FashionMNIST command: one channel, 28×28, channel_mult (1, 2, 2) → 28, 14, 7.
+    config = UNetConfig(in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
+                        attention_ds=(1,))
+    path, state = save_jdm(tmp_path, config, seed=7)
+    model = load_jdm(DatasetInfo("fashion-mnist", 10, (1, 28, 28), tuple(map(str, range(10)))), path)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    _, ref_logits = ref_unet(state, (x - 0.5) / 0.5, torch.zeros(2), heads=4, num_res_blocks=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x), ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_input_and_eval_is_deterministic(tmp_path):
+    path, _ = save_jdm(tmp_path, ONE_LEVEL)
+    jdm = load_jdm(SMALL, path)
+    net_path, _, vae_path, _ = save_egc(tmp_path)
+    egc = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    for model, fns in ((jdm, (lambda x: jdm.logits(x), lambda x: jdm.denoise(x, 0.25))),
+                       (egc, (lambda x: egc.logits(x), lambda x: egc.energy(x)))):
+        for fn in fns:
+            x = images(2, size=16).requires_grad_(True)
+            out = fn(x)
+            grad, = torch.autograd.grad(out.sum(), x)
+            assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+            torch.testing.assert_close(fn(x.detach()), out.detach())  # dropout and BatchNorm in eval mode
+
+
 def test_jdm_heads_come_from_the_model_config_when_shapes_cannot_tell(tmp_path):
     config = UNetConfig(model_channels=64, num_res_blocks=1, channel_mult=(1,), attention_ds=(1,), num_heads=2)
     path, state = save_jdm(tmp_path, config, seed=4)
