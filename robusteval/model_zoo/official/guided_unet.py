@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +214,6 @@ class UNetConfig:
     use_scale_shift_norm: bool = True
     resblock_updown: bool = False
     use_new_attention_order: bool = False
-    # Options of the derived architectures (None/0: absent).
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def channels(self, mult: float) -> int:
         return int(mult * self.model_channels)
@@ -300,10 +298,6 @@ def block_indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for key in state if (m := pattern.match(key))})
 
 
-def _layer_indices(state: Mapping[str, Tensor], block: str) -> list[int]:
-    return block_indices(state, block)
-
-
 def _is_resblock(state: Mapping[str, Tensor], layer: str) -> bool:
     return f"{layer}.in_layers.2.weight" in state
 
@@ -360,7 +354,7 @@ def infer_unet_layout(state: Mapping[str, Tensor], what: str) -> InferredLayout:
         )
 
     def up_layer(j: int) -> str | None:
-        layers = _layer_indices(state, f"output_blocks.{j}")
+        layers = block_indices(state, f"output_blocks.{j}")
         last = f"output_blocks.{j}.{layers[-1]}"
         if f"{last}.conv.weight" in state:
             return "conv"
@@ -471,9 +465,9 @@ def _ints(value: Any, flag: str) -> tuple[float, ...]:
         raise ValueError(f"--model-config: '{flag}' must be a list or a comma-separated string of numbers, got {value!r}") from error
 
 
-def apply_flags(config: UNetConfig, options: Mapping[str, Any], image_size: int, known: set[str]) -> UNetConfig:
-    """Override `config` with official flags; `known` lists the other flags the caller reads itself."""
-    unknown = set(options) - set(UNET_FLAGS) - {"channel_mult", "attention_resolutions", "learn_sigma", "image_size"} - known
+def apply_flags(config: UNetConfig, options: Mapping[str, Any], image_size: int) -> UNetConfig:
+    """Override `config` with the official flags that set the UNet (attention given as resolutions)."""
+    unknown = set(options) - set(UNET_FLAGS) - {"channel_mult", "attention_resolutions", "learn_sigma", "image_size"}
     if unknown:
         raise ValueError(f"--model-config: unknown flags {sorted(unknown)}")
     updates: dict[str, Any] = {UNET_FLAGS[k]: v for k, v in options.items() if k in UNET_FLAGS}

@@ -141,7 +141,7 @@ def config_for(
         layout = infer_unet_layout(state, "joint-diffusion UNet")
         if layout.attention not in (None, "attention"):
             raise ConfigInferenceError("the checkpoint has spatial transformers, not attention blocks: is it an EGC model?")
-        config = apply_flags(replace(layout.config, num_heads=OFFICIAL_CIFAR10["num_heads"]), structural, size, set())
+        config = apply_flags(replace(layout.config, num_heads=OFFICIAL_CIFAR10["num_heads"]), structural, size)
     except ConfigInferenceError:
         if not options:
             raise
@@ -150,7 +150,7 @@ def config_for(
             channel_mult=DEFAULT_CHANNEL_MULT.get(size, (1, 2, 2, 2)),
         )
         defaults = {k: v for k, v in OFFICIAL_CIFAR10.items() if k not in DIFFUSION_FLAGS}
-        config = apply_flags(base, {**defaults, **structural}, size, set())
+        config = apply_flags(base, {**defaults, **structural}, size)
     diffusion = {k: options.get(k, OFFICIAL_CIFAR10[k]) for k in ("diffusion_steps", "noise_schedule")}
     return config, diffusion
 
@@ -321,7 +321,7 @@ def build_jdm(info: DatasetInfo) -> OfficialJointDiffusion:
     config = apply_flags(
         UNetConfig(in_channels=info.input_shape[0], out_channels=info.input_shape[0],
                    channel_mult=DEFAULT_CHANNEL_MULT.get(size, (1, 2, 2, 2))),
-        {k: v for k, v in OFFICIAL_CIFAR10.items() if k not in DIFFUSION_FLAGS}, size, set(),
+        {k: v for k, v in OFFICIAL_CIFAR10.items() if k not in DIFFUSION_FLAGS}, size,
     )
     return OfficialJointDiffusion(JointDiffusionUNet(config, info.num_classes), info, make_schedule(OFFICIAL_CIFAR10)).eval()
 
