@@ -342,3 +342,27 @@ def test_square_and_black_box_checks_fire_on_constructed_sequences():
     assert sanity.zero_gradient_check(5, 100, "full").status == "pass"
     assert sanity.large_eps_check(3, 100, 0.5, "Linf").status == "flag"
     assert sanity.large_eps_check(2, 100, 0.5, "Linf").status == "pass"
+
+
+class _ModeSpy(torch.nn.Module):
+    """A classifier that counts the calls it receives in training mode (BatchNorm/dropout would change)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+        self.calls_in_training = 0
+
+    def forward(self, x):
+        self.calls_in_training += int(self.training)
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("defense", ["none", "noise:0.1"])
+def test_attacks_keep_the_model_in_eval_mode_throughout(digits, defense):
+    # torchattacks restores the mode it finds on the attacked module; a pipeline built in training mode
+    # used to switch the model to training after the first attack (BatchNorm and dropout then misbehave).
+    spy = _ModeSpy().eval()
+    model = robusteval.wrap(spy, 10, (1, 8, 8))
+    robusteval.evaluate_attack(model, digits, attack="pgd", eps=[0.05], n=8, steps=2, defense=defense, eot=2,
+                               device="cpu", large_eps_check=False)
+    assert spy.calls_in_training == 0 and not spy.training
