@@ -139,6 +139,24 @@ def _parse_options(options: tuple[str, ...]) -> dict[str, object]:
     return parsed
 
 
+# --- the official files' companions (issue 13): beside --checkpoint on run, certify, predict, sample, counterfactual
+def _official_file_options(function):
+    """--vae and --model-config: what an official egc / jdm file needs beside itself (passed to create_model)."""
+    function = click.option(
+        "--model-config", "model_config", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+        help="JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot tell "
+             "(e.g. num_heads, diffusion_steps).")(function)
+    return click.option(
+        "--vae", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+        help="egc: the autoencoder's file (autoencoder_kl.pth, or latent diffusion's KL-f8 model.ckpt) "
+             "for --checkpoint.")(function)
+
+
+def _official_files(vae: Path | None, model_config: Path | None) -> dict[str, Path]:
+    """The create_model keywords of the given companions (none when absent, so other models are unaffected)."""
+    return {k: v for k, v in (("vae", vae), ("model_config", model_config)) if v is not None}
+
+
 # --- run (adversarial attacks) ----------------------------------------------------------------
 def _parse_eps_list(value: str | None) -> list[float] | None:
     if value is None:
@@ -197,11 +215,13 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
               help="Load these weights instead of the shipped ones.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Allow arbitrary unpickling of a .pt checkpoint (only for files you trust).")
+@_official_file_options
 def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | None, norm: str, eps_text: str | None,
                 n: int | None, batch_size: int, device: str, defense: str, gradient: str | None, eot: int | None,
                 steps: int | None, step_size: float | None, seed: int, out: Path | None, resume: bool,
                 large_eps_check: bool, masking_checks: bool, quiet: bool, as_json: bool, model_dir: Path | None,
-                checkpoint: Path | None, allow_unsafe_pickle: bool) -> None:
+                checkpoint: Path | None, allow_unsafe_pickle: bool, vae: Path | None,
+                model_config: Path | None) -> None:
     """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
     from robusteval.attacks.engine import prepare_attack
     from robusteval.runs import default_run_dir
@@ -210,7 +230,8 @@ def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | Non
                          batch_size=batch_size, device=device, defense=defense, gradient=gradient, eot=eot,
                          steps=steps, step_size=step_size, seed=seed, large_eps_check=large_eps_check,
                          masking_checks=masking_checks, checkpoint=checkpoint, model_dir=model_dir,
-                         allow_unsafe_pickle=allow_unsafe_pickle, data_dir=data_dir)
+                         allow_unsafe_pickle=allow_unsafe_pickle, data_dir=data_dir,
+                         **_official_files(vae, model_config))
     out = out or default_run_dir(job.config, job.run_dir_parts())
     click.echo(f"run directory: {out}", err=True)
     result = job.run(out=out, resume=resume, progress=not (quiet or as_json))
@@ -272,7 +293,7 @@ def _smoothing_options(function):
     ]
     for option in reversed(options):
         function = option(function)
-    return function
+    return _official_file_options(function)
 
 
 def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
@@ -294,12 +315,14 @@ def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
     wanted = (options["n_images"] or 0) >= 1 and options["skip"] >= 0
     limit = options["skip"] + options["n_images"] if wanted else None
     data = load_dataset(options["dataset"], "test", root=options["data_dir"], limit=limit)
+    companions = _official_files(options["vae"], options["model_config"])
     model = create_model(options["model_name"], dataset=options["dataset"], device=options["device"],
-                         checkpoint=options["checkpoint"], model_dir=options["model_dir"])
+                         checkpoint=options["checkpoint"], model_dir=options["model_dir"], **companions)
     require_capabilities(model, settings.mode)
     n_images, skip = resolve_image_range(len(data), options["n_images"], options["skip"])
     extra = {"checkpoint": str(options["checkpoint"]) if options["checkpoint"] else None,
-             "model_dir": str(options["model_dir"]) if options["model_dir"] else None}
+             "model_dir": str(options["model_dir"]) if options["model_dir"] else None,
+             **{k: str(v) for k, v in companions.items()}}
     config = smoothing_config(settings, model.name, data.name, n_images, skip, model.device, model.input_shape, extra,
                               dtype=model_dtype(model))
     out = options["out"] or default_run_dir(
@@ -360,8 +383,9 @@ def predict_command(**options: object) -> None:
               help="Load these weights (.safetensors) instead of the shipped ones.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
               help="PNG file to write.")
+@_official_file_options
 def sample_command(model_name: str, n: int, class_index: int | None, conditional: bool, seed: int, dataset: str,
-                   device: str, checkpoint: Path | None, out: Path) -> None:
+                   device: str, checkpoint: Path | None, out: Path, vae: Path | None, model_config: Path | None) -> None:
     """Draw samples from a generative joint model and write them as a PNG grid.
 
     Also prints the `standard` baseline's mean confidence in the requested
@@ -375,7 +399,8 @@ def sample_command(model_name: str, n: int, class_index: int | None, conditional
     from robusteval.quality import sample_confidence
     from robusteval.reports.image_grids import save_sample_grid
 
-    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
+    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint,
+                         **_official_files(vae, model_config))
     if "sample" not in model.capabilities:
         raise CapabilityError(model.name, "sample", model.capabilities)
     if class_index is not None and not conditional:
@@ -425,23 +450,28 @@ def sample_command(model_name: str, n: int, class_index: int | None, conditional
               help="Load these weights (.safetensors) instead of the shipped ones.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("counterfactuals.png"),
               show_default=True, help="PNG file to write.")
+@_official_file_options
 def counterfactual_command(model_name: str, n: int, target: int | None, t_start: float | None, guidance: float | None,
                            seed: int, dataset: str, data_dir: Path | None, device: str, checkpoint: Path | None,
-                           out: Path) -> None:
-    """Visual counterfactual explanations: test digits changed to be classified as a target class.
+                           out: Path, vae: Path | None, model_config: Path | None) -> None:
+    """Visual counterfactual explanations: test images changed to be classified as a target class.
 
     Writes originals above their counterfactuals, each captioned with the
-    `standard` baseline's prediction, and prints how often that prediction
-    flipped to the target and how far (L2) the counterfactuals moved.
+    judge's prediction, and prints how often that prediction flipped to the
+    target and how far (L2) the counterfactuals moved. The judge is the
+    `standard` baseline where it has shipped weights for the data set, else
+    the model's own classifier (then not an independent judge).
     """
     import torch
 
+    from robusteval.checkpoints import CheckpointError
     from robusteval.data import load_dataset
     from robusteval.interface import CapabilityError
     from robusteval.model_zoo.registry import create_model
     from robusteval.reports.image_grids import save_counterfactual_grid
 
-    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
+    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint,
+                         **_official_files(vae, model_config))
     if not callable(getattr(model, "counterfactual", None)):
         raise CapabilityError(model.name, "counterfactual", model.capabilities)
     if target is not None and not 0 <= target < model.num_classes:
@@ -457,19 +487,22 @@ def counterfactual_command(model_name: str, n: int, target: int | None, t_start:
         targets = torch.full_like(y, target)
     options = {k: v for k, v in (("t_start", t_start), ("guidance_scale", guidance)) if v is not None}
     changed = model.counterfactual(x.to(model.device), targets.to(model.device), generator=generator, **options).cpu()
-    standard = create_model("standard", dataset=dataset, device="cpu")
+    try:
+        judge, judge_name, tag = create_model("standard", dataset=dataset, device="cpu"), "standard", "std"
+    except CheckpointError:  # no baseline weights for this data set (e.g. cifar10): the model judges itself
+        judge, judge_name, tag = model, f"{model.name} itself (no standard weights for {dataset})", "self"
     with torch.no_grad():
-        before = standard.logits(x).softmax(1)
-        after = standard.logits(changed).softmax(1)
+        before = judge.logits(x.to(judge.device)).softmax(1).cpu()
+        after = judge.logits(changed.to(judge.device)).softmax(1).cpu()
     flipped = after.argmax(1) == targets
     distance = (changed - x).flatten(1).norm(dim=1)
     save_counterfactual_grid(
         x, changed,
-        [f"y={int(a)} std:{int(p.argmax())} ({float(p.max()):.2f})" for a, p in zip(y, before)],
-        [f"→{int(t)} std:{int(p.argmax())} ({float(p.max()):.2f})" for t, p in zip(targets, after)],
-        out, title=f"{model.name} counterfactuals (seed {seed}); std = the standard baseline's prediction",
+        [f"y={int(a)} {tag}:{int(p.argmax())} ({float(p.max()):.2f})" for a, p in zip(y, before)],
+        [f"→{int(t)} {tag}:{int(p.argmax())} ({float(p.max()):.2f})" for t, p in zip(targets, after)],
+        out, title=f"{model.name} counterfactuals (seed {seed}); {tag} = the prediction of {judge_name}",
     )
-    click.echo(f"wrote {out}: {len(y)} counterfactuals of {model.name}; standard predicts the target for "
+    click.echo(f"wrote {out}: {len(y)} counterfactuals of {model.name}; {judge_name} predicts the target for "
                f"{int(flipped.sum())}/{len(y)} ({float(flipped.float().mean()):.0%}); mean L2 change "
                f"{float(distance.mean()):.3f}")
 

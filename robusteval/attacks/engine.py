@@ -767,8 +767,13 @@ def prepare_attack(
     model_dir: str | Path | None = None,
     allow_unsafe_pickle: bool = False,
     data_dir: str | Path | None = None,
+    vae: str | Path | None = None,
+    model_config: str | Path | None = None,
 ) -> AttackJob:
-    """Resolve and validate an attack evaluation without running it (see `evaluate_attack`)."""
+    """Resolve and validate an attack evaluation without running it (see `evaluate_attack`).
+
+    `vae` and `model_config` go to `create_model` with `checkpoint` (official egc / jdm files).
+    """
     from robusteval.model_zoo.registry import create_model, resolve_device
 
     spec = resolve_attack(attack)
@@ -779,7 +784,8 @@ def prepare_attack(
     if isinstance(model, str):
         model_name = model
         model = create_model(model, dataset=dataset_name, device=target, checkpoint=checkpoint, model_dir=model_dir,
-                             threat_model=norm, allow_unsafe_pickle=allow_unsafe_pickle)
+                             threat_model=norm, allow_unsafe_pickle=allow_unsafe_pickle, vae=vae,
+                             model_config=model_config)
     elif isinstance(model, JointModel):
         model_name = model.name
         model = model.to(target)
@@ -821,11 +827,14 @@ def prepare_attack(
             eot = DEFAULT_EOT if randomized else 1
     if eot < 1:
         raise ValueError(f"eot must be >= 1, got {eot}")
-    return AttackJob(model, x, y, model_name=model_name, dataset_name=dataset_name, spec=spec, norm=norm,
-                     eps=eps_list, defense=str(parsed), gradient=gradient, eot=int(eot), steps=steps,
-                     step_size=step_size, seed=int(seed), batch_size=int(batch_size), device=target,
-                     large_eps_check=large_eps_check, checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=masking_checks)
+    job = AttackJob(model, x, y, model_name=model_name, dataset_name=dataset_name, spec=spec, norm=norm,
+                    eps=eps_list, defense=str(parsed), gradient=gradient, eot=int(eot), steps=steps,
+                    step_size=step_size, seed=int(seed), batch_size=int(batch_size), device=target,
+                    large_eps_check=large_eps_check, checkpoint=str(checkpoint) if checkpoint is not None else None,
+                    masking_checks=masking_checks)
+    # Recorded only when given, so the configurations (and run directories) of other runs are unchanged.
+    job.config.update({k: str(v) for k, v in (("vae", vae), ("model_config", model_config)) if v is not None})
+    return job
 
 
 def evaluate_attack(

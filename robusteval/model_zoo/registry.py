@@ -19,7 +19,7 @@ import torch
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo, dataset_info
 from robusteval.interface import CAPABILITIES, JointModel
-from robusteval.model_zoo.official import OfficialArchitecture, official_architecture, official_spec
+from robusteval.model_zoo.official import PAPER_DATASETS, OfficialArchitecture, official_architecture, official_spec
 from robusteval.names import resolve_name
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -78,6 +78,12 @@ class ModelCard:
         """The paper's own architecture and file format, where robusteval builds it (see model_zoo/official)."""
         spec = official_spec(self.name)
         return spec.as_dict() if spec is not None else None
+
+    def capabilities_for(self, dataset: str) -> frozenset[str]:
+        """What the model built for `dataset` from a paper's file offers (the official architecture's
+        capabilities where it has one there), else the re-implementation's."""
+        spec = official_spec(self.name)
+        return spec.capabilities if spec is not None and dataset in spec.datasets else self.capabilities
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,8 @@ def create_model(
     threat_model: str = "Linf",
     allow_unsafe_pickle: bool = False,
     official: bool | None = None,
+    vae: str | Path | None = None,
+    model_config: str | Path | dict[str, Any] | None = None,
 ) -> JointModel:
     """Build a registered model for `dataset`, with its shipped (verified) weights.
 
@@ -179,6 +187,12 @@ def create_model(
     `official=None` decides by the weights: a `.safetensors` file or shipped
     weights are robusteval's own re-implementation, anything else the
     official architecture; True or False forces the choice.
+    On the other data sets the official code defines (jdm on mnist and
+    fashion-mnist) the official architecture is used for a non-safetensors
+    `checkpoint` or `official=True`, the re-implementation otherwise.
+    `vae` (egc's autoencoder file) and `model_config` (a JSON file or dict of
+    the official training flags, for what a file's shapes cannot tell) go to
+    the official loaders that take them (see the card's `official.options`).
     `robustbench:<Name>` builds a RobustBench zoo architecture with weights
     from `model_dir` in RobustBench's layout; it never downloads.
     """
@@ -197,13 +211,20 @@ def create_model(
     if official and spec is None:
         raise ValueError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")
     if official is None and spec is not None:
-        own_weights = (str(checkpoint).endswith(".safetensors") if checkpoint is not None
-                       else pretrained and info.name in entry.card.checkpoints())
+        if checkpoint is not None:
+            own_weights = str(checkpoint).endswith(".safetensors")
+        else:  # off the papers' data sets, only a paper's file selects the official architecture
+            own_weights = (pretrained and info.name in entry.card.checkpoints()) or info.name not in PAPER_DATASETS
         spec = None if own_weights else spec
+    options = {k: v for k, v in (("vae", vae), ("model_config", model_config)) if v is not None}
     if spec is not None:
-        model = _create_official(spec, info, pretrained, checkpoint, allow_unsafe_pickle)
+        model = _create_official(spec, info, pretrained, checkpoint, allow_unsafe_pickle, options)
         model.name = entry.card.name
         return model.eval().to(target)
+    if options:
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in options)
+        raise ValueError(f"{flags} {'apply' if len(options) > 1 else 'applies'} to the official architectures that take them (see the model card's "
+                         f"'official' options); '{entry.card.name}' on {info.name} is robusteval's re-implementation")
     model = entry.build(info)
     model.name = entry.card.name
     if checkpoint is not None:
@@ -228,11 +249,19 @@ def create_model(
 
 def _create_official(
     official: OfficialArchitecture, info: DatasetInfo, pretrained: bool, checkpoint: str | Path | None,
-    allow_unsafe_pickle: bool,
+    allow_unsafe_pickle: bool, options: dict[str, Any],
 ) -> JointModel:
     """The paper's architecture for `info`: from its official file, or at the published size with random weights."""
+    unused = sorted(set(options) - set(official.options))
+    if unused:
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in unused)
+        raise ValueError(f"{flags}: the official '{official.model}' loader takes no such file "
+                         f"(it takes: {', '.join(official.options) or 'the checkpoint only'})")
+    if checkpoint is None and options:
+        raise ValueError(f"{', '.join(options)} given without checkpoint: they describe how to read the official "
+                         f"'{official.model}' file (CLI: --checkpoint FILE)")
     if checkpoint is not None:
-        return official.load(info, Path(checkpoint), allow_unsafe_pickle)
+        return official.load(info, Path(checkpoint), allow_unsafe_pickle, **options)
     if pretrained:
         raise CheckpointError(
             f"model '{official.model}' on {info.name} is the official architecture of {official.repository}; "

@@ -28,8 +28,14 @@ class OfficialArchitecture:
     file_format: str
     preprocessing: str
     build: Callable[[DatasetInfo], JointModel]  # the published size, random weights
-    load: Callable[[DatasetInfo, Path, bool], JointModel]  # a file as the official code writes it
+    # load(info, file, allow_unsafe_pickle, **{option: value}): a file as the official code writes it
+    load: Callable[..., JointModel]
+    capabilities: frozenset[str]
     unsettled: tuple[str, ...] = field(default_factory=tuple)
+    # Keywords of `load` beyond the file (egc's autoencoder `vae`, the diffusion models' `model_config`).
+    options: tuple[str, ...] = ()
+    # Capabilities the re-implementation has and the official model does not, with the reason.
+    not_offered: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +44,9 @@ class OfficialArchitecture:
             "architecture": self.architecture,
             "file_format": self.file_format,
             "preprocessing": self.preprocessing,
+            "capabilities": sorted(self.capabilities),
+            "not_offered": dict(self.not_offered),
+            "options": list(self.options),
             "unsettled": list(self.unsettled),
         }
 
@@ -52,7 +61,7 @@ def _jem() -> OfficialArchitecture:
                      "(published: WRN-28-10).",
         file_format=jem.FORMAT,
         preprocessing="(x - 0.5) / 0.5 inside the model",
-        build=jem.build_jem, load=jem.load_jem,
+        build=jem.build_jem, load=jem.load_jem, capabilities=jem.OfficialJEM.capabilities,
         unsettled=(
             "sample(): JEM's sample_q settings (20 SGLD steps, step 1, noise 0.01 on [-1, 1]) started from the "
             "file's replay buffer, class-conditional chains from the buffer images the model classifies as the "
@@ -74,7 +83,7 @@ def _gmmc() -> OfficialArchitecture:
                      "are read from the file (published: WRN-28-10).",
         file_format=gmmc.FORMAT,
         preprocessing="(x - 0.5) / 0.5 inside the model",
-        build=gmmc.build_gmmc, load=gmmc.load_gmmc,
+        build=gmmc.build_gmmc, load=gmmc.load_gmmc, capabilities=gmmc.OfficialGMMC.capabilities,
         unsettled=(
             "The centres are the file's (its pickled LDALayer, of which only 'centers' is read); a file without "
             "'margin' gets the Max-Mahalanobis centres recomputed with --mu_c 10, train_gmmc.py's default.",
@@ -98,7 +107,9 @@ def _dmae() -> OfficialArchitecture:
         preprocessing="CIFAR-10: the 32x32 image (noise added there) resized bicubically to 224, then normalised "
                       "with mean (0.4914, 0.4822, 0.4465), std (0.2471, 0.2435, 0.2616); ImageNet: normalised with "
                       "ImageNet's mean/std",
-        build=dmae_vit.build_dmae, load=dmae_vit.load_dmae,
+        build=dmae_vit.build_dmae, load=dmae_vit.load_dmae, capabilities=dmae_vit.DMAEClassifier.capabilities,
+        not_offered={"denoise": "the fine-tuned classifier file holds the encoder only (DMAE's decoder is "
+                                "pre-training's and is not in it)"},
         unsettled=(
             "The number of attention heads is not in the weights' shapes: it comes from the file's args.model "
             "(vit_base_patch16: 12, vit_large_patch16: 16, vit_huge_patch14: 16), else from the width (768: 12, "
@@ -123,15 +134,38 @@ def _cohen() -> OfficialArchitecture:
                      "CIFAR-10, torchvision resnet50 inside DataParallel on ImageNet; depth read from the file",
         file_format=cohen.FORMAT,
         preprocessing="NormalizeLayer with datasets.py's mean/std inside the model; noise is added before it",
-        build=cohen.build_cohen, load=cohen.load_cohen,
+        build=cohen.build_cohen, load=cohen.load_cohen, capabilities=cohen.CohenClassifier.capabilities,
         unsettled=(
             "Files from before torch 0.4.1 lack BatchNorm's num_batches_tracked; they load (inference never reads it).",
         ),
     )
 
 
+def _jdm() -> OfficialArchitecture:
+    from robusteval.model_zoo.official import jdm
+
+    return OfficialArchitecture(
+        model="jdm", datasets=jdm.DATASETS, repository=jdm.REPOSITORY, architecture=jdm.ARCHITECTURE,
+        file_format=jdm.FORMAT, preprocessing=jdm.PREPROCESSING, build=jdm.build_jdm, load=jdm.load_jdm,
+        capabilities=jdm.OfficialJointDiffusion.capabilities, unsettled=jdm.UNSETTLED,
+        options=("model_config",),
+    )
+
+
+def _egc() -> OfficialArchitecture:
+    from robusteval.model_zoo.official import egc
+
+    return OfficialArchitecture(
+        model="egc", datasets=egc.DATASETS, repository=egc.REPOSITORY, architecture=egc.ARCHITECTURE,
+        file_format=egc.FORMAT, preprocessing=egc.PREPROCESSING, build=egc.build_egc, load=egc.load_egc,
+        capabilities=egc.OfficialEGC.capabilities, unsettled=egc.UNSETTLED, options=("vae", "model_config"),
+        not_offered={"denoise": "EGC's diffusion noise lives in the autoencoder's latent, so no pixel-space "
+                                "denoiser (and no denoised certification or denoise:S defense) can be read off it"},
+    )
+
+
 _OFFICIAL: dict[str, Callable[[], OfficialArchitecture]] = {
-    "jem": _jem, "gmmc": _gmmc, "dmae": _dmae, "cohen": _cohen,
+    "jem": _jem, "gmmc": _gmmc, "dmae": _dmae, "cohen": _cohen, "jdm": _jdm, "egc": _egc,
 }
 
 
@@ -149,10 +183,12 @@ def official_architecture(model: str, dataset: str) -> OfficialArchitecture | No
     """The official architecture of `model` for `dataset`, or None (then the digits re-implementation is used).
 
     A paper's data set that the paper's code does not define the model for is
-    an error rather than a silently substituted small network.
+    an error rather than a silently substituted small network. Other data sets
+    the official code defines (jdm's mnist, fashion-mnist) have it too; there
+    create_model uses it only for a paper's file (see `paper_dataset`).
     """
     spec = official_spec(model)
-    if spec is None or dataset not in PAPER_DATASETS:
+    if spec is None or (dataset not in PAPER_DATASETS and dataset not in spec.datasets):
         return None
     if dataset not in spec.datasets:
         raise ValueError(f"the official architecture of '{model}' ({spec.repository}) is defined for the data sets "

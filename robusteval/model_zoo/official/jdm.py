@@ -327,7 +327,9 @@ def build_jdm(info: DatasetInfo) -> OfficialJointDiffusion:
 
 
 # --- what the model card says about this row ---------------------------------------------------------
-DATASETS = ("cifar10", "cifar100")
+# The data sets of the official dataloaders (dataloaders/base.py) that robusteval reads: all normalised (x - 0.5)/0.5,
+# MNIST and FashionMNIST at 1×28×28 (its MNIST32 variant, 3×32×32, is not robusteval's mnist).
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 REPOSITORY = "https://github.com/KamilDeja/joint_diffusion"
 ARCHITECTURE = (
     "guided-diffusion UNetModel ε(x_t, t) with the classifier head `clasifier` (global-average-pooled middle and "
