@@ -385,7 +385,8 @@ def predict_command(**options: object) -> None:
               help="PNG file to write.")
 @_official_file_options
 def sample_command(model_name: str, n: int, class_index: int | None, conditional: bool, seed: int, dataset: str,
-                   device: str, checkpoint: Path | None, out: Path, vae: Path | None, model_config: Path | None) -> None:
+                   device: str, checkpoint: Path | None, out: Path, vae: Path | None,
+                   model_config: Path | None) -> None:
     """Draw samples from a generative joint model and write them as a PNG grid.
 
     Also prints the `standard` baseline's mean confidence in the requested

@@ -47,7 +47,7 @@ def jdm_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("jdm")
     path, _ = save_jdm(root, JDM_CIFAR, seed=5)
     config = root / "flags.json"
-    # The official command's flags; diffusion_steps shortened (the official linear β need T > 50) so sampling runs 100 steps.
+    # The official command's flags; diffusion_steps shortened (its linear β need T > 50): sampling runs 100 steps.
     config.write_text(json.dumps({"num_heads": 4, "diffusion_steps": 100, "noise_schedule": "linear", "lr": 1e-4}))
     return {"checkpoint": path, "config": config, "data": make_cifar10(root / "data")}
 

@@ -223,7 +223,8 @@ def create_model(
         return model.eval().to(target)
     if options:
         flags = " and ".join(f"--{k.replace('_', '-')}" for k in options)
-        raise ValueError(f"{flags} {'apply' if len(options) > 1 else 'applies'} to the official architectures that take them (see the model card's "
+        verb = "apply" if len(options) > 1 else "applies"
+        raise ValueError(f"{flags} {verb} to the official architectures that take them (see the model card's "
                          f"'official' options); '{entry.card.name}' on {info.name} is robusteval's re-implementation")
     model = entry.build(info)
     model.name = entry.card.name
