@@ -141,6 +141,21 @@ def read_state_dict(
     return loaded
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (robusteval writes the model and the data set it was trained on);
+    empty for other files or when there is none."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict strictly, explaining any mismatch with the architecture."""
     own = model.state_dict()

@@ -140,6 +140,15 @@ def _parse_options(options: tuple[str, ...]) -> dict[str, object]:
 
 
 # --- run (adversarial attacks) ----------------------------------------------------------------
+_WAIT_OPTION = click.option(
+    "--wait", is_flag=True,
+    help="If another process is writing the run directory, wait for it to finish instead of stopping at once.")
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
 def _parse_eps_list(value: str | None) -> list[float] | None:
     if value is None:
         return None
@@ -197,11 +206,12 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
               help="Load these weights instead of the shipped ones.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Allow arbitrary unpickling of a .pt checkpoint (only for files you trust).")
+@_WAIT_OPTION
 def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | None, norm: str, eps_text: str | None,
                 n: int | None, batch_size: int, device: str, defense: str, gradient: str | None, eot: int | None,
                 steps: int | None, step_size: float | None, seed: int, out: Path | None, resume: bool,
                 large_eps_check: bool, masking_checks: bool, quiet: bool, as_json: bool, model_dir: Path | None,
-                checkpoint: Path | None, allow_unsafe_pickle: bool) -> None:
+                checkpoint: Path | None, allow_unsafe_pickle: bool, wait: bool) -> None:
     """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
     from robusteval.attacks.engine import prepare_attack
     from robusteval.runs import default_run_dir
@@ -213,7 +223,7 @@ def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | Non
                          allow_unsafe_pickle=allow_unsafe_pickle, data_dir=data_dir)
     out = out or default_run_dir(job.config, job.run_dir_parts())
     click.echo(f"run directory: {out}", err=True)
-    result = job.run(out=out, resume=resume, progress=not (quiet or as_json))
+    result = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait, on_wait=_echo_err)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -269,6 +279,9 @@ def _smoothing_options(function):
                      help="Weights directory for robustbench:<Name> models."),
         click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                      help="Load these weights (.safetensors) instead of the shipped ones."),
+        click.option("--allow-unsafe-pickle", is_flag=True,
+                     help="Allow arbitrary unpickling of a .pt checkpoint (only for files you trust)."),
+        _WAIT_OPTION,
     ]
     for option in reversed(options):
         function = option(function)
@@ -278,8 +291,8 @@ def _smoothing_options(function):
 def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
     from robusteval.certify.engine import (
         SmoothingSettings,
+        check_smoothing_job,
         model_dtype,
-        require_capabilities,
         resolve_image_range,
         run_smoothing,
         smoothing_config,
@@ -292,21 +305,22 @@ def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
                                  n0=options.get("n0", 0), mode=options["mode"], seed=options["seed"])
     data = load_dataset(options["dataset"], "test", root=options["data_dir"])
     model = create_model(options["model_name"], dataset=options["dataset"], device=options["device"],
-                         checkpoint=options["checkpoint"], model_dir=options["model_dir"])
-    require_capabilities(model, settings.mode)
+                         checkpoint=options["checkpoint"], model_dir=options["model_dir"],
+                         allow_unsafe_pickle=options["allow_unsafe_pickle"])
     n_images, skip = resolve_image_range(len(data), options["n_images"], options["skip"])
+    check_smoothing_job(model, data, settings.mode, n_images, skip)
     extra = {"checkpoint": str(options["checkpoint"]) if options["checkpoint"] else None,
              "model_dir": str(options["model_dir"]) if options["model_dir"] else None}
     config = smoothing_config(settings, model.name, data.name, n_images, skip, model.device, model.input_shape, extra,
                               dtype=model_dtype(model))
     out = options["out"] or default_run_dir(
         config, (kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode))
-    run_dir = RunDirectory(out, config, resume=options["resume"])
-    verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
-    click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{n_images} images done)", err=True)
-    result = run_smoothing(model, data, settings, n_images=n_images, skip=skip, batch_size=options["batch_size"],
-                           compile=options["compile_model"], run_dir=run_dir, config=config,
-                           progress=not options["quiet"])
+    with RunDirectory(out, config, resume=options["resume"], wait=options["wait"], on_wait=_echo_err) as run_dir:
+        verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
+        click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{n_images} images done)", err=True)
+        result = run_smoothing(model, data, settings, n_images=n_images, skip=skip,
+                               batch_size=options["batch_size"], compile=options["compile_model"], run_dir=run_dir,
+                               config=config, progress=not options["quiet"])
     summary = result.summary
     if options["as_json"]:
         click.echo(json.dumps(summary, indent=2))

@@ -104,6 +104,14 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
+    """Raise CapabilityError when the defense needs what the model lacks (a denoiser for denoise:S)."""
+    if defense.kind == "denoise" and "denoise" not in model.capabilities:
+        from robusteval.interface import CapabilityError
+
+        raise CapabilityError(model.name, "denoise", model.capabilities)
+
+
 class DeployedPipeline(nn.Module):
     """A model with its defense in the loop, as an nn.Module that returns logits.
 
@@ -118,10 +126,7 @@ class DeployedPipeline(nn.Module):
         super().__init__()
         if gradient not in ("full", "bpda"):
             raise ValueError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
-        if defense.kind == "denoise" and "denoise" not in model.capabilities:
-            from robusteval.interface import CapabilityError
-
-            raise CapabilityError(model.name, "denoise", model.capabilities)
+        require_defense_capabilities(model, defense)
         if decision_draws < 1:
             raise ValueError(f"decision_draws must be >= 1, got {decision_draws}")
         self.model = model

@@ -25,12 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,19 @@ from robusteval.attacks.catalog import (
     seed_torch,
 )
 from robusteval.attacks import sanity
-from robusteval.attacks.defenses import DECISION_DRAWS, GRADIENT_MODES, DeployedPipeline, Expectation, parse_defense
+from robusteval.attacks.defenses import (
+    DECISION_DRAWS,
+    GRADIENT_MODES,
+    DeployedPipeline,
+    Expectation,
+    parse_defense,
+    require_defense_capabilities,
+)
 from robusteval.checkpoints import atomic_write_bytes
 from robusteval.data import ImageDataset
 from robusteval.interface import JointModel, trusted_inputs, validate_images
-from robusteval.runs import SUMMARY_FILE, RunDirectory
+from robusteval.job_checks import check_data_fits_model, check_eps_budget
+from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +292,38 @@ class AttackJob:
         return parts
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, out: str | Path | None = None, resume: bool = True, progress: bool = False) -> AttackResult:
-        """Run (or resume) the evaluation; with `out=None` nothing is written to disk."""
+    def run(self, out: str | Path | None = None, resume: bool = True, progress: bool = False, wait: bool = False,
+            on_wait: Callable[[str], None] | None = None) -> AttackResult:
+        """Run (or resume) the evaluation; with `out=None` nothing is written to disk.
+
+        The run directory is locked while the job works in it: another process
+        there makes this one stop (RunDirectoryBusy), or wait with `wait=True`
+        (`on_wait` hears whom it waits for).
+        """
         started = time.perf_counter()
-        run_dir = RunDirectory(out, self.config, resume=resume) if out is not None else None
+        if out is None:
+            return self._run(None, started, progress)
+        with RunDirectory(out, self.config, resume=resume, wait=wait,
+                          on_wait=on_wait or logger.warning) as run_dir:
+            run_dir.check_records(range(self.n), check=self._record_problem)
+            return self._run(run_dir, started, progress)
+
+    def _record_problem(self, record: dict[str, Any]) -> str | None:
+        """What makes a stored record impossible for this job (None when it fits)."""
+        batch = record.get("batch")
+        if not isinstance(batch, int) or not 0 <= batch * self.batch_size < self.n:
+            return f"batch {batch!r} does not exist with {self.n} points in batches of {self.batch_size}"
+        if not batch * self.batch_size <= record["index"] < (batch + 1) * self.batch_size:
+            return f"image {record['index']} cannot belong to batch {batch} (batches of {self.batch_size})"
+        results = record.get("results")
+        if not isinstance(results, list) or [r.get("eps") if isinstance(r, dict) else None for r in results] \
+                != list(self.eps):
+            return f"its results are not one per configured eps ({', '.join(f'{e:g}' for e in self.eps)})"
+        if not isinstance(record.get("correct"), bool):
+            return "it has no clean result ('correct')"
+        return None
+
+    def _run(self, run_dir: RunDirectory | None, started: float, progress: bool) -> AttackResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         done = {r["batch"] for r in records}
         n_batches = math.ceil(self.n / self.batch_size)
@@ -298,6 +333,7 @@ class AttackJob:
                 return finished
         adversarial: dict[int, list[Tensor]] = {}
         notes: set[str] = set()
+        batch_wall = 0.0  # seconds this call spent inside batches
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
@@ -315,8 +351,10 @@ class AttackJob:
                         adversarial[b] = self._load_shard(run_dir, b, start, stop)
                         continue
                     partial = run_dir.artifact(_partial_name(b)) if run_dir is not None else None
+                    batch_started = time.perf_counter()
                     outcome = self._attack_batch(pipelines, b, self.x[start:stop], self.y[start:stop], start,
                                                  self.eps, bar=bar, robust_done=robust_done, partial=partial)
+                    batch_wall += time.perf_counter() - batch_started
                     for record in outcome.records:
                         record["batch_seconds"] = round(outcome.seconds, 3)
                     notes |= outcome.notes
@@ -345,13 +383,14 @@ class AttackJob:
                 run_dir.artifact(_shard_name(b)).unlink(missing_ok=True)
                 # Left behind when a kill came between a batch's records and the removal of its partial state.
                 run_dir.artifact(_partial_name(b)).unlink(missing_ok=True)
-        # Time of batches finished by earlier (interrupted) calls, plus this call's.
-        earlier = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records if r["batch"] in done}.values())
-        result = self._result(records, checks, large, sorted(notes),
-                              seconds=round(earlier + time.perf_counter() - started, 3))
+        # Every batch's own time (in whichever process ran it, parts of a batch cut by a kill included), plus
+        # this call's work outside the batches (loading, checks): the time of all processes, not the last one's.
+        batches = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records}.values())
+        overhead = time.perf_counter() - started - batch_wall
+        result = self._result(records, checks, large, sorted(notes), seconds=round(batches + overhead, 3))
         result.adversarial = merged
         result.records = records
-        result.run_dir = Path(out) if out is not None else None
+        result.run_dir = run_dir.path if run_dir is not None else None
         if run_dir is not None:
             run_dir.write_summary(result.summary())
         return result
@@ -604,8 +643,13 @@ class AttackJob:
         files = {eps: run_dir.artifact(adversarial_file_name(eps)) for eps in self.eps}
         if not all(p.exists() for p in files.values()):
             return None
-        summary = json.loads(run_dir.artifact(SUMMARY_FILE).read_text())
-        result = AttackResult.from_summary(summary)
+        try:
+            result = AttackResult.from_summary(read_json_file(run_dir.artifact(SUMMARY_FILE), "recomputing it"))
+        except (RunFileDamaged, KeyError, TypeError, ValueError) as error:
+            # The records and adversarial examples are intact: the figures follow from them again (as certify does).
+            logger.warning("%s; its records are complete, so the summary is computed again",
+                           error if isinstance(error, RunFileDamaged) else f"{SUMMARY_FILE} is incomplete ({error})")
+            return None
         result.records = sorted(records, key=lambda r: r["index"])
         result.adversarial = {eps: torch.load(p, map_location="cpu", weights_only=True) for eps, p in files.items()}
         result.run_dir = run_dir.path
@@ -786,12 +830,7 @@ def prepare_attack(
     else:
         raise TypeError(f"model must be a JointModel (use robusteval.wrap for a plain nn.Module) or a registered "
                         f"name, got {type(model).__name__}")
-    if tuple(model.input_shape) != tuple(x.shape[1:]):
-        raise ValueError(f"model '{model_name}' takes inputs of shape {tuple(model.input_shape)}, "
-                         f"the data has {tuple(x.shape[1:])}")
-    if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
-        raise ValueError(f"labels must lie in [0, {model.num_classes}) for model '{model_name}', "
-                         f"got [{int(y.min())}, {int(y.max())}]")
+    check_data_fits_model(model_name, model.input_shape, model.num_classes, x, y, data_name=f"data set '{dataset_name}'")
     if eps is None:
         eps_list = list(default_eps(dataset_name, norm))
     else:
@@ -799,6 +838,7 @@ def prepare_attack(
     if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):
         raise ValueError(f"eps must be a non-empty list of finite values >= 0, got {eps_list}")
     eps_list = sorted(set(eps_list))
+    check_eps_budget(norm, eps_list, model.input_shape)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if steps is not None and steps < 1:
@@ -807,12 +847,15 @@ def prepare_attack(
         raise ValueError(f"step_size must be a positive number, got {step_size}")
 
     parsed = parse_defense(defense)
+    # Here, not when the run starts: a rejected job must not leave a run directory behind.
+    require_defense_capabilities(model, parsed)
+    if gradient is not None and gradient not in GRADIENT_MODES:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENT_MODES)}, got {gradient!r}")
+    if gradient is not None and parsed.kind != "denoise":
+        # Without a denoiser there is nothing to take gradients through: any choice would be silently ignored.
+        raise ValueError(f"--gradient {gradient} applies to denoise defenses only (the defense is '{parsed}')")
     if gradient is None:
         gradient = "auto" if parsed.kind == "denoise" else "full"
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"gradient must be one of {', '.join(GRADIENT_MODES)}, got {gradient!r}")
-    if parsed.kind != "denoise" and gradient != "full":
-        raise ValueError(f"--gradient {gradient} applies to denoise defenses only (the defense is '{parsed}')")
     randomized = parsed.randomized or bool(getattr(model, "stochastic_inference", False))
     if eot is None:
         if spec.eot_default is not None and (spec.name == "autoattack-rand" or not randomized):

@@ -41,6 +41,7 @@ from robusteval.certify.sampler import (
 )
 from robusteval.data import ImageDataset, load_dataset
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
+from robusteval.job_checks import check_data_fits_model
 from robusteval.runs import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -285,19 +286,20 @@ def run_smoothing(
     require_capabilities(model, settings.mode)
     images = data.x[skip : skip + n_images]
     labels = data.y[skip : skip + n_images]
+    check_data_fits_model(model.name, model.input_shape, model.num_classes, images, labels,
+                          data_name=f"data set '{data.name}'")
     validate_images(images, model.input_shape, what="images")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
-        raise ValueError(f"labels must lie in [0, {model.num_classes}) for model {model.name!r}")
     _warn_sigma_mismatch(model, settings.sigma)
 
     if config is None:
         config = smoothing_config(settings, model.name, data.name, n_images, skip, device, model.input_shape,
                                   dtype=dtype)
+    if run_dir is not None:
+        # Resuming counts the records, so they must be exactly the first images, once each, of this kind.
+        needed = "radius" if settings.kind == "certify" else "p_value"
+        run_dir.check_records(range(skip, skip + n_images), in_order=True,
+                              check=lambda r: None if needed in r else f"it is not a {settings.kind} record")
     records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
-    expected = [skip + i for i in range(len(records))]
-    if [r["index"] for r in records] != expected or len(records) > n_images:
-        raise ValueError(f"{run_dir.path if run_dir else 'run'} holds records that do not match images "
-                         f"{skip}..{skip + n_images - 1}; start afresh with --no-resume")
     done = len(records)
     per_image = sum(p.draws for p in settings.phases)
     if chunk_images is None:
@@ -364,6 +366,13 @@ def resolve_image_range(available: int, n_images: int | None, skip: int) -> tupl
     return n_images, skip
 
 
+def check_smoothing_job(model: JointModel, data: ImageDataset, mode: str, n_images: int, skip: int) -> None:
+    """Everything about a certify/predict job that can be wrong before its run directory is created."""
+    require_capabilities(model, mode)
+    check_data_fits_model(model.name, model.input_shape, model.num_classes, data.x[skip : skip + n_images],
+                          data.y[skip : skip + n_images], data_name=f"data set '{data.name}'")
+
+
 def require_capabilities(model: JointModel, mode: str) -> None:
     """Raise CapabilityError unless the model can be smoothed in this mode."""
     needed = ("logits", "denoise") if mode == "denoised" else ("logits",)
@@ -410,9 +419,13 @@ def _run_api(
     n_images, skip = resolve_image_range(len(dataset), n_images, skip)
     config = smoothing_config(settings, model.name, dataset.name, n_images, skip, model.device, model.input_shape,
                               dtype=model_dtype(model))
-    run_dir = RunDirectory(out, config, resume=resume) if out is not None else None
-    return run_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
-                         compile=compile, run_dir=run_dir, config=config, progress=progress)
+    check_smoothing_job(model, dataset, settings.mode, n_images, skip)
+    if out is None:
+        return run_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
+                             compile=compile, run_dir=None, config=config, progress=progress)
+    with RunDirectory(out, config, resume=resume) as run_dir:
+        return run_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
+                             compile=compile, run_dir=run_dir, config=config, progress=progress)
 
 
 def certify(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, read_run
+from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, RunFileDamaged, read_run
 
 KINDS = ("attack", "certify", "denoise")
 
@@ -251,8 +251,8 @@ def load_run(path: str | Path) -> Run:
         raise RunFormatError(f"{path} is not a finished run: {SUMMARY_FILE} is missing{hint}")
     try:
         loaded = read_run(path)
-    except json.JSONDecodeError as error:
-        raise RunFormatError(f"{path} holds a file that is not valid JSON: {error}") from error
+    except RunFileDamaged as error:  # names the file and what to do
+        raise RunFormatError(str(error)) from error
     kind = validate_summary(path, loaded["summary"])
     return Run(path=path, kind=kind, summary=loaded["summary"], config=loaded["config"], records=loaded["records"])
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from robusteval.checkpoints import atomic_write_bytes
+from robusteval.job_checks import check_writable_directory, check_writable_file, make_directory
 from robusteval.reports.figures import FigureSet, write_figures
 from robusteval.reports.html import render_html, write_html
 from robusteval.reports.loading import Run
@@ -76,7 +77,12 @@ def write_report(runs: Sequence[Run], out: str | Path, fmt: str = "html",
         if out.is_dir():
             raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'leaderboard.html'}")
         out_dir = out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Before any figure is drawn: an output that cannot be written is one line, not a traceback half-way.
+    if fmt == "robustbench":
+        check_writable_directory(out, "report folder")
+    else:
+        check_writable_file(out, "report file")
+    make_directory(out_dir, "report folder")
     figures = write_figures(runs, out_dir / "figures")
     tables = write_tables(runs, out_dir / "tables", eps_overrides, radii)
     report = Report(main=out, figures=figures, tables=tables)
