@@ -117,8 +117,11 @@ def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def train_command(model_name: str, dataset: str, data_dir: Path | None, epochs: int | None, seed: int, out: Path | None,
                   options: tuple[str, ...], quiet: bool) -> None:
     """Train a model with its recipe, deterministically on the CPU, and write its weights and card record."""
+    from robusteval.job_checks import check_writable_file
     from robusteval.training import train_model
 
+    if out is not None:
+        check_writable_file(out, "weights file")  # before training, not after it
     result = train_model(model_name, dataset=dataset, epochs=epochs, seed=seed, out=out, progress=not quiet,
                          options=_parse_options(options), root=data_dir)
     metrics = ", ".join(f"{k} {v}" for k, v in result.record["metrics"].items())
@@ -384,8 +387,10 @@ def sample_command(model_name: str, n: int, class_index: int | None, conditional
     from robusteval.interface import CapabilityError
     from robusteval.model_zoo.registry import create_model
     from robusteval.quality import sample_confidence
+    from robusteval.job_checks import check_writable_file
     from robusteval.reports.image_grids import save_sample_grid
 
+    check_writable_file(out, "image file")
     model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
     if "sample" not in model.capabilities:
         raise CapabilityError(model.name, "sample", model.capabilities)
@@ -450,8 +455,10 @@ def counterfactual_command(model_name: str, n: int, target: int | None, t_start:
     from robusteval.data import load_dataset
     from robusteval.interface import CapabilityError
     from robusteval.model_zoo.registry import create_model
+    from robusteval.job_checks import check_writable_file
     from robusteval.reports.image_grids import save_counterfactual_grid
 
+    check_writable_file(out, "image file")
     model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
     if not callable(getattr(model, "counterfactual", None)):
         raise CapabilityError(model.name, "counterfactual", model.capabilities)
@@ -568,6 +575,9 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
 
     loaded = load_runs(runs)
     if update:
+        from robusteval.job_checks import check_writable_file
+
+        check_writable_file(baseline, "baseline file", option="--baseline")
         entries = write_baseline(loaded, baseline)
         figures = sum(len(e.figures) for e in entries.values())
         click.echo(f"wrote {baseline}: {len(entries)} entries, {figures} figures")
@@ -607,6 +617,9 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     from robusteval.reports.loading import load_runs
     from robusteval.reports.report import write_report
 
+    from robusteval.job_checks import check_writable_directory
+
+    check_writable_directory(out, "run folder")
     suite = resolve_suite(suite_name)
     overrides = {k: v for k, v in (("n_attack", n_attack), ("n_defense", n_defense), ("n_certify", n_certify),
                                    ("n0", n0), ("n", n_draws)) if v is not None}

@@ -32,35 +32,35 @@ def _nearest_existing(path: Path) -> Path:
     return current
 
 
-def check_writable_directory(path: str | Path, what: str = "output directory") -> None:
+def check_writable_directory(path: str | Path, what: str = "output directory", option: str = "--out") -> None:
     """Raise OutputNotWritable unless `path` is, or can be created as, a directory we may write in.
 
     Looks only (nothing is created): the nearest existing ancestor must be a
     writable directory, and nothing on the way may be a file. Writing can
     still fail later (a full disk); `make_directory` reports that in one line too.
     """
-    _check_creatable(Path(path), Path(path), what)
+    _check_creatable(Path(path), Path(path), what, option)
 
 
-def check_writable_file(path: str | Path, what: str = "output file") -> None:
+def check_writable_file(path: str | Path, what: str = "output file", option: str = "--out") -> None:
     """Raise OutputNotWritable unless the file `path` can be written (its folder created if needed)."""
     path = Path(path)
     if path.is_dir():
         raise OutputNotWritable(f"{what} {path} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputNotWritable(f"cannot write {what} {path}: the file is not writable by this user")
-    _check_creatable(path.parent, path, what)
+    _check_creatable(path.parent, path, what, option)
 
 
-def _check_creatable(directory: Path, shown: Path, what: str) -> None:
+def _check_creatable(directory: Path, shown: Path, what: str, option: str) -> None:
     existing = _nearest_existing(directory)
     if not existing.is_dir():
         blocker = "is a file" if existing.exists() else "does not exist"
-        raise OutputNotWritable(f"cannot write {what} {shown}: {existing} {blocker}; choose another --out")
+        raise OutputNotWritable(f"cannot write {what} {shown}: {existing} {blocker}; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         # access() also answers EROFS for read-only file systems, which permissions alone would not show.
         raise OutputNotWritable(f"cannot write {what} {shown}: {existing} is not writable by this user; "
-                                f"choose another --out")
+                                f"choose another {option}")
 
 
 def make_directory(path: str | Path, what: str = "output directory") -> None:
