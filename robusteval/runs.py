@@ -199,7 +199,8 @@ class RunDirectory:
                 complete.extend(batch)
                 batch = []
         torn = bool(raw) and not raw.endswith(b"\n")
-        if torn or len(complete) != len(records):
+        # Blank lines are dropped too, so that record k is on line k + 1 (check_records names lines).
+        if torn or len(complete) != len(records) or len(complete) != raw.count(b"\n"):
             self._rewrite(complete)
         return complete
 

@@ -148,3 +148,15 @@ def test_an_engine_check_names_the_record_it_rejects(tmp_path: Path) -> None:
         run.check_records(range(6))  # fine without the engine's own check
         with pytest.raises(RunRecordsInvalid, match="line 4: label 9 is not a class"):
             run.check_records(range(6), check=lambda r: "label 9 is not a class" if r["label"] == 9 else None)
+
+
+def test_blank_lines_do_not_shift_the_line_named(tmp_path: Path) -> None:
+    with RunDirectory(tmp_path, CONFIG) as run:
+        run.append_batch(0, _batch(0, [0, 1, 2]))
+    samples = tmp_path / SAMPLES_FILE
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("\n" + lines[0] + "\n" + "".join(lines[1:]) + lines[0].replace('"batch": 0', '"batch": 1')
+                       .replace('"batch_records": 3', '"batch_records": 1'))
+    with RunDirectory(tmp_path, CONFIG) as run:
+        with pytest.raises(RunRecordsInvalid, match="line 4: image 0 is recorded twice"):
+            run.check_records(range(6))
