@@ -9,23 +9,19 @@ from pathlib import Path
 
 import click
 
-from robusteval.names import UnknownNameError
+from robusteval.errors import UsageError
 
 logger = logging.getLogger("robusteval")
 
 
 class FriendlyGroup(click.Group):
-    """Turns the library's expected errors into one clear line and exit code 2."""
+    """Prints a user error (`UsageError`) as one clear line with exit code 2; anything else is a bug and keeps
+    its traceback (exit 1)."""
 
     def invoke(self, ctx: click.Context):
-        from robusteval.checkpoints import CheckpointError
-        from robusteval.interface import CapabilityError
-        from robusteval.runs import RunConfigMismatch
-
         try:
             return super().invoke(ctx)
-        except (UnknownNameError, CheckpointError, CapabilityError, RunConfigMismatch, FileNotFoundError,
-                NotADirectoryError, ValueError) as error:
+        except UsageError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
 
@@ -106,7 +102,7 @@ def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 @click.option("--dataset", default="digits", show_default=True, help="Training data set (name or .npz path).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory with the data set's files (mnist, fashion-mnist, cifar10); never downloaded.")
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the model card's recipe).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (default: the model card's recipe).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random draw of training.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the .safetensors (a .json record goes beside it). "
@@ -139,6 +135,49 @@ def _parse_options(options: tuple[str, ...]) -> dict[str, object]:
     return parsed
 
 
+# --- the options every evaluation takes ------------------------------------------------------------
+_FLAG_TYPES = {
+    "text": None,
+    "dir": click.Path(file_okay=False, path_type=Path),
+    "file": click.Path(dir_okay=False, exists=True, path_type=Path),
+}
+
+
+def job_options(function):
+    """Adds the flags of `robusteval.jobs.JobOptions` (model, weights, data, device) to an evaluation command.
+
+    The one place to add an option to every evaluation command and API entry
+    point is `JobOptions`; this decorator turns each of its fields into a flag.
+    """
+    import dataclasses
+
+    from robusteval.jobs import JobOptions
+
+    for item in reversed(dataclasses.fields(JobOptions)):
+        flag = item.metadata["cli"]
+        if flag.kind == "flag":
+            option = click.option(flag.name, item.name, is_flag=True, help=flag.help)
+        else:
+            option = click.option(flag.name, item.name, type=_FLAG_TYPES[flag.kind], default=flag.default,
+                                  show_default=flag.default is not None, help=flag.help)
+        function = option(function)
+    return function
+
+
+def _split_job_options(params: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """A command's parameters split into its own and the `JobOptions` ones."""
+    import dataclasses
+
+    from robusteval.jobs import JobOptions
+
+    names = {item.name for item in dataclasses.fields(JobOptions)}
+    return ({k: v for k, v in params.items() if k not in names}, {k: v for k, v in params.items() if k in names})
+
+
+_RUN_OUT_HELP = "Run directory (default: runs/<{}>-<config hash>, so the same command resumes)."
+_RESUME_HELP = "Continue a run directory holding the same configuration, or start it afresh."
+
+
 # --- run (adversarial attacks) ----------------------------------------------------------------
 def _parse_eps_list(value: str | None) -> list[float] | None:
     if value is None:
@@ -157,9 +196,7 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
 @click.option("--model", "model_name", required=True,
               help="Registered model (see `robusteval list models`) or robustbench:<Name>.")
 @click.option("--attack", default="autoattack", show_default=True, help="Attack or suite (see `robusteval list attacks`).")
-@click.option("--dataset", default="digits", show_default=True, help="Data set (name or .npz path); test split.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory with the data set's files (mnist, fashion-mnist, cifar10); never downloaded.")
+@job_options
 @click.option("--norm", default="Linf", show_default=True, help="Threat model: Linf or L2.")
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
               help="Radii to evaluate (default for digits: Linf 0.05,0.1,0.15,0.2,0.3; L2 0.25,0.5,1,1.5,2).")
@@ -167,7 +204,6 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
 @click.option("--batch-size", type=int, default=500, show_default=True,
               help="Points attacked together; the state is saved after each eps of a batch, so a killed run "
                    "resumes from the last finished (batch, eps).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--defense", default="none", show_default=True,
               help="What is attacked: none | denoise:S | denoise:S:noise | noise:S | smooth:S:K.")
 @click.option("--gradient", type=click.Choice(["full", "bpda", "auto"]), default=None,
@@ -180,10 +216,8 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every random draw; each batch's draws depend on it and the batch only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory (default: runs/<model>-<dataset>-<attack>-<norm>-<config hash>, so the same "
-                   "command resumes).")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue a run directory holding the same configuration, or start it afresh.")
+              help=_RUN_OUT_HELP.format("model>-<dataset>-<attack>-<norm"))
+@click.option("--resume/--no-resume", default=True, show_default=True, help=_RESUME_HELP)
 @click.option("--large-eps-check/--no-large-eps-check", default=True, show_default=True,
               help="Re-run the attack at a very large eps on up to 100 points (a gradient-masking check).")
 @click.option("--masking-checks/--no-masking-checks", default=True, show_default=True,
@@ -191,33 +225,24 @@ def _parse_eps_list(value: str | None) -> list[float] | None:
                    "(one extra gradient pass at the clean points). Turn off only to time a bare attack.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON (the run path goes to stderr).")
-@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Weights directory for robustbench:<Name> models.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Load these weights instead of the shipped ones.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="Allow arbitrary unpickling of a .pt checkpoint (only for files you trust).")
-def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | None, norm: str, eps_text: str | None,
-                n: int | None, batch_size: int, device: str, defense: str, gradient: str | None, eot: int | None,
-                steps: int | None, step_size: float | None, seed: int, out: Path | None, resume: bool,
-                large_eps_check: bool, masking_checks: bool, quiet: bool, as_json: bool, model_dir: Path | None,
-                checkpoint: Path | None, allow_unsafe_pickle: bool) -> None:
+def run_command(model_name: str, eps_text: str | None, out: Path | None, resume: bool, quiet: bool, as_json: bool,
+                **params: object) -> None:
     """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
-    from robusteval.attacks.engine import prepare_attack
-    from robusteval.runs import default_run_dir
+    from robusteval.attacks.evaluate import prepare_attack
 
-    job = prepare_attack(model_name, dataset, attack=attack, norm=norm, eps=_parse_eps_list(eps_text), n=n,
-                         batch_size=batch_size, device=device, defense=defense, gradient=gradient, eot=eot,
-                         steps=steps, step_size=step_size, seed=seed, large_eps_check=large_eps_check,
-                         masking_checks=masking_checks, checkpoint=checkpoint, model_dir=model_dir,
-                         allow_unsafe_pickle=allow_unsafe_pickle, data_dir=data_dir)
-    out = out or default_run_dir(job.config, job.run_dir_parts())
+    settings, options = _split_job_options(params)
+    job = prepare_attack(model_name, options.pop("dataset"), eps=_parse_eps_list(eps_text), **settings, **options)
+    out = out or job.default_run_dir()
     click.echo(f"run directory: {out}", err=True)
-    result = job.run(out=out, resume=resume, progress=not (quiet or as_json))
-    summary = result.summary()
+    summary = job.run(out=out, resume=resume, progress=not (quiet or as_json)).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    _echo_attack_summary(summary)
+    click.echo(f"{summary['seconds']:.1f} s; run: {out}")
+
+
+def _echo_attack_summary(summary: dict) -> None:
     click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
                f"{summary['norm']}, defense {summary['defense']}"
                + (f", gradient {summary['gradient']}" if summary["defense"].startswith("denoise") else "")
@@ -234,7 +259,6 @@ def run_command(model_name: str, attack: str, dataset: str, data_dir: Path | Non
             click.echo(f"  - {flag}")
     else:
         click.echo("flags: none")
-    click.echo(f"{summary['seconds']:.1f} s; run: {out}")
 
 
 # --- certify / predict (randomized smoothing) -----------------------------------------------
@@ -245,70 +269,41 @@ def _smoothing_options(function):
         click.option("--sigma", type=float, required=True, help="Std of the smoothing noise, in [0, 1] pixel units."),
         click.option("--mode", type=click.Choice(["direct", "denoised"]), default="direct", show_default=True,
                      help="direct: classify x + σn at σ; denoised: classify the model's denoise(x + σn, σ)."),
-        click.option("--dataset", default="digits", show_default=True, help="Data set (name or .npz path); test split."),
-        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Directory with the data set's files (mnist, fashion-mnist, cifar10); never downloaded."),
+        job_options,
         click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability α."),
         click.option("--n-images", type=int, default=None, help="Number of test images (default: all after --skip)."),
         click.option("--skip", type=int, default=0, show_default=True, help="Start at this test image."),
         click.option("--batch-size", type=int, default=1000, show_default=True,
                      help="(image, noise draw) pairs per forward pass; draws of several images share a pass."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the noise; each image's draws depend on it and the image's index only."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Run directory (default: runs/<kind>-<model>-...-<config hash>, so the same command resumes)."),
-        click.option("--resume/--no-resume", default=True, show_default=True,
-                     help="Continue a run directory holding the same configuration, or start it afresh."),
-        click.option("--compile/--no-compile", "compile_model", default=None,
+                     help=_RUN_OUT_HELP.format("kind>-<model>-<dataset>-s<sigma>-<mode"),),
+        click.option("--resume/--no-resume", default=True, show_default=True, help=_RESUME_HELP),
+        click.option("--compile/--no-compile", "compile", default=None,
                      help="torch.compile the base classifier (static shapes). Default: when the run is long "
                           "enough for compiling to pay off."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the run path goes to stderr)."),
-        click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Weights directory for robustbench:<Name> models."),
-        click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                     help="Load these weights (.safetensors) instead of the shipped ones."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
-def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
-    from robusteval.certify.engine import (
-        SmoothingSettings,
-        model_dtype,
-        require_capabilities,
-        resolve_image_range,
-        run_smoothing,
-        smoothing_config,
-    )
-    from robusteval.data import load_dataset
-    from robusteval.model_zoo.registry import create_model
-    from robusteval.runs import RunDirectory, default_run_dir
+def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int, n0: int,
+                           seed: int, out: Path | None, resume: bool, quiet: bool, as_json: bool,
+                           **params: object) -> None:
+    from robusteval.certify.engine import SmoothingSettings, prepare_smoothing
 
-    settings = SmoothingSettings(kind, sigma=options["sigma"], n=options["n"], alpha=options["alpha"],
-                                 n0=options.get("n0", 0), mode=options["mode"], seed=options["seed"])
-    data = load_dataset(options["dataset"], "test", root=options["data_dir"])
-    model = create_model(options["model_name"], dataset=options["dataset"], device=options["device"],
-                         checkpoint=options["checkpoint"], model_dir=options["model_dir"])
-    require_capabilities(model, settings.mode)
-    n_images, skip = resolve_image_range(len(data), options["n_images"], options["skip"])
-    extra = {"checkpoint": str(options["checkpoint"]) if options["checkpoint"] else None,
-             "model_dir": str(options["model_dir"]) if options["model_dir"] else None}
-    config = smoothing_config(settings, model.name, data.name, n_images, skip, model.device, model.input_shape, extra,
-                              dtype=model_dtype(model))
-    out = options["out"] or default_run_dir(
-        config, (kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode))
-    run_dir = RunDirectory(out, config, resume=options["resume"])
+    settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
+    run_settings, options = _split_job_options(params)
+    job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
+    run_dir = job.open_run(out or job.default_run_dir(), resume)
     verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
-    click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{n_images} images done)", err=True)
-    result = run_smoothing(model, data, settings, n_images=n_images, skip=skip, batch_size=options["batch_size"],
-                           compile=options["compile_model"], run_dir=run_dir, config=config,
-                           progress=not options["quiet"])
-    summary = result.summary
-    if options["as_json"]:
+    click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
+    summary = job.run(run_dir, progress=not quiet).summary
+    if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"run: {run_dir.path}")
@@ -328,17 +323,45 @@ def _run_smoothing_command(kind: str, options: dict[str, object]) -> None:
 @_smoothing_options
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (pick the class).")
 @click.option("--n", type=int, default=10_000, show_default=True, help="Estimation draws per image (bound its probability).")
-def certify_command(**options: object) -> None:
+def certify_command(**params: object) -> None:
     """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY); writes a run directory."""
-    _run_smoothing_command("certify", options)
+    _run_smoothing_command("certify", **params)
 
 
 @main.command("predict")
 @_smoothing_options
 @click.option("--n", type=int, default=1000, show_default=True, help="Noise draws per image.")
-def predict_command(**options: object) -> None:
+def predict_command(**params: object) -> None:
     """The smoothed classifier's predictions, abstaining when not significant (Cohen et al. 2019 PREDICT)."""
-    _run_smoothing_command("predict", options)
+    _run_smoothing_command("predict", n0=0, **params)
+
+
+# --- denoise (PSNR of a model's own denoiser) ----------------------------------------------------
+@main.command("denoise")
+@click.option("--model", "model_name", required=True, help="A registered model with the `denoise` capability.")
+@job_options
+@click.option("--sigmas", default="0.12,0.25,0.5", show_default=True, metavar="S1,S2,...",
+              help="Noise levels (std in [0, 1] pixel units).")
+@click.option("--n-images", type=click.IntRange(1), default=None, help="First N test images (default: all).")
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="Images per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise (per batch).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=_RUN_OUT_HELP.format("denoise>-<model>-<dataset"))
+@click.option("--resume/--no-resume", default=True, show_default=True, help=_RESUME_HELP)
+def denoise_command(model_name: str, sigmas: str, out: Path | None, resume: bool, **params: object) -> None:
+    """PSNR of the model's denoiser on noisy test images, per noise level; writes a run directory."""
+    from robusteval.denoising import prepare_denoising
+
+    try:
+        levels = [float(part) for part in sigmas.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {sigmas!r}", param_hint="--sigmas") from None
+    settings, options = _split_job_options(params)
+    job = prepare_denoising(model_name, options.pop("dataset"), sigmas=levels, **settings, **options)
+    summary = job.run(out or job.default_run_dir(), resume=resume)
+    rows = [(f"{p['sigma']:g}", f"{p['psnr']:.2f}", f"{p['psnr_noisy']:.2f}") for p in summary["psnr"]]
+    _echo_table(("sigma", "PSNR denoised (dB)", "PSNR noisy (dB)"), rows)
+    click.echo(f"{summary['seconds']:.1f} s; run: {summary['path']}")
 
 
 # --- sample / counterfactual (generative joint models) ------------------------------------------
@@ -351,56 +374,23 @@ def predict_command(**options: object) -> None:
 @click.option("--conditional/--unconditional", default=True, show_default=True,
               help="Class-conditional rows (row r shows class r), or unconditional samples of p(x).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")
-@click.option("--dataset", default="digits", show_default=True, help="Data set the model was trained on.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Load these weights (.safetensors) instead of the shipped ones.")
+@job_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
               help="PNG file to write.")
-def sample_command(model_name: str, n: int, class_index: int | None, conditional: bool, seed: int, dataset: str,
-                   device: str, checkpoint: Path | None, out: Path) -> None:
+def sample_command(model_name: str, **params: object) -> None:
     """Draw samples from a generative joint model and write them as a PNG grid.
 
     Also prints the `standard` baseline's mean confidence in the requested
-    classes (or, for unconditional samples, in its own top class).
+    classes (or, for unconditional samples, in its own top class). --dataset
+    names the data set the model was trained on.
     """
-    import torch
+    from robusteval.generation import sample
 
-    from robusteval.checkpoints import CheckpointError
-    from robusteval.interface import CapabilityError
-    from robusteval.model_zoo.registry import create_model
-    from robusteval.quality import sample_confidence
-    from robusteval.reports.image_grids import save_sample_grid
-
-    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
-    if "sample" not in model.capabilities:
-        raise CapabilityError(model.name, "sample", model.capabilities)
-    if class_index is not None and not conditional:
-        raise ValueError("--class asks for class-conditional samples; it cannot be combined with --unconditional")
-    if class_index is not None and not 0 <= class_index < model.num_classes:
-        raise ValueError(f"--class must be a class index in [0, {model.num_classes}), got {class_index}")
-    columns = 10
-    rows = -(-n // columns)
-    if class_index is not None:
-        labels = torch.full((n,), class_index, dtype=torch.long)
-        row_labels = [f"class {class_index}"] * rows
-    elif conditional:
-        labels = (torch.arange(n) // columns) % model.num_classes
-        row_labels = [f"class {r % model.num_classes}" for r in range(rows)]
-    else:
-        labels, row_labels = None, None
-    generator = torch.Generator().manual_seed(seed)
-    samples = model.sample(n, None if labels is None else labels.to(model.device), generator=generator).cpu()
-    kind = "unconditional" if labels is None else "class-conditional"
-    save_sample_grid(samples, out, columns=columns, row_labels=row_labels,
-                     title=f"{model.name}: {n} {kind} samples (seed {seed})")
-    message = f"wrote {out}: {n} {kind} samples of {model.name}"
-    try:
-        standard = create_model("standard", dataset=dataset, device="cpu")
-    except CheckpointError:
-        standard = None  # no baseline weights for this data set: nothing to judge the samples with
-    if standard is not None:
-        message += f"; standard's mean confidence {sample_confidence(standard, samples, labels):.3f}"
+    settings, options = _split_job_options(params)
+    result = sample(model_name, options.pop("dataset"), **settings, **options)
+    message = f"wrote {result.path}: {len(result.samples)} {result.kind} samples of {result.model}"
+    if result.standard_confidence is not None:
+        message += f"; standard's mean confidence {result.standard_confidence:.3f}"
     click.echo(message)
 
 
@@ -414,61 +404,24 @@ def sample_command(model_name: str, n: int, class_index: int | None, conditional
               help="Diffusion time the images are noised to before guided denoising (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-guidance scale (default: the model's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the images chosen, targets and noise.")
-@click.option("--dataset", default="digits", show_default=True, help="Data set (test split).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory with the data set's files (mnist, fashion-mnist, cifar10); never downloaded.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Load these weights (.safetensors) instead of the shipped ones.")
+@job_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("counterfactuals.png"),
               show_default=True, help="PNG file to write.")
-def counterfactual_command(model_name: str, n: int, target: int | None, t_start: float | None, guidance: float | None,
-                           seed: int, dataset: str, data_dir: Path | None, device: str, checkpoint: Path | None,
-                           out: Path) -> None:
+def counterfactual_command(model_name: str, **params: object) -> None:
     """Visual counterfactual explanations: test digits changed to be classified as a target class.
 
     Writes originals above their counterfactuals, each captioned with the
     `standard` baseline's prediction, and prints how often that prediction
     flipped to the target and how far (L2) the counterfactuals moved.
     """
-    import torch
+    from robusteval.generation import counterfactual
 
-    from robusteval.data import load_dataset
-    from robusteval.interface import CapabilityError
-    from robusteval.model_zoo.registry import create_model
-    from robusteval.reports.image_grids import save_counterfactual_grid
-
-    model = create_model(model_name, dataset=dataset, device=device, checkpoint=checkpoint)
-    if not callable(getattr(model, "counterfactual", None)):
-        raise CapabilityError(model.name, "counterfactual", model.capabilities)
-    if target is not None and not 0 <= target < model.num_classes:
-        raise ValueError(f"--target must be a class index in [0, {model.num_classes}), got {target}")
-    data = load_dataset(dataset, "test", root=data_dir)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data), generator=generator)[: min(n, len(data))]
-    x, y = data.x[index], data.y[index]
-    if target is None:
-        shift = torch.randint(1, model.num_classes, y.shape, generator=generator)
-        targets = (y + shift) % model.num_classes
-    else:
-        targets = torch.full_like(y, target)
-    options = {k: v for k, v in (("t_start", t_start), ("guidance_scale", guidance)) if v is not None}
-    changed = model.counterfactual(x.to(model.device), targets.to(model.device), generator=generator, **options).cpu()
-    standard = create_model("standard", dataset=dataset, device="cpu")
-    with torch.no_grad():
-        before = standard.logits(x).softmax(1)
-        after = standard.logits(changed).softmax(1)
-    flipped = after.argmax(1) == targets
-    distance = (changed - x).flatten(1).norm(dim=1)
-    save_counterfactual_grid(
-        x, changed,
-        [f"y={int(a)} std:{int(p.argmax())} ({float(p.max()):.2f})" for a, p in zip(y, before)],
-        [f"→{int(t)} std:{int(p.argmax())} ({float(p.max()):.2f})" for t, p in zip(targets, after)],
-        out, title=f"{model.name} counterfactuals (seed {seed}); std = the standard baseline's prediction",
-    )
-    click.echo(f"wrote {out}: {len(y)} counterfactuals of {model.name}; standard predicts the target for "
-               f"{int(flipped.sum())}/{len(y)} ({float(flipped.float().mean()):.0%}); mean L2 change "
-               f"{float(distance.mean()):.3f}")
+    settings, options = _split_job_options(params)
+    result = counterfactual(model_name, options.pop("dataset"), **settings, **options)
+    count = len(result.labels)
+    click.echo(f"wrote {result.path}: {count} counterfactuals of {result.model}; standard predicts the target for "
+               f"{int(result.flipped.sum())}/{count} ({float(result.flipped.float().mean()):.0%}); mean L2 change "
+               f"{float(result.distance.mean()):.3f}")
 
 
 # --- report / check (reports and the CI gate) ------------------------------------------------
@@ -576,7 +529,7 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
               help="Comma-separated shell patterns of the zoo models to include.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Evaluations run in parallel processes (each single-threaded).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@job_options
 @click.option("--n-attack", type=click.IntRange(1), default=None, help="Override: points per attack run.")
 @click.option("--n-defense", type=click.IntRange(0), default=None,
               help="Override: points per adaptive-attack run on a joint model's pipeline (0: none).")
@@ -584,9 +537,13 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
 @click.option("--n0", type=click.IntRange(1), default=None, help="Override: selection draws per image.")
 @click.option("--n", "n_draws", type=click.IntRange(1), default=None, help="Override: estimation draws per image.")
 def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_report: bool, patterns: str, jobs: int,
-                      device: str, n_attack: int | None, n_defense: int | None, n_certify: int | None,
-                      n0: int | None, n_draws: int | None) -> None:
-    """Run a standard grid over the model zoo (attacks, adaptive attacks, certification, PSNR), then `report`."""
+                      n_attack: int | None, n_defense: int | None, n_certify: int | None,
+                      n0: int | None, n_draws: int | None, **options: object) -> None:
+    """Run a standard grid over the model zoo (attacks, adaptive attacks, certification, PSNR), then `report`.
+
+    The evaluation options (--device, --data-dir, ...) go to every run of the grid; --dataset replaces the
+    suite's data set.
+    """
     import dataclasses
 
     from robusteval.benchmark import describe, resolve_suite, run_benchmark
@@ -598,8 +555,8 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
                                    ("n0", n0), ("n", n_draws)) if v is not None}
     suite = dataclasses.replace(suite, **overrides)
     models = tuple(p.strip() for p in patterns.split(",") if p.strip()) or ("*",)
-    result = run_benchmark(suite, out, models=models, jobs=jobs, device=device,
-                           on_event=lambda message: click.echo(message, err=True))
+    result = run_benchmark(suite, out, models=models, jobs=jobs,
+                           on_event=lambda message: click.echo(message, err=True), **options)
     click.echo(f"suite {suite.name}: {len(result.finished)} runs finished, {len(result.failed)} failed, "
                f"{result.seconds:.0f} s; parameters and timings in {result.folder / 'benchmark.json'}")
     if not no_report and result.finished:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robusteval.errors import MissingFileError, UsageError
+
 # The embedded default: scikit-learn's digits, split once with this seed.
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_SIZE = 500
@@ -47,7 +49,7 @@ FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A data file exists but is malformed: corrupt, truncated, inconsistent or out of range."""
 
 
@@ -129,7 +131,7 @@ def dataset_info(name: str | Path) -> DatasetInfo:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def load_digits(split: str = "test") -> ImageDataset:
@@ -240,14 +242,14 @@ def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, P
     )
     if root is None:
         if name != "fashion-mnist":
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{name}: no data directory given; pass root=<directory> holding {wanted} "
                 f"(nothing is downloaded)."
             )
         root = FASHION_MNIST_DEFAULT_DIR
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: data directory {root} {_not_a_directory(root)}; expected {wanted} in it.{install_hint}"
         )
     searched = _idx_directories(name, root)
@@ -257,9 +259,9 @@ def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, P
             return images, labels
         if images is not None or labels is not None:
             missing = stems[1] if images is not None else stems[0]
-            raise FileNotFoundError(f"{name}: {directory} has only half of the {split} split: "
+            raise MissingFileError(f"{name}: {directory} has only half of the {split} split: "
                                     f"{missing}[.gz] is missing (expected {wanted}).{install_hint}")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{name}: no {split} idx files found; expected {wanted} in one of: "
         f"{', '.join(str(d) for d in searched)}.{install_hint}"
     )
@@ -272,7 +274,7 @@ def load_idx_dataset(name: str, split: str = "test", root: str | Path | None = N
     """
     _check_split(split)
     if name not in _TORCHVISION_FOLDERS:
-        raise ValueError(f"idx data sets are {', '.join(_TORCHVISION_FOLDERS)}; got {name!r}")
+        raise UsageError(f"idx data sets are {', '.join(_TORCHVISION_FOLDERS)}; got {name!r}")
     info = DATASETS[name]
     images_path, labels_path = _locate_idx(name, split, root)
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -352,16 +354,16 @@ def _load_cifar_pickle(path: Path) -> dict[str, Any]:
 def _cifar_directory(root: str | Path | None) -> Path:
     wanted = ", ".join((*_CIFAR10_SPLIT_FILES["train"], *_CIFAR10_SPLIT_FILES["test"], _CIFAR10_META))
     if root is None:
-        raise FileNotFoundError(f"cifar10: no data directory given; pass root=<directory> holding {CIFAR10_FOLDER}/ "
+        raise MissingFileError(f"cifar10: no data directory given; pass root=<directory> holding {CIFAR10_FOLDER}/ "
                                 f"({wanted}); nothing is downloaded.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"cifar10: data directory {root} {_not_a_directory(root)}; "
+        raise MissingFileError(f"cifar10: data directory {root} {_not_a_directory(root)}; "
                                 f"expected {CIFAR10_FOLDER}/ ({wanted}) in it or to be it.")
     for directory in (root, root / CIFAR10_FOLDER):
         if (directory / _CIFAR10_META).is_file():
             return directory
-    raise FileNotFoundError(f"cifar10: no {_CIFAR10_META} in {root} or {root / CIFAR10_FOLDER}; expected the "
+    raise MissingFileError(f"cifar10: no {_CIFAR10_META} in {root} or {root / CIFAR10_FOLDER}; expected the "
                             f"python batches ({wanted}) there.")
 
 
@@ -381,7 +383,7 @@ def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDa
     classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
     missing = [f for f in _CIFAR10_SPLIT_FILES[split] if not (directory / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"cifar10: {', '.join(missing)} missing in {directory} "
+        raise MissingFileError(f"cifar10: {', '.join(missing)} missing in {directory} "
                                 f"(the {split} split needs {', '.join(_CIFAR10_SPLIT_FILES[split])}).")
     images, labels = [], []
     for file_name in _CIFAR10_SPLIT_FILES[split]:
@@ -422,7 +424,7 @@ def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
 
 def _npz_open(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .npz file (expected arrays x and y in it)")
+        raise MissingFileError(f"{path}: no such .npz file (expected arrays x and y in it)")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:

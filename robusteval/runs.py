@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from robusteval.checkpoints import atomic_write_json
+from robusteval.errors import MissingFileError, NotADirectoryUsageError, UsageError
 
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -35,7 +36,7 @@ SUMMARY_FILE = "summary.json"
 PROVENANCE_KEY = "provenance"
 
 
-class RunConfigMismatch(RuntimeError):
+class RunConfigMismatch(UsageError, RuntimeError):
     """A run directory holds a different configuration than the one asked for."""
 
 
@@ -97,7 +98,7 @@ class RunDirectory:
         self.config = {k: v for k, v in config.items() if k != PROVENANCE_KEY}
         config_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"run path {self.path} exists and is not a directory")
+            raise NotADirectoryUsageError(f"run path {self.path} exists and is not a directory")
         if config_path.exists() and resume:
             stored = json.loads(config_path.read_text())
             stored_core = {k: v for k, v in stored.items() if k != PROVENANCE_KEY}
@@ -203,7 +204,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
+        raise MissingFileError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
     config_path = path / CONFIG_FILE
     samples_path = path / SAMPLES_FILE
     return {

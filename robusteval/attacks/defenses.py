@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.names import resolve_name
 
@@ -69,26 +70,26 @@ def parse_defense(text: str) -> DefenseSpec:
     usage = "expected one of none, denoise:S, denoise:S:noise, noise:S, smooth:S:K (S > 0 a noise std, K >= 1 votes)"
     if kind == "none":
         if len(parts) != 1:
-            raise ValueError(f"defense 'none' takes no parameters, got {text!r}; {usage}")
+            raise UsageError(f"defense 'none' takes no parameters, got {text!r}; {usage}")
         return DefenseSpec("none")
     if len(parts) < 2:
-        raise ValueError(f"defense {text!r} needs a noise level S; {usage}")
+        raise UsageError(f"defense {text!r} needs a noise level S; {usage}")
     try:
         sigma = float(parts[1])
     except ValueError:
-        raise ValueError(f"defense {text!r}: S must be a number, got {parts[1]!r}; {usage}") from None
+        raise UsageError(f"defense {text!r}: S must be a number, got {parts[1]!r}; {usage}") from None
     if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"defense {text!r}: S must be a positive noise std, got {sigma}; {usage}")
+        raise UsageError(f"defense {text!r}: S must be a positive noise std, got {sigma}; {usage}")
     if kind == "smooth":
         if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
-            raise ValueError(f"defense {text!r}: smooth needs a vote count K >= 1 (smooth:S:K); {usage}")
+            raise UsageError(f"defense {text!r}: smooth needs a vote count K >= 1 (smooth:S:K); {usage}")
         return DefenseSpec("smooth", sigma, votes=int(parts[2]))
     if kind == "denoise" and len(parts) == 3:
         if parts[2].lower() != "noise":
-            raise ValueError(f"defense {text!r}: the third part of denoise can only be 'noise'; {usage}")
+            raise UsageError(f"defense {text!r}: the third part of denoise can only be 'noise'; {usage}")
         return DefenseSpec("denoise", sigma, add_noise=True)
     if len(parts) != 2:
-        raise ValueError(f"defense {text!r} has too many parts; {usage}")
+        raise UsageError(f"defense {text!r} has too many parts; {usage}")
     return DefenseSpec(kind, sigma)
 
 
@@ -117,13 +118,13 @@ class DeployedPipeline(nn.Module):
                  decision_draws: int = DECISION_DRAWS):
         super().__init__()
         if gradient not in ("full", "bpda"):
-            raise ValueError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
+            raise UsageError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
         if defense.kind == "denoise" and "denoise" not in model.capabilities:
             from robusteval.interface import CapabilityError
 
             raise CapabilityError(model.name, "denoise", model.capabilities)
         if decision_draws < 1:
-            raise ValueError(f"decision_draws must be >= 1, got {decision_draws}")
+            raise UsageError(f"decision_draws must be >= 1, got {decision_draws}")
         self.model = model
         self.defense = defense
         self.gradient = gradient

@@ -39,8 +39,11 @@ from robusteval.certify.sampler import (
     count_classes,
     noise_block_size,
 )
-from robusteval.data import ImageDataset, load_dataset
+from robusteval.data import ImageDataset
+from robusteval.errors import UsageError
+from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
+from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -67,15 +70,15 @@ class SmoothingSettings:
         object.__setattr__(self, "kind", resolve_name(self.kind, KINDS, "smoothing kind"))
         object.__setattr__(self, "mode", resolve_name(self.mode, MODES, "smoothing mode"))
         if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a finite noise level > 0, got {self.sigma}")
+            raise UsageError(f"sigma must be a finite noise level > 0, got {self.sigma}")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+            raise UsageError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.n < 1:
-            raise ValueError(f"n must be at least 1 noise draw, got {self.n}")
+            raise UsageError(f"n must be at least 1 noise draw, got {self.n}")
         if self.kind == "certify" and self.n0 < 1:
-            raise ValueError(f"n0 must be at least 1 selection draw, got {self.n0}")
+            raise UsageError(f"n0 must be at least 1 selection draw, got {self.n0}")
         if self.kind == "predict" and self.n0 != 0:
-            raise ValueError("predict uses n draws only; n0 must be 0")
+            raise UsageError("predict uses n draws only; n0 must be 0")
 
     @property
     def phases(self) -> list[Phase]:
@@ -94,26 +97,6 @@ class SmoothingResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_data(data: ImageDataset | tuple[Tensor, Tensor] | str) -> ImageDataset:
-    if isinstance(data, ImageDataset):
-        return data
-    if isinstance(data, str):
-        return load_dataset(data, "test")
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        x = torch.as_tensor(x)
-        y = torch.as_tensor(y)
-        if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-            raise ValueError(
-                f"labels must be an integer tensor of shape ({x.shape[0]},), got {tuple(y.shape)} {y.dtype}"
-            )
-        classes = tuple(str(c) for c in range(int(y.max()) + 1 if y.numel() else 0))
-        return ImageDataset("tensors", "test", x, y.to(torch.int64), classes)
-    raise ValueError(
-        f"data must be an ImageDataset, a data set name or an (x, y) pair of tensors, got {type(data).__name__}"
-    )
-
-
 def smoothing_config(
     settings: SmoothingSettings,
     model_name: str,
@@ -126,24 +109,14 @@ def smoothing_config(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """The configuration that fixes a run's results (what config.json records and resume checks)."""
-    config: dict[str, Any] = {
-        "kind": settings.kind,
-        "model": model_name,
-        "dataset": dataset_name,
-        "mode": settings.mode,
-        "sigma": settings.sigma,
-        "n0": settings.n0,
-        "n": settings.n,
-        "alpha": settings.alpha,
-        "n_images": n_images,
-        "skip": skip,
-        "seed": settings.seed,
+    return SmoothingConfig(
+        kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
+        n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,
         # The noise stream depends on the device type's generator, the block layout and the dtype.
-        "device_type": device.type,
-        "noise": f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
-    }
-    config.update(extra or {})
-    return config
+        device_type=device.type,
+        noise=f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
+        **(extra or {}),
+    ).to_json()
 
 
 def model_dtype(model: JointModel) -> torch.dtype:
@@ -195,170 +168,126 @@ def _base_classifier(
 def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float) -> dict[str, Any]:
     if settings.kind == "certify":
         cert = smoothing.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
-        return {
-            "index": index,
-            "label": label,
-            "prediction": cert.prediction,
-            "abstain": cert.abstain,
-            "radius": cert.radius,
-            "correct": cert.prediction == label,
-            "pA_lower": cert.pA_lower,
-            "count": cert.count,
-            "top_class": cert.top_class,
-            "seconds": seconds,
-        }
+        return CertifySample(
+            index=index, label=label, prediction=cert.prediction, abstain=cert.abstain, radius=cert.radius,
+            correct=cert.prediction == label, pA_lower=cert.pA_lower, count=cert.count, top_class=cert.top_class,
+            seconds=seconds,
+        ).to_json()
     pred = smoothing.predict_decision(counts[0], settings.alpha)
-    return {
-        "index": index,
-        "label": label,
-        "prediction": pred.prediction,
-        "abstain": pred.abstain,
-        "correct": pred.prediction == label,
-        "count": pred.count,
-        "runner_up_count": pred.runner_up_count,
-        "p_value": pred.p_value,
-        "seconds": seconds,
-    }
+    return PredictSample(
+        index=index, label=label, prediction=pred.prediction, abstain=pred.abstain, correct=pred.prediction == label,
+        count=pred.count, runner_up_count=pred.runner_up_count, p_value=pred.p_value, seconds=seconds,
+    ).to_json()
 
 
 def summarize(config: Mapping[str, Any], records: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary figures of a finished run from its records."""
     count = len(records)
-    abstain_rate = sum(bool(r["abstain"]) for r in records) / count if count else 0.0
-    seconds = round(sum(float(r["seconds"]) for r in records), 3)
-    common = {"model": config["model"], "dataset": config["dataset"], "mode": config["mode"],
-              "sigma": config["sigma"]}
-    if config["kind"] == "certify":
-        summary = {
-            "kind": "certify",
-            **common,
-            "n0": config["n0"],
-            "n": config["n"],
-            "alpha": config["alpha"],
-            "n_images": count,
-            "certified_accuracy": smoothing.certified_accuracy_curve(records),
-            "acr": smoothing.average_certified_radius(records),
-            "abstain_rate": abstain_rate,
-            "seconds": seconds,
-        }
-    else:
-        summary = {
-            "kind": "predict",
-            **common,
-            "n": config["n"],
-            "alpha": config["alpha"],
-            "n_images": count,
-            "accuracy": sum(bool(r["correct"]) for r in records) / count if count else 0.0,
-            "abstain_rate": abstain_rate,
-            "seconds": seconds,
-        }
-    summary.update({"skip": config["skip"], "seed": config["seed"]})
-    summary.update(extra or {})
-    return summary
+    certify = config["kind"] == "certify"
+    summary = SmoothingSummary(
+        kind=config["kind"], model=config["model"], dataset=config["dataset"], mode=config["mode"],
+        sigma=config["sigma"], n=config["n"], alpha=config["alpha"], n_images=count,
+        abstain_rate=sum(bool(r["abstain"]) for r in records) / count if count else 0.0,
+        seconds=round(sum(float(r["seconds"]) for r in records), 3),
+        n0=config["n0"] if certify else None,
+        certified_accuracy=[RadiusPoint(**p) for p in smoothing.certified_accuracy_curve(records)] if certify else None,
+        acr=smoothing.average_certified_radius(records) if certify else None,
+        accuracy=None if certify else (sum(bool(r["correct"]) for r in records) / count if count else 0.0),
+        skip=config["skip"], seed=config["seed"], extra=dict(extra or {}),
+    )
+    return summary.to_json()
 
 
-def run_smoothing(
-    model: JointModel,
-    data: ImageDataset,
-    settings: SmoothingSettings,
-    *,
-    n_images: int | None = None,
-    skip: int = 0,
-    batch_size: int = 1000,
-    compile: bool | None = None,
-    run_dir: RunDirectory | None = None,
-    config: dict[str, Any] | None = None,
-    progress: bool = False,
-    chunk_images: int | None = None,
-) -> SmoothingResult:
-    """Run CERTIFY or PREDICT on images skip, skip+1, ... of `data` with a model already on its device.
+class SmoothingJob(Job):
+    """A prepared CERTIFY or PREDICT run on images skip, skip+1, ... of a data set, with the model on its device."""
 
-    Records of images that `run_dir` already holds are kept, not recomputed.
-    chunk_images: images per appended batch of records (default: enough to
-    fill one forward pass, at least one).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model.device
-    dtype = model_dtype(model)
-    n_images, skip = resolve_image_range(len(data), n_images, skip)
-    require_capabilities(model, settings.mode)
-    images = data.x[skip : skip + n_images]
-    labels = data.y[skip : skip + n_images]
-    validate_images(images, model.input_shape, what="images")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
-        raise ValueError(f"labels must lie in [0, {model.num_classes}) for model {model.name!r}")
-    _warn_sigma_mismatch(model, settings.sigma)
+    def __init__(self, resolved: Resolved, settings: SmoothingSettings, *, n_images: int | None = None,
+                 skip: int = 0, batch_size: int = 1000, compile: bool | None = None,
+                 chunk_images: int | None = None):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        model, data = resolved.model, resolved.data
+        require_capabilities(model, settings.mode)
+        n_images, skip = resolve_image_range(len(data), n_images, skip)
+        self.images = data.x[skip : skip + n_images]
+        self.labels = data.y[skip : skip + n_images]
+        validate_images(self.images, model.input_shape, what="images")
+        _warn_sigma_mismatch(model, settings.sigma)
+        self.model, self.settings = model, settings
+        self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
+        # Images per appended batch of records (default: enough to fill one forward pass, at least one).
+        self.chunk_images = chunk_images
+        self.dtype = model_dtype(model)
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
+                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype))
+        self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
-    if config is None:
-        config = smoothing_config(settings, model.name, data.name, n_images, skip, device, model.input_shape,
-                                  dtype=dtype)
-    records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
-    expected = [skip + i for i in range(len(records))]
-    if [r["index"] for r in records] != expected or len(records) > n_images:
-        raise ValueError(f"{run_dir.path if run_dir else 'run'} holds records that do not match images "
-                         f"{skip}..{skip + n_images - 1}; start afresh with --no-resume")
-    done = len(records)
-    per_image = sum(p.draws for p in settings.phases)
-    if chunk_images is None:
-        chunk_images = max(1, batch_size // per_image)
-    batch_number = run_dir.completed_batches if run_dir is not None else 0
-
-    bar = tqdm(total=n_images, initial=done, disable=not progress, unit="img", desc=settings.kind, leave=False)
-    correct = [sum(bool(r["correct"]) for r in records)]
-    compiled_flag = [False]
-
-    def on_chunk(chunk: ChunkCounts) -> None:
-        nonlocal batch_number
-        share = chunk.seconds / (chunk.stop - chunk.start)
-        new = [
-            _record(settings, skip + done + p, int(labels[done + p]), chunk.counts[p - chunk.start], round(share, 4))
-            for p in range(chunk.start, chunk.stop)
-        ]
+    def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True,
+            progress: bool = False) -> SmoothingResult:
+        """Run (or resume) the job; records of images the run directory already holds are kept, not recomputed."""
+        run_dir = self.open_run(out, resume)
+        records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
+        expected = [self.skip + i for i in range(len(records))]
+        if [r["index"] for r in records] != expected or len(records) > self.n_images:
+            raise UsageError(f"{run_dir.path if run_dir else 'run'} holds records that do not match images "
+                             f"{self.skip}..{self.skip + self.n_images - 1}; start afresh with --no-resume")
+        bar = tqdm(total=self.n_images, initial=len(records), disable=not progress, unit="img",
+                   desc=self.settings.kind, leave=False)
+        try:
+            compiled = self._count(records, run_dir, bar)
+        finally:
+            bar.close()
+        summary = summarize(self.config, records, {"batch_size": self.batch_size, "compile": compiled})
         if run_dir is not None:
-            run_dir.append_batch(batch_number, new)
-            batch_number += 1
-        records.extend(new)
-        correct[0] += sum(bool(r["correct"]) for r in new)
-        bar.update(len(new))
-        label = "cert_acc@0" if settings.kind == "certify" else "acc"
-        bar.set_postfix({label: f"{correct[0] / len(records):.3f}"})
+            run_dir.write_summary(summary)
+        return SmoothingResult(records, summary, run_dir.path if run_dir is not None else None, dict(self.config))
 
-    remaining = n_images - done
-    if remaining:
-        noise = NoiseSource(settings.seed, model.input_shape, device, dtype)
-        batch = min(batch_size, remaining * per_image)
-        runner = _base_classifier(model, settings, batch, device, dtype, compile)
+    def _count(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any) -> bool:
+        """Count the base classifier's votes on the images not done yet; returns whether it ran compiled."""
+        settings, model, done = self.settings, self.model, len(records)
+        remaining = self.n_images - done
+        if not remaining:
+            return False
+        per_image = sum(p.draws for p in settings.phases)
+        chunk_images = self.chunk_images or max(1, self.batch_size // per_image)
+        batch_number = [run_dir.completed_batches if run_dir is not None else 0]
+        correct = [sum(bool(r["correct"]) for r in records)]
+
+        def on_chunk(chunk: ChunkCounts) -> None:
+            share = chunk.seconds / (chunk.stop - chunk.start)
+            new = [_record(settings, self.skip + done + p, int(self.labels[done + p]), chunk.counts[p - chunk.start],
+                           round(share, 4)) for p in range(chunk.start, chunk.stop)]
+            if run_dir is not None:
+                run_dir.append_batch(batch_number[0], new)
+                batch_number[0] += 1
+            records.extend(new)
+            correct[0] += sum(bool(r["correct"]) for r in new)
+            bar.update(len(new))
+            bar.set_postfix({"cert_acc@0" if settings.kind == "certify" else "acc": f"{correct[0] / len(records):.3f}"})
+
+        device = model.device
+        noise = NoiseSource(settings.seed, model.input_shape, device, self.dtype)
+        batch = min(self.batch_size, remaining * per_image)
+        runner = _base_classifier(model, settings, batch, device, self.dtype, self.compile)
         grad_context = torch.inference_mode() if settings.mode == "direct" else torch.no_grad()
         was_training = model.training
         model.eval()
         try:
             with grad_context, trusted_inputs():
-                count_classes(
-                    runner, images[done:], [skip + done + i for i in range(remaining)], settings.sigma,
-                    settings.phases,
-                    model.num_classes, noise, batch, chunk_images, on_chunk,
-                )
+                count_classes(runner, self.images[done:], [self.skip + done + i for i in range(remaining)],
+                              settings.sigma, settings.phases, model.num_classes, noise, batch, chunk_images, on_chunk)
         finally:
             model.train(was_training)
-            bar.close()
-        compiled_flag[0] = runner.compiled
-    else:
-        bar.close()
-
-    summary = summarize(config, records, {"batch_size": batch_size, "compile": compiled_flag[0]})
-    if run_dir is not None:
-        run_dir.write_summary(summary)
-    return SmoothingResult(records, summary, run_dir.path if run_dir is not None else None, config)
+        return runner.compiled
 
 
 def resolve_image_range(available: int, n_images: int | None, skip: int) -> tuple[int, int]:
     if skip < 0 or skip >= available:
-        raise ValueError(f"skip must be in [0, {available}) for a data set of {available} images, got {skip}")
+        raise UsageError(f"skip must be in [0, {available}) for a data set of {available} images, got {skip}")
     if n_images is None:
         n_images = available - skip
     if n_images < 1 or skip + n_images > available:
-        raise ValueError(
+        raise UsageError(
             f"n_images must be in [1, {available - skip}] with skip {skip} on {available} images, got {n_images}"
         )
     return n_images, skip
@@ -383,41 +312,17 @@ def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
         logger.warning("model %s was trained with noise sigma %s but is smoothed at sigma %s", model.name, trained, sigma)
 
 
-def _prepare(
-    model: JointModel | str, data: ImageDataset | tuple[Tensor, Tensor] | str, device: str | torch.device | None
-) -> tuple[JointModel, ImageDataset]:
-    from robusteval.model_zoo.registry import create_model, resolve_device
-
-    dataset = _resolve_data(data)
-    if isinstance(model, str):
-        model = create_model(model, dataset=data if isinstance(data, str) else dataset.name, device=device or "auto")
-    elif not isinstance(model, JointModel):
-        raise ValueError(
-            f"model must be a JointModel (see robusteval.wrap) or a registered name, got {type(model).__name__}"
-        )
-    elif device is not None:
-        model.to(resolve_device(device))
-    return model, dataset
-
-
-def _run_api(
-    settings: SmoothingSettings, model: JointModel | str, data: Any, *, n_images: int | None, skip: int,
-    batch_size: int, device: str | torch.device | None, compile: bool | None, out: str | Path | None,
-    resume: bool, progress: bool,
-) -> SmoothingResult:
-    model, dataset = _prepare(model, data, device)
-    require_capabilities(model, settings.mode)
-    n_images, skip = resolve_image_range(len(dataset), n_images, skip)
-    config = smoothing_config(settings, model.name, dataset.name, n_images, skip, model.device, model.input_shape,
-                              dtype=model_dtype(model))
-    run_dir = RunDirectory(out, config, resume=resume) if out is not None else None
-    return run_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
-                         compile=compile, run_dir=run_dir, config=config, progress=progress)
+def prepare_smoothing(model: JointModel | str, dataset: Any, settings: SmoothingSettings, *,
+                      n_images: int | None = None, skip: int = 0, batch_size: int = 1000,
+                      compile: bool | None = None, **options: Any) -> SmoothingJob:
+    """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
+    resolved = resolve(model, JobOptions.of(dataset, options))
+    return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
 def certify(
     model: JointModel | str,
-    data: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
+    dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
     *,
     sigma: float,
     n0: int = 100,
@@ -428,16 +333,18 @@ def certify(
     skip: int = 0,
     batch_size: int = 1000,
     seed: int = 0,
-    device: str | torch.device | None = None,
     compile: bool | None = None,
     out: str | Path | None = None,
     resume: bool = True,
     progress: bool = False,
+    **options: Any,
 ) -> SmoothingResult:
     """CERTIFY (Cohen et al. 2019) every image: a prediction or abstention and a certified L2 radius.
 
     model: a JointModel (moved to `device` if given) or a registered model name.
-    data: an ImageDataset, a data set name (its test split) or (x, y) tensors.
+    dataset: an ImageDataset, a data set name or .npz path (its test split) or (x, y) tensors.
+    options: the `robusteval.jobs.JobOptions` of every evaluation (data_dir,
+    checkpoint, model_dir, allow_unsafe_pickle, device).
     Each image gets n0 selection draws and n independent estimation draws of
     N(0, σ²I) noise, a function of (seed, image index) only. Records hold
     index, label, prediction (None when abstaining), abstain, radius, correct,
@@ -446,13 +353,14 @@ def certify(
     off". out: a run directory, resumed when it holds the same configuration.
     """
     settings = SmoothingSettings("certify", sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
-    return _run_api(settings, model, data, n_images=n_images, skip=skip, batch_size=batch_size, device=device,
-                    compile=compile, out=out, resume=resume, progress=progress)
+    job = prepare_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
+                            compile=compile, **options)
+    return job.run(out=out, resume=resume, progress=progress)
 
 
 def predict(
     model: JointModel | str,
-    data: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
+    dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
     *,
     sigma: float,
     n: int = 1000,
@@ -462,11 +370,11 @@ def predict(
     skip: int = 0,
     batch_size: int = 1000,
     seed: int = 0,
-    device: str | torch.device | None = None,
     compile: bool | None = None,
     out: str | Path | None = None,
     resume: bool = True,
     progress: bool = False,
+    **options: Any,
 ) -> SmoothingResult:
     """PREDICT (Cohen et al. 2019) every image: the smoothed class, or abstain when not significant at α.
 
@@ -475,5 +383,6 @@ def predict(
     runner_up_count (the top two counts of n draws), p_value and seconds.
     """
     settings = SmoothingSettings("predict", sigma=sigma, n=n, alpha=alpha, n0=0, mode=mode, seed=seed)
-    return _run_api(settings, model, data, n_images=n_images, skip=skip, batch_size=batch_size, device=device,
-                    compile=compile, out=out, resume=resume, progress=progress)
+    job = prepare_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
+                            compile=compile, **options)
+    return job.run(out=out, resume=resume, progress=progress)

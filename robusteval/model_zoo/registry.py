@@ -18,6 +18,7 @@ import torch
 
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo, dataset_info
+from robusteval.errors import UsageError
 from robusteval.interface import CAPABILITIES, JointModel
 from robusteval.names import resolve_name
 
@@ -148,7 +149,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+        raise UsageError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     return torch.device(device)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from robusteval.reports.loading import Run, certified_accuracy_from_records, flag_eps, same_number
+from robusteval.reports.loading import Run, certified_accuracy_from_records
 from robusteval.reports.paths import slug
 from robusteval.reports.tables import NORM_SYMBOL, format_number
 
@@ -131,7 +131,10 @@ class RobustPoint:
 
 
 def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
-    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags)."""
+    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags).
+
+    Sanity flags are about the whole run, so a flagged run marks every ε it supplies.
+    """
     budgets = sorted({float(p["eps"]) for r in runs for p in r.summary["curve"]})
     curve = []
     for eps in budgets:
@@ -139,17 +142,8 @@ def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
         run, point = min(((r, p) for r, p in candidates if p is not None),
                          key=lambda rp: (float(rp[1]["robust_accuracy"]), rp[0].attack_label))
         curve.append(RobustPoint(eps, float(point["robust_accuracy"]), float(point["ci_low"]),
-                                 float(point["ci_high"]), _flagged_at(run, eps), run.attack_label))
+                                 float(point["ci_high"]), bool(run.flags), run.attack_label))
     return curve
-
-
-def _flagged_at(run: Run, eps: float) -> bool:
-    """A run-wide flag marks every ε of the run; a flag that names an ε marks that ε."""
-    for flag in run.summary.get("flags") or []:
-        at = flag_eps(flag)
-        if at is None or same_number(at, eps):
-            return True
-    return False
 
 
 def _flag_handle() -> Line2D:
@@ -230,7 +224,7 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
     handles, labels, any_flag = [], [], False
     for i, run in enumerate(relevant):
         curve = [RobustPoint(float(p["eps"]), float(p["robust_accuracy"]), float(p["ci_low"]), float(p["ci_high"]),
-                             _flagged_at(run, float(p["eps"])), run.attack_label) for p in run.summary["curve"]]
+                             bool(run.flags), run.attack_label) for p in run.summary["curve"]]
         run_style = Style(style.color, MARKERS[i % len(MARKERS)], style.linestyle)
         line, flagged = _plot_robust(ax, curve, run_style, slug(f"{run.system}-{run.attack_label}"),
                                      LINESTYLES[i % len(LINESTYLES)])
