@@ -39,6 +39,7 @@ from typing import Any
 from robusteval.errors import UsageError
 from robusteval.checkpoints import atomic_write_json
 from robusteval.reports.paths import slug
+from robusteval.vocabulary import SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> l
                                 cost=suite.n_defense * len(eps) * 1.5))
         own_sigma = card.recipe.get("sigma")
         sigmas = (float(own_sigma),) if isinstance(own_sigma, (int, float)) else suite.sigmas
-        modes = ("direct", "denoised") if can_denoise else ("direct",)
+        modes = SMOOTHING_MODES if can_denoise else ("direct",)
         for sigma in sigmas:
             for mode in modes:
                 arguments = {"sigma": sigma, "mode": mode, "n0": suite.n0, "n": suite.n, "alpha": suite.alpha,
@@ -195,8 +196,8 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
     """
     from scipy.stats import norm as normal
 
-    from robusteval.attacks.evaluate import default_eps
-    from robusteval.reports.tables import NORM_SYMBOL
+    from robusteval.data import default_eps
+    from robusteval.vocabulary import NORM_SYMBOL
 
     def grid(eps_by_norm: dict[str, Any]) -> str:
         parts = []
@@ -229,7 +230,7 @@ def run_job(job: Job) -> tuple[str, float]:
     if job.kind == "attack":
         from robusteval.attacks.evaluate import evaluate_attack as evaluate
     elif job.kind == "certify":
-        from robusteval.certify.engine import certify as evaluate
+        from robusteval.smoothing.engine import certify as evaluate
     elif job.kind == "denoise":
         from robusteval.denoising import evaluate_denoising as evaluate
     else:
@@ -252,16 +253,9 @@ def run_benchmark(
     data_dir, ...), given to each job; `dataset` replaces the suite's data set.
     The zoo's shipped weights are evaluated, so checkpoint and model_dir are refused.
     """
-    from robusteval.jobs import JobOptions
-
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
-    shared = JobOptions.of(options.pop("dataset", suite.dataset), options)
-    if shared.checkpoint is not None or shared.model_dir is not None:
-        raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint and model_dir apply to one model")
-    if not isinstance(shared.dataset, str):
-        raise UsageError("a benchmark's data set must be given by name")
-    suite = dataclasses.replace(suite, dataset=shared.dataset)
+    suite = _with_options(suite, options)
     say = on_event or (lambda message: logger.info("%s", message))
     folder = Path(out) / suite.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -284,22 +278,7 @@ def run_benchmark(
             timings[job.label] = outcome[1]
             say(f"done {job.label} in {outcome[1]:.0f} s ({len(result.finished)}/{len(work)})")
 
-    if jobs == 1:
-        for job in work:
-            say(f"running {job.label}")
-            try:
-                finished(job, run_job(job))
-            except Exception as error:  # one failed evaluation must not lose the others
-                finished(job, error)
-    else:
-        # spawn: fresh interpreters, no forked torch state.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_job, job): job for job in work}
-            for future in concurrent.futures.as_completed(futures):
-                job = futures[future]
-                error = future.exception()
-                finished(job, error if error is not None else future.result())
+    _run_jobs(work, jobs, finished, say)
     result.seconds = round(time.perf_counter() - start, 1)
     atomic_write_json(folder / "benchmark.json", {
         "suite": suite.as_dict(), "models": names, "jobs": jobs, "device": options.get("device") or "auto",
@@ -309,3 +288,35 @@ def run_benchmark(
                  for job in work},
     })
     return result
+
+
+def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:
+    """The suite on the data set the options name (popped from them); other weights are refused."""
+    from robusteval.jobs import JobOptions
+
+    shared = JobOptions.of(options.pop("dataset", suite.dataset), options)
+    if shared.checkpoint is not None or shared.model_dir is not None:
+        raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint and model_dir apply to one model")
+    if not isinstance(shared.dataset, str):
+        raise UsageError("a benchmark's data set must be given by name")
+    return dataclasses.replace(suite, dataset=shared.dataset)
+
+
+def _run_jobs(work: list[Job], jobs: int, finished: Callable[[Job, Any], None], say: Callable[[str], None]) -> None:
+    """Run the jobs in this process (jobs=1) or in `jobs` fresh processes; report each outcome to `finished`."""
+    if jobs == 1:
+        for job in work:
+            say(f"running {job.label}")
+            try:
+                finished(job, run_job(job))
+            except Exception as error:  # one failed evaluation must not lose the others
+                finished(job, error)
+        return
+    # spawn: fresh interpreters, no forked torch state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job): job for job in work}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            error = future.exception()
+            finished(job, error if error is not None else future.result())

@@ -29,7 +29,7 @@ import math
 import pickle
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,23 @@ class DatasetError(UsageError):
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """The budgets a data set is evaluated and reported at, in the [0, 1] pixel scale.
+
+    eps: the ε grid of an attack run per norm (no default grid: --eps is needed);
+    headline_eps: the ε a leaderboard reports per norm; leaderboard_radii: its
+    certified-accuracy columns; table_radii: the columns of the certified table.
+    """
+
+    eps: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)
+    headline_eps: dict[str, float] = field(default_factory=dict, hash=False)
+    leaderboard_radii: tuple[float, ...] = (0.25, 0.5)
+    table_radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # Cohen et al.'s CIFAR-10 layout
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a data set before seeing it.
+    """What a model needs to know about a data set before seeing it, and the budgets it is evaluated at.
 
     `source` says in words where the files are looked for.
     """
@@ -65,27 +80,34 @@ class DatasetInfo:
     input_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     source: str = ""
+    budgets: Budgets = Budgets()
 
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         "digits", 10, (1, 8, 8), tuple(str(i) for i in range(10)),
         source="embedded (scikit-learn load_digits); nothing to install",
+        # The 8x8 digits reach larger certified radii than CIFAR-10.
+        budgets=Budgets({"Linf": (0.05, 0.1, 0.15, 0.2, 0.3), "L2": (0.25, 0.5, 1.0, 1.5, 2.0)},
+                        {"Linf": 0.1, "L2": 1.0}, (0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
     ),
     "mnist": DatasetInfo(
         "mnist", 10, (1, 28, 28), tuple(str(i) for i in range(10)),
         source="idx files (train-/t10k- images-idx3/labels-idx1 -ubyte[.gz]) in root, root/mnist, root/raw "
                "or root/MNIST/raw",
+        budgets=Budgets({"Linf": (0.1, 0.2, 0.3), "L2": (0.5, 1.0, 1.5, 2.0)}, {"Linf": 0.3, "L2": 2.0}),
     ),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist", 10, (1, 28, 28),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         source=f"idx files in root (default {FASHION_MNIST_DEFAULT_DIR}: apt-get install dataset-fashion-mnist)",
+        budgets=Budgets({"Linf": (0.05, 0.1, 0.2), "L2": (0.5, 1.0, 1.5)}, {"Linf": 0.1, "L2": 1.5}),
     ),
     "cifar10": DatasetInfo(
         "cifar10", 10, (3, 32, 32),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         source="python pickle batches in root/cifar-10-batches-py (or root itself)",
+        budgets=Budgets({"Linf": (2 / 255, 4 / 255, 8 / 255), "L2": (0.25, 0.5)}, {"Linf": 8 / 255, "L2": 0.5}),
     ),
 }
 
@@ -127,6 +149,22 @@ def dataset_info(name: str | Path) -> DatasetInfo:
     if _is_npz(name):
         return _npz_info(Path(name))
     return DATASETS[resolve_name(str(name), DATASETS, "dataset")]
+
+
+def dataset_budgets(name: str) -> Budgets:
+    """The budgets of a named data set; an .npz file or tensors get the defaults (and need an explicit ε list)."""
+    info = DATASETS.get(str(name).lower())
+    return info.budgets if info is not None else Budgets()
+
+
+def default_eps(dataset: str, norm: str) -> tuple[float, ...]:
+    """The ε grid for a data set and norm; unknown data sets need an explicit ε list."""
+    grid = dataset_budgets(dataset).eps.get(norm)
+    if grid is None:
+        have = ", ".join(name for name, info in DATASETS.items() if norm in info.budgets.eps)
+        raise UsageError(f"there is no default eps list for data set '{dataset}'; pass eps explicitly "
+                         f"(--eps 0.1,0.2,...). Defaults exist for: {have}")
+    return grid
 
 
 def _check_split(split: str) -> None:

@@ -18,7 +18,7 @@ so older run directories and the committed reports load unchanged:
   psnr [{sigma, psnr, psnr_noisy}], seconds.
 
 This module sits on the bottom layer: it imports nothing of robusteval but
-the error type.
+the error type and the vocabulary.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from robusteval.errors import UsageError
-
-NORMS = ("Linf", "L2")
+from robusteval.vocabulary import NORMS, RUN_KINDS
 
 
 class RecordFormatError(UsageError):
@@ -425,10 +424,9 @@ class DenoiseSummary:
 
 
 Summary = AttackSummary | SmoothingSummary | DenoiseSummary
-SUMMARY_KINDS = ("attack", "certify", "predict", "denoise")
 
 
-def summary_from_json(data: Any, kinds: tuple[str, ...] = SUMMARY_KINDS) -> Summary:
+def summary_from_json(data: Any, kinds: tuple[str, ...] = RUN_KINDS) -> Summary:
     """Parse and validate a summary.json of one of `kinds`; RecordFormatError says what breaks the contract."""
     if not isinstance(data, dict):
         raise _fail(f"summary.json must hold a JSON object, got {type(data).__name__}")

@@ -11,7 +11,8 @@ from attack_fixtures import SHAPE, Constant, linear_problem
 import robusteval
 from robusteval.attacks import batch, resume, verification
 from robusteval.attacks.catalog import AttackComponent, BuiltAttack
-from robusteval.attacks.defenses import DeployedPipeline, parse_defense
+from robusteval.attacks.defenses import DeployedPipeline
+from robusteval.vocabulary import parse_defense
 from robusteval.interface import CapabilityError
 from robusteval.names import UnknownNameError
 

@@ -14,7 +14,7 @@ import robusteval
 from robusteval import cli
 from robusteval.attacks.evaluate import prepare_attack
 from robusteval.benchmark import run_benchmark, SUITES
-from robusteval.certify.engine import SmoothingSettings, prepare_smoothing
+from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
 from robusteval.denoising import evaluate_denoising, prepare_denoising
 from robusteval.errors import UsageError
 from robusteval.generation import counterfactual, sample

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from robusteval.errors import UsageError
 from robusteval.names import resolve_name
+from robusteval.vocabulary import NORMS
 
 logger = logging.getLogger(__name__)
 
-NORMS = ("Linf", "L2")
 
 # AutoAttack's standard version targets 9 classes in APGD-T and FAB-T.
 AUTOATTACK_TARGETS = 9

@@ -30,7 +30,7 @@ from torch import Tensor
 from robusteval.attacks import sanity
 from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec
-from robusteval.attacks.defenses import DECISION_DRAWS, DeployedPipeline, parse_defense
+from robusteval.attacks.defenses import DECISION_DRAWS, DeployedPipeline
 from robusteval.attacks.progress import AttackProgress
 from robusteval.attacks.resume import (
     adversarial_file_name,
@@ -46,6 +46,7 @@ from robusteval.interface import JointModel, trusted_inputs
 from robusteval.jobs import Job
 from robusteval.records import AttackConfig
 from robusteval.runs import SUMMARY_FILE, RunDirectory
+from robusteval.vocabulary import parse_defense
 
 logger = logging.getLogger(__name__)
 

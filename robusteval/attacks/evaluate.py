@@ -16,33 +16,18 @@ from typing import Any
 import torch
 
 from robusteval.attacks.catalog import AttackSpec, check_norm, resolve_attack, resolve_norm
-from robusteval.attacks.defenses import GRADIENT_MODES, DefenseSpec, parse_defense
 from robusteval.attacks.engine import AttackJob
 from robusteval.attacks.results import AttackResult
+from robusteval.data import default_eps
 from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.jobs import JobOptions, resolve, split_keywords
+from robusteval.vocabulary import GRADIENTS, DefenseSpec, parse_defense
 
 # Small images attack fastest in large batches (per-call overhead, Square's 5,000 queries per batch);
 # the state is saved after every ε of a batch, so a large batch loses little work to a kill.
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_EOT = 20
-
-DEFAULT_EPS: dict[str, dict[str, tuple[float, ...]]] = {
-    "digits": {"Linf": (0.05, 0.1, 0.15, 0.2, 0.3), "L2": (0.25, 0.5, 1.0, 1.5, 2.0)},
-    "mnist": {"Linf": (0.1, 0.2, 0.3), "L2": (0.5, 1.0, 1.5, 2.0)},
-    "fashion-mnist": {"Linf": (0.05, 0.1, 0.2), "L2": (0.5, 1.0, 1.5)},
-    "cifar10": {"Linf": (2 / 255, 4 / 255, 8 / 255), "L2": (0.25, 0.5)},
-}
-
-
-def default_eps(dataset: str, norm: str) -> tuple[float, ...]:
-    """The ε grid for a data set and norm; unknown data sets need an explicit ε list."""
-    if dataset not in DEFAULT_EPS:
-        raise UsageError(f"there is no default eps list for data set '{dataset}'; pass eps explicitly "
-                         f"(--eps 0.1,0.2,...). Defaults exist for: {', '.join(DEFAULT_EPS)}")
-    return DEFAULT_EPS[dataset][norm]
-
 
 @dataclass(frozen=True)
 class AttackSettings:
@@ -114,8 +99,8 @@ def _check_counts(settings: AttackSettings) -> None:
 def _gradient(gradient: str | None, defense: DefenseSpec) -> str:
     if gradient is None:
         return "auto" if defense.kind == "denoise" else "full"
-    if gradient not in GRADIENT_MODES:
-        raise UsageError(f"gradient must be one of {', '.join(GRADIENT_MODES)}, got {gradient!r}")
+    if gradient not in GRADIENTS:
+        raise UsageError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
     if defense.kind != "denoise" and gradient != "full":
         raise UsageError(f"--gradient {gradient} applies to denoise defenses only (the defense is '{defense}')")
     return gradient

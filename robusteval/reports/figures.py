@@ -29,7 +29,8 @@ from matplotlib.lines import Line2D
 
 from robusteval.reports.loading import Run, certified_accuracy_from_records
 from robusteval.reports.paths import slug
-from robusteval.reports.tables import NORM_SYMBOL, format_number
+from robusteval.reports.tables import format_number
+from robusteval.vocabulary import NORM_SYMBOL, NORMS
 
 # Okabe & Ito (2008), ordered so that the first colours are the most distinct on white.
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -373,7 +374,7 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path, styles: dict[str, St
     datasets = sorted({r.dataset for r in runs})
     for dataset in datasets:
         attack_runs = [r for r in runs if r.kind == "attack" and r.dataset == dataset]
-        norms = [n for n in ("Linf", "L2") if any(r.summary["norm"] == n for r in attack_runs)]
+        norms = [n for n in NORMS if any(r.summary["norm"] == n for r in attack_runs)]
         for norm in norms:
             emit(robustness_figure(runs, dataset, norm, styles), f"robust_{slug(dataset)}_{norm}",
                  f"Robust accuracy vs ε ({dataset}, {NORM_SYMBOL[norm]})", dataset)
@@ -388,7 +389,7 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path, styles: dict[str, St
                  dataset)
         for model in sorted({r.model for r in runs if r.dataset == dataset}):
             mine = [r for r in runs if r.model == model and r.dataset == dataset]
-            for norm in ("Linf", "L2"):
+            for norm in NORMS:
                 if any(r.kind == "attack" and r.summary["norm"] == norm for r in mine):
                     emit(model_robustness_figure(runs, model, dataset, norm, styles[model]),
                          f"model_{slug(model)}_robust_{slug(dataset)}_{norm}",

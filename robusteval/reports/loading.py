@@ -21,9 +21,10 @@ from typing import Any
 from robusteval.errors import MissingFileError, UsageError
 from robusteval.records import RecordFormatError, Summary, summary_from_json
 from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, read_run
+from robusteval.vocabulary import RUN_KINDS
 
 # The kinds a report shows (predict runs have no figure of their own).
-KINDS = ("attack", "certify", "denoise")
+KINDS = tuple(kind for kind in RUN_KINDS if kind != "predict")
 
 
 class RunFormatError(UsageError):

@@ -26,8 +26,8 @@ from robusteval.reports.html import render_html, write_html
 from robusteval.reports.loading import Run
 from robusteval.reports.robustbench import write_robustbench
 from robusteval.reports.tables import TableSet, write_tables
+from robusteval.vocabulary import REPORT_FORMATS
 
-FORMATS = ("html", "md", "csv", "latex", "robustbench")
 
 
 @dataclass
@@ -64,8 +64,8 @@ def write_report(runs: Sequence[Run], out: str | Path, fmt: str = "html",
 
     notes: paragraphs for the HTML and Markdown reports (e.g. the sizes of the grid behind them).
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in REPORT_FORMATS:
+        raise UsageError(f"unknown report format {fmt!r}; expected one of {', '.join(REPORT_FORMATS)}")
     if not runs:
         raise UsageError("no runs to report on")
     out = Path(out)

@@ -2,7 +2,7 @@
 
 `certify(model, data, sigma=...)` and `predict(...)` smooth a model's base
 classifier with Gaussian noise of std σ, count its predictions with the
-batched sampler, turn the counts into decisions (`smoothing`), and return
+batched sampler, turn the counts into decisions (`decisions`), and return
 one record per image plus summary figures. With `out=` (always, from the
 command line) the run lives in a run directory and a re-run resumes after
 the last complete batch of images.
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from robusteval.certify import smoothing
-from robusteval.certify.sampler import (
+from robusteval.smoothing import decisions
+from robusteval.smoothing.sampler import (
     ESTIMATION,
     NOISE_SCHEME,
     PREDICTION,
@@ -45,11 +45,10 @@ from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
 from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
+from robusteval.vocabulary import SMOOTHING_KINDS, SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
 
-MODES = ("direct", "denoised")
-KINDS = ("certify", "predict")
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,8 @@ class SmoothingSettings:
     def __post_init__(self) -> None:
         from robusteval.names import resolve_name
 
-        object.__setattr__(self, "kind", resolve_name(self.kind, KINDS, "smoothing kind"))
-        object.__setattr__(self, "mode", resolve_name(self.mode, MODES, "smoothing mode"))
+        object.__setattr__(self, "kind", resolve_name(self.kind, SMOOTHING_KINDS, "smoothing kind"))
+        object.__setattr__(self, "mode", resolve_name(self.mode, SMOOTHING_MODES, "smoothing mode"))
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise UsageError(f"sigma must be a finite noise level > 0, got {self.sigma}")
         if not 0 < self.alpha < 1:
@@ -167,13 +166,13 @@ def _base_classifier(
 
 def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float) -> dict[str, Any]:
     if settings.kind == "certify":
-        cert = smoothing.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
+        cert = decisions.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
         return CertifySample(
             index=index, label=label, prediction=cert.prediction, abstain=cert.abstain, radius=cert.radius,
             correct=cert.prediction == label, pA_lower=cert.pA_lower, count=cert.count, top_class=cert.top_class,
             seconds=seconds,
         ).to_json()
-    pred = smoothing.predict_decision(counts[0], settings.alpha)
+    pred = decisions.predict_decision(counts[0], settings.alpha)
     return PredictSample(
         index=index, label=label, prediction=pred.prediction, abstain=pred.abstain, correct=pred.prediction == label,
         count=pred.count, runner_up_count=pred.runner_up_count, p_value=pred.p_value, seconds=seconds,
@@ -190,8 +189,8 @@ def summarize(config: Mapping[str, Any], records: list[dict[str, Any]], extra: M
         abstain_rate=sum(bool(r["abstain"]) for r in records) / count if count else 0.0,
         seconds=round(sum(float(r["seconds"]) for r in records), 3),
         n0=config["n0"] if certify else None,
-        certified_accuracy=[RadiusPoint(**p) for p in smoothing.certified_accuracy_curve(records)] if certify else None,
-        acr=smoothing.average_certified_radius(records) if certify else None,
+        certified_accuracy=[RadiusPoint(**p) for p in decisions.certified_accuracy_curve(records)] if certify else None,
+        acr=decisions.average_certified_radius(records) if certify else None,
         accuracy=None if certify else (sum(bool(r["correct"]) for r in records) / count if count else 0.0),
         skip=config["skip"], seed=config["seed"], extra=dict(extra or {}),
     )

@@ -1,6 +1,6 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019), batched across images and noise draws."""
 
-from robusteval.certify.engine import (
+from robusteval.smoothing.engine import (
     SmoothingJob,
     SmoothingResult,
     SmoothingSettings,
@@ -8,7 +8,7 @@ from robusteval.certify.engine import (
     predict,
     prepare_smoothing,
 )
-from robusteval.certify.smoothing import (
+from robusteval.smoothing.decisions import (
     average_certified_radius,
     certified_accuracy_curve,
     certify_decision,
