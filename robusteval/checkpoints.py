@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from robusteval.errors import UsageError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from torch import Tensor
 
+from robusteval.errors import UsageError
 
-class OutputNotWritable(ValueError):
+
+class OutputNotWritable(UsageError):
     """An output path that cannot be created or written."""
 
 
-class DataModelMismatch(ValueError):
+class DataModelMismatch(UsageError):
     """Data that the model cannot classify: other image shapes, or labels outside its classes."""
 
 
@@ -108,5 +110,5 @@ def check_eps_budget(norm: str, eps: Sequence[float], input_shape: Sequence[int]
         what = "1 (the whole [0, 1] pixel range)" if norm == "Linf" else \
             f"√{math.prod(int(d) for d in input_shape)} = {limit:.4g} (the diameter of the image box)"
         hint = f"; did you mean {beyond[0]:g}/255 = {beyond[0] / 255:.4g}?" if norm == "Linf" else ""
-        raise ValueError(f"eps {', '.join(f'{e:g}' for e in beyond)} under {norm} exceeds {what}, where every "
+        raise UsageError(f"eps {', '.join(f'{e:g}' for e in beyond)} under {norm} exceeds {what}, where every "
                          f"image reaches every other{hint}")

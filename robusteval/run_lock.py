@@ -24,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from robusteval.errors import UsageError
+
 LOCK_FILE = ".lock"
 
 
-class RunDirectoryBusy(ValueError):
+class RunDirectoryBusy(UsageError):
     """Another process is writing to this run directory."""
 
 

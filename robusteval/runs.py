@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from robusteval.checkpoints import atomic_write_json
+from robusteval.errors import MissingFileError, NotADirectoryUsageError, UsageError
 from robusteval.job_checks import make_directory
 from robusteval.run_lock import RunLock
 
@@ -37,15 +38,15 @@ SUMMARY_FILE = "summary.json"
 PROVENANCE_KEY = "provenance"
 
 
-class RunConfigMismatch(RuntimeError):
+class RunConfigMismatch(UsageError, RuntimeError):
     """A run directory holds a different configuration than the one asked for."""
 
 
-class RunFileDamaged(ValueError):
+class RunFileDamaged(UsageError):
     """A file of a run directory that cannot be read (truncated, edited by hand, not JSON)."""
 
 
-class RunRecordsInvalid(ValueError):
+class RunRecordsInvalid(UsageError):
     """samples.jsonl holds records that cannot belong to this run (duplicates, indices out of range)."""
 
 
@@ -134,7 +135,7 @@ class RunDirectory:
         self.config = {k: v for k, v in config.items() if k != PROVENANCE_KEY}
         config_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"run path {self.path} exists and is not a directory")
+            raise NotADirectoryUsageError(f"run path {self.path} exists and is not a directory")
         make_directory(self.path, "run directory")
         # Before anything in it is read or written: one writer per directory.
         self._lock = RunLock(self.path, wait=wait, on_wait=on_wait)
@@ -291,7 +292,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
+        raise MissingFileError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
     config_path = path / CONFIG_FILE
     samples_path = path / SAMPLES_FILE
     records = []

@@ -18,6 +18,7 @@ import torch
 
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict, safetensors_metadata
 from robusteval.data import DatasetInfo, dataset_info
+from robusteval.errors import UsageError
 from robusteval.interface import CAPABILITIES, JointModel
 from robusteval.names import resolve_name
 
@@ -141,7 +142,7 @@ def model_card(name: str) -> ModelCard:
     return get_entry(name).card
 
 
-class DeviceUnavailable(ValueError):
+class DeviceUnavailable(UsageError):
     """A device name that is unknown, unsupported, or not present on this machine."""
 
 

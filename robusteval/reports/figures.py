@@ -27,9 +27,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from robusteval.reports.loading import Run, certified_accuracy_from_records, flag_eps, same_number
+from robusteval.reports.loading import Run, certified_accuracy_from_records
 from robusteval.reports.paths import slug
-from robusteval.reports.tables import NORM_SYMBOL, format_number
+from robusteval.reports.tables import format_number
+from robusteval.vocabulary import NORM_SYMBOL, NORMS
 
 # Okabe & Ito (2008), ordered so that the first colours are the most distinct on white.
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -131,7 +132,10 @@ class RobustPoint:
 
 
 def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
-    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags)."""
+    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags).
+
+    Sanity flags are about the whole run, so a flagged run marks every ε it supplies.
+    """
     budgets = sorted({float(p["eps"]) for r in runs for p in r.summary["curve"]})
     curve = []
     for eps in budgets:
@@ -139,17 +143,8 @@ def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
         run, point = min(((r, p) for r, p in candidates if p is not None),
                          key=lambda rp: (float(rp[1]["robust_accuracy"]), rp[0].attack_label))
         curve.append(RobustPoint(eps, float(point["robust_accuracy"]), float(point["ci_low"]),
-                                 float(point["ci_high"]), _flagged_at(run, eps), run.attack_label))
+                                 float(point["ci_high"]), bool(run.flags), run.attack_label))
     return curve
-
-
-def _flagged_at(run: Run, eps: float) -> bool:
-    """A run-wide flag marks every ε of the run; a flag that names an ε marks that ε."""
-    for flag in run.summary.get("flags") or []:
-        at = flag_eps(flag)
-        if at is None or same_number(at, eps):
-            return True
-    return False
 
 
 def _flag_handle() -> Line2D:
@@ -230,7 +225,7 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
     handles, labels, any_flag = [], [], False
     for i, run in enumerate(relevant):
         curve = [RobustPoint(float(p["eps"]), float(p["robust_accuracy"]), float(p["ci_low"]), float(p["ci_high"]),
-                             _flagged_at(run, float(p["eps"])), run.attack_label) for p in run.summary["curve"]]
+                             bool(run.flags), run.attack_label) for p in run.summary["curve"]]
         run_style = Style(style.color, MARKERS[i % len(MARKERS)], style.linestyle)
         line, flagged = _plot_robust(ax, curve, run_style, slug(f"{run.system}-{run.attack_label}"),
                                      LINESTYLES[i % len(LINESTYLES)])
@@ -379,7 +374,7 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path, styles: dict[str, St
     datasets = sorted({r.dataset for r in runs})
     for dataset in datasets:
         attack_runs = [r for r in runs if r.kind == "attack" and r.dataset == dataset]
-        norms = [n for n in ("Linf", "L2") if any(r.summary["norm"] == n for r in attack_runs)]
+        norms = [n for n in NORMS if any(r.summary["norm"] == n for r in attack_runs)]
         for norm in norms:
             emit(robustness_figure(runs, dataset, norm, styles), f"robust_{slug(dataset)}_{norm}",
                  f"Robust accuracy vs ε ({dataset}, {NORM_SYMBOL[norm]})", dataset)
@@ -394,7 +389,7 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path, styles: dict[str, St
                  dataset)
         for model in sorted({r.model for r in runs if r.dataset == dataset}):
             mine = [r for r in runs if r.model == model and r.dataset == dataset]
-            for norm in ("Linf", "L2"):
+            for norm in NORMS:
                 if any(r.kind == "attack" and r.summary["norm"] == norm for r in mine):
                     emit(model_robustness_figure(runs, model, dataset, norm, styles[model]),
                          f"model_{slug(model)}_robust_{slug(dataset)}_{norm}",
