@@ -75,13 +75,14 @@ def test_data_that_does_not_fit_the_model_is_refused_the_same_way_by_every_engin
     y = torch.zeros(4, dtype=torch.long)
     messages = set()
     models = {name: robusteval.create_model(name) for name in ("standard", "gaussian", "dncnn+standard")}
-    for prepare in (lambda: prepare_attack(models["standard"], (x, y), attack="fgsm", eps=0.1),
-                    lambda: prepare_smoothing(models["gaussian"], (x, y), SETTINGS),
-                    lambda: prepare_denoising(models["dncnn+standard"], (x, y))):
+    for name, prepare in (("standard", lambda: prepare_attack(models["standard"], (x, y), attack="fgsm", eps=0.1)),
+                          ("gaussian", lambda: prepare_smoothing(models["gaussian"], (x, y), SETTINGS)),
+                          ("dncnn+standard", lambda: prepare_denoising(models["dncnn+standard"], (x, y)))):
         with pytest.raises(UsageError) as caught:
             prepare()
-        messages.add(str(caught.value).split("'")[2])  # the message without the model's name
-    assert messages == {" takes inputs of shape (1, 8, 8), the data has (1, 9, 9)"}
+        messages.add(str(caught.value).replace(f"'{name}'", "<model>"))  # the message without the model's name
+    assert messages == {"model <model> takes images of shape 1×8×8 but data set 'custom' has images of shape 1×9×9; "
+                        "use data of the model's size or a model built for this data"}
 
 
 def test_a_prepared_job_has_a_frozen_config_its_hash_and_default_directory() -> None:
