@@ -39,7 +39,7 @@ import click
 import torch
 
 import robusteval
-from robusteval.attacks.engine import attack_seed
+from robusteval.attacks.seeds import attack_seed
 from robusteval.model_zoo.registry import resolve_device
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 import robusteval
-from robusteval.certify.engine import COMPILE_OPTIONS
-from robusteval.certify.smoothing import certify_decision
+from robusteval.smoothing.engine import COMPILE_OPTIONS
+from robusteval.smoothing.decisions import certify_decision
 from robusteval.interface import JointModel, trusted_inputs
 from robusteval.model_zoo.registry import resolve_device
 

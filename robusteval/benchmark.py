@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robusteval.errors import UsageError
 from robusteval.checkpoints import atomic_write_json
 from robusteval.reports.paths import slug
+from robusteval.vocabulary import SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class Job:
     arguments: dict[str, Any]
     out: Path
     cost: float  # a rough relative cost, to start the longest jobs first
+    # The robusteval.jobs.JobOptions given to the benchmark (device, data_dir, ...), passed to every evaluation.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -137,8 +141,8 @@ def suite_models(suite: Suite, patterns: Sequence[str] = ("*",)) -> list[str]:
     return models
 
 
-def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto") -> list[Job]:
-    """The suite's jobs for these models, longest first."""
+def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> list[Job]:
+    """The suite's jobs for these models, longest first; `options` (JobOptions) go to every job."""
     from robusteval.model_zoo.registry import model_card
 
     jobs: list[Job] = []
@@ -147,7 +151,7 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
         can_denoise = "denoise" in card.capabilities
         for norm, eps in suite.eps.items():
             arguments = {"attack": "autoattack", "norm": norm, "eps": eps, "n": suite.n_attack, "defense": "none",
-                         "large_eps_check": suite.large_eps_check, "device": device}
+                         "large_eps_check": suite.large_eps_check}
             jobs.append(Job("attack", model, suite.dataset, arguments,
                             folder / f"attack-{slug(model)}-{norm}-autoattack",
                             cost=suite.n_attack * (len(eps) if eps else 5)))
@@ -158,31 +162,31 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, device: str = "auto"
                 if can_denoise:
                     arguments = {"attack": "autoattack", "norm": norm, "eps": eps, "n": suite.n_defense,
                                  "defense": f"denoise:{s}", "gradient": "auto",
-                                 "large_eps_check": suite.large_eps_check, "device": device}
+                                 "large_eps_check": suite.large_eps_check}
                     jobs.append(Job("attack", model, suite.dataset, arguments,
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-denoise{s}",
                                     cost=suite.n_defense * len(eps) * 8))
                 arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_defense,
-                             "defense": f"noise:{s}", "large_eps_check": suite.large_eps_check, "device": device}
+                             "defense": f"noise:{s}", "large_eps_check": suite.large_eps_check}
                 jobs.append(Job("attack", model, suite.dataset, arguments,
                                 folder / f"attack-{slug(model)}-{norm}-autoattack-rand-noise{s}",
                                 cost=suite.n_defense * len(eps) * 1.5))
         own_sigma = card.recipe.get("sigma")
         sigmas = (float(own_sigma),) if isinstance(own_sigma, (int, float)) else suite.sigmas
-        modes = ("direct", "denoised") if can_denoise else ("direct",)
+        modes = SMOOTHING_MODES if can_denoise else ("direct",)
         for sigma in sigmas:
             for mode in modes:
                 arguments = {"sigma": sigma, "mode": mode, "n0": suite.n0, "n": suite.n, "alpha": suite.alpha,
-                             "n_images": suite.n_certify, "device": device}
+                             "n_images": suite.n_certify}
                 # Relative to an attack's cost of one point at one ε (measured on jdm, the slowest model).
                 cost = suite.n_certify * (suite.n0 + suite.n) / 5_000 * (2 if mode == "denoised" else 1)
                 jobs.append(Job("certify", model, suite.dataset, arguments,
                                 folder / f"certify-{slug(model)}-{mode}-s{sigma:g}", cost=cost))
         if can_denoise:
-            arguments = {"sigmas": list(suite.denoise_sigmas), "n_images": suite.denoise_images, "device": device}
+            arguments = {"sigmas": list(suite.denoise_sigmas), "n_images": suite.denoise_images}
             jobs.append(Job("denoise", model, suite.dataset, arguments, folder / f"denoise-{slug(model)}",
                             cost=1.0))
-    return sorted(jobs, key=lambda j: -j.cost)
+    return sorted((dataclasses.replace(job, options=dict(options)) for job in jobs), key=lambda j: -j.cost)
 
 
 def describe(suite: Suite, run_seconds: float | None = None) -> str:
@@ -192,8 +196,8 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
     """
     from scipy.stats import norm as normal
 
-    from robusteval.attacks.engine import default_eps
-    from robusteval.reports.tables import NORM_SYMBOL
+    from robusteval.data import default_eps
+    from robusteval.vocabulary import NORM_SYMBOL
 
     def grid(eps_by_norm: dict[str, Any]) -> str:
         parts = []
@@ -223,26 +227,15 @@ def run_job(job: Job) -> tuple[str, float]:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    arguments = dict(job.arguments)
-    device = arguments.pop("device", "auto")
     if job.kind == "attack":
-        from robusteval.attacks.engine import evaluate_attack
-
-        evaluate_attack(job.model, job.dataset, out=job.out, device=device, **arguments)
+        from robusteval.attacks.evaluate import evaluate_attack as evaluate
     elif job.kind == "certify":
-        from robusteval.certify.engine import certify
-
-        certify(job.model, job.dataset, out=job.out, device=device, **arguments)
+        from robusteval.smoothing.engine import certify as evaluate
     elif job.kind == "denoise":
-        from robusteval.data import load_dataset
-        from robusteval.denoising import evaluate_denoising
-        from robusteval.model_zoo.registry import create_model
-
-        model = create_model(job.model, dataset=job.dataset, device=device)
-        evaluate_denoising(model, load_dataset(job.dataset, "test"), sigmas=arguments["sigmas"],
-                           n_images=arguments["n_images"], out=job.out)
+        from robusteval.denoising import evaluate_denoising as evaluate
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
+    evaluate(job.model, job.dataset, out=job.out, **job.arguments, **job.options)
     return str(job.out), round(time.perf_counter() - start, 1)
 
 
@@ -251,19 +244,25 @@ def run_benchmark(
     out: str | Path = "runs",
     models: Sequence[str] = ("*",),
     jobs: int = 1,
-    device: str = "auto",
     on_event: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> BenchmarkResult:
-    """Run every job of the suite (resuming finished and unfinished runs) under `<out>/<suite name>/`."""
+    """Run every job of the suite (resuming finished and unfinished runs) under `<out>/<suite name>/`.
+
+    `options`: the `robusteval.jobs.JobOptions` of every evaluation (device,
+    data_dir, ...), given to each job; `dataset` replaces the suite's data set.
+    The zoo's shipped weights are evaluated, so checkpoint and model_dir are refused.
+    """
     if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
+        raise UsageError(f"jobs must be at least 1, got {jobs}")
+    suite = _with_options(suite, options)
     say = on_event or (lambda message: logger.info("%s", message))
     folder = Path(out) / suite.name
     folder.mkdir(parents=True, exist_ok=True)
     names = suite_models(suite, models)
     if not names:
-        raise ValueError(f"no registered model with {suite.dataset} weights matches {', '.join(models)}")
-    work = plan(suite, names, folder, device)
+        raise UsageError(f"no registered model with {suite.dataset} weights matches {', '.join(models)}")
+    work = plan(suite, names, folder, **options)
     say(f"suite {suite.name}: {len(work)} runs for {len(names)} models ({', '.join(names)}) in {folder}, "
         f"{jobs} process(es)")
     result = BenchmarkResult(suite=suite, folder=folder)
@@ -279,6 +278,32 @@ def run_benchmark(
             timings[job.label] = outcome[1]
             say(f"done {job.label} in {outcome[1]:.0f} s ({len(result.finished)}/{len(work)})")
 
+    _run_jobs(work, jobs, finished, say)
+    result.seconds = round(time.perf_counter() - start, 1)
+    atomic_write_json(folder / "benchmark.json", {
+        "suite": suite.as_dict(), "models": names, "jobs": jobs, "device": options.get("device") or "auto",
+        "options": {k: str(v) for k, v in options.items() if v not in (None, False)}, "seconds": result.seconds,
+        "runs": {job.label: {"kind": job.kind, "model": job.model, "arguments": job.arguments,
+                             "seconds": timings.get(job.label), "error": result.failed.get(job.label)}
+                 for job in work},
+    })
+    return result
+
+
+def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:
+    """The suite on the data set the options name (popped from them); other weights are refused."""
+    from robusteval.jobs import JobOptions
+
+    shared = JobOptions.of(options.pop("dataset", suite.dataset), options)
+    if shared.checkpoint is not None or shared.model_dir is not None:
+        raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint and model_dir apply to one model")
+    if not isinstance(shared.dataset, str):
+        raise UsageError("a benchmark's data set must be given by name")
+    return dataclasses.replace(suite, dataset=shared.dataset)
+
+
+def _run_jobs(work: list[Job], jobs: int, finished: Callable[[Job, Any], None], say: Callable[[str], None]) -> None:
+    """Run the jobs in this process (jobs=1) or in `jobs` fresh processes; report each outcome to `finished`."""
     if jobs == 1:
         for job in work:
             say(f"running {job.label}")
@@ -286,20 +311,12 @@ def run_benchmark(
                 finished(job, run_job(job))
             except Exception as error:  # one failed evaluation must not lose the others
                 finished(job, error)
-    else:
-        # spawn: fresh interpreters, no forked torch state.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_job, job): job for job in work}
-            for future in concurrent.futures.as_completed(futures):
-                job = futures[future]
-                error = future.exception()
-                finished(job, error if error is not None else future.result())
-    result.seconds = round(time.perf_counter() - start, 1)
-    atomic_write_json(folder / "benchmark.json", {
-        "suite": suite.as_dict(), "models": names, "jobs": jobs, "device": device, "seconds": result.seconds,
-        "runs": {job.label: {"kind": job.kind, "model": job.model, "arguments": job.arguments,
-                             "seconds": timings.get(job.label), "error": result.failed.get(job.label)}
-                 for job in work},
-    })
-    return result
+        return
+    # spawn: fresh interpreters, no forked torch state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job): job for job in work}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            error = future.exception()
+            finished(job, error if error is not None else future.result())

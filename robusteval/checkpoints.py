@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from robusteval.errors import UsageError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
@@ -145,6 +147,21 @@ def read_state_dict(
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
     return loaded
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (robusteval writes the model and the data set it was trained on);
+    empty for other files or when there is none."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

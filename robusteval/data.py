@@ -32,13 +32,15 @@ import math
 import pickle
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from robusteval.errors import MissingFileError, UsageError
 
 # The embedded default: scikit-learn's digits, split once with this seed.
 DIGITS_SPLIT_SEED = 0
@@ -50,13 +52,28 @@ FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A data file exists but is malformed: corrupt, truncated, inconsistent or out of range."""
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """The budgets a data set is evaluated and reported at, in the [0, 1] pixel scale.
+
+    eps: the ε grid of an attack run per norm (no default grid: --eps is needed);
+    headline_eps: the ε a leaderboard reports per norm; leaderboard_radii: its
+    certified-accuracy columns; table_radii: the columns of the certified table.
+    """
+
+    eps: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)
+    headline_eps: dict[str, float] = field(default_factory=dict, hash=False)
+    leaderboard_radii: tuple[float, ...] = (0.25, 0.5)
+    table_radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # Cohen et al.'s CIFAR-10 layout
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a data set before seeing it.
+    """What a model needs to know about a data set before seeing it, and the budgets it is evaluated at.
 
     `source` says in words where the files are looked for.
     """
@@ -66,27 +83,34 @@ class DatasetInfo:
     input_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     source: str = ""
+    budgets: Budgets = Budgets()
 
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         "digits", 10, (1, 8, 8), tuple(str(i) for i in range(10)),
         source="embedded (scikit-learn load_digits); nothing to install",
+        # The 8x8 digits reach larger certified radii than CIFAR-10.
+        budgets=Budgets({"Linf": (0.05, 0.1, 0.15, 0.2, 0.3), "L2": (0.25, 0.5, 1.0, 1.5, 2.0)},
+                        {"Linf": 0.1, "L2": 1.0}, (0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
     ),
     "mnist": DatasetInfo(
         "mnist", 10, (1, 28, 28), tuple(str(i) for i in range(10)),
         source="idx files (train-/t10k- images-idx3/labels-idx1 -ubyte[.gz]) in root, root/mnist, root/raw "
                "or root/MNIST/raw",
+        budgets=Budgets({"Linf": (0.1, 0.2, 0.3), "L2": (0.5, 1.0, 1.5, 2.0)}, {"Linf": 0.3, "L2": 2.0}),
     ),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist", 10, (1, 28, 28),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         source=f"idx files in root (default {FASHION_MNIST_DEFAULT_DIR}: apt-get install dataset-fashion-mnist)",
+        budgets=Budgets({"Linf": (0.05, 0.1, 0.2), "L2": (0.5, 1.0, 1.5)}, {"Linf": 0.1, "L2": 1.5}),
     ),
     "cifar10": DatasetInfo(
         "cifar10", 10, (3, 32, 32),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         source="python pickle batches in root/cifar-10-batches-py (or root itself)",
+        budgets=Budgets({"Linf": (2 / 255, 4 / 255, 8 / 255), "L2": (0.25, 0.5)}, {"Linf": 8 / 255, "L2": 0.5}),
     ),
     "cifar100": DatasetInfo(
         "cifar100", 100, (3, 32, 32), tuple(str(i) for i in range(100)),
@@ -139,9 +163,25 @@ def dataset_info(name: str | Path) -> DatasetInfo:
     return DATASETS[resolve_name(str(name), DATASETS, "dataset")]
 
 
+def dataset_budgets(name: str) -> Budgets:
+    """The budgets of a named data set; an .npz file or tensors get the defaults (and need an explicit ε list)."""
+    info = DATASETS.get(str(name).lower())
+    return info.budgets if info is not None else Budgets()
+
+
+def default_eps(dataset: str, norm: str) -> tuple[float, ...]:
+    """The ε grid for a data set and norm; unknown data sets need an explicit ε list."""
+    grid = dataset_budgets(dataset).eps.get(norm)
+    if grid is None:
+        have = ", ".join(name for name, info in DATASETS.items() if norm in info.budgets.eps)
+        raise UsageError(f"there is no default eps list for data set '{dataset}'; pass eps explicitly "
+                         f"(--eps 0.1,0.2,...). Defaults exist for: {have}")
+    return grid
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def load_digits(split: str = "test") -> ImageDataset:
@@ -252,14 +292,14 @@ def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, P
     )
     if root is None:
         if name != "fashion-mnist":
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{name}: no data directory given; pass root=<directory> holding {wanted} "
                 f"(nothing is downloaded)."
             )
         root = FASHION_MNIST_DEFAULT_DIR
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: data directory {root} {_not_a_directory(root)}; expected {wanted} in it.{install_hint}"
         )
     searched = _idx_directories(name, root)
@@ -269,9 +309,9 @@ def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, P
             return images, labels
         if images is not None or labels is not None:
             missing = stems[1] if images is not None else stems[0]
-            raise FileNotFoundError(f"{name}: {directory} has only half of the {split} split: "
+            raise MissingFileError(f"{name}: {directory} has only half of the {split} split: "
                                     f"{missing}[.gz] is missing (expected {wanted}).{install_hint}")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{name}: no {split} idx files found; expected {wanted} in one of: "
         f"{', '.join(str(d) for d in searched)}.{install_hint}"
     )
@@ -284,7 +324,7 @@ def load_idx_dataset(name: str, split: str = "test", root: str | Path | None = N
     """
     _check_split(split)
     if name not in _TORCHVISION_FOLDERS:
-        raise ValueError(f"idx data sets are {', '.join(_TORCHVISION_FOLDERS)}; got {name!r}")
+        raise UsageError(f"idx data sets are {', '.join(_TORCHVISION_FOLDERS)}; got {name!r}")
     info = DATASETS[name]
     images_path, labels_path = _locate_idx(name, split, root)
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -364,16 +404,16 @@ def _load_cifar_pickle(path: Path) -> dict[str, Any]:
 def _cifar_directory(root: str | Path | None) -> Path:
     wanted = ", ".join((*_CIFAR10_SPLIT_FILES["train"], *_CIFAR10_SPLIT_FILES["test"], _CIFAR10_META))
     if root is None:
-        raise FileNotFoundError(f"cifar10: no data directory given; pass root=<directory> holding {CIFAR10_FOLDER}/ "
+        raise MissingFileError(f"cifar10: no data directory given; pass root=<directory> holding {CIFAR10_FOLDER}/ "
                                 f"({wanted}); nothing is downloaded.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"cifar10: data directory {root} {_not_a_directory(root)}; "
+        raise MissingFileError(f"cifar10: data directory {root} {_not_a_directory(root)}; "
                                 f"expected {CIFAR10_FOLDER}/ ({wanted}) in it or to be it.")
     for directory in (root, root / CIFAR10_FOLDER):
         if (directory / _CIFAR10_META).is_file():
             return directory
-    raise FileNotFoundError(f"cifar10: no {_CIFAR10_META} in {root} or {root / CIFAR10_FOLDER}; expected the "
+    raise MissingFileError(f"cifar10: no {_CIFAR10_META} in {root} or {root / CIFAR10_FOLDER}; expected the "
                             f"python batches ({wanted}) there.")
 
 
@@ -393,7 +433,7 @@ def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDa
     classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
     missing = [f for f in _CIFAR10_SPLIT_FILES[split] if not (directory / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"cifar10: {', '.join(missing)} missing in {directory} "
+        raise MissingFileError(f"cifar10: {', '.join(missing)} missing in {directory} "
                                 f"(the {split} split needs {', '.join(_CIFAR10_SPLIT_FILES[split])}).")
     images, labels = [], []
     for file_name in _CIFAR10_SPLIT_FILES[split]:
@@ -491,7 +531,7 @@ def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
 
 def _npz_open(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .npz file (expected arrays x and y in it)")
+        raise MissingFileError(f"{path}: no such .npz file (expected arrays x and y in it)")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:

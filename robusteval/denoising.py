@@ -5,28 +5,34 @@ A `denoise` run directory follows the same layout as attack and certify runs
 
 - config.json: kind "denoise", model, dataset, sigmas, n_images, seed,
   batch_size, plus provenance;
-- samples.jsonl: per image {index, label, psnr: [one per σ], psnr_noisy: [one per σ]};
+- samples.jsonl: per image {index, label, psnr: [one per σ], psnr_noisy: [one per σ]}, with the
+  batch's seconds;
 - summary.json: kind "denoise", model, dataset, n_images, seed, seconds and
   psnr: [{sigma, psnr, psnr_noisy}], the mean over images of the per-image
   PSNR (dB, peak 1) of the denoised image and of the noisy input.
 
 The noise of a batch depends only on the seed and the batch's first index, so
 a resumed run draws the same noise as an uninterrupted one.
+
+`evaluate_denoising` (and `robusteval denoise`) resolve the model and data
+like every evaluation (robusteval.jobs) into a `DenoiseJob`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from robusteval.data import ImageDataset
+from robusteval.errors import UsageError
 from robusteval.interface import CapabilityError, JointModel
-from robusteval.runs import RunDirectory, default_run_dir
+from robusteval.jobs import Job, JobOptions, Resolved, resolve
+from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
+from robusteval.runs import RunDirectory
 
 
 def per_image_psnr(estimate: Tensor, clean: Tensor) -> Tensor:
@@ -38,9 +44,94 @@ def per_image_psnr(estimate: Tensor, clean: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+class DenoiseJob(Job):
+    """A prepared denoise run: PSNR of the model's denoiser on the first `n_images` test images at each σ."""
+
+    def __init__(self, resolved: Resolved, sigmas: Sequence[float] = (0.12, 0.25, 0.5), n_images: int | None = None,
+                 batch_size: int = 100, seed: int = 0):
+        model, data = resolved.model, resolved.data
+        if "denoise" not in model.capabilities:
+            raise CapabilityError(resolved.model_name, "denoise", model.capabilities)
+        sigmas = [float(s) for s in sigmas]
+        if not sigmas or any(s <= 0 for s in sigmas):
+            raise UsageError(f"sigmas must be positive noise levels, got {sigmas}")
+        if batch_size <= 0:
+            raise UsageError(f"batch_size must be positive, got {batch_size}")
+        n_images = len(data) if n_images is None else int(n_images)
+        if not 0 < n_images <= len(data):
+            raise UsageError(f"n_images must be in [1, {len(data)}], got {n_images}")
+        self.model, self.data, self.sigmas = model, data, sigmas
+        self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
+        self._freeze(DenoiseConfig(model=resolved.model_name, dataset=data.name, sigmas=sigmas, n_images=n_images,
+                                   seed=seed, batch_size=batch_size).to_json())
+        self.name_parts = ("denoise", resolved.model_name, data.name)
+
+    def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
+            wait: bool = False, on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Write (or resume) the run directory `out` (default: runs/denoise-...); returns the summary and its path.
+
+        The directory is locked while the job works in it (see `Job.open_run`).
+        """
+        with self.opened_run(out if out is not None else self.default_run_dir(), resume, wait=wait,
+                             on_wait=on_wait) as run:
+            run.check_records(range(self.n_images), in_order=True)  # resuming counts the records
+            return self._run(run)
+
+    def _run(self, run: RunDirectory) -> dict[str, Any]:
+        start_time = time.perf_counter()
+        batch_wall = 0.0  # seconds this call spent on batches
+        done = len(run.records)
+        for batch, start in enumerate(range(0, self.n_images, self.batch_size)):
+            if start < done:
+                continue  # finished before a resume
+            batch_started = time.perf_counter()
+            records = self._batch_records(start, min(start + self.batch_size, self.n_images))
+            seconds = time.perf_counter() - batch_started
+            batch_wall += seconds
+            run.append_batch(batch, [{**r, "batch_seconds": round(seconds, 3)} for r in records])
+        records = run.records
+        summary = DenoiseSummary(
+            model=self.config["model"], dataset=self.data.name, n_images=self.n_images, seed=self.seed,
+            psnr=[PsnrPoint(sigma=sigma,
+                            psnr=sum(r["psnr"][k] for r in records) / len(records),
+                            psnr_noisy=sum(r["psnr_noisy"][k] for r in records) / len(records))
+                  for k, sigma in enumerate(self.sigmas)],
+            # Every batch's time, whichever process ran it, plus this call's time outside them.
+            seconds=round(sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records}.values())
+                          + time.perf_counter() - start_time - batch_wall, 3),
+        ).to_json()
+        run.write_summary(summary)
+        return {**summary, "path": str(run.path)}
+
+    def _batch_records(self, start: int, stop: int) -> list[dict[str, Any]]:
+        clean = self.data.x[start:stop].to(self.model.device)
+        # The noise of a batch depends only on the seed and its first index: a resumed run draws the same.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + start)
+        noise = torch.randn((len(self.sigmas), *clean.shape), generator=generator).to(self.model.device)
+        denoised_psnr, noisy_psnr = [], []
+        for k, sigma in enumerate(self.sigmas):
+            noisy = clean + sigma * noise[k]
+            # Tweedie denoisers differentiate inside denoise(): autograd stays on; the graph is dropped per call.
+            estimate = self.model.denoise(noisy, sigma).detach()
+            denoised_psnr.append(per_image_psnr(estimate, clean).cpu())
+            noisy_psnr.append(per_image_psnr(noisy, clean).cpu())
+        return [DenoiseSample(index=i, label=int(self.data.y[i]),
+                              psnr=[round(float(p[i - start]), 6) for p in denoised_psnr],
+                              psnr_noisy=[round(float(p[i - start]), 6) for p in noisy_psnr]).to_json()
+                for i in range(start, stop)]
+
+
+def prepare_denoising(model: JointModel | str, dataset: Any = "digits", *,
+                      sigmas: Sequence[float] = (0.12, 0.25, 0.5), n_images: int | None = None,
+                      batch_size: int = 100, seed: int = 0, **options: Any) -> DenoiseJob:
+    """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared denoise job."""
+    return DenoiseJob(resolve(model, JobOptions.of(dataset, options)), sigmas=sigmas, n_images=n_images,
+                      batch_size=batch_size, seed=seed)
+
+
 def evaluate_denoising(
-    model: JointModel,
-    data: ImageDataset,
+    model: JointModel | str,
+    dataset: Any = "digits",
     sigmas: Sequence[float] = (0.12, 0.25, 0.5),
     n_images: int | None = None,
     batch_size: int = 100,
@@ -48,57 +139,13 @@ def evaluate_denoising(
     out: str | Path | None = None,
     resume: bool = True,
     root: str | Path = "runs",
+    **options: Any,
 ) -> dict[str, Any]:
-    """Measure the model's denoiser on the first `n_images` test images at each σ; write a run; return its summary."""
-    if "denoise" not in model.capabilities:
-        raise CapabilityError(getattr(model, "name", type(model).__name__), "denoise", model.capabilities)
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(s <= 0 for s in sigmas):
-        raise ValueError(f"sigmas must be positive noise levels, got {sigmas}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n_images = len(data) if n_images is None else int(n_images)
-    if not 0 < n_images <= len(data):
-        raise ValueError(f"n_images must be in [1, {len(data)}], got {n_images}")
-    name = getattr(model, "name", type(model).__name__)
-    config = {"kind": "denoise", "model": name, "dataset": data.name, "sigmas": sigmas, "n_images": n_images,
-              "seed": seed, "batch_size": batch_size}
-    path = Path(out) if out is not None else default_run_dir(config, ("denoise", name, data.name), root=root)
-    run = RunDirectory(path, config, resume=resume)
-    start_time = time.perf_counter()
-    device = model.device
-    done = len(run.records)
-    for batch, start in enumerate(range(0, n_images, batch_size)):
-        if start < done:
-            continue  # finished before a resume
-        stop = min(start + batch_size, n_images)
-        clean = data.x[start:stop].to(device)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((len(sigmas), *clean.shape), generator=generator).to(device)
-        denoised_psnr, noisy_psnr = [], []
-        for k, sigma in enumerate(sigmas):
-            noisy = clean + sigma * noise[k]
-            # Tweedie denoisers differentiate inside denoise(): autograd stays on; the graph is dropped per call.
-            estimate = model.denoise(noisy, sigma).detach()
-            denoised_psnr.append(per_image_psnr(estimate, clean).cpu())
-            noisy_psnr.append(per_image_psnr(noisy, clean).cpu())
-        records = [
-            {"index": i, "label": int(data.y[i]),
-             "psnr": [round(float(p[i - start]), 6) for p in denoised_psnr],
-             "psnr_noisy": [round(float(p[i - start]), 6) for p in noisy_psnr]}
-            for i in range(start, stop)
-        ]
-        run.append_batch(batch, records)
-    records = run.records
-    summary = {
-        "kind": "denoise", "model": name, "dataset": data.name, "n_images": n_images, "seed": seed,
-        "psnr": [
-            {"sigma": sigma,
-             "psnr": sum(r["psnr"][k] for r in records) / len(records),
-             "psnr_noisy": sum(r["psnr_noisy"][k] for r in records) / len(records)}
-            for k, sigma in enumerate(sigmas)
-        ],
-        "seconds": round(time.perf_counter() - start_time, 3),
-    }
-    run.write_summary(summary)
-    return {**summary, "path": str(run.path)}
+    """Measure the model's denoiser on the first `n_images` test images at each σ; write a run; return its summary.
+
+    `out` defaults to `root`/denoise-<model>-<dataset>-<config hash>; `options`
+    are the `robusteval.jobs.JobOptions` of every evaluation.
+    """
+    job = prepare_denoising(model, dataset, sigmas=sigmas, n_images=n_images, batch_size=batch_size, seed=seed,
+                            **options)
+    return job.run(out if out is not None else job.default_run_dir(root), resume=resume)

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
+
 CAPABILITIES = frozenset({"logits", "denoise", "energy", "sample"})
 
 # Values this far outside [0, 1] are tolerated at σ = 0 (float round-off from
@@ -27,7 +29,7 @@ RANGE_TOLERANCE = 1e-5
 _validation_enabled = True
 
 
-class CapabilityError(NotImplementedError):
+class CapabilityError(UsageError, NotImplementedError):
     """Raised when a model is asked for something it does not compute."""
 
     def __init__(self, model_name: str, capability: str, capabilities: frozenset[str]):
@@ -68,10 +70,10 @@ def validate_images(
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{what} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
+        raise UsageError(f"{what} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
     expected = (x.shape[0] if x.dim() > 0 else "B", *input_shape)
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(
+        raise UsageError(
             f"{what} must have shape (B, {', '.join(map(str, input_shape))}) (NCHW), "
             f"got {tuple(x.shape)}; expected {expected}"
         )
@@ -79,12 +81,12 @@ def validate_images(
         return
     values = x.detach()
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{what} contains NaN or inf values")
+        raise UsageError(f"{what} contains NaN or inf values")
     clean_rows = values if noisy is None else values[~noisy]
     if clean_rows.numel():
         low, high = float(clean_rows.min()), float(clean_rows.max())
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(
+            raise UsageError(
                 f"{what} must lie in [0, 1] at sigma = 0 (got min {low:.4g}, max {high:.4g}); "
                 f"normalisation happens inside the model"
             )
@@ -98,11 +100,11 @@ def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
         if s.dim() == 0:
             s = s.expand(batch)
         if s.shape != (batch,):
-            raise ValueError(f"sigma must be a float or a tensor of shape ({batch},), got {tuple(s.shape)}")
+            raise UsageError(f"sigma must be a float or a tensor of shape ({batch},), got {tuple(s.shape)}")
     else:
         s = torch.full((batch,), float(sigma), device=x.device, dtype=x.dtype)
     if _validation_enabled and batch and not bool(torch.isfinite(s).all() & (s >= 0).all()):
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+        raise UsageError(f"sigma must be finite and >= 0, got {sigma}")
     return s
 
 
@@ -146,11 +148,11 @@ class JointModel(nn.Module):
         """Draw n images in [0, 1] (class-conditional when y is given)."""
         self._require("sample")
         if n <= 0:
-            raise ValueError(f"n must be a positive number of samples, got {n}")
+            raise UsageError(f"n must be a positive number of samples, got {n}")
         if y is not None:
             y = torch.as_tensor(y, dtype=torch.long, device=self.device)
             if y.shape != (n,) or bool(((y < 0) | (y >= self.num_classes)).any()):
-                raise ValueError(f"y must be {n} class indices in [0, {self.num_classes}), got {y.tolist()}")
+                raise UsageError(f"y must be {n} class indices in [0, {self.num_classes}), got {y.tolist()}")
         return self._sample(n, y, generator)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -211,9 +213,9 @@ class WrappedClassifier(JointModel):
     def __init__(self, module: nn.Module, num_classes: int, input_shape: tuple[int, int, int], name: str = "wrapped"):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+            raise UsageError(f"num_classes must be at least 2, got {num_classes}")
         if len(input_shape) != 3 or any(int(d) <= 0 for d in input_shape):
-            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+            raise UsageError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
         self.module = module
         # Keep the module's mode: wrapping an eval-mode classifier must not put it in training mode.
         self.training = module.training
@@ -225,7 +227,7 @@ class WrappedClassifier(JointModel):
     def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:
         out = self.module(x)
         if out.dim() != 2 or out.shape[1] != self.num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"wrapped module must return logits of shape (B, {self.num_classes}), got {tuple(out.shape)}"
             )
         return out

@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from robusteval.errors import UsageError
 
-class UnknownNameError(KeyError, ValueError):
+
+class UnknownNameError(KeyError, UsageError):
     """An unknown model, attack or data set name; the message suggests close matches."""
 
     def __str__(self) -> str:  # KeyError would quote the message

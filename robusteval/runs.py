@@ -21,12 +21,15 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from robusteval.checkpoints import atomic_write_json
+from robusteval.errors import MissingFileError, NotADirectoryUsageError, UsageError
+from robusteval.job_checks import make_directory
+from robusteval.run_lock import RunLock
 
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -35,8 +38,36 @@ SUMMARY_FILE = "summary.json"
 PROVENANCE_KEY = "provenance"
 
 
-class RunConfigMismatch(RuntimeError):
+class RunConfigMismatch(UsageError, RuntimeError):
     """A run directory holds a different configuration than the one asked for."""
+
+
+class RunFileDamaged(UsageError):
+    """A file of a run directory that cannot be read (truncated, edited by hand, not JSON)."""
+
+
+class RunRecordsInvalid(UsageError):
+    """samples.jsonl holds records that cannot belong to this run (duplicates, indices out of range)."""
+
+
+_CONFIG_DAMAGED = "re-run with --no-resume to start this run afresh, or use another --out"
+_SUMMARY_DAMAGED = "re-run the run's command to recompute it from the records"
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def read_json_file(path: str | Path, remedy: str) -> dict[str, Any]:
+    """A JSON object from a run file; a damaged file is a RunFileDamaged naming it and saying what to do."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFileDamaged(f"{path} is damaged (not valid JSON: {error}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise RunFileDamaged(f"{path} is damaged (a JSON {type(value).__name__}, not an object); {remedy}")
+    return value
 
 
 @functools.cache  # installed versions do not change within a process; looking them up costs ~10 ms
@@ -90,35 +121,58 @@ def default_run_dir(config: dict[str, Any], parts: Iterable[str], root: str | Pa
 
 
 class RunDirectory:
-    """One run's directory; open it with the resolved configuration."""
+    """One run's directory; open it with the resolved configuration.
 
-    def __init__(self, path: str | Path, config: dict[str, Any], resume: bool = True):
+    Opening takes the directory's lock (`run_lock`): a second process on the
+    same directory stops at once with RunDirectoryBusy, or waits with
+    `wait=True`. The lock is held until `close()` (or the end of a `with`
+    block, or of the process).
+    """
+
+    def __init__(self, path: str | Path, config: dict[str, Any], resume: bool = True, wait: bool = False,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.config = {k: v for k, v in config.items() if k != PROVENANCE_KEY}
         config_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"run path {self.path} exists and is not a directory")
-        if config_path.exists() and resume:
-            stored = json.loads(config_path.read_text())
-            stored_core = {k: v for k, v in stored.items() if k != PROVENANCE_KEY}
-            if json.dumps(stored_core, sort_keys=True, default=str) != json.dumps(self.config, sort_keys=True, default=str):
-                changed = sorted(
-                    k for k in set(stored_core) | set(self.config) if stored_core.get(k) != self.config.get(k)
-                )
-                raise RunConfigMismatch(
-                    f"{self.path} holds a run with a different configuration (differs in: {', '.join(changed)}). "
-                    f"Use another --out, or --no-resume to start this directory afresh."
-                )
-            self.resumed = True
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            for name in (SAMPLES_FILE, SUMMARY_FILE):
-                (self.path / name).unlink(missing_ok=True)
-            for artifact in self.path.glob("*.pt"):
-                artifact.unlink()
-            atomic_write_json(config_path, {**self.config, PROVENANCE_KEY: provenance()})
-            self.resumed = False
-        self._records = self._load_complete_records()
+            raise NotADirectoryUsageError(f"run path {self.path} exists and is not a directory")
+        make_directory(self.path, "run directory")
+        # Before anything in it is read or written: one writer per directory.
+        self._lock = RunLock(self.path, wait=wait, on_wait=on_wait)
+        try:
+            if config_path.exists() and resume:
+                stored_core = {k: v for k, v in read_json_file(config_path, _CONFIG_DAMAGED).items()
+                               if k != PROVENANCE_KEY}
+                if _canonical(stored_core) != _canonical(self.config):
+                    changed = sorted(
+                        k for k in set(stored_core) | set(self.config) if stored_core.get(k) != self.config.get(k)
+                    )
+                    raise RunConfigMismatch(
+                        f"{self.path} holds a run with a different configuration (differs in: {', '.join(changed)})."
+                        f" Use another --out, or --no-resume to start this directory afresh."
+                    )
+                self.resumed = True
+            else:
+                for name in (SAMPLES_FILE, SUMMARY_FILE):
+                    (self.path / name).unlink(missing_ok=True)
+                for artifact in self.path.glob("*.pt"):
+                    artifact.unlink()
+                atomic_write_json(config_path, {**self.config, PROVENANCE_KEY: provenance()})
+                self.resumed = False
+            self._records = self._load_complete_records()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory's lock (idempotent); the object must not write afterwards."""
+        self._lock.release()
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- per-image records ----------------------------------------------------------
     def _load_complete_records(self) -> list[dict[str, Any]]:
@@ -146,7 +200,8 @@ class RunDirectory:
                 complete.extend(batch)
                 batch = []
         torn = bool(raw) and not raw.endswith(b"\n")
-        if torn or len(complete) != len(records):
+        # Blank lines are dropped too, so that record k is on line k + 1 (check_records names lines).
+        if torn or len(complete) != len(records) or len(complete) != raw.count(b"\n"):
             self._rewrite(complete)
         return complete
 
@@ -154,6 +209,37 @@ class RunDirectory:
         from robusteval.checkpoints import atomic_write_bytes
 
         atomic_write_bytes(self.path / SAMPLES_FILE, b"".join(_encode(r) for r in records))
+
+    def check_records(self, indices: range, in_order: bool = False,
+                      check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+        """Refuse records that cannot belong to this run, naming samples.jsonl and the first bad line.
+
+        Every record needs an integer `index` in `indices`, different from every
+        other record's (two processes writing one directory leave duplicates);
+        with `in_order` record k must be `indices[k]` (engines that append in
+        order resume by counting); `check(record)` returns what else is wrong
+        with a record for its engine, or None.
+        """
+        seen: set[int] = set()
+        for k, record in enumerate(self._records):
+            index = record.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                problem = f"the record has no integer index ({index!r})"
+            elif index in seen:
+                problem = f"image {index} is recorded twice (did two processes write this directory?)"
+            elif index not in indices:
+                problem = (f"image {index} lies outside the configured images "
+                           f"{indices.start}..{indices.stop - 1}")
+            elif in_order and index != indices[k]:
+                problem = f"image {index} where image {indices[k]} was expected (records out of order)"
+            else:
+                problem = check(record) if check is not None else None
+            if problem is not None:
+                # After _load_complete_records the file holds exactly these records, one per line.
+                raise RunRecordsInvalid(
+                    f"{self.path / SAMPLES_FILE} line {k + 1}: {problem}; these records cannot be resumed. "
+                    f"Re-run with --no-resume to start afresh, or use another --out")
+            seen.add(index)
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -199,18 +285,30 @@ def _json_default(value: Any) -> Any:
 
 
 def read_run(path: str | Path) -> dict[str, Any]:
-    """Load a finished run: its config, summary and records. A missing summary is an error."""
+    """Load a finished run: its config, summary and records. A missing summary is an error.
+
+    A damaged file is a RunFileDamaged naming the file (and the line, for samples.jsonl).
+    """
     path = Path(path)
     summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
+        raise MissingFileError(f"{path} is not a finished run: {SUMMARY_FILE} is missing")
     config_path = path / CONFIG_FILE
     samples_path = path / SAMPLES_FILE
+    records = []
+    if samples_path.exists():
+        for number, line in enumerate(samples_path.read_bytes().split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise RunFileDamaged(f"{samples_path} line {number} is damaged (not valid JSON: {error}); "
+                                     f"re-run the run's command to resume it (the damaged batch and those after it "
+                                     f"are computed again)") from None
     return {
         "path": str(path),
-        "config": json.loads(config_path.read_text()) if config_path.exists() else {},
-        "summary": json.loads(summary_path.read_text()),
-        "records": [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
-        if samples_path.exists()
-        else [],
+        "config": read_json_file(config_path, _CONFIG_DAMAGED) if config_path.exists() else {},
+        "summary": read_json_file(summary_path, _SUMMARY_DAMAGED),
+        "records": records,
     }

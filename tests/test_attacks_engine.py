@@ -9,9 +9,10 @@ import torch
 from attack_fixtures import SHAPE, Constant, clopper_pearson, linear_problem
 
 import robusteval
-from robusteval.attacks import engine
+from robusteval.attacks import batch, resume, verification
 from robusteval.attacks.catalog import AttackComponent, BuiltAttack
-from robusteval.attacks.defenses import DeployedPipeline, parse_defense
+from robusteval.attacks.defenses import DeployedPipeline
+from robusteval.vocabulary import parse_defense
 from robusteval.interface import CapabilityError
 from robusteval.names import UnknownNameError
 
@@ -48,7 +49,7 @@ def test_curve_is_monotone_and_every_adversarial_example_checks_out(standard, di
         assert broken == sorted(broken), record  # once broken, broken at every larger ε
         assert not any(broken) or record["correct"]
     for point in result.curve:
-        saved = torch.load(tmp_path / "run" / engine.adversarial_file_name(point.eps), weights_only=True)
+        saved = torch.load(tmp_path / "run" / resume.adversarial_file_name(point.eps), weights_only=True)
         assert saved.shape == x.shape
         assert torch.equal(saved, result.adversarial[point.eps])
         broken = torch.tensor([r["results"][result.eps.index(point.eps)]["broken"] for r in result.records])
@@ -101,7 +102,7 @@ def test_a_batch_killed_between_eps_resumes_from_its_last_finished_eps(monkeypat
     eps = [0.05, 0.1, 0.15]
     kwargs = dict(attack="pgd", eps=eps, n=30, batch_size=30, device="cpu", seed=4, large_eps_check=False)
     fresh = robusteval.evaluate_attack(standard, digits, out=tmp_path / "fresh", **kwargs)
-    real_build = engine.build_attack
+    real_build = batch.build_attack
     built_at: list[float] = []
 
     def build(spec, attacked, expected, *, eps, **options):
@@ -110,7 +111,7 @@ def test_a_batch_killed_between_eps_resumes_from_its_last_finished_eps(monkeypat
             raise _Killed
         return real_build(spec, attacked, expected, eps=eps, **options)
 
-    monkeypatch.setattr(engine, "build_attack", build)
+    monkeypatch.setattr(batch, "build_attack", build)
     out = tmp_path / "killed"
     kill = True
     with pytest.raises(_Killed):
@@ -179,17 +180,17 @@ def test_verification_rejects_out_of_ball_out_of_box_and_correct_examples():
     # Far across the boundary: misclassified, but 0.3 away in L∞.
     flip = torch.where(y == 1, -1.0, 1.0).view(-1, 1)
     far = (x.flatten(1) + 0.3 * flip * w.sign()).view_as(x)
-    check = engine.verify_adversarial(pipeline, x, far.clamp(0, 1), y, "Linf", 0.1)
+    check = verification.verify_adversarial(pipeline, x, far.clamp(0, 1), y, "Linf", 0.1)
     assert bool(check.misclassified.all()) and not bool(check.in_ball.any()) and not bool(check.valid.any())
-    inside = engine.verify_adversarial(pipeline, x, far.clamp(0, 1), y, "Linf", 0.3 + 1e-7)
+    inside = verification.verify_adversarial(pipeline, x, far.clamp(0, 1), y, "Linf", 0.3 + 1e-7)
     assert bool(inside.valid.all())
     outside_box = x.clone()
     outside_box[:, 0, 0, 0] = 1.05
-    assert not bool(engine.verify_adversarial(pipeline, x, outside_box, y, "Linf", 1.0).in_box.any())
+    assert not bool(verification.verify_adversarial(pipeline, x, outside_box, y, "Linf", 1.0).in_box.any())
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
-    assert not bool(engine.verify_adversarial(pipeline, x, nan, y, "L2", 1.0).valid[0])
-    assert not bool(engine.verify_adversarial(pipeline, x, x.clone(), y, "L2", 1.0).valid.any())
+    assert not bool(verification.verify_adversarial(pipeline, x, nan, y, "L2", 1.0).valid[0])
+    assert not bool(verification.verify_adversarial(pipeline, x, x.clone(), y, "L2", 1.0).valid.any())
 
 
 def test_engine_never_counts_an_out_of_ball_example(monkeypatch, standard, digits):
@@ -201,7 +202,7 @@ def test_engine_never_counts_an_out_of_ball_example(monkeypatch, standard, digit
             return torch.full_like(x, 0.5)  # mid-grey: misclassified often, but far outside a small ball
         return BuiltAttack([AttackComponent("cheat", run)], [])
 
-    monkeypatch.setattr(engine, "build_attack", cheating)
+    monkeypatch.setattr(batch, "build_attack", cheating)
     result = robusteval.evaluate_attack(standard, digits, attack="pgd", eps=[0.05], n=20, device="cpu",
                                         large_eps_check=False)
     assert calls and result.curve[0].robust_accuracy == result.clean_accuracy

@@ -9,8 +9,8 @@ from scipy.stats import kstest
 from torch import nn
 
 import robusteval
-from robusteval.certify.engine import SmoothingSettings
-from robusteval.certify.sampler import ESTIMATION, SELECTION, NoiseSource, Phase
+from robusteval.smoothing.engine import SmoothingSettings
+from robusteval.smoothing.sampler import ESTIMATION, SELECTION, NoiseSource, Phase
 from robusteval.data import load_dataset
 from robusteval.interface import CapabilityError
 from robusteval.runs import SAMPLES_FILE, SUMMARY_FILE, RunConfigMismatch
@@ -171,7 +171,7 @@ def test_clear_errors(digits):
 
 
 def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
-    from robusteval.certify import sampler
+    from robusteval.smoothing import sampler
 
     def eager(noisy):
         return torch.zeros(noisy.shape[0], dtype=torch.long)

@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import beta, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from robusteval.certify import smoothing
-from robusteval.certify.smoothing import (
+from robusteval.smoothing import decisions as smoothing
+from robusteval.smoothing.decisions import (
     average_certified_radius,
     certified_accuracy_curve,
     certify_decision,

@@ -223,7 +223,7 @@ def test_jem_full_size_is_wrn_28_10_with_the_official_parameter_count() -> None:
     assert (model.f.depth, model.f.widen_factor) == (28, 10)
     assert count(model) == wrn_parameters(28, 10, 10)
     assert count(model100) == wrn_parameters(28, 10, 100)
-    meta = robusteval.create_model("jem", dataset="cifar10", pretrained=False, device="meta")
+    meta = robusteval.create_model("jem", dataset="cifar10", pretrained=False, device=torch.device("meta"))
     assert count(meta) == wrn_parameters(28, 10, 10)
 
 
@@ -718,6 +718,7 @@ def test_robusteval_own_weights_keep_the_re_implementation_on_paper_data_sets(tm
     x = images(2)
     with torch.no_grad():
         torch.testing.assert_close(again(x), own(x))
-    assert isinstance(robusteval.create_model("jem", dataset="cifar10", pretrained=False, device="meta"), OfficialJEM)
+    meta = torch.device("meta")
+    assert isinstance(robusteval.create_model("jem", dataset="cifar10", pretrained=False, device=meta), OfficialJEM)
     with pytest.raises(ValueError, match="no official architecture for data set 'digits'"):
         robusteval.create_model("jem", pretrained=False, official=True)

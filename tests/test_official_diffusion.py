@@ -807,8 +807,8 @@ def test_egc_full_size_parameter_counts_match_the_official_definitions():
 # --- the engines run on the loaded models ------------------------------------------------------------
 
 def test_jdm_attacks_through_its_denoiser_and_denoised_certification_finish(tmp_path):
-    from robusteval.attacks.engine import evaluate_attack
-    from robusteval.certify.engine import certify
+    from robusteval.attacks.evaluate import evaluate_attack
+    from robusteval.smoothing.engine import certify
 
     path, _ = save_jdm(tmp_path, ONE_LEVEL)
     model = load_jdm(SMALL, path)
@@ -826,7 +826,7 @@ def test_jdm_attacks_through_its_denoiser_and_denoised_certification_finish(tmp_
 
 
 def test_egc_logits_attack_finishes(tmp_path):
-    from robusteval.attacks.engine import evaluate_attack
+    from robusteval.attacks.evaluate import evaluate_attack
 
     net_path, _, vae_path, _ = save_egc(tmp_path)
     model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})

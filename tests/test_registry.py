@@ -80,13 +80,25 @@ def test_create_model_honours_the_device(digits_batch: torch.Tensor) -> None:
     model = robusteval.create_model("standard", device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     # The meta device proves the argument reaches every parameter, without needing a GPU.
-    meta = robusteval.create_model("standard", pretrained=False, device="meta")
+    meta = robusteval.create_model("standard", pretrained=False, device=torch.device("meta"))
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert registry.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert registry.resolve_device(torch.device("cpu")) == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             robusteval.create_model("standard", device="cuda")
+
+
+@pytest.mark.parametrize("name", ["tpu", "meta", "mps", "cuda:7", "gpu0", ""])
+def test_device_names_that_do_not_exist_here_are_one_clear_error(name: str) -> None:
+    if name == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if name == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(registry.DeviceUnavailable, match=rf"device '{name}'") as caught:
+        registry.resolve_device(name)
+    assert "\n" not in str(caught.value)
+    assert isinstance(caught.value, ValueError)  # the command line prints it in one line, exit 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,7 +13,7 @@ from matplotlib.transforms import Bbox
 from scipy.stats import norm as gaussian
 from reports_fixtures import FIXTURE_RUNS, ZOO_BASELINES, ZOO_JOINT, copy_run, fixture_summary, write_zoo_runs
 
-from robusteval.certify.smoothing import lower_confidence_bound
+from robusteval.smoothing.decisions import lower_confidence_bound
 from robusteval.reports.figures import (
     IDENTITIES_FILE,
     certified_curve,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from robusteval.run_lock import LOCK_FILE
 from robusteval.runs import (
     CONFIG_FILE,
     SAMPLES_FILE,
@@ -46,12 +47,14 @@ def test_append_and_resume(tmp_path: Path) -> None:
     run = RunDirectory(tmp_path, CONFIG)
     run.append_batch(0, batch_records(0))
     run.append_batch(1, batch_records(1))
+    run.close()  # one writer at a time (see the locking tests)
     resumed = RunDirectory(tmp_path, CONFIG)
     assert resumed.resumed
     assert resumed.completed_batches == 2
     assert [r["index"] for r in resumed.records] == list(range(6))
     assert resumed.records == run.records
     resumed.append_batch(2, batch_records(2))
+    resumed.close()
     assert [r["index"] for r in RunDirectory(tmp_path, CONFIG).records] == list(range(9))
 
 
@@ -62,6 +65,7 @@ def test_resume_drops_a_torn_last_batch(tmp_path: Path, cut: str) -> None:
     run.append_batch(1, batch_records(1))
     samples = tmp_path / SAMPLES_FILE
     intact = samples.read_bytes()
+    run.close()
     torn = encoded_batch(2, batch_records(2))
     length = {
         "half the bytes": len(torn) // 2,
@@ -76,6 +80,7 @@ def test_resume_drops_a_torn_last_batch(tmp_path: Path, cut: str) -> None:
     assert [r["index"] for r in resumed.records] == list(range(6))
     assert samples.read_bytes() == intact  # the torn bytes are gone from disk too
     resumed.append_batch(2, batch_records(2))
+    resumed.close()
     again = RunDirectory(tmp_path, CONFIG)
     assert [r["index"] for r in again.records] == list(range(9))
     assert all(json.loads(line) for line in samples.read_text().splitlines())
@@ -84,11 +89,13 @@ def test_resume_drops_a_torn_last_batch(tmp_path: Path, cut: str) -> None:
 def test_config_mismatch_is_an_error_naming_the_keys(tmp_path: Path) -> None:
     run = RunDirectory(tmp_path, CONFIG)
     run.append_batch(0, batch_records(0))
+    run.close()
     with pytest.raises(RunConfigMismatch, match=r"differs in: eps, seed"):
         RunDirectory(tmp_path, {**CONFIG, "eps": [0.05], "seed": 1})
     # Provenance (time, host, versions) may change between a run and its resumption.
     same = RunDirectory(tmp_path, {**CONFIG, "provenance": {"host": "elsewhere"}})
     assert same.resumed and same.completed_batches == 1
+    same.close()
     # --no-resume starts the directory afresh.
     fresh = RunDirectory(tmp_path, {**CONFIG, "seed": 1}, resume=False)
     assert not fresh.resumed and fresh.records == []
@@ -116,7 +123,7 @@ def test_summary_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monke
         run.write_summary({"robust_accuracy": 0.25, "more": list(range(1000))})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"robust_accuracy": 0.5}  # the old summary, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, SUMMARY_FILE]  # no temporary left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, CONFIG_FILE, SUMMARY_FILE]  # no temporary
     assert read_run(tmp_path)["summary"] == {"robust_accuracy": 0.5}
 
 

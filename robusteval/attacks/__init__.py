@@ -1,12 +1,16 @@
 """Adversarial attacks: the catalog of attacks, deployed defenses, the engine and its sanity checks."""
 
 from robusteval.attacks.catalog import ATTACKS, AttackSpec, resolve_attack
-from robusteval.attacks.engine import AttackJob, AttackResult, evaluate_attack, prepare_attack, verify_adversarial
+from robusteval.attacks.engine import AttackJob
+from robusteval.attacks.evaluate import AttackSettings, evaluate_attack, prepare_attack
+from robusteval.attacks.results import AttackResult
+from robusteval.attacks.verification import verify_adversarial
 
 __all__ = [
     "ATTACKS",
     "AttackJob",
     "AttackResult",
+    "AttackSettings",
     "AttackSpec",
     "evaluate_attack",
     "prepare_attack",

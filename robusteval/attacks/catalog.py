@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
 from robusteval.names import resolve_name
+from robusteval.vocabulary import NORMS
 
 logger = logging.getLogger(__name__)
 
-NORMS = ("Linf", "L2")
 
 # AutoAttack's standard version targets 9 classes in APGD-T and FAB-T.
 AUTOATTACK_TARGETS = 9
@@ -118,7 +119,7 @@ def resolve_norm(norm: str) -> str:
 
 def check_norm(spec: AttackSpec, norm: str) -> None:
     if norm not in spec.norms:
-        raise ValueError(f"attack '{spec.name}' supports the norm(s) {', '.join(spec.norms)}, not {norm}; "
+        raise UsageError(f"attack '{spec.name}' supports the norm(s) {', '.join(spec.norms)}, not {norm}; "
                          f"pass --norm {spec.norms[0]} or choose another attack (see `robusteval list attacks`)")
 
 
@@ -191,7 +192,7 @@ def build_attack(
     """
     check_norm(spec, norm)
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise UsageError(f"eps must be >= 0, got {eps}")
     if spec.name in ("autoattack", "autoattack-rand"):
         return _build_autoattack(spec, attacked, expected, norm=norm, eps=eps, num_classes=num_classes,
                                  device=device, eot=eot, steps=steps)

@@ -1,6 +1,6 @@
 """The deployed pipeline: what an attack sees and what decides a prediction.
 
-Defenses (the `--defense` string):
+Defenses (the `--defense` string, parsed by `robusteval.vocabulary.parse_defense`):
 
 - `none`: logits(x, 0).
 - `denoise:S`: purify with the model's own denoise(x, S), then classify the
@@ -23,73 +23,16 @@ noise draws: a single lucky draw is not a prediction.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
-from robusteval.names import resolve_name
+from robusteval.vocabulary import DefenseSpec
 
-DEFENSE_KINDS = ("none", "denoise", "noise", "smooth")
-GRADIENT_MODES = ("full", "bpda", "auto")
 DECISION_DRAWS = 100
 # Images per forward pass when many noise draws are stacked into one batch.
 MAX_STACKED_IMAGES = 4096
-
-
-@dataclass(frozen=True)
-class DefenseSpec:
-    """A parsed `--defense` string."""
-
-    kind: str
-    sigma: float = 0.0
-    votes: int = 0  # smooth: K
-    add_noise: bool = False  # denoise: add N(0, S²) before denoising
-
-    @property
-    def randomized(self) -> bool:
-        return self.kind in ("noise", "smooth") or (self.kind == "denoise" and self.add_noise)
-
-    def __str__(self) -> str:
-        if self.kind == "none":
-            return "none"
-        if self.kind == "smooth":
-            return f"smooth:{self.sigma:g}:{self.votes}"
-        if self.kind == "denoise" and self.add_noise:
-            return f"denoise:{self.sigma:g}:noise"
-        return f"{self.kind}:{self.sigma:g}"
-
-
-def parse_defense(text: str) -> DefenseSpec:
-    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S' or 'smooth:S:K'."""
-    parts = [p.strip() for p in str(text).split(":")]
-    kind = resolve_name(parts[0], DEFENSE_KINDS, "defense")
-    usage = "expected one of none, denoise:S, denoise:S:noise, noise:S, smooth:S:K (S > 0 a noise std, K >= 1 votes)"
-    if kind == "none":
-        if len(parts) != 1:
-            raise ValueError(f"defense 'none' takes no parameters, got {text!r}; {usage}")
-        return DefenseSpec("none")
-    if len(parts) < 2:
-        raise ValueError(f"defense {text!r} needs a noise level S; {usage}")
-    try:
-        sigma = float(parts[1])
-    except ValueError:
-        raise ValueError(f"defense {text!r}: S must be a number, got {parts[1]!r}; {usage}") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"defense {text!r}: S must be a positive noise std, got {sigma}; {usage}")
-    if kind == "smooth":
-        if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
-            raise ValueError(f"defense {text!r}: smooth needs a vote count K >= 1 (smooth:S:K); {usage}")
-        return DefenseSpec("smooth", sigma, votes=int(parts[2]))
-    if kind == "denoise" and len(parts) == 3:
-        if parts[2].lower() != "noise":
-            raise ValueError(f"defense {text!r}: the third part of denoise can only be 'noise'; {usage}")
-        return DefenseSpec("denoise", sigma, add_noise=True)
-    if len(parts) != 2:
-        raise ValueError(f"defense {text!r} has too many parts; {usage}")
-    return DefenseSpec(kind, sigma)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -102,6 +45,14 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad, None
+
+
+def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
+    """Raise CapabilityError when the defense needs what the model lacks (a denoiser for denoise:S)."""
+    if defense.kind == "denoise" and "denoise" not in model.capabilities:
+        from robusteval.interface import CapabilityError
+
+        raise CapabilityError(model.name, "denoise", model.capabilities)
 
 
 class DeployedPipeline(nn.Module):
@@ -117,13 +68,10 @@ class DeployedPipeline(nn.Module):
                  decision_draws: int = DECISION_DRAWS):
         super().__init__()
         if gradient not in ("full", "bpda"):
-            raise ValueError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
-        if defense.kind == "denoise" and "denoise" not in model.capabilities:
-            from robusteval.interface import CapabilityError
-
-            raise CapabilityError(model.name, "denoise", model.capabilities)
+            raise UsageError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
+        require_defense_capabilities(model, defense)
         if decision_draws < 1:
-            raise ValueError(f"decision_draws must be >= 1, got {decision_draws}")
+            raise UsageError(f"decision_draws must be >= 1, got {decision_draws}")
         self.model = model
         self.defense = defense
         self.gradient = gradient

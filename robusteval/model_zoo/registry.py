@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.checkpoints import CheckpointError, load_into, read_state_dict, safetensors_metadata
 from robusteval.data import DatasetInfo, dataset_info
+from robusteval.errors import UsageError
 from robusteval.interface import CAPABILITIES, JointModel
 from robusteval.model_zoo.official import PAPER_DATASETS, OfficialArchitecture, official_architecture, official_spec
 from robusteval.names import resolve_name
@@ -154,15 +155,54 @@ def model_card(name: str) -> ModelCard:
     return get_entry(name).card
 
 
+class DeviceUnavailable(UsageError):
+    """A device name that is unknown, unsupported, or not present on this machine."""
+
+
+_DEVICE_HELP = "expected auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when it is available, else the CPU."""
+    """'auto' picks CUDA when it is available, else the CPU; others must exist here.
+
+    cpu, cuda, cuda:N (N below the number of GPUs) and mps (where PyTorch has
+    it) are accepted; anything else (tpu, meta, a cuda:7 on a machine with two
+    GPUs) is a DeviceUnavailable saying what is there. A torch.device is
+    taken as it is.
+    """
     if isinstance(device, torch.device):
-        return device
-    if device == "auto":
+        return device  # a program's explicit choice (the meta device in tests); names come from users
+    if device.strip() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device.strip())
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailable(f"unknown device {str(device)!r}; {_DEVICE_HELP}") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceUnavailable(f"device {str(device)!r} was asked for but CUDA is not available here; "
+                                    f"use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceUnavailable(f"device {str(device)!r} does not exist: this machine has {count} GPU(s), "
+                                    f"cuda:0..cuda:{count - 1}")
+        return parsed
+    if parsed.type == "mps":
+        if torch.backends.mps.is_available():
+            return parsed
+        raise DeviceUnavailable(f"device {str(device)!r} was asked for but MPS is not available here; "
+                                f"use --device cpu")
+    raise DeviceUnavailable(f"device {str(device)!r} is not supported; {_DEVICE_HELP}")
+
+
+def checkpoint_dataset_info(checkpoint: str | Path) -> DatasetInfo | None:
+    """The data set a checkpoint was trained on, from the metadata `robusteval train` writes (None if unknown)."""
+    from robusteval.data import DATASETS
+
+    trained_on = safetensors_metadata(checkpoint).get("dataset")
+    return DATASETS.get(trained_on) if trained_on else None
 
 
 def create_model(
@@ -209,7 +249,7 @@ def create_model(
     info = dataset_info(dataset)
     spec = official_architecture(entry.card.name, info.name) if official is not False else None
     if official and spec is None:
-        raise ValueError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")
+        raise UsageError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")
     if official is None and spec is not None:
         if checkpoint is not None:
             own_weights = str(checkpoint).endswith(".safetensors")
@@ -224,8 +264,12 @@ def create_model(
     if options:
         flags = " and ".join(f"--{k.replace('_', '-')}" for k in options)
         verb = "apply" if len(options) > 1 else "applies"
-        raise ValueError(f"{flags} {verb} to the official architectures that take them (see the model card's "
+        raise UsageError(f"{flags} {verb} to the official architectures that take them (see the model card's "
                          f"'official' options); '{entry.card.name}' on {info.name} is robusteval's re-implementation")
+    if checkpoint is not None:
+        # The weights, not the data, fix the input shape and the classes: digits weights make a 1×8×8,
+        # 10-class model whatever data it is then given (which the jobs check against it).
+        info = checkpoint_dataset_info(checkpoint) or info
     model = entry.build(info)
     model.name = entry.card.name
     if checkpoint is not None:
@@ -256,10 +300,10 @@ def _create_official(
     unused = sorted(set(options) - set(official.options))
     if unused:
         flags = " and ".join(f"--{k.replace('_', '-')}" for k in unused)
-        raise ValueError(f"{flags}: the official '{official.model}' loader takes no such file "
+        raise UsageError(f"{flags}: the official '{official.model}' loader takes no such file "
                          f"(it takes: {', '.join(official.options) or 'the checkpoint only'})")
     if checkpoint is None and options:
-        raise ValueError(f"{', '.join(options)} given without checkpoint: they describe how to read the official "
+        raise UsageError(f"{', '.join(options)} given without checkpoint: they describe how to read the official "
                          f"'{official.model}' file (CLI: --checkpoint FILE)")
     if checkpoint is not None:
         return official.load(info, Path(checkpoint), allow_unsafe_pickle, **options)

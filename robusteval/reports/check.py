@@ -60,6 +60,7 @@ from typing import Any
 from scipy.stats import fisher_exact
 
 from robusteval.checkpoints import atomic_write_json
+from robusteval.errors import MissingFileError, UsageError
 from robusteval.reports.loading import Run
 from robusteval.reports.tables import format_number
 
@@ -68,7 +69,7 @@ logger = logging.getLogger(__name__)
 BASELINE_FORMAT = "robusteval-baseline/1"
 
 
-class BaselineError(ValueError):
+class BaselineError(UsageError):
     """A baseline file that cannot be read or does not follow the format."""
 
 
@@ -159,7 +160,7 @@ def entries_from_runs(runs: Sequence[Run]) -> dict[str, Entry]:
             logger.info("%s: %s runs are not gated", run.path, run.kind)
             continue
         if entry.key in entries:
-            raise ValueError(f"two runs for the same entry {entry.key}: {entries[entry.key].run} and {entry.run}; "
+            raise UsageError(f"two runs for the same entry {entry.key}: {entries[entry.key].run} and {entry.run}; "
                              f"pass one of them")
         entries[entry.key] = entry
     return entries
@@ -169,7 +170,7 @@ def write_baseline(runs: Sequence[Run], path: str | Path) -> dict[str, Entry]:
     """Write the baseline for these runs, atomically; returns its entries."""
     entries = entries_from_runs(runs)
     if not entries:
-        raise ValueError("no attack or certify runs to make a baseline from")
+        raise UsageError("no attack or certify runs to make a baseline from")
     document = {
         "format": BASELINE_FORMAT,
         "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -183,7 +184,7 @@ def load_baseline(path: str | Path) -> dict[str, Entry]:
     """Read a baseline file written by `write_baseline`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"baseline {path} does not exist; create it with `robusteval check RUNS... "
+        raise MissingFileError(f"baseline {path} does not exist; create it with `robusteval check RUNS... "
                                 f"--baseline {path} --update`")
     try:
         document = json.loads(path.read_text())
@@ -253,7 +254,7 @@ def _config_changes(baseline: Entry, current: Entry) -> list[str]:
 def compare(current: dict[str, Entry], baseline: dict[str, Entry], alpha: float = 0.05) -> CheckResult:
     """Compare entries with the baseline at level `alpha` (see the module docstring for the outcomes)."""
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
     result = CheckResult(alpha=alpha)
     missing = {k: baseline[k] for k in baseline if k not in current}
     extra = {k: current[k] for k in current if k not in baseline}

@@ -36,7 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy.stats import norm as gaussian
 
-from robusteval.reports.loading import Run, certified_accuracy_from_records, flag_eps, same_number
+from robusteval.reports.loading import Run, certified_accuracy_from_records, same_number
 from robusteval.reports.paths import slug
 from robusteval.reports.styles import (
     MODE_LINESTYLES,
@@ -46,7 +46,8 @@ from robusteval.reports.styles import (
     pipeline_order,
     write_identities,
 )
-from robusteval.reports.tables import NORM_SYMBOL, format_number
+from robusteval.reports.tables import format_number
+from robusteval.vocabulary import NORM_SYMBOL, NORMS
 
 REFERENCE_GREY = "#6E6E6E"
 FLAG_EDGE = "#000000"
@@ -190,7 +191,10 @@ class RobustPoint:
 
 
 def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
-    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags)."""
+    """At each ε any run evaluated, the lowest robust accuracy over the runs (and that run's interval and flags).
+
+    Sanity flags are about the whole run, so a flagged run marks every ε it supplies.
+    """
     budgets = sorted({float(p["eps"]) for r in runs for p in r.summary["curve"]})
     curve = []
     for eps in budgets:
@@ -198,17 +202,8 @@ def best_known_curve(runs: Sequence[Run]) -> list[RobustPoint]:
         run, point = min(((r, p) for r, p in candidates if p is not None),
                          key=lambda rp: (float(rp[1]["robust_accuracy"]), rp[0].attack_label))
         curve.append(RobustPoint(eps, float(point["robust_accuracy"]), float(point["ci_low"]),
-                                 float(point["ci_high"]), _flagged_at(run, eps), run.attack_label))
+                                 float(point["ci_high"]), bool(run.flags), run.attack_label))
     return curve
-
-
-def _flagged_at(run: Run, eps: float) -> bool:
-    """A run-wide flag marks every ε of the run; a flag that names an ε marks that ε."""
-    for flag in run.summary.get("flags") or []:
-        at = flag_eps(flag)
-        if at is None or same_number(at, eps):
-            return True
-    return False
 
 
 def _plot_robust(ax, curve: list[RobustPoint], identity: Identity, gid: str, label: str, defense: str = "none",
@@ -310,14 +305,13 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
     if not relevant:
         raise ValueError(f"no attack runs of {model!r} for data set {dataset!r} and norm {norm!r}")
     # One run without flags: a single plot, no legend; the title says what it is.
-    single = len(relevant) == 1 and not any(_flagged_at(relevant[0], float(p["eps"]))
-                                           for p in relevant[0].summary["curve"])
+    single = len(relevant) == 1 and not relevant[0].flags
     fig, axes = _panels(1, legend=not single)
     ax = axes[0]
     handles, any_flag, seen = [], False, {}
     for run in relevant:
         curve = [RobustPoint(float(p["eps"]), float(p["robust_accuracy"]), float(p["ci_low"]), float(p["ci_high"]),
-                             _flagged_at(run, float(p["eps"])), run.attack_label) for p in run.summary["curve"]]
+                             bool(run.flags), run.attack_label) for p in run.summary["curve"]]
         repeat = seen.get(run.defense, 0)
         seen[run.defense] = repeat + 1
         dashes = (pipeline_look(run.defense)[0] if repeat == 0
@@ -621,7 +615,7 @@ def iter_figures(runs: Sequence[Run], identities: dict[str, Identity]) -> Iterat
     """Every figure the runs support, one at a time (a report writes each and lets it go)."""
     for dataset in sorted({r.dataset for r in runs}):
         attack_runs = [r for r in runs if r.kind == "attack" and r.dataset == dataset]
-        norms = [n for n in ("Linf", "L2") if any(r.summary["norm"] == n for r in attack_runs)]
+        norms = [n for n in NORMS if any(r.summary["norm"] == n for r in attack_runs)]
         for norm in norms:
             yield DrawnFigure(robustness_figure(runs, dataset, norm, identities), f"robust_{slug(dataset)}_{norm}",
                               f"Robust accuracy vs ε ({dataset}, {NORM_SYMBOL[norm]})", dataset)
@@ -636,7 +630,7 @@ def iter_figures(runs: Sequence[Run], identities: dict[str, Identity]) -> Iterat
                               f"Denoising PSNR vs σ ({dataset})", dataset)
         for model in sorted({r.model for r in runs if r.dataset == dataset}):
             mine = [r for r in runs if r.model == model and r.dataset == dataset]
-            for norm in ("Linf", "L2"):
+            for norm in NORMS:
                 if any(r.kind == "attack" and r.summary["norm"] == norm for r in mine):
                     yield DrawnFigure(model_robustness_figure(runs, model, dataset, norm, identities[model]),
                                       f"model_{slug(model)}_robust_{slug(dataset)}_{norm}",

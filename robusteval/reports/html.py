@@ -14,7 +14,7 @@ import datetime as _dt
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from robusteval.checkpoints import atomic_write_bytes
 from robusteval.reports.figures import FigureFile, FigureSet
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug
-from robusteval.reports.tables import NORM_SYMBOL, TableSet, adversarial_display, certified_display, format_number
+from robusteval.reports.tables import TableSet, adversarial_display, certified_display, format_number
+from robusteval.vocabulary import NORM_SYMBOL, norm_order
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _PROLOG = re.compile(r"<\?xml.*?\?>|<!DOCTYPE.*?>|<!--.*?-->|<metadata>.*?</metadata>", re.S)
@@ -154,54 +155,14 @@ def render_html(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_d
     out_dir = Path(out_dir)
     index = iter(range(10**6))
     anchors = {model: f"model-{slug(model)}" for model in {r.model for r in runs}}
-
-    leaderboards = []
-    board = tables.leaderboard
-    for dataset in sorted(board["dataset"].unique()) if not board.empty else []:
-        part = board[board["dataset"] == dataset]
-        keys = [c for c in tables.leaderboard_columns if part[c.key].notna().any()]
-        sorted_by = next((c.key for c in keys if c.key.startswith("best_")), "clean")
-        leaderboards.append({
-            "dataset": dataset,
-            "table_id": f"leaderboard-{slug(dataset)}",
-            "columns": keys,
-            "sorted_by": sorted_by,
-            "rows": [{
-                "system": row["system"], "anchor": anchors[row["model"]], "unreliable": bool(row["unreliable"]),
-                "flags": row["flags"] or "", "cells": [_number_cell(row[c.key]) for c in keys],
-            } for _, row in part.iterrows()],
-        })
-
     certified_headers, certified_rows = [], []
     if not tables.certified.values.empty:
         shown = certified_display(tables.certified)
         certified_headers = list(shown.columns)
         certified_rows = shown.astype(str).values.tolist()
-
-    adversarial_tables = []
-    if not tables.adversarial.empty:
-        pairs = tables.adversarial[["dataset", "norm"]].drop_duplicates().itertuples(index=False)
-        for dataset, norm in sorted(pairs, key=lambda p: (p[0], 0 if p[1] == "Linf" else 1)):
-            shown = adversarial_display(tables.adversarial, dataset, norm)
-            adversarial_tables.append({"title": f"{dataset}, {NORM_SYMBOL[norm]}", "headers": list(shown.columns),
-                                       "rows": shown.astype(str).values.tolist()})
-
     overall = [_figure_context(f, out_dir, next(index)) for f in figures.overall]
-    models = []
-    for model in sorted({r.model for r in runs}):
-        mine = [r for r in runs if r.model == model]
-        card, note = _card(model, sorted({r.dataset for r in mine}))
-        model_figures = [_figure_context(f, out_dir, next(index)) for f in figures.per_model.get(model, [])]
-        # A model measured only for denoising shows the PSNR figure it appears in.
-        if not model_figures:
-            model_figures = [_figure_context(f, out_dir, next(index), f"{anchors[model]}-") for f in figures.overall
-                             if f.name.startswith("psnr_") and any(r.kind == "denoise" and r.dataset == f.dataset
-                                                                   for r in mine)]
-        models.append({
-            "name": model, "anchor": anchors[model], "card": card, "card_note": note, "figures": model_figures,
-            "runs": [_provenance(r) for r in sorted(mine, key=lambda r: (r.kind, r.path.name))],
-        })
-
+    models = [_model_context(model, runs, figures, out_dir, anchors[model], index)
+              for model in sorted({r.model for r in runs})]
     kinds = {}
     for run in runs:
         kinds[run.kind] = kinds.get(run.kind, 0) + 1
@@ -214,11 +175,60 @@ def render_html(runs: Sequence[Run], tables: TableSet, figures: FigureSet, out_d
         title=title, version=version, command=command, notes=list(notes),
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         runs_count=len(runs), kinds=", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
-        datasets=sorted({r.dataset for r in runs}), leaderboards=leaderboards, overall_figures=overall,
+        datasets=sorted({r.dataset for r in runs}), leaderboards=_leaderboards(tables, anchors),
+        overall_figures=overall,
         identities_href=(Path(os.path.relpath(figures.identities, out_dir)).as_posix() if figures.identities else ""),
         certified_headers=certified_headers, certified_rows=certified_rows,
-        adversarial_tables=adversarial_tables, models=models,
+        adversarial_tables=_adversarial_tables(tables), models=models,
     )
+
+
+def _leaderboards(tables: TableSet, anchors: dict[str, str]) -> list[dict[str, Any]]:
+    """One sortable leaderboard per data set, with the columns it has values for."""
+    leaderboards = []
+    board = tables.leaderboard
+    for dataset in sorted(board["dataset"].unique()) if not board.empty else []:
+        part = board[board["dataset"] == dataset]
+        keys = [c for c in tables.leaderboard_columns if part[c.key].notna().any()]
+        leaderboards.append({
+            "dataset": dataset,
+            "table_id": f"leaderboard-{slug(dataset)}",
+            "columns": keys,
+            "sorted_by": next((c.key for c in keys if c.key.startswith("best_")), "clean"),
+            "rows": [{
+                "system": row["system"], "anchor": anchors[row["model"]], "unreliable": bool(row["unreliable"]),
+                "flags": row["flags"] or "", "cells": [_number_cell(row[c.key]) for c in keys],
+            } for _, row in part.iterrows()],
+        })
+    return leaderboards
+
+
+def _adversarial_tables(tables: TableSet) -> list[dict[str, Any]]:
+    """Robust accuracy per ε and attack, one table per (data set, norm)."""
+    if tables.adversarial.empty:
+        return []
+    result = []
+    pairs = tables.adversarial[["dataset", "norm"]].drop_duplicates().itertuples(index=False)
+    for dataset, norm in sorted(pairs, key=lambda p: (p[0], norm_order(p[1]))):
+        shown = adversarial_display(tables.adversarial, dataset, norm)
+        result.append({"title": f"{dataset}, {NORM_SYMBOL[norm]}", "headers": list(shown.columns),
+                       "rows": shown.astype(str).values.tolist()})
+    return result
+
+
+def _model_context(model: str, runs: Sequence[Run], figures: FigureSet, out_dir: Path, anchor: str,
+                   index: Iterator[int]) -> dict[str, Any]:
+    """A model's section: its card, figures and the provenance of its runs."""
+    mine = [r for r in runs if r.model == model]
+    card, note = _card(model, sorted({r.dataset for r in mine}))
+    model_figures = [_figure_context(f, out_dir, next(index)) for f in figures.per_model.get(model, [])]
+    # A model measured only for denoising shows the PSNR figure it appears in.
+    if not model_figures:
+        model_figures = [_figure_context(f, out_dir, next(index), f"{anchor}-") for f in figures.overall
+                         if f.name.startswith("psnr_") and any(r.kind == "denoise" and r.dataset == f.dataset
+                                                               for r in mine)]
+    return {"name": model, "anchor": anchor, "card": card, "card_note": note, "figures": model_figures,
+            "runs": [_provenance(r) for r in sorted(mine, key=lambda r: (r.kind, r.path.name))]}
 
 
 def write_html(path: str | Path, page: str) -> Path:

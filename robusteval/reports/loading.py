@@ -5,46 +5,28 @@ module reads one, checks that its summary has the keys and value ranges its
 kind promises, and returns a `Run`. Anything that is not a finished run of a
 known kind is a `RunFormatError` that names the directory and what is wrong.
 
-Kinds and their summary.json keys:
-
-- ``attack``  (written by `robusteval run`): model, dataset, n, attack, norm,
-  defense, clean_accuracy, curve [{eps, robust_accuracy, ci_low, ci_high,
-  broken_by}], flags, seconds; optionally gradient, eot, seed.
-- ``certify`` (written by `robusteval certify`): model, dataset, mode, sigma,
-  n0, n, alpha, n_images, certified_accuracy [{radius, accuracy}], acr,
-  abstain_rate, seconds.
-- ``denoise`` (written by `robusteval.denoising.evaluate_denoising`): model,
-  dataset, n_images, psnr [{sigma, psnr, psnr_noisy}], seconds.
+The kinds and their summary.json keys are the records of `robusteval.records`;
+this module adds where a run lives and the figures reports read from it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, read_run
+from robusteval.errors import MissingFileError, UsageError
+from robusteval.records import RecordFormatError, Summary, summary_from_json
+from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, RunFileDamaged, read_run
+from robusteval.vocabulary import RUN_KINDS
 
-KINDS = ("attack", "certify", "denoise")
-
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "attack": ("model", "dataset", "n", "attack", "norm", "defense", "clean_accuracy", "curve", "flags"),
-    "certify": ("model", "dataset", "mode", "sigma", "n0", "n", "alpha", "n_images", "certified_accuracy", "acr",
-                "abstain_rate"),
-    "denoise": ("model", "dataset", "n_images", "psnr"),
-}
-_CURVE_KEYS = {
-    "attack": ("curve", ("eps", "robust_accuracy", "ci_low", "ci_high")),
-    "certify": ("certified_accuracy", ("radius", "accuracy")),
-    "denoise": ("psnr", ("sigma", "psnr", "psnr_noisy")),
-}
-NORMS = ("Linf", "L2")
+# The kinds a report shows (predict runs have no figure of their own).
+KINDS = tuple(kind for kind in RUN_KINDS if kind != "predict")
 
 
-class RunFormatError(ValueError):
+class RunFormatError(UsageError):
     """A path that is not a finished run of a known kind, or whose summary breaks the contract."""
 
 
@@ -57,6 +39,8 @@ class Run:
     summary: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    # The typed, validated form of `summary` (robusteval.records); None for a Run built by hand.
+    record: Summary | None = field(default=None, compare=False, repr=False)
 
     @property
     def model(self) -> str:
@@ -103,8 +87,8 @@ class Run:
 
     @property
     def flags(self) -> list[str]:
-        """Sanity-check flags as readable strings (the engine may write strings or objects)."""
-        return [flag_text(flag) for flag in self.summary.get("flags") or []]
+        """The sanity-check flags the engine raised, one line each."""
+        return list(self.summary.get("flags") or [])
 
     def robust_accuracy_at(self, eps: float) -> dict[str, Any] | None:
         """The curve point at `eps` (matched to 1e-9), or None when the run did not evaluate it."""
@@ -136,27 +120,6 @@ class Run:
         return counted[0]
 
 
-def flag_text(flag: Any) -> str:
-    """A flag as one line: a string as is; an object by its message/name (and ε when it has one)."""
-    if isinstance(flag, str):
-        return flag
-    if isinstance(flag, dict):
-        text = next((str(flag[k]) for k in ("message", "text", "name", "code", "check") if flag.get(k)), None)
-        if text is None:
-            text = json.dumps(flag, sort_keys=True)
-        if "eps" in flag and "ε" not in text and "eps" not in text:
-            text += f" (ε = {flag['eps']})"
-        return text
-    return str(flag)
-
-
-def flag_eps(flag: Any) -> float | None:
-    """The ε a flag refers to, when it names one (flags about the whole run return None)."""
-    if isinstance(flag, dict) and isinstance(flag.get("eps"), (int, float)):
-        return float(flag["eps"])
-    return None
-
-
 def same_number(a: Any, b: Any, tolerance: float = 1e-9) -> bool:
     """Equality of two budgets/radii/noise levels read from JSON."""
     return math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance)
@@ -175,63 +138,17 @@ def certified_accuracy_from_records(run: Run, radii: Iterable[float]) -> list[fl
     return [sum(1 for value in certified if value >= radius - 1e-12) / n_images for radius in radii]
 
 
-def _fail(path: Path, message: str) -> RunFormatError:
-    return RunFormatError(f"{path}: {message}")
-
-
-def _check_fraction(path: Path, where: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise _fail(path, f"{where} must be a fraction in [0, 1], got {value!r}")
-
-
-def _check_count(path: Path, key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise _fail(path, f"{key} must be a positive integer, got {value!r}")
-
-
 def validate_summary(path: Path, summary: Any) -> str:
-    """Check a summary against its kind's contract; returns the kind."""
-    if not isinstance(summary, dict):
-        raise _fail(path, f"{SUMMARY_FILE} must hold a JSON object, got {type(summary).__name__}")
-    kind = summary.get("kind")
-    if kind not in KINDS:
-        raise _fail(path, f"{SUMMARY_FILE} has kind {kind!r}; expected one of {', '.join(KINDS)}")
-    missing = [key for key in _REQUIRED[kind] if key not in summary]
-    if missing:
-        raise _fail(path, f"{SUMMARY_FILE} of a {kind} run lacks {', '.join(missing)}")
-    list_key, point_keys = _CURVE_KEYS[kind]
-    points = summary[list_key]
-    if not isinstance(points, list) or not points:
-        raise _fail(path, f"{list_key} must be a non-empty list")
-    for i, point in enumerate(points):
-        if not isinstance(point, dict) or any(k not in point for k in point_keys):
-            raise _fail(path, f"{list_key}[{i}] must be an object with {', '.join(point_keys)}")
-        if any(not isinstance(point[k], (int, float)) or isinstance(point[k], bool) for k in point_keys):
-            raise _fail(path, f"{list_key}[{i}] has a non-numeric value: {point}")
-    if kind == "attack":
-        _check_count(path, "n", summary["n"])
-        if summary["norm"] not in NORMS:
-            raise _fail(path, f"norm must be one of {', '.join(NORMS)}, got {summary['norm']!r}")
-        _check_fraction(path, "clean_accuracy", summary["clean_accuracy"])
-        for i, point in enumerate(points):
-            for key in ("robust_accuracy", "ci_low", "ci_high"):
-                _check_fraction(path, f"curve[{i}].{key}", point[key])
-            if not point["ci_low"] - 1e-9 <= point["robust_accuracy"] <= point["ci_high"] + 1e-9:
-                raise _fail(path, f"curve[{i}]: robust accuracy {point['robust_accuracy']} lies outside its "
-                                  f"interval [{point['ci_low']}, {point['ci_high']}]")
-        if not isinstance(summary["flags"], list):
-            raise _fail(path, f"flags must be a list, got {type(summary['flags']).__name__}")
-    elif kind == "certify":
-        for key in ("n0", "n", "n_images"):
-            _check_count(path, key, summary[key])
-        for i, point in enumerate(points):
-            _check_fraction(path, f"certified_accuracy[{i}].accuracy", point["accuracy"])
-        _check_fraction(path, "abstain_rate", summary["abstain_rate"])
-        if float(summary["sigma"]) <= 0:
-            raise _fail(path, f"sigma must be positive, got {summary['sigma']!r}")
-    else:
-        _check_count(path, "n_images", summary["n_images"])
-    return kind
+    """Check a summary against its kind's contract (robusteval.records); returns the kind."""
+    return parse_summary(path, summary).kind
+
+
+def parse_summary(path: Path, summary: Any) -> Summary:
+    """The typed summary record of a run directory; RunFormatError names the directory and what is wrong."""
+    try:
+        return summary_from_json(summary, KINDS)
+    except RecordFormatError as error:
+        raise RunFormatError(f"{path}: {error}") from None
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -242,7 +159,7 @@ def load_run(path: str | Path) -> Run:
     """Load and validate one finished run directory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; expected a run directory (config.json, summary.json)")
+        raise MissingFileError(f"{path} does not exist; expected a run directory (config.json, summary.json)")
     if not path.is_dir():
         raise RunFormatError(f"{path} is not a directory; expected a run directory (config.json, summary.json)")
     if not (path / SUMMARY_FILE).is_file():
@@ -251,10 +168,11 @@ def load_run(path: str | Path) -> Run:
         raise RunFormatError(f"{path} is not a finished run: {SUMMARY_FILE} is missing{hint}")
     try:
         loaded = read_run(path)
-    except json.JSONDecodeError as error:
-        raise RunFormatError(f"{path} holds a file that is not valid JSON: {error}") from error
-    kind = validate_summary(path, loaded["summary"])
-    return Run(path=path, kind=kind, summary=loaded["summary"], config=loaded["config"], records=loaded["records"])
+    except RunFileDamaged as error:  # names the file and what to do
+        raise RunFormatError(str(error)) from error
+    record = parse_summary(path, loaded["summary"])
+    return Run(path=path, kind=record.kind, summary=loaded["summary"], config=loaded["config"],
+               records=loaded["records"], record=record)
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -265,7 +183,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     runs: dict[Path, Run] = {}
     given = [Path(p) for p in paths]
     if not given:
-        raise ValueError("no run directories given")
+        raise UsageError("no run directories given")
     for path in given:
         if path.is_dir() and not _is_run_dir(path):
             children = sorted(child for child in path.iterdir() if child.is_dir() and _is_run_dir(child))

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from robusteval.checkpoints import atomic_write_bytes
+from robusteval.errors import UsageError
+from robusteval.job_checks import check_writable_directory, check_writable_file, make_directory
 from robusteval.reports.figures import FigureSet, write_figures
 from robusteval.reports.html import render_html, write_html
 from robusteval.reports.loading import Run
 from robusteval.reports.robustbench import write_robustbench
 from robusteval.reports.tables import TableSet, write_tables
+from robusteval.vocabulary import REPORT_FORMATS
 
-FORMATS = ("html", "md", "csv", "latex", "robustbench")
 
 
 @dataclass
@@ -66,20 +68,25 @@ def write_report(runs: Sequence[Run], out: str | Path, fmt: str = "html",
 
     notes: paragraphs for the HTML and Markdown reports (e.g. the sizes of the grid behind them).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in REPORT_FORMATS:
+        raise UsageError(f"unknown report format {fmt!r}; expected one of {', '.join(REPORT_FORMATS)}")
     if not runs:
-        raise ValueError("no runs to report on")
+        raise UsageError("no runs to report on")
     out = Path(out)
     if fmt == "robustbench":
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--format robustbench writes a folder; {out} is a file")
+            raise UsageError(f"--format robustbench writes a folder; {out} is a file")
         out_dir = out
     else:
         if out.is_dir():
-            raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'leaderboard.html'}")
+            raise UsageError(f"--out {out} is a folder; give a file name, e.g. {out / 'leaderboard.html'}")
         out_dir = out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Before any figure is drawn: an output that cannot be written is one line, not a traceback half-way.
+    if fmt == "robustbench":
+        check_writable_directory(out, "report folder")
+    else:
+        check_writable_file(out, "report file")
+    make_directory(out_dir, "report folder")
     figures = write_figures(runs, out_dir / "figures")
     tables = write_tables(runs, out_dir / "tables", eps_overrides, radii)
     report = Report(main=out, figures=figures, tables=tables)

@@ -33,6 +33,7 @@ from typing import Any
 from robusteval.checkpoints import atomic_write_json
 from robusteval.reports.loading import Run
 from robusteval.reports.tables import format_number, headline_eps, is_autoattack
+from robusteval.vocabulary import parse_defense
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,7 @@ def eps_string(eps: float, norm: str) -> str:
 
 def forward_passes(defense: str) -> int:
     """Network passes per prediction of the deployed pipeline."""
-    parts = defense.split(":")
-    if parts[0] == "denoise":
-        return 2
-    if parts[0] == "smooth" and len(parts) >= 3 and parts[2].isdigit():
-        return int(parts[2])
-    return 1
+    return parse_defense(defense).forward_passes
 
 
 def _card_fields(model: str, dataset: str) -> dict[str, Any]:

@@ -27,29 +27,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from robusteval.data import dataset_budgets
 from robusteval.reports.loading import Run
+from robusteval.vocabulary import NORM_SYMBOL, NORMS, norm_order
 
-# Radii of the certified table (Cohen et al.'s CIFAR-10 layout); the 8x8 digits reach larger radii.
-CERTIFIED_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
-CERTIFIED_RADII_DIGITS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-# Default headline budgets of the leaderboard per data set and norm (pixel scale [0, 1]).
-HEADLINE_EPS: dict[str, dict[str, float]] = {
-    "digits": {"Linf": 0.1, "L2": 1.0},
-    "mnist": {"Linf": 0.3, "L2": 2.0},
-    "fashion-mnist": {"Linf": 0.1, "L2": 1.5},
-    "cifar10": {"Linf": 8 / 255, "L2": 0.5},
-}
-# Default radii of the leaderboard's certified columns.
-LEADERBOARD_RADII: dict[str, tuple[float, ...]] = {"digits": (0.5, 1.0)}
-DEFAULT_LEADERBOARD_RADII = (0.25, 0.5)
-NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 UNRELIABLE_MARK = "†"
 _NUMERIC_CELL = re.compile(r"^(–|\d[\d.]*)(\s|$)")
 
 
 def certified_radii(dataset: str) -> tuple[float, ...]:
-    """The radius columns of the certified table for a data set."""
-    return CERTIFIED_RADII_DIGITS if dataset == "digits" else CERTIFIED_RADII
+    """The radius columns of the certified table for a data set (its description's budgets)."""
+    return dataset_budgets(dataset).table_radii
 
 
 def format_number(value: float) -> str:
@@ -81,7 +69,7 @@ def headline_eps(dataset: str, norm: str, runs: Sequence[Run],
         return None
     if overrides and norm in overrides:
         return float(overrides[norm])
-    default = HEADLINE_EPS.get(dataset, {}).get(norm)
+    default = dataset_budgets(dataset).headline_eps.get(norm)
     if default is not None and any(r.robust_accuracy_at(default) is not None for r in relevant):
         return default
     budgets = sorted({float(p["eps"]) for r in relevant for p in r.summary["curve"]})
@@ -211,7 +199,7 @@ class LeaderboardColumn:
 
 
 def leaderboard_radii(dataset: str, radii: Sequence[float] | None = None) -> tuple[float, ...]:
-    return tuple(float(r) for r in radii) if radii else LEADERBOARD_RADII.get(dataset, DEFAULT_LEADERBOARD_RADII)
+    return tuple(float(r) for r in radii) if radii else dataset_budgets(dataset).leaderboard_radii
 
 
 def leaderboard(runs: Sequence[Run], eps_overrides: dict[str, float] | None = None,
@@ -222,73 +210,82 @@ def leaderboard(runs: Sequence[Run], eps_overrides: dict[str, float] | None = No
     (the system without a defense): randomized smoothing certifies the model.
     """
     attack_runs = [r for r in runs if r.kind == "attack"]
-    certify_runs = [r for r in runs if r.kind == "certify"]
-    datasets = sorted({r.dataset for r in runs if r.kind in ("attack", "certify")})
-    columns: list[LeaderboardColumn] = [LeaderboardColumn("clean", "clean accuracy (%)",
-                                                          "accuracy on unperturbed test images")]
+    columns = _Columns()
     rows = []
-    norms = [n for n in ("Linf", "L2") if any(r.summary["norm"] == n for r in attack_runs)]
-    seen_keys = {"clean"}
-
-    def add_column(column: LeaderboardColumn) -> None:
-        if column.key not in seen_keys:
-            seen_keys.add(column.key)
-            columns.append(column)
-
-    for dataset in datasets:
+    norms = [n for n in NORMS if any(r.summary["norm"] == n for r in attack_runs)]
+    for dataset in sorted({r.dataset for r in runs if r.kind in ("attack", "certify")}):
         budgets = {norm: headline_eps(dataset, norm, runs, eps_overrides) for norm in norms}
-        data_radii = leaderboard_radii(dataset, radii)
-        systems: dict[str, dict] = {}
-        for run in (r for r in attack_runs if r.dataset == dataset):
-            systems.setdefault(run.system, {"model": run.model, "defense": run.defense, "attack": [], "certify": []})
-            systems[run.system]["attack"].append(run)
-        for run in (r for r in certify_runs if r.dataset == dataset):
-            systems.setdefault(run.model, {"model": run.model, "defense": "none", "attack": [], "certify": []})
-            systems[run.model]["certify"].append(run)
-        for system, parts in systems.items():
+        for system, parts in _systems(runs, dataset).items():
             row: dict = {"dataset": dataset, "system": system, "model": parts["model"], "defense": parts["defense"]}
             attacked = parts["attack"]
-            if attacked:
-                largest = max(attacked, key=lambda r: (int(r.summary["n"]), is_autoattack(r)))
-                row["clean"] = float(largest.summary["clean_accuracy"])
-            else:
-                row["clean"] = float("nan")
+            row["clean"] = (float(max(attacked, key=lambda r: (int(r.summary["n"]), is_autoattack(r)))
+                                  .summary["clean_accuracy"]) if attacked else float("nan"))
             for norm in norms:
-                eps = budgets[norm]
-                if eps is None:
-                    continue
-                symbol = NORM_SYMBOL[norm]
-                aa_key, best_key = f"autoattack_{norm}", f"best_{norm}"
-                add_column(LeaderboardColumn(aa_key, f"AutoAttack {symbol} ε={format_number(eps)} (%)",
-                                             f"robust accuracy under AutoAttack, {symbol}, ε = {format_number(eps)}"))
-                add_column(LeaderboardColumn(best_key, f"best-known {symbol} ε={format_number(eps)} (%)",
-                                             f"lowest robust accuracy over every attack run, {symbol}, "
-                                             f"ε = {format_number(eps)}"))
-                at_eps = [(r, r.robust_accuracy_at(eps)) for r in attacked if r.summary["norm"] == norm]
-                at_eps = [(r, p) for r, p in at_eps if p is not None]
-                aa = [float(p["robust_accuracy"]) for r, p in at_eps if is_autoattack(r)]
-                row[aa_key] = min(aa) if aa else float("nan")
-                row[best_key] = min((float(p["robust_accuracy"]) for _, p in at_eps), default=float("nan"))
-            for radius in data_radii:
-                key = f"certified_{format_number(radius)}"
-                add_column(LeaderboardColumn(key, f"certified r={format_number(radius)} (%)",
-                                             f"certified accuracy at L2 radius {format_number(radius)}, "
-                                             f"best σ and mode"))
-                cert = [r.certified_accuracy_at(radius) for r in parts["certify"]]
-                row[key] = max(cert) if cert else float("nan")
+                if budgets[norm] is not None:
+                    row.update(_robust_cells(attacked, norm, budgets[norm], columns))
+            row.update(_certified_cells(parts["certify"], leaderboard_radii(dataset, radii), columns))
             flags = sorted({f"{r.attack_label} {NORM_SYMBOL[r.summary['norm']]}: {flag}"
                             for r in attacked for flag in r.flags})
             row["flags"] = "; ".join(flags)
             row["unreliable"] = bool(flags)
             rows.append(row)
-    keys = [c.key for c in columns]
+    keys = [c.key for c in columns.columns]
     frame = pd.DataFrame(rows, columns=["dataset", "system", "model", "defense", *keys, "flags", "unreliable"])
     sort_key = next((k for k in keys if k.startswith("best_")), None)
     order = [c for c in (sort_key, "clean") if c]
     if not frame.empty:
         frame = frame.sort_values(["dataset", *order, "system"], ascending=[True, *[False] * len(order), True],
                                   na_position="last", kind="stable").reset_index(drop=True)
-    return frame, columns
+    return frame, columns.columns
+
+
+class _Columns:
+    """The leaderboard's numeric columns in the order they first appear (clean accuracy first)."""
+
+    def __init__(self) -> None:
+        self.columns = [LeaderboardColumn("clean", "clean accuracy (%)", "accuracy on unperturbed test images")]
+
+    def add(self, key: str, title: str, description: str) -> str:
+        if key not in {c.key for c in self.columns}:
+            self.columns.append(LeaderboardColumn(key, title, description))
+        return key
+
+
+def _systems(runs: Sequence[Run], dataset: str) -> dict[str, dict]:
+    """The evaluated systems of a data set with their attack runs and (on the model's own row) certify runs."""
+    systems: dict[str, dict] = {}
+    for run in (r for r in runs if r.kind == "attack" and r.dataset == dataset):
+        systems.setdefault(run.system, {"model": run.model, "defense": run.defense, "attack": [], "certify": []})
+        systems[run.system]["attack"].append(run)
+    for run in (r for r in runs if r.kind == "certify" and r.dataset == dataset):
+        systems.setdefault(run.model, {"model": run.model, "defense": "none", "attack": [], "certify": []})
+        systems[run.model]["certify"].append(run)
+    return systems
+
+
+def _robust_cells(attacked: list[Run], norm: str, eps: float, columns: _Columns) -> dict[str, float]:
+    """AutoAttack's and the best-known robust accuracy at the headline ε of a norm."""
+    symbol = NORM_SYMBOL[norm]
+    aa_key = columns.add(f"autoattack_{norm}", f"AutoAttack {symbol} ε={format_number(eps)} (%)",
+                         f"robust accuracy under AutoAttack, {symbol}, ε = {format_number(eps)}")
+    best_key = columns.add(f"best_{norm}", f"best-known {symbol} ε={format_number(eps)} (%)",
+                           f"lowest robust accuracy over every attack run, {symbol}, ε = {format_number(eps)}")
+    at_eps = [(r, r.robust_accuracy_at(eps)) for r in attacked if r.summary["norm"] == norm]
+    at_eps = [(r, p) for r, p in at_eps if p is not None]
+    aa = [float(p["robust_accuracy"]) for r, p in at_eps if is_autoattack(r)]
+    return {aa_key: min(aa) if aa else float("nan"),
+            best_key: min((float(p["robust_accuracy"]) for _, p in at_eps), default=float("nan"))}
+
+
+def _certified_cells(certified: list[Run], radii: Sequence[float], columns: _Columns) -> dict[str, float]:
+    """Certified accuracy at each leaderboard radius, the best over the model's σ and modes."""
+    cells = {}
+    for radius in radii:
+        key = columns.add(f"certified_{format_number(radius)}", f"certified r={format_number(radius)} (%)",
+                          f"certified accuracy at L2 radius {format_number(radius)}, best σ and mode")
+        cert = [r.certified_accuracy_at(radius) for r in certified]
+        cells[key] = max(cert) if cert else float("nan")
+    return cells
 
 
 def leaderboard_display(frame: pd.DataFrame, columns: Sequence[LeaderboardColumn]) -> pd.DataFrame:
@@ -392,4 +389,4 @@ def write_tables(runs: Sequence[Run], out_dir: str | Path, eps_overrides: dict[s
 
 def _dataset_norms(adversarial: pd.DataFrame) -> Iterable[tuple[str, str]]:
     pairs = adversarial[["dataset", "norm"]].drop_duplicates().itertuples(index=False)
-    return sorted(((d, n) for d, n in pairs), key=lambda p: (p[0], 0 if p[1] == "Linf" else 1))
+    return sorted(((d, n) for d, n in pairs), key=lambda p: (p[0], norm_order(p[1])))

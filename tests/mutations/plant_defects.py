@@ -81,14 +81,14 @@ DEFECTS = (
     ),
     Defect(
         "partial-batch-recomputed", "a batch killed between two ε restarts from its first ε",
-        "robusteval/attacks/engine.py",
-        '    """A batch\'s saved state, or None (start the batch afresh) when there is none or it does not fit."""\n',
-        '    """A batch\'s saved state, or None (start the batch afresh) when there is none or it does not fit."""\n'
-        "    return None\n",
+        "robusteval/attacks/resume.py",
+        '        """A batch\'s saved state, or None (start the batch afresh) when there is none or it does not fit."""\n',
+        '        """A batch\'s saved state, or None (start the batch afresh) when there is none or it does not fit."""\n'
+        "        return None\n",
         ("tests/test_attacks_engine.py::test_a_batch_killed_between_eps_resumes_from_its_last_finished_eps",),
     ),
     Defect(
-        "interval-0-1", "the attack's confidence interval is [0, 1]", "robusteval/attacks/engine.py",
+        "interval-0-1", "the attack's confidence interval is [0, 1]", "robusteval/attacks/results.py",
         'low, high = proportion_confint(robust, n, alpha=0.05, method="beta")', "low, high = 0.0, 1.0",
         ("tests/test_attacks_engine.py::test_curve_is_monotone_and_every_adversarial_example_checks_out",
          "tests/test_attacks_cli.py::test_run_egc_autoattack_writes_a_valid_run_directory"),

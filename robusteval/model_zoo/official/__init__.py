@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 
 
@@ -191,6 +192,6 @@ def official_architecture(model: str, dataset: str) -> OfficialArchitecture | No
     if spec is None or (dataset not in PAPER_DATASETS and dataset not in spec.datasets):
         return None
     if dataset not in spec.datasets:
-        raise ValueError(f"the official architecture of '{model}' ({spec.repository}) is defined for the data sets "
+        raise UsageError(f"the official architecture of '{model}' ({spec.repository}) is defined for the data sets "
                          f"{', '.join(spec.datasets)}, not {dataset}")
     return spec

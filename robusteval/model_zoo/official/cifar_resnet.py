@@ -16,6 +16,8 @@ import re
 
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -64,9 +66,9 @@ class CifarResNet(nn.Module):
         super().__init__()
         per_block = 9 if bottleneck else 6
         if depth < per_block + 2 or (depth - 2) % per_block:
-            raise ValueError(f"CIFAR ResNet depth must be {per_block}n + 2 with n >= 1, got {depth}")
+            raise UsageError(f"CIFAR ResNet depth must be {per_block}n + 2 with n >= 1, got {depth}")
         if input_size % 4:
-            raise ValueError(f"CIFAR ResNet needs an input size divisible by 4, got {input_size}")
+            raise UsageError(f"CIFAR ResNet needs an input size divisible by 4, got {input_size}")
         block = Bottleneck if bottleneck else BasicBlock
         blocks = (depth - 2) // per_block
         self.in_planes = 16

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from robusteval.checkpoints import CheckpointError, match_state_dict
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.model_zoo.official.cifar_resnet import CifarResNet, cifar_resnet_size
 from robusteval.model_zoo.official.common import (
@@ -92,7 +93,7 @@ def build_cohen(info: DatasetInfo) -> CohenClassifier:
     else:
         channels, height, width = info.input_shape
         if height != width:
-            raise ValueError(f"the CIFAR ResNet needs square images, data set {info.name} has {info.input_shape}")
+            raise UsageError(f"the CIFAR ResNet needs square images, data set {info.name} has {info.input_shape}")
         net = CifarResNet(20, info.num_classes, in_channels=channels, input_size=height)
     mean, std = MEAN_STD.get(info.name, ((0.0,) * info.input_shape[0], (1.0,) * info.input_shape[0]))
     return CohenClassifier(info, net, mean, std)

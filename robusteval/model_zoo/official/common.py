@@ -10,6 +10,7 @@ from torch import Tensor
 
 from robusteval.checkpoints import CheckpointError, read_torch_file
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 
 
 def read_official_file(path: str | Path, allow_unsafe_pickle: bool, expected_format: str) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def tensors_only(state: Any, path: str | Path, where: str, expected_format: str)
 
 def require_dataset(model: str, info: DatasetInfo, supported: tuple[str, ...]) -> None:
     if info.name not in supported:
-        raise ValueError(f"the official {model} architecture is defined for the data sets {', '.join(supported)}, "
+        raise UsageError(f"the official {model} architecture is defined for the data sets {', '.join(supported)}, "
                          f"not {info.name}")
 
 

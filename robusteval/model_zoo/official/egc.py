@@ -36,6 +36,7 @@ from torch import Tensor
 
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config
 from robusteval.model_zoo.official.guided_unet import UNetConfig, read_model_config
@@ -69,7 +70,7 @@ def sampler_options(options: Mapping[str, Any], steps: int) -> tuple[int, bool]:
     """(number of sampling steps, DDIM?) from sample_steps / the official timestep_respacing and use_ddim."""
     unknown = set(options) - READ_FLAGS - IGNORED_FLAGS
     if unknown:
-        raise ValueError(f"--model-config: unknown flags {sorted(unknown)} for egc")
+        raise UsageError(f"--model-config: unknown flags {sorted(unknown)} for egc")
     ddim = bool(options.get("use_ddim", True))
     count = options.get("sample_steps", OFFICIAL["sample_steps"])
     respacing = str(options.get("timestep_respacing", ""))
@@ -78,7 +79,7 @@ def sampler_options(options: Mapping[str, Any], steps: int) -> tuple[int, bool]:
         try:
             count = int(respacing[4:] if ddim else respacing)
         except ValueError as error:
-            raise ValueError(f"--model-config: timestep_respacing must be 'ddimN' or 'N', got {respacing!r}") from error
+            raise UsageError(f"--model-config: timestep_respacing must be 'ddimN' or 'N', got {respacing!r}") from error
     return min(int(count), steps), ddim
 
 
@@ -141,7 +142,7 @@ class OfficialEGC(JointModel):
 
     def _energy(self, x: Tensor, sigma: Tensor) -> Tensor:
         if bool((sigma > 0).any()):
-            raise ValueError(
+            raise UsageError(
                 "egc's energy is defined at sigma = 0 only: its diffusion noise lives in the autoencoder's latent, "
                 "so pixel noise of std sigma has no matching diffusion time"
             )
@@ -190,7 +191,7 @@ def load_egc(
     options = read_model_config(model_config) if isinstance(model_config, (str, Path)) else dict(model_config or {})
     sampler_options(options, 1000)  # reject unknown flags before reading any file
     if options.get("noise_schedule", "linear") != "linear":
-        raise ValueError("--model-config: egc's official schedule is 'linear'; other schedules are not supported")
+        raise UsageError("--model-config: egc's official schedule is 'linear'; other schedules are not supported")
     state = read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     config, egc_options = infer_egc_config(state, options)
     if egc_options.num_classes != info.num_classes:

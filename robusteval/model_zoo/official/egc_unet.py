@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
 from robusteval.model_zoo.official.guided_unet import (
     ConfigInferenceError,
     ContextBlock,
@@ -179,7 +180,7 @@ class EBMUNetModel(UNetSkeleton):
         if options.pool == "attn":
             self.fc = nn.Sequential(AttentionPool2d(config.out_channels, options.num_classes))
         elif options.pool not in ("sattn", "adaptive"):
-            raise ValueError(f"pool must be 'sattn', 'attn' or 'adaptive', got {options.pool!r}")
+            raise UsageError(f"pool must be 'sattn', 'attn' or 'adaptive', got {options.pool!r}")
 
     def output_map(self, z: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
         """f(z_t, t, y): (B, out_channels, h, w); y = None is the null label."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from robusteval.checkpoints import CheckpointError, PickledLDALayer, match_state_dict
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.model_zoo.official.common import (
     official_state_dict,
@@ -49,7 +50,7 @@ def mmc_centers(num_classes: int, dim: int, scale: float = MU_C) -> Tensor:
     a triangular system) and then completed to unit norm on axis k.
     """
     if num_classes < 2 or dim < num_classes:
-        raise ValueError(f"Max-Mahalanobis centres need 2 <= classes <= dim, got {num_classes} classes in {dim} dims")
+        raise UsageError(f"Max-Mahalanobis centres need 2 <= classes <= dim, got {num_classes} classes in {dim} dims")
     centers = torch.zeros(num_classes, dim, dtype=torch.float64, device="cpu")  # also inside a meta-device build
     centers[0, 0] = 1.0
     for k in range(1, num_classes):

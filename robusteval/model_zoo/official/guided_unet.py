@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robusteval.checkpoints import CheckpointError
+from robusteval.errors import UsageError
 
 
 class ConfigInferenceError(CheckpointError):
@@ -180,10 +181,10 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}")
+                raise UsageError(f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         if channels % self.num_heads:
-            raise ValueError(f"attention channels {channels} are not divisible by {self.num_heads} heads")
+            raise UsageError(f"attention channels {channels} are not divisible by {self.num_heads} heads")
         self.legacy_order = legacy_order
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
@@ -451,9 +452,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     try:
         options = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"--model-config {path}: not a readable JSON file ({error})") from error
+        raise UsageError(f"--model-config {path}: not a readable JSON file ({error})") from error
     if not isinstance(options, dict):
-        raise ValueError(f"--model-config {path}: expected a JSON object of the official flags, got {type(options).__name__}")
+        raise UsageError(f"--model-config {path}: expected a JSON object of the official flags, got {type(options).__name__}")
     return options
 
 
@@ -462,21 +463,21 @@ def _ints(value: Any, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) if float(v) != int(float(v)) else int(float(v)) for v in items)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"--model-config: '{flag}' must be a list or a comma-separated string of numbers, got {value!r}") from error
+        raise UsageError(f"--model-config: '{flag}' must be a list or a comma-separated string of numbers, got {value!r}") from error
 
 
 def apply_flags(config: UNetConfig, options: Mapping[str, Any], image_size: int) -> UNetConfig:
     """Override `config` with the official flags that set the UNet (attention given as resolutions)."""
     unknown = set(options) - set(UNET_FLAGS) - {"channel_mult", "attention_resolutions", "learn_sigma", "image_size"}
     if unknown:
-        raise ValueError(f"--model-config: unknown flags {sorted(unknown)}")
+        raise UsageError(f"--model-config: unknown flags {sorted(unknown)}")
     updates: dict[str, Any] = {UNET_FLAGS[k]: v for k, v in options.items() if k in UNET_FLAGS}
     for name in ("model_channels", "num_res_blocks", "num_heads", "num_head_channels", "num_heads_upsample", "in_channels"):
         if name in updates:
             updates[name] = int(updates[name])
     for name in ("use_scale_shift_norm", "resblock_updown", "use_new_attention_order"):
         if name in updates and not isinstance(updates[name], bool):
-            raise ValueError(f"--model-config: '{name}' must be true or false, got {updates[name]!r}")
+            raise UsageError(f"--model-config: '{name}' must be true or false, got {updates[name]!r}")
     size = int(options.get("image_size", image_size))
     if options.get("channel_mult") not in (None, ""):
         updates["channel_mult"] = _ints(options["channel_mult"], "channel_mult")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
 from robusteval.data import DatasetInfo
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.model_zoo.official.guided_unet import (
     AttentionBlock,
@@ -134,7 +135,7 @@ def config_for(
     """
     options = dict(options or {})
     if options.get("predict_xstart") or options.get("rescale_timesteps"):
-        raise ValueError("--model-config: predict_xstart and rescale_timesteps are not supported (the official commands use neither)")
+        raise UsageError("--model-config: predict_xstart and rescale_timesteps are not supported (the official commands use neither)")
     structural = {k: v for k, v in options.items() if k not in TRAINING_FLAGS | DIFFUSION_FLAGS}
     size = info.input_shape[1]
     try:
@@ -161,7 +162,7 @@ def make_schedule(diffusion: Mapping[str, Any]) -> DiscreteSchedule:
         return DiscreteSchedule(jdm_linear_betas(steps))
     if diffusion["noise_schedule"] == "cosine":
         return DiscreteSchedule(cosine_betas(steps))
-    raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {diffusion['noise_schedule']!r}")
+    raise UsageError(f"noise_schedule must be 'linear' or 'cosine', got {diffusion['noise_schedule']!r}")
 
 
 class OfficialJointDiffusion(JointModel):
@@ -260,9 +261,9 @@ class OfficialJointDiffusion(JointModel):
         if target.dim() == 0:
             target = target.expand(x.shape[0])
         if target.shape != (x.shape[0],) or bool(((target < 0) | (target >= self.num_classes)).any()):
-            raise ValueError(f"target must be a class index or {x.shape[0]} class indices in [0, {self.num_classes})")
+            raise UsageError(f"target must be a class index or {x.shape[0]} class indices in [0, {self.num_classes})")
         if not 0.0 < t_start <= 1.0:
-            raise ValueError(f"t_start must lie in (0, 1] (a fraction of the diffusion), got {t_start}")
+            raise UsageError(f"t_start must lie in (0, 1] (a fraction of the diffusion), got {t_start}")
         last = round(t_start * (self.schedule.num_timesteps - 1))
         visited = space_timesteps(last + 1, min(steps or last + 1, last + 1), self.ddim)
         noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robusteval.errors import UsageError
+
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -57,7 +59,7 @@ def space_timesteps(steps: int, count: int, ddim: bool) -> list[int]:
     DDIM ("ddimN"): every (T // N)-th step from 0.
     """
     if not 1 <= count <= steps:
-        raise ValueError(f"the number of sampling steps must lie in [1, {steps}], got {count}")
+        raise UsageError(f"the number of sampling steps must lie in [1, {steps}], got {count}")
     if ddim:
         return list(range(0, steps, steps // count))
     if count == 1:
@@ -71,7 +73,7 @@ class DiscreteSchedule:
 
     def __init__(self, betas: np.ndarray):
         if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
-            raise ValueError("betas must be a 1-D array in (0, 1)")
+            raise UsageError("betas must be a 1-D array in (0, 1)")
         self.betas = torch.from_numpy(betas)
         self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))  # float64, like the official code
         self.num_timesteps = len(betas)

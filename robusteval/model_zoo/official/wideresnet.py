@@ -17,6 +17,8 @@ import re
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.errors import UsageError
+
 LEAK = 0.2
 
 
@@ -44,7 +46,7 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 28, widen_factor: int = 10, linear_outputs: int | None = 10):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"Wide ResNet depth must be 6n + 4 with n >= 1, got {depth}")
+            raise UsageError(f"Wide ResNet depth must be 6n + 4 with n >= 1, got {depth}")
         blocks = (depth - 4) // 6
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.depth, self.widen_factor = depth, widen_factor
@@ -76,7 +78,7 @@ def wrn_size(state: dict[str, Tensor], prefix: str = "f.") -> tuple[int, int, in
         raise KeyError(f"{prefix}layer1.0.conv1.weight")
     widen_factor, remainder = divmod(int(first.shape[0]), 16)
     if remainder or widen_factor < 1:
-        raise ValueError(f"{prefix}layer1.0.conv1.weight has {first.shape[0]} output channels, not a multiple of 16")
+        raise UsageError(f"{prefix}layer1.0.conv1.weight has {first.shape[0]} output channels, not a multiple of 16")
     pattern = re.compile(rf"^{re.escape(prefix)}layer1\.(\d+)\.conv1\.weight$")
     blocks = 1 + max(int(m.group(1)) for key in state if (m := pattern.match(key)))
     linear = state.get(f"{prefix}linear.weight")

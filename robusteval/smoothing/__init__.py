@@ -1,7 +1,14 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019), batched across images and noise draws."""
 
-from robusteval.certify.engine import SmoothingResult, SmoothingSettings, certify, predict, run_smoothing
-from robusteval.certify.smoothing import (
+from robusteval.smoothing.engine import (
+    SmoothingJob,
+    SmoothingResult,
+    SmoothingSettings,
+    certify,
+    predict,
+    prepare_smoothing,
+)
+from robusteval.smoothing.decisions import (
     average_certified_radius,
     certified_accuracy_curve,
     certify_decision,
@@ -10,6 +17,7 @@ from robusteval.certify.smoothing import (
 )
 
 __all__ = [
+    "SmoothingJob",
     "SmoothingResult",
     "SmoothingSettings",
     "average_certified_radius",
@@ -19,5 +27,5 @@ __all__ = [
     "lower_confidence_bound",
     "predict",
     "predict_decision",
-    "run_smoothing",
+    "prepare_smoothing",
 ]

@@ -182,70 +182,103 @@ def count_classes(
         return
     if len(indices) != count:
         raise ValueError(f"need one data-set index per image, got {len(indices)} for {count} images")
-    device = noise.device
-    per_image = sum(p.draws for p in phases)
-    total = count * per_image
-    batch = min(batch_size, total)
-    # Counts live in a ring of image slots: a pass touches at most batch // per_image + 2 images
-    # beyond the unfinished chunk; slot `ring` collects the padded rows.
-    ring = chunk_images + batch // per_image + 2
-    counts = torch.zeros((ring + 1) * len(phases) * num_classes, dtype=torch.int64, device=device)
-    ones = torch.ones(batch, dtype=torch.int64, device=device)
-    offsets = torch.arange(batch, device=device)
-    boundaries = np.cumsum([0] + [p.draws for p in phases])
-    noise_buffer = torch.zeros((batch, *images.shape[1:]), dtype=noise.dtype, device=device)
-    passes = -(-total // batch)
-
-    chunk_start = 0
-    chunk_clock = time.perf_counter()
+    votes = _Votes(phases, num_classes, count, min(batch_size, count * sum(p.draws for p in phases)), chunk_images,
+                   noise.device)
+    noisy = _NoisyPasses(images, indices, sigma, phases, noise, votes.batch)
+    passes = -(-votes.total // votes.batch)
     for pass_number in range(passes):
-        start = pass_number * batch
-        stop = min(start + batch, total)
-        first_image, last_image = start // per_image, (stop - 1) // per_image
-        clean_images = images[first_image : last_image + 1].to(device=device, dtype=noise.dtype, non_blocking=True)
+        start = pass_number * votes.batch
+        stop = min(start + votes.batch, votes.total)
+        predictions = classify(noisy.fill(start, stop), passes - pass_number - 1)
+        if pass_number == 0 and (predictions.shape != (votes.batch,) or int(predictions.max()) >= num_classes):
+            # A model whose logits have more columns than num_classes would be miscounted silently.
+            raise ValueError(f"the base classifier must return {votes.batch} class indices below {num_classes}, "
+                             f"got shape {tuple(predictions.shape)} with maximum {int(predictions.max())}")
+        votes.add(start, predictions)
+        votes.flush(stop // votes.per_image, on_chunk)
 
-        # Noise: walk the (image, phase) segments this pass covers.
+
+class _NoisyPasses:
+    """Builds each pass's noisy inputs in one buffer: rows [start, stop) of the (image, phase, draw) sequence."""
+
+    def __init__(self, images: Tensor, indices: Sequence[int], sigma: float, phases: Sequence[Phase],
+                 noise: NoiseSource, batch: int):
+        self.images, self.indices, self.sigma, self.phases, self.noise = images, indices, sigma, phases, noise
+        self.per_image = sum(p.draws for p in phases)
+        self.boundaries = np.cumsum([0] + [p.draws for p in phases])
+        self.buffer = torch.zeros((batch, *images.shape[1:]), dtype=noise.dtype, device=noise.device)
+
+    def fill(self, start: int, stop: int) -> Tensor:
+        first_image, last_image = start // self.per_image, (stop - 1) // self.per_image
+        clean_images = self.images[first_image : last_image + 1].to(device=self.noise.device, dtype=self.noise.dtype,
+                                                                     non_blocking=True)
         row = 0
         for image in range(first_image, last_image + 1):
             image_row = row
-            image_lo = max(start, image * per_image) - image * per_image
-            image_hi = min(stop, (image + 1) * per_image) - image * per_image
-            for phase_number, phase in enumerate(phases):
-                lo = max(image_lo, int(boundaries[phase_number]))
-                hi = min(image_hi, int(boundaries[phase_number + 1]))
-                if lo >= hi:
-                    continue
-                phase_lo = lo - int(boundaries[phase_number])
-                noise.write(noise_buffer[row : row + hi - lo], indices[image], phase, phase_lo, phase_lo + hi - lo)
-                row += hi - lo
-            noise_buffer[image_row:row].mul_(sigma).add_(clean_images[image - first_image])
-        if row < batch:
-            noise_buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
+            row = self._write_noise(image, start, stop, row)
+            self.buffer[image_row:row].mul_(self.sigma).add_(clean_images[image - first_image])
+        if row < self.buffer.shape[0]:
+            self.buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
+        return self.buffer
 
-        rows = offsets + start
-        position = rows // per_image
-        predictions = classify(noise_buffer, passes - pass_number - 1)
-        if pass_number == 0 and (predictions.shape != (batch,) or int(predictions.max()) >= num_classes):
-            # A model whose logits have more columns than num_classes would be miscounted silently.
-            raise ValueError(f"the base classifier must return {batch} class indices below {num_classes}, got "
-                             f"shape {tuple(predictions.shape)} with maximum {int(predictions.max())}")
+    def _write_noise(self, image: int, start: int, stop: int, row: int) -> int:
+        """The noise of the (image, phase) segments this pass covers, from `row` on; returns the next row."""
+        image_lo = max(start, image * self.per_image) - image * self.per_image
+        image_hi = min(stop, (image + 1) * self.per_image) - image * self.per_image
+        for phase_number, phase in enumerate(self.phases):
+            lo = max(image_lo, int(self.boundaries[phase_number]))
+            hi = min(image_hi, int(self.boundaries[phase_number + 1]))
+            if lo >= hi:
+                continue
+            phase_lo = lo - int(self.boundaries[phase_number])
+            self.noise.write(self.buffer[row : row + hi - lo], self.indices[image], phase, phase_lo,
+                             phase_lo + hi - lo)
+            row += hi - lo
+        return row
 
-        within = rows - position * per_image
+
+class _Votes:
+    """Per-image, per-phase class counts on the device, handed out chunk by chunk once complete.
+
+    Counts live in a ring of image slots: a pass touches at most batch // per_image + 2 images
+    beyond the unfinished chunk; slot `ring` collects the padded rows.
+    """
+
+    def __init__(self, phases: Sequence[Phase], num_classes: int, count: int, batch: int, chunk_images: int,
+                 device: torch.device):
+        self.phases, self.num_classes, self.count, self.batch = phases, num_classes, count, batch
+        self.chunk_images, self.device = chunk_images, device
+        self.per_image = sum(p.draws for p in phases)
+        self.total = count * self.per_image
+        self.boundaries = np.cumsum([0] + [p.draws for p in phases])
+        self.ring = chunk_images + batch // self.per_image + 2
+        self.counts = torch.zeros((self.ring + 1) * len(phases) * num_classes, dtype=torch.int64, device=device)
+        self.ones = torch.ones(batch, dtype=torch.int64, device=device)
+        self.offsets = torch.arange(batch, device=device)
+        self.chunk_start = 0
+        self.chunk_clock = time.perf_counter()
+
+    def add(self, start: int, predictions: Tensor) -> None:
+        """Count the predictions of the pass whose first row is `start`."""
+        rows = self.offsets + start
+        position = rows // self.per_image
+        within = rows - position * self.per_image
         phase_slot = torch.zeros_like(rows)
-        for boundary in boundaries[1:-1]:
+        for boundary in self.boundaries[1:-1]:
             phase_slot += within >= int(boundary)
-        slot = torch.where(rows < total, position % ring, torch.full_like(rows, ring))
-        flat = (slot * len(phases) + phase_slot) * num_classes + predictions.to(torch.int64)
-        counts.scatter_add_(0, flat, ones)
+        slot = torch.where(rows < self.total, position % self.ring, torch.full_like(rows, self.ring))
+        flat = (slot * len(self.phases) + phase_slot) * self.num_classes + predictions.to(torch.int64)
+        self.counts.scatter_add_(0, flat, self.ones)
 
-        finished = stop // per_image
-        while chunk_start < count and min(chunk_start + chunk_images, count) <= finished:
-            chunk_stop = min(chunk_start + chunk_images, count)
-            slots = torch.arange(chunk_start, chunk_stop, device=device) % ring
-            table = counts.view(ring + 1, len(phases), num_classes)
+    def flush(self, finished: int, on_chunk: Callable[[ChunkCounts], None]) -> None:
+        """Hand out every chunk whose images are all among the first `finished`, and free their slots."""
+        while self.chunk_start < self.count and min(self.chunk_start + self.chunk_images, self.count) <= finished:
+            chunk_stop = min(self.chunk_start + self.chunk_images, self.count)
+            slots = torch.arange(self.chunk_start, chunk_stop, device=self.device) % self.ring
+            table = self.counts.view(self.ring + 1, len(self.phases), self.num_classes)
             chunk_counts = table[slots].cpu().numpy()
             table[slots] = 0
             now = time.perf_counter()
-            on_chunk(ChunkCounts(chunk_start, chunk_stop, chunk_counts, now - chunk_clock))
-            chunk_clock = now
-            chunk_start = chunk_stop
+            on_chunk(ChunkCounts(self.chunk_start, chunk_stop, chunk_counts, now - self.chunk_clock))
+            self.chunk_clock = now
+            self.chunk_start = chunk_stop

@@ -1,0 +1,65 @@
+"""What an attack run returns: the figures of summary.json, computed from the per-point records."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from robusteval.records import AttackSummary, CurvePoint
+
+
+@dataclass
+class AttackResult(AttackSummary):
+    """The figures of summary.json, plus the per-point records and adversarial examples.
+
+    `curve[i].robust_accuracy` is the fraction of all n points that are
+    correctly classified and not broken at `curve[i].eps`, with a 95%
+    Clopper–Pearson interval.
+    """
+
+    run_dir: Path | None = field(default=None, compare=False)
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
+    adversarial: dict[float, Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def eps(self) -> list[float]:
+        return [p.eps for p in self.curve]
+
+    def robust_accuracy(self, eps: float) -> float:
+        for point in self.curve:
+            if math.isclose(point.eps, eps, rel_tol=0, abs_tol=1e-12):
+                return point.robust_accuracy
+        raise KeyError(f"eps {eps} is not on the curve (have {self.eps})")
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> AttackResult:
+        """Rebuild a result from a summary.json (records and adversarial examples are not in it)."""
+        parsed = AttackSummary.from_json(summary)
+        return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(AttackSummary)})
+
+    def summary(self) -> dict[str, Any]:
+        """Exactly what summary.json holds."""
+        return self.to_json()
+
+
+def robustness_curve(records: list[dict[str, Any]], eps: list[float]) -> list[CurvePoint]:
+    """Robust accuracy at each ε over all records, its 95% Clopper–Pearson interval, and who broke the points."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    n = len(records)
+    correct = [r for r in records if r["correct"]]
+    curve = []
+    for e, value in enumerate(eps):
+        robust = sum(1 for r in correct if not r["results"][e]["broken"])
+        low, high = proportion_confint(robust, n, alpha=0.05, method="beta")
+        broken_by = Counter(r["results"][e]["attack"] for r in correct if r["results"][e]["broken"])
+        rejected = sum(r["results"][e]["rejected"] for r in records)
+        curve.append(CurvePoint(value, robust / n, float(low), float(high), dict(sorted(broken_by.items())),
+                                robust=robust, rejected=rejected))
+    return curve

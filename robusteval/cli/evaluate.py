@@ -1,0 +1,268 @@
+"""The evaluation commands: run, certify, predict, denoise, sample, counterfactual.
+
+Each parses its options, prepares the same job the Python API prepares
+(`robusteval.jobs`) and prints what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from robusteval.cli import main
+from robusteval.job_checks import check_writable_file
+from robusteval.cli.options import (
+    DIGITS_EPS_HELP,
+    RESUME_HELP,
+    RUN_OUT_HELP,
+    WAIT_OPTION,
+    echo_err,
+    echo_table,
+    job_options,
+    parse_eps_list,
+    split_job_options,
+)
+from robusteval.vocabulary import DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
+
+
+@main.command("run")
+@click.option("--model", "model_name", required=True,
+              help="Registered model (see `robusteval list models`) or robustbench:<Name>.")
+@click.option("--attack", default="autoattack", show_default=True, help="Attack or suite (see `robusteval list attacks`).")
+@job_options
+@click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")
+@click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
+              help=f"Radii to evaluate (default: the data set's grid; for digits {DIGITS_EPS_HELP}).")
+@click.option("--n", type=int, default=None, help="Evaluate the first N test points (default: all).")
+@click.option("--batch-size", type=int, default=500, show_default=True,
+              help="Points attacked together; the state is saved after each eps of a batch, so a killed run "
+                   "resumes from the last finished (batch, eps).")
+@click.option("--defense", default="none", show_default=True,
+              help=f"What is attacked: {' | '.join(DEFENSE_FORMS)}.")
+@click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
+              help="Gradients through a denoise defense: exact (full), identity backward (bpda), or both (auto, "
+                   "the default for denoise defenses).")
+@click.option("--eot", type=int, default=None,
+              help="Noise draws per gradient against randomized defenses (default 20 there, else 1).")
+@click.option("--steps", type=int, default=None, help="Override the attack's iterations (Square: queries).")
+@click.option("--step-size", type=float, default=None, help="Override the step size of PGD-type attacks (CW: lr).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random draw; each batch's draws depend on it and the batch only.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=RUN_OUT_HELP.format("model>-<dataset>-<attack>-<norm"))
+@click.option("--resume/--no-resume", default=True, show_default=True, help=RESUME_HELP)
+@click.option("--large-eps-check/--no-large-eps-check", default=True, show_default=True,
+              help="Re-run the attack at a very large eps on up to 100 points (a gradient-masking check).")
+@click.option("--masking-checks/--no-masking-checks", default=True, show_default=True,
+              help="AutoAttack's randomness, softmax-output and dynamic-forward checks and the zero-gradient check "
+                   "(one extra gradient pass at the clean points). Turn off only to time a bare attack.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON (the run path goes to stderr).")
+@WAIT_OPTION
+def run_command(model_name: str, eps_text: str | None, out: Path | None, resume: bool, quiet: bool, as_json: bool,
+                wait: bool, **params: object) -> None:
+    """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
+    from robusteval.attacks.evaluate import prepare_attack
+
+    settings, options = split_job_options(params)
+    job = prepare_attack(model_name, options.pop("dataset"), eps=parse_eps_list(eps_text), **settings, **options)
+    out = out or job.default_run_dir()
+    click.echo(f"run directory: {out}", err=True)
+    summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
+                      on_wait=echo_err).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    _echo_attack_summary(summary)
+    click.echo(f"{summary['seconds']:.1f} s; run: {out}")
+
+
+def _echo_attack_summary(summary: dict) -> None:
+    click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
+               f"{summary['norm']}, defense {summary['defense']}"
+               + (f", gradient {summary['gradient']}" if summary["defense"].startswith("denoise") else "")
+               + (f", EOT {summary['eot']}" if summary["eot"] > 1 else "")
+               + f": clean accuracy {summary['clean_accuracy']:.3f}")
+    rows = [(f"{p['eps']:g}", f"{p['robust_accuracy']:.3f}", f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
+             ", ".join(f"{k} {v}" for k, v in p["broken_by"].items()) or "-") for p in summary["curve"]]
+    echo_table(("eps", "robust acc", "95% CI", "broken by"), rows)
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    if summary["flags"]:
+        click.echo("flags (the numbers may overestimate robustness):")
+        for flag in summary["flags"]:
+            click.echo(f"  - {flag}")
+    else:
+        click.echo("flags: none")
+
+
+# --- certify / predict (randomized smoothing) -----------------------------------------------
+def _smoothing_options(function):
+    """Options shared by `certify` and `predict`."""
+    options = [
+        click.option("--model", "model_name", required=True, help="Registered model name (see `robusteval list models`)."),
+        click.option("--sigma", type=float, required=True, help="Std of the smoothing noise, in [0, 1] pixel units."),
+        click.option("--mode", type=click.Choice(SMOOTHING_MODES), default=SMOOTHING_MODES[0], show_default=True,
+                     help="direct: classify x + σn at σ; denoised: classify the model's denoise(x + σn, σ)."),
+        job_options,
+        click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability α."),
+        click.option("--n-images", type=int, default=None, help="Number of test images (default: all after --skip)."),
+        click.option("--skip", type=int, default=0, show_default=True, help="Start at this test image."),
+        click.option("--batch-size", type=int, default=1000, show_default=True,
+                     help="(image, noise draw) pairs per forward pass; draws of several images share a pass."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the noise; each image's draws depend on it and the image's index only."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help=RUN_OUT_HELP.format("kind>-<model>-<dataset>-s<sigma>-<mode"),),
+        click.option("--resume/--no-resume", default=True, show_default=True, help=RESUME_HELP),
+        click.option("--compile/--no-compile", "compile", default=None,
+                     help="torch.compile the base classifier (static shapes). Default: when the run is long "
+                          "enough for compiling to pay off."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the run path goes to stderr)."),
+        WAIT_OPTION,
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int, n0: int,
+                           seed: int, out: Path | None, resume: bool, quiet: bool, as_json: bool, wait: bool,
+                           **params: object) -> None:
+    from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
+
+    settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
+    run_settings, options = split_job_options(params)
+    job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
+    with job.opened_run(out or job.default_run_dir(), resume, wait=wait, on_wait=echo_err) as run_dir:
+        verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
+        click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
+        summary = job.run(run_dir, progress=not quiet).summary
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"run: {run_dir.path}")
+    if kind == "certify":
+        curve = ", ".join(f"r={p['radius']:g}: {p['accuracy']:.3f}" for p in summary["certified_accuracy"])
+        click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}): "
+                   f"{curve}")
+        click.echo(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
+                   f"{summary['seconds']:.1f} s")
+    else:
+        click.echo(f"smoothed accuracy {summary['accuracy']:.3f}, abstain rate {summary['abstain_rate']:.3f} "
+                   f"({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}), "
+                   f"{summary['seconds']:.1f} s")
+
+
+@main.command("certify")
+@_smoothing_options
+@click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (pick the class).")
+@click.option("--n", type=int, default=10_000, show_default=True, help="Estimation draws per image (bound its probability).")
+def certify_command(**params: object) -> None:
+    """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY); writes a run directory."""
+    _run_smoothing_command("certify", **params)
+
+
+@main.command("predict")
+@_smoothing_options
+@click.option("--n", type=int, default=1000, show_default=True, help="Noise draws per image.")
+def predict_command(**params: object) -> None:
+    """The smoothed classifier's predictions, abstaining when not significant (Cohen et al. 2019 PREDICT)."""
+    _run_smoothing_command("predict", n0=0, **params)
+
+
+# --- denoise (PSNR of a model's own denoiser) ----------------------------------------------------
+@main.command("denoise")
+@click.option("--model", "model_name", required=True, help="A registered model with the `denoise` capability.")
+@job_options
+@click.option("--sigmas", default="0.12,0.25,0.5", show_default=True, metavar="S1,S2,...",
+              help="Noise levels (std in [0, 1] pixel units).")
+@click.option("--n-images", type=click.IntRange(1), default=None, help="First N test images (default: all).")
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="Images per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise (per batch).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=RUN_OUT_HELP.format("denoise>-<model>-<dataset"))
+@click.option("--resume/--no-resume", default=True, show_default=True, help=RESUME_HELP)
+@WAIT_OPTION
+def denoise_command(model_name: str, sigmas: str, out: Path | None, resume: bool, wait: bool,
+                    **params: object) -> None:
+    """PSNR of the model's denoiser on noisy test images, per noise level; writes a run directory."""
+    from robusteval.denoising import prepare_denoising
+
+    try:
+        levels = [float(part) for part in sigmas.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {sigmas!r}", param_hint="--sigmas") from None
+    settings, options = split_job_options(params)
+    job = prepare_denoising(model_name, options.pop("dataset"), sigmas=levels, **settings, **options)
+    summary = job.run(out or job.default_run_dir(), resume=resume, wait=wait, on_wait=echo_err)
+    rows = [(f"{p['sigma']:g}", f"{p['psnr']:.2f}", f"{p['psnr_noisy']:.2f}") for p in summary["psnr"]]
+    echo_table(("sigma", "PSNR denoised (dB)", "PSNR noisy (dB)"), rows)
+    click.echo(f"{summary['seconds']:.1f} s; run: {summary['path']}")
+
+
+# --- sample / counterfactual (generative joint models) ------------------------------------------
+@main.command("sample")
+@click.option("--model", "model_name", required=True, help="A registered model with the `sample` capability.")
+@click.option("--n", type=click.IntRange(1, 10_000), default=100, show_default=True,
+              help="Number of samples, drawn in a grid of 10 per row.")
+@click.option("--class", "class_index", type=int, default=None,
+              help="Draw every sample from this class (default: class-conditional rows, one class per row).")
+@click.option("--conditional/--unconditional", default=True, show_default=True,
+              help="Class-conditional rows (row r shows class r), or unconditional samples of p(x).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")
+@job_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
+              help="PNG file to write.")
+def sample_command(model_name: str, **params: object) -> None:
+    """Draw samples from a generative joint model and write them as a PNG grid.
+
+    Also prints the `standard` baseline's mean confidence in the requested
+    classes (or, for unconditional samples, in its own top class). --dataset
+    names the data set the model was trained on.
+    """
+    from robusteval.generation import sample
+
+    check_writable_file(params["out"], "image file")
+    settings, options = split_job_options(params)
+    result = sample(model_name, options.pop("dataset"), **settings, **options)
+    message = f"wrote {result.path}: {len(result.samples)} {result.kind} samples of {result.model}"
+    if result.standard_confidence is not None:
+        message += f"; standard's mean confidence {result.standard_confidence:.3f}"
+    click.echo(message)
+
+
+@main.command("counterfactual")
+@click.option("--model", "model_name", default="jdm", show_default=True,
+              help="A model that computes counterfactual explanations (jdm).")
+@click.option("--n", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of test images.")
+@click.option("--target", type=int, default=None,
+              help="Target class for every image (default: a random class other than the true one, per image).")
+@click.option("--t-start", type=float, default=None,
+              help="Diffusion time the images are noised to before guided denoising (default: the model's).")
+@click.option("--guidance", type=float, default=None, help="Classifier-guidance scale (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the images chosen, targets and noise.")
+@job_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("counterfactuals.png"),
+              show_default=True, help="PNG file to write.")
+def counterfactual_command(model_name: str, **params: object) -> None:
+    """Visual counterfactual explanations: test images changed to be classified as a target class.
+
+    Writes originals above their counterfactuals, each captioned with the
+    judge's prediction, and prints how often that prediction flipped to the
+    target and how far (L2) the counterfactuals moved. The judge is the
+    `standard` baseline where it has shipped weights for the data set, else
+    the model's own classifier (then not an independent judge).
+    """
+    from robusteval.generation import counterfactual
+
+    check_writable_file(params["out"], "image file")
+    settings, options = split_job_options(params)
+    result = counterfactual(model_name, options.pop("dataset"), **settings, **options)
+    count = len(result.labels)
+    click.echo(f"wrote {result.path}: {count} counterfactuals of {result.model}; {result.judge} predicts the target for "
+               f"{int(result.flipped.sum())}/{count} ({float(result.flipped.float().mean()):.0%}); mean L2 change "
+               f"{float(result.distance.mean()):.3f}")

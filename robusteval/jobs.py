@@ -1,0 +1,234 @@
+"""One shape for every evaluation: resolve (model, weights, data, device) → a prepared job → run().
+
+Every entry point, in Python and on the command line, takes the options of
+`JobOptions` under the same names: `evaluate_attack`, `certify`, `predict`,
+`evaluate_denoising`, `sample`, `counterfactual` and `run_benchmark` accept
+them as keywords, and the commands `run`, `certify`, `predict`, `denoise`,
+`sample`, `counterfactual` and `benchmark` as flags (`robusteval.cli` builds
+the flags from the fields below). `resolve` turns them into a model on its
+device and a data set, with the same checks and the same messages for every
+evaluation. An engine then builds a `Job`: a frozen configuration, its hash
+and default run directory, and `run()`.
+
+To add an option to every evaluation command and API entry point, add a
+field to `JobOptions` (with its `cli` metadata); read it where it acts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robusteval.data import ImageDataset, load_dataset
+from robusteval.errors import UsageError
+from robusteval.interface import JointModel, validate_images
+from robusteval.job_checks import check_data_fits_model
+from robusteval.runs import RunDirectory, config_id, default_run_dir
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    """How a `JobOptions` field appears on the command line (robusteval.cli turns it into a click option)."""
+
+    name: str
+    help: str
+    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag
+    default: Any = None
+
+
+def _option(default: Any, flag: CliFlag) -> Any:
+    return field(default=default, metadata={"cli": flag})
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every evaluation takes besides its own settings: where the model, weights and data come from."""
+
+    dataset: Any = _option("digits", CliFlag(
+        "--dataset", "Data set (name or .npz path); its test split is evaluated.", default="digits"))
+    data_dir: str | Path | None = _option(None, CliFlag(
+        "--data-dir", "Directory with the data set's files (mnist, fashion-mnist, cifar10); never downloaded.",
+        kind="dir"))
+    checkpoint: str | Path | None = _option(None, CliFlag(
+        "--checkpoint", "Load these weights (.safetensors, or .pt read with weights_only) instead of the shipped "
+                        "ones.", kind="file"))
+    model_dir: str | Path | None = _option(None, CliFlag(
+        "--model-dir", "Weights directory for robustbench:<Name> models.", kind="dir"))
+    allow_unsafe_pickle: bool = _option(False, CliFlag(
+        "--allow-unsafe-pickle", "Allow arbitrary unpickling of a .pt checkpoint (only for files you trust).",
+        kind="flag", default=False))
+    # The official files' companions (issue 13): what an official egc / jdm --checkpoint needs beside itself.
+    vae: str | Path | None = _option(None, CliFlag(
+        "--vae", "egc: the autoencoder's file (autoencoder_kl.pth, or latent diffusion's KL-f8 model.ckpt) "
+                 "for --checkpoint.", kind="file"))
+    model_config: str | Path | None = _option(None, CliFlag(
+        "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
+                          "tell (e.g. num_heads, diffusion_steps).", kind="file"))
+    # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
+    device: str | torch.device | None = _option(None, CliFlag(
+        "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
+
+    @classmethod
+    def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
+        """The options of an entry point called with `dataset` and keyword `options`."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}; the options every evaluation takes are "
+                            f"{', '.join(known)}")
+        return cls(dataset=dataset, **options)
+
+    def as_config(self) -> dict[str, str | None]:
+        """Where other weights came from, for a run's configuration (None: not given).
+
+        The companions appear only when given, so the configurations (and run directories) of other runs keep
+        their hash.
+        """
+        return {"checkpoint": _text(self.checkpoint), "model_dir": _text(self.model_dir),
+                **{k: str(v) for k, v in self.official_files().items()}}
+
+    def official_files(self) -> dict[str, str | Path]:
+        """The create_model keywords of the given companions (none when absent, so other models are unaffected)."""
+        return {k: v for k, v in (("vae", self.vae), ("model_config", self.model_config)) if v is not None}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def split_keywords(keywords: Mapping[str, Any], settings: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keywords of an entry point split into its own settings (fields of the `settings` dataclass) and the rest."""
+    own = {f.name for f in dataclasses.fields(settings)}
+    return ({k: v for k, v in keywords.items() if k in own}, {k: v for k, v in keywords.items() if k not in own})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model on its device and the data set it is evaluated on."""
+
+    model: JointModel
+    model_name: str
+    data: ImageDataset | None  # None when the job needs no images (sampling)
+    dataset_name: str
+    device: torch.device
+    options: JobOptions
+
+
+def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None) -> ImageDataset:
+    """The test split of a data set name or .npz path, an ImageDataset as is, or an (x, y) pair of tensors.
+
+    `limit`: a named data set reads only its first `limit` images (ImageNet decodes them one by one); the
+    other forms are returned whole.
+    """
+    if isinstance(dataset, (str, Path)):
+        return load_dataset(str(dataset), "test", root=data_dir, limit=limit)
+    if isinstance(dataset, ImageDataset):
+        return dataset
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        x, y = dataset
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise UsageError("a data set given as a pair must be two tensors (x, y)")
+        if x.dim() != 4:
+            raise UsageError(f"x must be a (N, C, H, W) batch of images, got shape {tuple(x.shape)}")
+        validate_images(x, tuple(x.shape[1:]), what="x")
+        if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise UsageError(f"y must be {x.shape[0]} integer labels, got shape {tuple(y.shape)} and dtype {y.dtype}")
+        classes = tuple(str(c) for c in range(int(y.max()) + 1 if y.numel() else 0))
+        return ImageDataset("custom", "test", x.detach().to(torch.float32).cpu(), y.detach().to(torch.long).cpu(),
+                            classes)
+    raise UsageError(f"the data set must be a name, an .npz path, an ImageDataset or a pair (x, y) of tensors, "
+                     f"got {type(dataset).__name__}")
+
+
+def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str = "Linf",
+            load_data: bool = True, limit: int | None = None) -> Resolved:
+    """The model (built with its weights, on its device) and the data of a job, checked against each other.
+
+    `limit`: how many leading test images the job needs at most (None: all), so only those are read.
+    """
+    from robusteval.model_zoo.registry import create_model, resolve_device
+
+    data = resolve_data(options.dataset, options.data_dir, limit) if load_data else None
+    if data is None and not isinstance(options.dataset, (str, Path)):
+        raise UsageError("without images to evaluate, the data set must be given by name")
+    # A named data set builds the model for that name (an .npz path reads its shape from the file).
+    dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
+    if isinstance(model, str):
+        device = resolve_device(options.device or "auto")
+        built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,
+                             model_dir=options.model_dir, threat_model=threat_model,
+                             allow_unsafe_pickle=options.allow_unsafe_pickle, **options.official_files())
+        name = model
+    elif isinstance(model, JointModel):
+        if options.checkpoint is not None or options.model_dir is not None or options.official_files():
+            raise UsageError("checkpoint, model_dir, vae and model_config load weights for a registered model name; "
+                             "load them into your JointModel yourself")
+        device = resolve_device(options.device) if options.device is not None else model.device
+        built, name = model.to(device), model.name
+    else:
+        raise UsageError(f"model must be a JointModel (use robusteval.wrap for a plain nn.Module) or a registered "
+                         f"name, got {type(model).__name__}")
+    if data is not None:
+        _check_fit(built, name, data)
+    return Resolved(built, name, data, dataset_name, device, options)
+
+
+def _check_fit(model: JointModel, name: str, data: ImageDataset) -> None:
+    # The model's shape and classes (a checkpoint's own data set fixes them), never the data's largest label.
+    check_data_fits_model(name, model.input_shape, model.num_classes, data.x, data.y,
+                          data_name=f"data set '{data.name}'")
+
+
+class Job:
+    """A prepared evaluation: a frozen configuration (what identifies it on disk), its hash and `run()`.
+
+    Subclasses set `config` (via `_freeze`) and `name_parts`, and implement `run(out, resume, progress)`.
+    """
+
+    config: Mapping[str, Any]
+    name_parts: tuple[str, ...]
+
+    def _freeze(self, config: dict[str, Any]) -> None:
+        self.config = MappingProxyType(dict(config))
+
+    @property
+    def config_hash(self) -> str:
+        """The short hash of the configuration that names the default run directory."""
+        return config_id(dict(self.config))
+
+    def default_run_dir(self, root: str | Path = "runs") -> Path:
+        """runs/<readable parts>-<config hash>: the same command maps to the same directory, so it resumes."""
+        return default_run_dir(dict(self.config), self.name_parts, root=root)
+
+    def open_run(self, out: str | Path | RunDirectory | None, resume: bool = True, wait: bool = False,
+                 on_wait: Callable[[str], None] | None = None) -> RunDirectory | None:
+        """The run directory at `out` opened (and locked) for this configuration (None: the job runs in memory).
+
+        Another process writing there makes this a RunDirectoryBusy, or a wait with `wait=True`.
+        """
+        if out is None or isinstance(out, RunDirectory):
+            return out
+        return RunDirectory(out, dict(self.config), resume=resume, wait=wait, on_wait=on_wait)
+
+    @contextlib.contextmanager
+    def opened_run(self, out: str | Path | RunDirectory | None, resume: bool = True, wait: bool = False,
+                   on_wait: Callable[[str], None] | None = None) -> Iterator[RunDirectory | None]:
+        """`open_run` for the length of a block: a directory opened here is closed (its lock released) at the
+        end; one passed in as a RunDirectory stays open, its caller's to close."""
+        run_dir = self.open_run(out, resume, wait=wait, on_wait=on_wait)
+        try:
+            yield run_dir
+        finally:
+            if run_dir is not None and run_dir is not out:
+                run_dir.close()
+
+    def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False) -> Any:
+        raise NotImplementedError

@@ -1,0 +1,98 @@
+"""The words robusteval's options and run files use, each defined once.
+
+Norms, gradient modes, smoothing modes and kinds, run kinds, report formats
+and the grammar of a deployed defense (`--defense`). The command line's
+choices and help texts, the engines' checks and the reports' contracts all
+read them from here. Per-data-set budgets (ε grids, headline ε, radii) live
+on the data set's description (`robusteval.data.Budgets`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from robusteval.errors import UsageError
+from robusteval.names import resolve_name
+
+# Threat models, in the order tables and figures show them (pixel scale [0, 1]).
+NORMS = ("Linf", "L2")
+NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
+# Gradients through a denoise defense: exact, identity backward (BPDA), or both in turn.
+GRADIENTS = ("full", "bpda", "auto")
+# Randomized smoothing: which base classifier is smoothed, and which of Cohen et al.'s algorithms runs.
+SMOOTHING_MODES = ("direct", "denoised")
+SMOOTHING_KINDS = ("certify", "predict")
+# The kinds of run directories (summary.json "kind").
+RUN_KINDS = ("attack", "certify", "predict", "denoise")
+# Formats of `robusteval report`.
+REPORT_FORMATS = ("html", "md", "csv", "latex", "robustbench")
+
+DEFENSE_KINDS = ("none", "denoise", "noise", "smooth")
+DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K")
+_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes)")
+
+
+def norm_order(norm: str) -> int:
+    """Sort key putting norms in the order of NORMS (unknown ones last)."""
+    return NORMS.index(norm) if norm in NORMS else len(NORMS)
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """A parsed `--defense` string (see robusteval.attacks.defenses for what each one does)."""
+
+    kind: str
+    sigma: float = 0.0
+    votes: int = 0  # smooth: K
+    add_noise: bool = False  # denoise: add N(0, S²) before denoising
+
+    @property
+    def randomized(self) -> bool:
+        return self.kind in ("noise", "smooth") or (self.kind == "denoise" and self.add_noise)
+
+    @property
+    def forward_passes(self) -> int:
+        """Network passes per prediction of the deployed pipeline (one draw of a randomized one)."""
+        if self.kind == "denoise":
+            return 2
+        return self.votes if self.kind == "smooth" else 1
+
+    def __str__(self) -> str:
+        if self.kind == "none":
+            return "none"
+        if self.kind == "smooth":
+            return f"smooth:{self.sigma:g}:{self.votes}"
+        if self.kind == "denoise" and self.add_noise:
+            return f"denoise:{self.sigma:g}:noise"
+        return f"{self.kind}:{self.sigma:g}"
+
+
+def parse_defense(text: str) -> DefenseSpec:
+    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S' or 'smooth:S:K'."""
+    parts = [p.strip() for p in str(text).split(":")]
+    kind = resolve_name(parts[0], DEFENSE_KINDS, "defense")
+    usage = _DEFENSE_USAGE
+    if kind == "none":
+        if len(parts) != 1:
+            raise UsageError(f"defense 'none' takes no parameters, got {text!r}; {usage}")
+        return DefenseSpec("none")
+    if len(parts) < 2:
+        raise UsageError(f"defense {text!r} needs a noise level S; {usage}")
+    try:
+        sigma = float(parts[1])
+    except ValueError:
+        raise UsageError(f"defense {text!r}: S must be a number, got {parts[1]!r}; {usage}") from None
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise UsageError(f"defense {text!r}: S must be a positive noise std, got {sigma}; {usage}")
+    if kind == "smooth":
+        if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
+            raise UsageError(f"defense {text!r}: smooth needs a vote count K >= 1 (smooth:S:K); {usage}")
+        return DefenseSpec("smooth", sigma, votes=int(parts[2]))
+    if kind == "denoise" and len(parts) == 3:
+        if parts[2].lower() != "noise":
+            raise UsageError(f"defense {text!r}: the third part of denoise can only be 'noise'; {usage}")
+        return DefenseSpec("denoise", sigma, add_noise=True)
+    if len(parts) != 2:
+        raise UsageError(f"defense {text!r} has too many parts; {usage}")
+    return DefenseSpec(kind, sigma)
