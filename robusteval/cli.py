@@ -117,7 +117,7 @@ def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def train_command(model_name: str, dataset: str, data_dir: Path | None, epochs: int | None, seed: int, out: Path | None,
                   options: tuple[str, ...], quiet: bool) -> None:
     """Train a model with its recipe, deterministically on the CPU, and write its weights and card record."""
-    from robusteval.training import train_model
+    from robusteval.train_model import train_model
 
     result = train_model(model_name, dataset=dataset, epochs=epochs, seed=seed, out=out, progress=not quiet,
                          options=_parse_options(options), root=data_dir)

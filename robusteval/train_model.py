@@ -1,70 +1,24 @@
 """Reproducing the shipped checkpoints: `robusteval train`.
 
-Training is deterministic on the CPU: one seed drives every random draw, and
-training runs single-threaded so the weights do not depend on the number of
-cores (a multi-threaded reduction may sum in another order).
+This sits above the model zoo (it looks models up in the registry); the
+helpers every trainer uses sit below it, in `robusteval.training`.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from robusteval.checkpoints import atomic_write_json, save_safetensors
-from robusteval.data import ImageDataset, load_dataset
+from robusteval.data import load_dataset
 from robusteval.interface import JointModel
-
-
-@dataclass
-class TrainContext:
-    """What a trainer gets besides the model and the data."""
-
-    epochs: int
-    seed: int
-    generator: torch.Generator
-    progress: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def epoch_bar(self, desc: str) -> tqdm:
-        """A progress bar over epochs; trainers set its postfix to loss and accuracy."""
-        return tqdm(range(self.epochs), desc=desc, disable=not self.progress, unit="epoch", leave=True)
-
-    def randn_like(self, x: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
-
-    def rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self.generator)
-
-
-def minibatches(data: ImageDataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """One shuffled pass over the data set."""
-    order = torch.randperm(len(data), generator=generator)
-    for start in range(0, len(data), batch_size):
-        index = order[start : start + batch_size]
-        yield data.x[index], data.y[index]
-
-
-@torch.no_grad()
-def accuracy(model: JointModel, data: ImageDataset, sigma: float = 0.0, batch_size: int = 500) -> float:
-    """Top-1 accuracy of logits(x, σ) on clean x (σ = 0) or on x + σ·n with a fixed noise seed."""
-    model.eval()
-    generator = torch.Generator().manual_seed(1234)
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        x = data.x[start : start + batch_size].to(model.device)
-        y = data.y[start : start + batch_size].to(model.device)
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        correct += int((model.logits(x, sigma).argmax(1) == y).sum())
-    return correct / len(data)
+from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry
+from robusteval.training import TrainContext, accuracy
 
 
 @dataclass
@@ -86,11 +40,10 @@ def train_model(
 ) -> TrainResult:
     """Train a registered model with its recipe and write safetensors plus its card record.
 
-    With `out=None` the weights go where the registry looks for shipped
-    weights, so the command that trains is the command that ships.
+    `options` override recipe options by name (checked like the recipe). With
+    `out=None` the weights go where the registry looks for shipped weights, so
+    the command that trains is the command that ships.
     """
-    from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry
-
     entry = get_entry(name)
     card = entry.card
     if entry.train is None:
@@ -98,7 +51,7 @@ def train_model(
     epochs = card.default_epochs if epochs is None else int(epochs)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    recipe_options = {**card.recipe, **(options or {})}
+    recipe = card.recipe.with_options(options or {})
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -107,7 +60,7 @@ def train_model(
         train_set = load_dataset(dataset, split="train", root=root)
         test_set = load_dataset(dataset, split="test", root=root)
         model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu")
-        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe_options)
+        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe)
         started = time.perf_counter()
         model.train()
         figures = entry.train(model, train_set, context) or {}
@@ -130,7 +83,7 @@ def train_model(
         f"--epochs {epochs} --seed {seed}{option_flags}",
         "epochs": epochs,
         "seed": seed,
-        "recipe": recipe_options,
+        "recipe": recipe.as_dict(),
         "train_seconds": round(seconds, 1),
         "train_threads": 1,
         "torch": torch.__version__,
