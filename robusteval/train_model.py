@@ -6,6 +6,7 @@ helpers every trainer uses sit below it, in `robusteval.training`.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def train_model(
     weights = Path(out) if out is not None else WEIGHTS_DIR / f"{card.name}-{train_set.name}.safetensors"
     if weights.suffix != ".safetensors":
         weights = weights.with_suffix(".safetensors")
-    option_flags = "".join(f" --option {k}={v}" for k, v in sorted((options or {}).items()))
+    option_flags = "".join(f" --option {k}={_option_text(v)}" for k, v in sorted((options or {}).items()))
     record: dict[str, Any] = {
         "model": card.name,
         "dataset": train_set.name,
@@ -93,3 +94,8 @@ def train_model(
     record["sha256"] = save_safetensors(model, weights, metadata={"model": card.name, "dataset": train_set.name})
     atomic_write_json(weights.with_suffix(".json"), record)
     return TrainResult(model, weights, record)
+
+
+def _option_text(value: Any) -> str:
+    """How `--option` spells a value so that the recorded command parses back to it (no spaces in lists)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

@@ -177,3 +177,22 @@ def test_importing_the_zoo_does_not_load_the_train_command() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_an_override_is_trained_with_and_recorded_so_the_command_replays_it(tmp_path: Path) -> None:
+    import shlex
+
+    from robusteval.train_model import train_model
+
+    result = train_model("gaussian", epochs=1, out=tmp_path / "g.safetensors", progress=False, options={"sigma": 0.3})
+    assert result.record["recipe"] == {"sigma": 0.3}
+    assert result.record["command"].endswith("--epochs 1 --seed 0 --option sigma=0.3")
+    replay = tmp_path / "replay.safetensors"
+    argv = shlex.split(result.record["command"])[1:]
+    replayed = CliRunner().invoke(main, [*argv, "--out", str(replay), "--quiet"])
+    assert replayed.exit_code == 0, replayed.output
+    assert replay.read_bytes() == result.weights.read_bytes()
+    # A list option is written without spaces, so the recorded command stays one shell word per option.
+    from robusteval.train_model import _option_text
+
+    assert _option_text([0.0, 0.5]) == "[0.0,0.5]" and _option_text("joint") == "joint"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
