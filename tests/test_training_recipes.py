@@ -196,3 +196,43 @@ def test_an_override_is_trained_with_and_recorded_so_the_command_replays_it(tmp_
     from robusteval.train_model import _option_text
 
     assert _option_text([0.0, 0.5]) == "[0.0,0.5]" and _option_text("joint") == "joint"
+
+
+def test_the_diffusion_style_loop_ends_on_the_moving_average_of_its_weights() -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from robusteval.data import ImageDataset
+    from robusteval.training import TrainContext
+    from robusteval.training.loops import DiffusionLosses, FigureNames, train_diffusion_style
+
+    data = robusteval.load_dataset("digits", split="train")
+    subset = ImageDataset(data.name, "train", data.x[:32], data.y[:32], data.classes)  # one batch per epoch
+
+    def run(ema_decay: float) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.net = nn.Linear(64, 10)
+        before_each_step: list[torch.Tensor] = []
+
+        def objective(x: torch.Tensor, y: torch.Tensor) -> DiffusionLosses:
+            before_each_step.append(model.net.weight.detach().clone())
+            logits = model.net(x.flatten(1))
+            return DiffusionLosses(logits.pow(2).mean(), F.cross_entropy(logits, y), logits)
+
+        recipe = DiffusionRecipe(batch_size=32, lr=0.05, ema_decay=ema_decay, ce_weight=0.5)
+        context = TrainContext(3, 0, torch.Generator().manual_seed(0), False, recipe)
+        figures = train_diffusion_style(model, model.net, subset, context, recipe, objective, "t", FigureNames("mse", "acc"))
+        return before_each_step, model.net.weight.detach().clone(), figures
+
+    trajectory, last, figures = run(0.0)  # no averaging: the last weights
+    assert set(figures) == {"train_mse", "train_ce", "train_acc"}
+    averaged_trajectory, averaged, _ = run(0.5)
+    # The average never feeds back into training: both runs take the same steps.
+    assert all(torch.equal(a, b) for a, b in zip(trajectory, averaged_trajectory))
+    w0, w1, w2 = trajectory
+    expected = w0
+    for weights in (w1, w2, last):
+        expected = 0.5 * expected + 0.5 * weights
+    assert torch.allclose(averaged, expected, atol=1e-6) and not torch.allclose(averaged, last, atol=1e-4)
