@@ -57,7 +57,7 @@ def test_unknown_name_suggests_close_matches() -> None:
 
 def test_model_cards_say_what_callers_need() -> None:
     card = robusteval.model_card("gaussian-s0.12")
-    assert card.recipe == {"sigma": 0.12}
+    assert card.recipe.as_dict() == {"sigma": 0.12} and card.recipe.sigma == 0.12
     assert card.capabilities == frozenset({"logits"})
     assert "Cohen" in card.paper
     assert robusteval.model_card("dncnn+standard").capabilities == frozenset({"logits", "denoise"})

@@ -9,7 +9,7 @@ import torch
 
 import robusteval
 from robusteval.data import ImageDataset
-from robusteval.model_zoo.cdn import SIGMA_MIN, ClassificationDenoisingNetwork, train_cdn
+from robusteval.model_zoo.cdn import SIGMA_MIN, CDNRecipe, ClassificationDenoisingNetwork, train_cdn
 from robusteval.training import TrainContext
 from zoo_floors import (
     assert_denoise_works_under_inference_mode,
@@ -125,7 +125,7 @@ def test_trainer_reduces_the_denoising_error() -> None:
             return float((model.denoise(noisy, 0.3) - clean).pow(2).mean())
 
     before = denoise_mse()
-    options = {"ce_weight": 1.0, "sigma_min": 0.01, "sigma_max": 1.0, "batch_size": 64, "lr": 5e-3, "ema_decay": 0.5}
+    options = CDNRecipe(ce_weight=1.0, sigma_min=0.01, sigma_max=1.0, batch_size=64, lr=5e-3, ema_decay=0.5)
     figures = train_cdn(model, subset, TrainContext(20, 0, torch.Generator().manual_seed(0), False, options))
     model.eval()
     assert all(torch.isfinite(torch.tensor(v)) for v in figures.values())

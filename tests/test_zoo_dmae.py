@@ -106,7 +106,7 @@ def _tiny_run(seed: int) -> dict[str, torch.Tensor]:
     data = robusteval.load_dataset("digits", split="train")
     subset = ImageDataset(data.name, "train", data.x[:96], data.y[:96], data.classes)
     model = DMAE(dataset_info("digits"))
-    options = {**DMAE_RECIPE, "warmup_steps": 1, "finetune_fraction": 1.0}
+    options = DMAE_RECIPE.with_options({"warmup_steps": 1, "finetune_fraction": 1.0})
     figures = train_dmae(model, subset, TrainContext(1, seed, torch.Generator().manual_seed(seed), False, options))
     assert set(figures) >= {"pretrain_mse", "finetune_cross_entropy"}
     assert all(p.requires_grad for p in model.parameters())

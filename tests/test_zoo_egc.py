@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import robusteval
 from robusteval.data import ImageDataset
 from robusteval.model_zoo import diffusion
-from robusteval.model_zoo.egc import EnergyClassifierGenerator, train_egc
+from robusteval.model_zoo.egc import EGCRecipe, EnergyClassifierGenerator, train_egc
 from robusteval.training import TrainContext
 from zoo_floors import (
     assert_denoise_works_under_inference_mode,
@@ -132,7 +132,7 @@ def test_trainer_reduces_the_score_matching_loss() -> None:
             return float(F.mse_loss(model.eps(x_t, t), noise))
 
     before = eps_loss()
-    options = {"ce_weight": 0.1, "label_smoothing": 0.1, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.5}
+    options = EGCRecipe(ce_weight=0.1, label_smoothing=0.1, batch_size=64, lr=2e-3, ema_decay=0.5)
     figures = train_egc(model, subset, TrainContext(20, 0, torch.Generator().manual_seed(0), False, options))
     model.eval()
     assert all(torch.isfinite(torch.tensor(v)) for v in figures.values())

@@ -84,8 +84,9 @@ def _tiny_run(mode: str, fraction: float = 0.5, seed: int = 0) -> tuple[dict[str
     data = robusteval.load_dataset("digits", split="train")
     subset = ImageDataset(data.name, "train", data.x[:96], data.y[:96], data.classes)
     model = GMMC(dataset_info("digits"))
-    options = {**GMMC_RECIPE, "mode": mode, "sgld_steps": 3, "buffer_size": 100, "warmup_steps": 1,
-               "discriminative_fraction": fraction}
+    options = GMMC_RECIPE.with_options(
+        {"mode": mode, "sgld_steps": 3, "buffer_size": 100, "warmup_steps": 1, "discriminative_fraction": fraction}
+    )
     figures = train_gmmc(model, subset, TrainContext(2, seed, torch.Generator().manual_seed(seed), False, options))
     return figures, {k: v.clone() for k, v in model.state_dict().items()}
 

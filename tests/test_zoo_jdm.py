@@ -12,7 +12,7 @@ import robusteval
 from robusteval.data import ImageDataset
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.jdm import JointDiffusionModel, train_jdm
-from robusteval.training import TrainContext
+from robusteval.training import DiffusionRecipe, TrainContext
 from zoo_floors import (
     clean_accuracy,
     conditional_sample_confidence,
@@ -146,7 +146,7 @@ def test_trainer_reduces_the_joint_loss() -> None:
         return float(eps), float(ce)
 
     eps_before, ce_before = losses()
-    options = {"ce_weight": 0.1, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.5}
+    options = DiffusionRecipe(ce_weight=0.1, batch_size=64, lr=2e-3, ema_decay=0.5)
     train_jdm(model, subset, TrainContext(6, 0, torch.Generator().manual_seed(0), False, options))
     model.eval()
     eps_after, ce_after = losses()

@@ -84,7 +84,7 @@ def _tiny_run(seed: int) -> dict[str, torch.Tensor]:
     data = robusteval.load_dataset("digits", split="train")
     subset = ImageDataset(data.name, "train", data.x[:96], data.y[:96], data.classes)
     model = JEM(dataset_info("digits"))
-    options = {**JEM_RECIPE, "sgld_steps": 3, "buffer_size": 100, "warmup_steps": 1}
+    options = JEM_RECIPE.with_options({"sgld_steps": 3, "buffer_size": 100, "warmup_steps": 1})
     figures = train_jem(model, subset, TrainContext(2, seed, torch.Generator().manual_seed(seed), False, options))
     assert set(figures) >= {"train_cross_entropy", "train_energy_data", "train_energy_samples"}
     return {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from robusteval.model_zoo.sgld import ReplayBuffer, SGLDConfig, sgld
+from robusteval.training.sgld import ReplayBuffer, SGLDConfig, sgld
 
 
 def quadratic(centre: float, variance: float):

@@ -84,7 +84,7 @@ def train_command(model_name: str, dataset: str, data_dir: Path | None, epochs: 
                   options: tuple[str, ...], quiet: bool) -> None:
     """Train a model with its recipe, deterministically on the CPU, and write its weights and card record."""
     from robusteval.job_checks import check_writable_file
-    from robusteval.training import train_model
+    from robusteval.train_model import train_model
 
     if out is not None:
         check_writable_file(out, "weights file")  # before training, not after it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +12,7 @@ from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.backbones import DnCNN, SmallCNN
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import Recipe, TrainContext, minibatches
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
@@ -55,6 +57,40 @@ class DenoisedClassifier(JointModel):
         return self.classifier(cleaned)
 
 
+@dataclass(frozen=True)
+class GaussianRecipe(Recipe):
+    """Cross-entropy on x + σ·n (Cohen et al.)."""
+
+    sigma: float = 0.25
+
+    def check(self) -> None:
+        super().check()
+        self._require_positive("sigma")
+
+
+@dataclass(frozen=True)
+class PGDRecipe(Recipe):
+    """Cross-entropy on L∞ PGD examples of radius eps, `steps` steps (Madry et al.)."""
+
+    eps: float = 0.1
+    steps: int = 10
+
+    def check(self) -> None:
+        super().check()
+        self._require_positive("eps", "steps")
+
+
+@dataclass(frozen=True)
+class DenoiserRecipe(Recipe):
+    """MSE of a denoiser over σ ~ U[0, sigma_max]."""
+
+    sigma_max: float = 0.5
+
+    def check(self) -> None:
+        super().check()
+        self._require_positive("sigma_max")
+
+
 def _classifier_training(
     model: CNNClassifier, data: ImageDataset, ctx: TrainContext, perturb, desc: str
 ) -> dict[str, float]:
@@ -86,7 +122,7 @@ def train_standard(model: CNNClassifier, data: ImageDataset, ctx: TrainContext) 
 
 
 def train_gaussian(model: CNNClassifier, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
-    sigma = float(ctx.options["sigma"])
+    sigma = ctx.recipe_as(GaussianRecipe).sigma
     # Cohen et al.: classify x + σ·n, without clipping to [0, 1].
     return _classifier_training(model, data, ctx, lambda x, y: x + sigma * ctx.randn_like(x), f"gaussian σ={sigma}")
 
@@ -109,7 +145,8 @@ def pgd_linf(model: CNNClassifier, x: Tensor, y: Tensor, eps: float, steps: int,
 
 
 def train_pgd_at(model: CNNClassifier, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
-    eps, steps = float(ctx.options["eps"]), int(ctx.options["steps"])
+    recipe = ctx.recipe_as(PGDRecipe)
+    eps, steps = recipe.eps, recipe.steps
     return _classifier_training(
         model, data, ctx, lambda x, y: pgd_linf(model, x, y, eps, steps, ctx), f"pgd-at ε={eps}"
     )
@@ -122,7 +159,7 @@ def train_dncnn(model: DenoisedClassifier, data: ImageDataset, ctx: TrainContext
     standard = create_model("standard", dataset=data.name)
     model.classifier.load_state_dict(standard.net.state_dict())
     model.classifier.requires_grad_(False)
-    sigma_max = float(ctx.options["sigma_max"])
+    sigma_max = ctx.recipe_as(DenoiserRecipe).sigma_max
     optimiser = torch.optim.Adam(model.denoiser.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=ctx.epochs)
     bar = ctx.epoch_bar("dncnn")
@@ -166,7 +203,7 @@ def _register_gaussian(name: str, sigma: float, epochs: int) -> None:
         capabilities={"logits"},
         trainer=train_gaussian,
         default_epochs=epochs,
-        recipe={"sigma": sigma},
+        recipe=GaussianRecipe(sigma=sigma),
         description=f"The small CNN trained on x + N(0, {sigma}²) (no clipping): the classic smoothing base classifier.",
     )(CNNClassifier)
 
@@ -185,7 +222,7 @@ _register_gaussian("gaussian-s0.5", 0.5, epochs=100)
     capabilities={"logits"},
     trainer=train_pgd_at,
     default_epochs=30,
-    recipe={"eps": 0.1, "steps": 10},
+    recipe=PGDRecipe(eps=0.1, steps=10),
     description="The small CNN trained on L∞ PGD examples (ε = 0.1, 10 steps of 2.5ε/10, random start).",
 )
 def pgd_at(info: DatasetInfo) -> JointModel:
@@ -200,7 +237,7 @@ def pgd_at(info: DatasetInfo) -> JointModel:
     capabilities={"logits", "denoise"},
     trainer=train_dncnn,
     default_epochs=40,
-    recipe={"sigma_max": 0.5},
+    recipe=DenoiserRecipe(sigma_max=0.5),
     description="A DnCNN (noise-level map input) trained with MSE for σ ∈ [0, 0.5], in front of the shipped `standard`.",
 )
 def dncnn_standard(info: DatasetInfo) -> JointModel:

@@ -22,8 +22,8 @@ true σ, so denoise(x, 0) = x.
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo.diffusion import input_gradient
 from robusteval.model_zoo.noise_nets import ConditionedEnergyNet
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import DiffusionRecipe, TrainContext
+from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
 
 SIGMA_MIN = 0.01
 SIGMA_MAX = 1.0
@@ -83,44 +84,43 @@ class ClassificationDenoisingNetwork(JointModel):
         return x + s.view(-1, 1, 1, 1).pow(2) * score
 
 
-def train_cdn(model: ClassificationDenoisingNetwork, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
+@dataclass(frozen=True)
+class CDNRecipe(DiffusionRecipe):
+    """The diffusion-style loop with σ drawn log-uniformly in [sigma_min, sigma_max]."""
+
+    ce_weight: float = 1.0
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+
+    def check(self) -> None:
+        super().check()
+        self._require_positive("sigma_min")
+        if not self.sigma_max > self.sigma_min:
+            self._fail("sigma_max", f"> sigma_min = {self.sigma_min}")
+
+
+def cdn_objective(model: ClassificationDenoisingNetwork, ctx: TrainContext, recipe: CDNRecipe) -> DiffusionObjective:
     """CE of softmax f(x0 + σn, σ) + denoising score matching ‖x + σ²∇ₓ logsumexp f − x0‖²/σ², σ log-uniform."""
-    ce_weight = float(ctx.options["ce_weight"])
-    batch_size = int(ctx.options["batch_size"])
-    ema_decay = float(ctx.options["ema_decay"])
-    log_min, log_max = math.log(float(ctx.options["sigma_min"])), math.log(float(ctx.options["sigma_max"]))
-    optimiser = torch.optim.Adam(model.net.parameters(), lr=float(ctx.options["lr"]))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=ctx.epochs)
-    ema = copy.deepcopy(model.net).requires_grad_(False)
-    bar = ctx.epoch_bar("cdn")
-    dsm_sum = ce_sum = correct = seen = 0.0
-    for _ in bar:
-        dsm_sum = ce_sum = correct = seen = 0.0
-        for x0, y in minibatches(data, batch_size, ctx.generator):
-            model.train()
-            sigma = torch.exp(log_min + (log_max - log_min) * ctx.rand(x0.shape[0]))
-            noise = ctx.randn_like(x0)
-            x = (x0 + sigma.view(-1, 1, 1, 1) * noise).requires_grad_(True)
-            logits = model.joint_logits(x, sigma)
-            (score,) = torch.autograd.grad(logits.logsumexp(1).sum(), x, create_graph=True)
-            # ‖denoised − x0‖²/σ² = ‖σ·score + n‖²: score matching weighted so every σ counts alike.
-            dsm_loss = (sigma.view(-1, 1, 1, 1) * score + noise).pow(2).flatten(1).sum(1).mean()
-            ce_loss = F.cross_entropy(logits, y)
-            loss = dsm_loss + ce_weight * ce_loss
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                for average, current in zip(ema.parameters(), model.net.parameters()):
-                    average.lerp_(current, 1 - ema_decay)
-            dsm_sum += float(dsm_loss.detach()) * len(y)
-            ce_sum += float(ce_loss.detach()) * len(y)
-            correct += float((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-        schedule.step()
-        bar.set_postfix(dsm=f"{dsm_sum / seen:.3f}", ce=f"{ce_sum / seen:.3f}", noisy_acc=f"{correct / seen:.3f}")
-    model.net.load_state_dict(ema.state_dict())
-    return {"train_dsm": dsm_sum / seen, "train_ce": ce_sum / seen, "train_noisy_accuracy": correct / seen}
+    log_min, log_max = math.log(recipe.sigma_min), math.log(recipe.sigma_max)
+
+    def losses(x0: Tensor, y: Tensor) -> DiffusionLosses:
+        sigma = torch.exp(log_min + (log_max - log_min) * ctx.rand(x0.shape[0]))
+        noise = ctx.randn_like(x0)
+        x = (x0 + sigma.view(-1, 1, 1, 1) * noise).requires_grad_(True)
+        logits = model.joint_logits(x, sigma)
+        (score,) = torch.autograd.grad(logits.logsumexp(1).sum(), x, create_graph=True)
+        # ‖denoised − x0‖²/σ² = ‖σ·score + n‖²: score matching weighted so every σ counts alike.
+        dsm_loss = (sigma.view(-1, 1, 1, 1) * score + noise).pow(2).flatten(1).sum(1).mean()
+        return DiffusionLosses(dsm_loss, F.cross_entropy(logits, y), logits)
+
+    return losses
+
+
+def train_cdn(model: ClassificationDenoisingNetwork, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
+    recipe = ctx.recipe_as(CDNRecipe)
+    return train_diffusion_style(
+        model, model.net, data, ctx, recipe, cdn_objective(model, ctx, recipe), "cdn", FigureNames("dsm", "noisy_accuracy")
+    )
 
 
 @register_model(
@@ -131,8 +131,7 @@ def train_cdn(model: ClassificationDenoisingNetwork, data: ImageDataset, ctx: Tr
     capabilities={"logits", "denoise", "energy"},
     trainer=train_cdn,
     default_epochs=250,
-    recipe={"ce_weight": 1.0, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "batch_size": 64, "lr": 2e-3,
-            "ema_decay": 0.995},
+    recipe=CDNRecipe(),
     description=(
         "Noise-conditional network f(x, σ) → logits with log p_σ(x, y) = f_y (σ through a log σ embedding and "
         "input/output scaling); classification softmax f(x, σ), energy −logsumexp f, denoising by "

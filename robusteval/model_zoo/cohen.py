@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from robusteval.data import DatasetInfo
 from robusteval.interface import JointModel
-from robusteval.model_zoo.baselines import train_gaussian
+from robusteval.model_zoo.baselines import GaussianRecipe, train_gaussian
 from robusteval.model_zoo.official.cohen import build_cohen
 from robusteval.model_zoo.registry import register_model
 
@@ -24,7 +24,7 @@ from robusteval.model_zoo.registry import register_model
     capabilities={"logits"},
     trainer=train_gaussian,
     default_epochs=60,
-    recipe={"sigma": 0.25},
+    recipe=GaussianRecipe(sigma=0.25),
     description="Sequential(NormalizeLayer, ResNet): the official cifar_resnet20/110 (CIFAR-10) and resnet50 "
     "(ImageNet) read from locuslab/smoothing's checkpoints; elsewhere a ResNet-20 of the same design trained "
     "on x + N(0, 0.25²). No weights are shipped.",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import Recipe, TrainContext, minibatches
 
 
 def sincos_positions(grid: tuple[int, int], dim: int) -> Tensor:
@@ -209,6 +210,34 @@ def consistency_loss(logits: Tensor, copies: int, weight: float, entropy_weight:
     return weight * kl + entropy_weight * entropy
 
 
+@dataclass(frozen=True)
+class DMAERecipe(Recipe):
+    """Two stages: noisy masked pre-training (AdamW, warm-up + cosine), then noisy fine-tuning with consistency."""
+
+    batch_size: int = 64
+    lr: float = 1e-3
+    finetune_lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    pretrain_sigma: float = 0.25
+    mask_ratio: float = 0.75
+    finetune_fraction: float = 0.5  # fine-tuning epochs per pre-training epoch
+    finetune_sigmas: tuple[float, ...] = (0.0, 0.25, 0.5)
+    consistency_copies: int = 2
+    consistency_weight: float = 1.0
+    consistency_entropy: float = 0.1
+
+    def check(self) -> None:
+        super().check()
+        self._require_positive("batch_size", "lr", "finetune_lr", "consistency_copies")
+        self._require_non_negative("weight_decay", "warmup_steps", "pretrain_sigma", "finetune_fraction",
+                                   "consistency_weight", "consistency_entropy")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            self._fail("mask_ratio", "in [0, 1)")
+        if not self.finetune_sigmas or min(self.finetune_sigmas) < 0:
+            self._fail("finetune_sigmas", "a non-empty list of noise levels >= 0")
+
+
 def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
     """Stage 1: noisy masked pre-training of encoder+decoder; stage 2: fine-tune a copy of the encoder + head.
 
@@ -216,15 +245,15 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     `finetune_fraction` as many.
     """
     cpu_started = time.process_time()
-    opts = ctx.options
-    batch_size = int(opts["batch_size"])
-    pretrain_sigma, mask_ratio = float(opts["pretrain_sigma"]), float(opts["mask_ratio"])
+    recipe = ctx.recipe_as(DMAERecipe)
+    batch_size = recipe.batch_size
+    pretrain_sigma, mask_ratio = recipe.pretrain_sigma, recipe.mask_ratio
     steps_per_epoch = math.ceil(len(data) / batch_size)
 
     # --- stage 1: denoising masked autoencoder -------------------------------------------------
     autoencoder = list(model.encoder.parameters()) + list(model.decoder.parameters())
-    optimiser = torch.optim.AdamW(autoencoder, lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]))
-    schedule = _cosine_with_warmup(optimiser, ctx.epochs * steps_per_epoch, int(opts["warmup_steps"]))
+    optimiser = torch.optim.AdamW(autoencoder, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = _cosine_with_warmup(optimiser, ctx.epochs * steps_per_epoch, recipe.warmup_steps)
     mse_sum = seen = 0.0
     bar = ctx.epoch_bar("dmae pre-train")
     for _ in bar:
@@ -247,12 +276,12 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     model.classifier_encoder.load_state_dict(model.encoder.state_dict())
     model.encoder.requires_grad_(False)
     model.decoder.requires_grad_(False)
-    sigmas = torch.tensor([float(s) for s in opts["finetune_sigmas"]])
-    copies = int(opts["consistency_copies"])
-    finetune_epochs = max(1, round(float(opts["finetune_fraction"]) * ctx.epochs))
+    sigmas = torch.tensor(recipe.finetune_sigmas)
+    copies = recipe.consistency_copies
+    finetune_epochs = max(1, round(recipe.finetune_fraction * ctx.epochs))
     params = list(model.classifier_encoder.parameters()) + list(model.head.parameters())
-    optimiser = torch.optim.AdamW(params, lr=float(opts["finetune_lr"]), weight_decay=float(opts["weight_decay"]))
-    schedule = _cosine_with_warmup(optimiser, finetune_epochs * steps_per_epoch, int(opts["warmup_steps"]))
+    optimiser = torch.optim.AdamW(params, lr=recipe.finetune_lr, weight_decay=recipe.weight_decay)
+    schedule = _cosine_with_warmup(optimiser, finetune_epochs * steps_per_epoch, recipe.warmup_steps)
     ce_sum = correct = seen = 0.0
     finetune = copy.copy(ctx)
     finetune.epochs = finetune_epochs
@@ -267,8 +296,7 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
             noisy = repeated + sigma.repeat(copies, 1, 1, 1) * ctx.randn_like(repeated)
             logits = model._logits(noisy, sigma.new_zeros(len(noisy)))
             ce = F.cross_entropy(logits, y.repeat(copies))
-            loss = ce + consistency_loss(logits, copies, float(opts["consistency_weight"]),
-                                         float(opts["consistency_entropy"]))
+            loss = ce + consistency_loss(logits, copies, recipe.consistency_weight, recipe.consistency_entropy)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -286,20 +314,7 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     return figures
 
 
-DMAE_RECIPE = {
-    "batch_size": 64,
-    "lr": 1e-3,
-    "finetune_lr": 5e-4,
-    "weight_decay": 0.05,
-    "warmup_steps": 100,
-    "pretrain_sigma": 0.25,
-    "mask_ratio": 0.75,
-    "finetune_fraction": 0.5,
-    "finetune_sigmas": [0.0, 0.25, 0.5],
-    "consistency_copies": 2,
-    "consistency_weight": 1.0,
-    "consistency_entropy": 0.1,
-}
+DMAE_RECIPE = DMAERecipe()
 
 
 @register_model(

@@ -18,7 +18,7 @@ with an optional guidance scale on log p(y | x_t).
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import ConditionedEnergyNet
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import DiffusionRecipe, TrainContext
+from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
 
 
 class EnergyClassifierGenerator(JointModel):
@@ -103,44 +104,40 @@ def _smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tens
     return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
+@dataclass(frozen=True)
+class EGCRecipe(DiffusionRecipe):
+    """The diffusion-style loop with a label-smoothed cross-entropy (the paper's small-weight CE)."""
+
+    label_smoothing: float = 0.1
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            self._fail("label_smoothing", "in [0, 1)")
+
+
+def egc_objective(model: EnergyClassifierGenerator, ctx: TrainContext, recipe: EGCRecipe) -> DiffusionObjective:
+    """ε-matching through the energy's input gradient + label-smoothed CE of p(y | x_t)."""
+
+    def losses(x: Tensor, y: Tensor) -> DiffusionLosses:
+        x0 = diffusion.to_internal(x)
+        t = ctx.rand(x.shape[0]) * diffusion.T_MAX
+        noise = ctx.randn_like(x0)
+        x_t = diffusion.q_sample(x0, t, noise).requires_grad_(True)
+        logits = model.joint_logits(x_t, t)
+        (score,) = torch.autograd.grad(logits.logsumexp(1).sum(), x_t, create_graph=True)
+        eps_loss = F.mse_loss(diffusion.eps_from_score(score, t), noise)
+        return DiffusionLosses(eps_loss, _smoothed_cross_entropy(logits, y, recipe.label_smoothing), logits)
+
+    return losses
+
+
 def train_egc(model: EnergyClassifierGenerator, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
-    """ε-matching through the energy's input gradient + λ·label-smoothed CE of p(y | x_t); EMA weights kept."""
-    ce_weight = float(ctx.options["ce_weight"])
-    smoothing = float(ctx.options["label_smoothing"])
-    batch_size = int(ctx.options["batch_size"])
-    ema_decay = float(ctx.options["ema_decay"])
-    optimiser = torch.optim.Adam(model.net.parameters(), lr=float(ctx.options["lr"]))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=ctx.epochs)
-    ema = copy.deepcopy(model.net).requires_grad_(False)
-    bar = ctx.epoch_bar("egc")
-    eps_sum = ce_sum = correct = seen = 0.0
-    for _ in bar:
-        eps_sum = ce_sum = correct = seen = 0.0
-        for x, y in minibatches(data, batch_size, ctx.generator):
-            model.train()
-            x0 = diffusion.to_internal(x)
-            t = ctx.rand(x.shape[0]) * diffusion.T_MAX
-            noise = ctx.randn_like(x0)
-            x_t = diffusion.q_sample(x0, t, noise).requires_grad_(True)
-            logits = model.joint_logits(x_t, t)
-            (score,) = torch.autograd.grad(logits.logsumexp(1).sum(), x_t, create_graph=True)
-            eps_loss = F.mse_loss(diffusion.eps_from_score(score, t), noise)
-            ce_loss = _smoothed_cross_entropy(logits, y, smoothing)
-            loss = eps_loss + ce_weight * ce_loss
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                for average, current in zip(ema.parameters(), model.net.parameters()):
-                    average.lerp_(current, 1 - ema_decay)
-            eps_sum += float(eps_loss.detach()) * len(y)
-            ce_sum += float(ce_loss.detach()) * len(y)
-            correct += float((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-        schedule.step()
-        bar.set_postfix(eps_mse=f"{eps_sum / seen:.4f}", ce=f"{ce_sum / seen:.3f}", noisy_acc=f"{correct / seen:.3f}")
-    model.net.load_state_dict(ema.state_dict())
-    return {"train_eps_mse": eps_sum / seen, "train_ce": ce_sum / seen, "train_noisy_accuracy": correct / seen}
+    """The diffusion-style loop on `egc_objective`; EMA weights kept."""
+    recipe = ctx.recipe_as(EGCRecipe)
+    return train_diffusion_style(
+        model, model.net, data, ctx, recipe, egc_objective(model, ctx, recipe), "egc", FigureNames("eps_mse", "noisy_accuracy")
+    )
 
 
 @register_model(
@@ -151,7 +148,7 @@ def train_egc(model: EnergyClassifierGenerator, data: ImageDataset, ctx: TrainCo
     capabilities={"logits", "denoise", "energy", "sample"},
     trainer=train_egc,
     default_epochs=250,
-    recipe={"ce_weight": 0.1, "label_smoothing": 0.1, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.995},
+    recipe=EGCRecipe(),
     description=(
         "Time-conditioned energy network f(x_t, t) on VP diffusion states (cosine schedule, t = (2/π)·atan(2σ)); "
         "logits = p(y|x_t), energy = −logsumexp f, score = ∇ₓ logsumexp f. Trained with ε-matching of the "

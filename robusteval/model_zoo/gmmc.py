@@ -22,19 +22,19 @@ Training modes (recipe option `mode`), as in the paper:
 
 from __future__ import annotations
 
-import math
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.jem import EnergyCNN
 from robusteval.model_zoo.registry import register_model
-from robusteval.model_zoo.sgld import ReplayBuffer, SGLDConfig, sgld, uniform_noise
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import SGLDRecipe, TrainContext
+from robusteval.training.loops import EnergyLosses, EnergyObjective, train_sgld_style
+from robusteval.training.sgld import SGLDConfig, sgld, uniform_noise
 
 MODES = ("discriminative", "generative", "joint")
 
@@ -109,6 +109,47 @@ class GMMC(JointModel):
         return sgld(lambda x: self.class_energy(x, y), start, self.sample_config, generator)
 
 
+@dataclass(frozen=True)
+class GMMCRecipe(SGLDRecipe):
+    """The SGLD-style loop in a `mode`; generative steps weigh the samples' energy by `beta`."""
+
+    mode: str = "joint"
+    discriminative_fraction: float = 1 / 3  # of the epochs, in joint mode
+    beta: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        if self.mode not in MODES:
+            self._fail("mode", f"one of {', '.join(MODES)}")
+        self._require_fraction("discriminative_fraction")
+        self._require_non_negative("beta")
+
+    def discriminative_epochs(self, epochs: int) -> int:
+        if self.mode == "joint":
+            return round(self.discriminative_fraction * epochs)
+        return epochs if self.mode == "discriminative" else 0
+
+
+def gmmc_objective(model: GMMC, recipe: GMMCRecipe, epochs: int) -> EnergyObjective:
+    """Generative: E(x⁺, y⁺) − β·E(x⁻, y⁻) + L2 energy penalty, chains of the data's classes; else CE."""
+
+    def contrastive(x_data: Tensor, x_sample: Tensor, y: Tensor) -> EnergyLosses:
+        distances = model.squared_distances(torch.cat([x_data, x_sample]))
+        logits = -0.5 * distances[: len(x_data)]
+        e_data = 0.5 * distances[: len(x_data)].gather(1, y.view(-1, 1)).squeeze(1)
+        e_sample = 0.5 * distances[len(x_data) :].gather(1, y.view(-1, 1)).squeeze(1)
+        loss = e_data.mean() - recipe.beta * e_sample.mean() + recipe.energy_reg * (
+            e_data.pow(2).mean() + e_sample.pow(2).mean()
+        )
+        return EnergyLosses(loss, logits, e_data, e_sample)
+
+    def discriminative(x_data: Tensor, y: Tensor) -> EnergyLosses:
+        logits = -0.5 * model.squared_distances(x_data)
+        return EnergyLosses(F.cross_entropy(logits, y), logits)
+
+    return EnergyObjective(lambda y: y, contrastive, discriminative, recipe.discriminative_epochs(epochs))
+
+
 def train_gmmc(model: GMMC, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
     """Train in the recipe's `mode`: discriminative, generative, or joint (discriminative, then generative).
 
@@ -122,88 +163,26 @@ def train_gmmc(model: GMMC, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     0.01: the authors' step of 1 acts on a batch-mean energy (so 1/64 per
     image) on [-1, 1] images, about 0.004 here.
     """
-    cpu_started = time.process_time()
-    opts = ctx.options
-    mode = str(opts["mode"])
-    if mode not in MODES:
-        raise ValueError(f"gmmc training mode must be one of {', '.join(MODES)}, got {mode!r}")
-    batch_size = int(opts["batch_size"])
-    chain = SGLDConfig(int(opts["sgld_steps"]), float(opts["sgld_step_size"]), float(opts["sgld_noise"]))
-    data_noise, beta, energy_reg = float(opts["data_noise"]), float(opts["beta"]), float(opts["energy_reg"])
-    if mode == "joint":
-        discriminative_epochs = round(float(opts["discriminative_fraction"]) * ctx.epochs)
-    else:
-        discriminative_epochs = ctx.epochs if mode == "discriminative" else 0
-    buffer = ReplayBuffer(
-        int(opts["buffer_size"]), data.input_shape, ctx.generator, float(opts["reinit"]),
-        num_classes=data.num_classes,
-    )
-    optimiser = torch.optim.Adam(model.phi.parameters(), lr=float(opts["lr"]))
-    total = ctx.epochs * math.ceil(len(data) / batch_size)
-    warmup = int(opts["warmup_steps"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * i / total))
-    )
-    bar = ctx.epoch_bar(f"gmmc ({mode})")
-    sums: dict[str, float] = {}
-    seen = 0
-    for epoch in bar:
-        generative = epoch >= discriminative_epochs
-        sums = {"ce": 0.0, "correct": 0.0, "e_data": 0.0, "e_sample": 0.0}
-        seen = 0
-        for x, y in minibatches(data, batch_size, ctx.generator):
-            model.train()
-            x_data = x + data_noise * ctx.randn_like(x)
-            if generative:
-                index, start = buffer.draw(len(x), y)
-                x_sample = sgld(lambda v: model.class_energy(v, y), start, chain, ctx.generator)
-                buffer.store(index, x_sample)
-                distances = model.squared_distances(torch.cat([x_data, x_sample]))
-                logits = -0.5 * distances[: len(x)]
-                e_data = 0.5 * distances[: len(x)].gather(1, y.view(-1, 1)).squeeze(1)
-                e_sample = 0.5 * distances[len(x) :].gather(1, y.view(-1, 1)).squeeze(1)
-                loss = e_data.mean() - beta * e_sample.mean() + energy_reg * (
-                    e_data.pow(2).mean() + e_sample.pow(2).mean()
-                )
-                sums["e_data"] += float(e_data.detach().sum())
-                sums["e_sample"] += float(e_sample.detach().sum())
-            else:
-                logits = -0.5 * model.squared_distances(x_data)
-                loss = F.cross_entropy(logits, y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            sums["ce"] += float(F.cross_entropy(logits.detach(), y)) * len(y)
-            sums["correct"] += float((logits.argmax(1) == y).sum())
-            seen += len(y)
-        postfix = {"ce": f"{sums['ce'] / seen:.3f}", "acc": f"{sums['correct'] / seen:.3f}"}
-        if generative:
-            postfix.update(e_data=f"{sums['e_data'] / seen:.2f}", e_sample=f"{sums['e_sample'] / seen:.2f}")
-        bar.set_postfix(postfix)
-    figures = {"train_cross_entropy": sums["ce"] / seen, "train_accuracy": sums["correct"] / seen}
-    if ctx.epochs > discriminative_epochs:
-        figures.update(train_energy_data=sums["e_data"] / seen, train_energy_samples=sums["e_sample"] / seen)
-    # Single-threaded CPU time: what an idle core would take, whatever else shares the machine.
-    figures["train_cpu_seconds"] = time.process_time() - cpu_started
-    return figures
+    recipe = ctx.recipe_as(GMMCRecipe)
+    objective = gmmc_objective(model, recipe, ctx.epochs)
+    return train_sgld_style(model, model.phi, data, ctx, recipe, objective, f"gmmc ({recipe.mode})")
 
 
-GMMC_RECIPE = {
-    "mode": "joint",
-    "discriminative_fraction": 1 / 3,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "warmup_steps": 200,
-    "beta": 1.0,
-    "sgld_steps": 20,
-    "sgld_step_size": 0.01,
-    "sgld_noise": 0.005,
-    "buffer_size": 1000,
-    "reinit": 0.05,
-    "data_noise": 0.015,
-    "energy_reg": 0.01,
-}
+GMMC_RECIPE = GMMCRecipe(
+    mode="joint",
+    discriminative_fraction=1 / 3,
+    batch_size=64,
+    lr=1e-3,
+    warmup_steps=200,
+    beta=1.0,
+    sgld_steps=20,
+    sgld_step_size=0.01,
+    sgld_noise=0.005,
+    buffer_size=1000,
+    reinit=0.05,
+    data_noise=0.015,
+    energy_reg=0.01,
+)
 
 
 @register_model(

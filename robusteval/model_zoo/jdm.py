@@ -18,8 +18,6 @@ noise-aware classifier for guidance).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +27,8 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import NoiseEmbedding
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import DiffusionRecipe, TrainContext
+from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -202,42 +201,28 @@ class JointDiffusionModel(JointModel):
         return self._reverse(x_t, diffusion.time_grid(steps, t_start=t_start), target, guidance_scale, generator)
 
 
+def jdm_objective(model: JointDiffusionModel, ctx: TrainContext) -> DiffusionObjective:
+    """ε-MSE(x_t) and CE(head(x0, t = 0)) + CE(head(x_t, t)), end to end; accuracy of the clean head."""
+
+    def losses(x: Tensor, y: Tensor) -> DiffusionLosses:
+        x0 = diffusion.to_internal(x)
+        t = ctx.rand(x.shape[0]) * diffusion.T_MAX
+        noise = ctx.randn_like(x0)
+        eps_hat, noisy_logits = model.net(diffusion.q_sample(x0, t, noise), t)
+        clean_logits = model.class_logits(x0, torch.zeros_like(t))
+        eps_loss = F.mse_loss(eps_hat, noise)
+        ce_loss = F.cross_entropy(clean_logits, y) + F.cross_entropy(noisy_logits, y)
+        return DiffusionLosses(eps_loss, ce_loss, clean_logits)
+
+    return losses
+
+
 def train_jdm(model: JointDiffusionModel, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
-    """Joint loss ε-MSE(x_t) + α·(CE(head(x0, t = 0)) + CE(head(x_t, t))), end to end; EMA weights kept."""
-    ce_weight = float(ctx.options["ce_weight"])
-    batch_size = int(ctx.options["batch_size"])
-    ema_decay = float(ctx.options["ema_decay"])
-    optimiser = torch.optim.Adam(model.net.parameters(), lr=float(ctx.options["lr"]))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=ctx.epochs)
-    ema = copy.deepcopy(model.net).requires_grad_(False)
-    bar = ctx.epoch_bar("jdm")
-    eps_sum = ce_sum = correct = seen = 0.0
-    for _ in bar:
-        eps_sum = ce_sum = correct = seen = 0.0
-        for x, y in minibatches(data, batch_size, ctx.generator):
-            model.train()
-            x0 = diffusion.to_internal(x)
-            t = ctx.rand(x.shape[0]) * diffusion.T_MAX
-            noise = ctx.randn_like(x0)
-            eps_hat, noisy_logits = model.net(diffusion.q_sample(x0, t, noise), t)
-            clean_logits = model.class_logits(x0, torch.zeros_like(t))
-            eps_loss = F.mse_loss(eps_hat, noise)
-            ce_loss = F.cross_entropy(clean_logits, y) + F.cross_entropy(noisy_logits, y)
-            loss = eps_loss + ce_weight * ce_loss
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                for average, current in zip(ema.parameters(), model.net.parameters()):
-                    average.lerp_(current, 1 - ema_decay)
-            eps_sum += float(eps_loss.detach()) * len(y)
-            ce_sum += float(ce_loss.detach()) * len(y)
-            correct += float((clean_logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-        schedule.step()
-        bar.set_postfix(eps_mse=f"{eps_sum / seen:.4f}", ce=f"{ce_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    model.net.load_state_dict(ema.state_dict())
-    return {"train_eps_mse": eps_sum / seen, "train_ce": ce_sum / seen, "train_accuracy": correct / seen}
+    """The diffusion-style loop on the joint loss ε-MSE + α·(both CEs); EMA weights kept."""
+    recipe = ctx.recipe_as(DiffusionRecipe)
+    return train_diffusion_style(
+        model, model.net, data, ctx, recipe, jdm_objective(model, ctx), "jdm", FigureNames("eps_mse", "accuracy")
+    )
 
 
 @register_model(
@@ -248,7 +233,7 @@ def train_jdm(model: JointDiffusionModel, data: ImageDataset, ctx: TrainContext)
     capabilities={"logits", "denoise", "sample"},
     trainer=train_jdm,
     default_epochs=100,
-    recipe={"ce_weight": 0.1, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.995},
+    recipe=DiffusionRecipe(ce_weight=0.1, batch_size=64, lr=2e-3, ema_decay=0.995),
     description=(
         "Small diffusion UNet ε(x_t, t) (VP, cosine schedule, t = (2/π)·atan(2σ)) with a classifier head on pooled "
         "encoder features; trained jointly with ε-MSE + α·cross-entropy. Denoise by Tweedie from ε̂; samples by "

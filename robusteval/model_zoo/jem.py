@@ -13,9 +13,6 @@ as in the paper. Training images carry a little Gaussian noise (σ = 0.03 on
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,8 +20,9 @@ from torch import Tensor, nn
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
-from robusteval.model_zoo.sgld import ReplayBuffer, SGLDConfig, sgld, uniform_noise
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import SGLDRecipe, TrainContext
+from robusteval.training.loops import EnergyLosses, EnergyObjective, train_sgld_style
+from robusteval.training.sgld import SGLDConfig, sgld, uniform_noise
 
 
 class EnergyCNN(nn.Module):
@@ -92,6 +90,26 @@ class JEM(JointModel):
         return sgld(lambda x: self.class_energy(x, y), start, self.sample_config, generator)
 
 
+def jem_objective(model: JEM, ctx: TrainContext, recipe: SGLDRecipe, num_classes: int) -> EnergyObjective:
+    """Cross-entropy + PCD maximum likelihood of p(x): E(data) − E(samples), plus the L2 energy penalty."""
+
+    def chain_labels(y: Tensor) -> Tensor:
+        # Class-conditional chains (JEM's class_cond_p_x_sample): y ~ uniform, x ~ p(x | y).
+        return torch.randint(0, num_classes, (len(y),), generator=ctx.generator)
+
+    def contrastive(x_data: Tensor, x_sample: Tensor, y: Tensor) -> EnergyLosses:
+        logits = model.net(torch.cat([x_data, x_sample]))
+        logits_data, logits_sample = logits[: len(x_data)], logits[len(x_data) :]
+        ce = F.cross_entropy(logits_data, y)
+        e_data = -torch.logsumexp(logits_data, 1)
+        e_sample = -torch.logsumexp(logits_sample, 1)
+        # −log p(x) gradient: E(data) − E(samples); plus the energy-magnitude penalty.
+        loss = ce + (e_data.mean() - e_sample.mean()) + recipe.energy_reg * (e_data.pow(2).mean() + e_sample.pow(2).mean())
+        return EnergyLosses(loss, logits_data, e_data, e_sample)
+
+    return EnergyObjective(chain_labels, contrastive)
+
+
 def train_jem(model: JEM, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
     """Cross-entropy + PCD maximum likelihood of p(x) with SGLD from a replay buffer.
 
@@ -99,81 +117,23 @@ def train_jem(model: JEM, data: ImageDataset, ctx: TrainContext) -> dict[str, fl
     data and samples (Du & Mordatch 2019) keeps them from drifting, and the
     learning rate warms up linearly (JEM's code warms up too).
     """
-    cpu_started = time.process_time()
-    opts = ctx.options
-    batch_size = int(opts["batch_size"])
-    chain = SGLDConfig(int(opts["sgld_steps"]), float(opts["sgld_step_size"]), float(opts["sgld_noise"]))
-    data_noise = float(opts["data_noise"])
-    energy_reg = float(opts["energy_reg"])
-    buffer = ReplayBuffer(
-        int(opts["buffer_size"]), data.input_shape, ctx.generator, float(opts["reinit"]),
-        num_classes=data.num_classes,
-    )
-    optimiser = torch.optim.Adam(model.net.parameters(), lr=float(opts["lr"]))
-    steps_per_epoch = math.ceil(len(data) / batch_size)
-    total = ctx.epochs * steps_per_epoch
-    warmup = int(opts["warmup_steps"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * i / total))
-    )
-    bar = ctx.epoch_bar("jem")
-    sums: dict[str, float] = {}
-    seen = 0
-    for _ in bar:
-        sums = {"ce": 0.0, "correct": 0.0, "e_data": 0.0, "e_sample": 0.0}
-        seen = 0
-        for x, y in minibatches(data, batch_size, ctx.generator):
-            model.train()
-            x_data = x + data_noise * ctx.randn_like(x)
-            # Class-conditional chains (JEM's class_cond_p_x_sample): y ~ uniform, x ~ p(x | y).
-            y_chain = torch.randint(0, data.num_classes, (len(x),), generator=ctx.generator)
-            index, start = buffer.draw(len(x), y_chain)
-            x_sample = sgld(lambda v: model.class_energy(v, y_chain), start, chain, ctx.generator)
-            buffer.store(index, x_sample)
-
-            logits = model.net(torch.cat([x_data, x_sample]))
-            logits_data, logits_sample = logits[: len(x)], logits[len(x) :]
-            ce = F.cross_entropy(logits_data, y)
-            e_data = -torch.logsumexp(logits_data, 1)
-            e_sample = -torch.logsumexp(logits_sample, 1)
-            # −log p(x) gradient: E(data) − E(samples); plus the energy-magnitude penalty.
-            loss = ce + (e_data.mean() - e_sample.mean()) + energy_reg * (e_data.pow(2).mean() + e_sample.pow(2).mean())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-
-            sums["ce"] += float(ce.detach()) * len(y)
-            sums["correct"] += float((logits_data.argmax(1) == y).sum())
-            sums["e_data"] += float(e_data.detach().sum())
-            sums["e_sample"] += float(e_sample.detach().sum())
-            seen += len(y)
-        bar.set_postfix(
-            ce=f"{sums['ce'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
-            e_data=f"{sums['e_data'] / seen:.2f}", e_sample=f"{sums['e_sample'] / seen:.2f}",
-        )
-    return {
-        "train_cross_entropy": sums["ce"] / seen,
-        "train_accuracy": sums["correct"] / seen,
-        "train_energy_data": sums["e_data"] / seen,
-        "train_energy_samples": sums["e_sample"] / seen,
-        # Single-threaded CPU time: what an idle core would take, whatever else shares the machine.
-        "train_cpu_seconds": time.process_time() - cpu_started,
-    }
+    recipe = ctx.recipe_as(SGLDRecipe)
+    objective = jem_objective(model, ctx, recipe, data.num_classes)
+    return train_sgld_style(model, model.net, data, ctx, recipe, objective, "jem")
 
 
-JEM_RECIPE = {
-    "batch_size": 64,
-    "lr": 2e-3,
-    "warmup_steps": 200,
-    "sgld_steps": 20,
-    "sgld_step_size": 0.25,
-    "sgld_noise": 0.005,
-    "buffer_size": 1000,
-    "reinit": 0.05,
-    "data_noise": 0.015,
-    "energy_reg": 0.01,
-}
+JEM_RECIPE = SGLDRecipe(
+    batch_size=64,
+    lr=2e-3,
+    warmup_steps=200,
+    sgld_steps=20,
+    sgld_step_size=0.25,
+    sgld_noise=0.005,
+    buffer_size=1000,
+    reinit=0.05,
+    data_noise=0.015,
+    energy_reg=0.01,
+)
 
 
 @register_model(

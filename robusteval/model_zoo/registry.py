@@ -3,6 +3,9 @@
 Each entry has a model card (what callers need to know: paper, capabilities,
 training recipe, shipped checkpoints), a builder that makes the architecture
 for a data set, and a trainer that reproduces the shipped weights.
+
+The registry sits above `robusteval.training` (trainers, recipes, loops) and
+below `robusteval.train_model` (the `robusteval train` command).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from robusteval.errors import UsageError
 from robusteval.interface import CAPABILITIES, JointModel
 from robusteval.model_zoo.official import PAPER_DATASETS, OfficialArchitecture, official_architecture, official_spec
 from robusteval.names import resolve_name
+from robusteval.training.context import TrainContext
+from robusteval.training.recipes import Recipe
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 Builder = Callable[[DatasetInfo], JointModel]
-# trainer(model, train_set, options) -> dict of figures to record in the card
-Trainer = Callable[..., dict]
+# trainer(model, train_set, context) -> figures to record in the card; context.recipe is the card's recipe
+Trainer = Callable[[Any, Any, TrainContext], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class ModelCard:
     capabilities: frozenset[str]
     description: str = ""
     default_epochs: int = 30
-    # Options of the training recipe (e.g. the noise level of a Gaussian baseline).
-    recipe: dict[str, Any] = field(default_factory=dict)
+    # The training recipe's options (e.g. the noise level of a Gaussian baseline), typed and checked.
+    recipe: Recipe = field(default_factory=Recipe)
     # Where inference draws randomness; empty when it is deterministic.
     randomness: str = "none: inference is deterministic"
 
@@ -70,7 +75,7 @@ class ModelCard:
             "description": self.description,
             "capabilities": sorted(self.capabilities),
             "randomness": self.randomness,
-            "recipe": dict(self.recipe),
+            "recipe": self.recipe.as_dict(),
             "checkpoints": self.checkpoints(),
             "official": self.official(),
         }
@@ -107,13 +112,19 @@ def register_model(
     trainer: Trainer | None = None,
     description: str = "",
     default_epochs: int = 30,
-    recipe: dict[str, Any] | None = None,
+    recipe: Recipe | None = None,
     randomness: str = "none: inference is deterministic",
 ) -> Callable[[Builder], Builder]:
-    """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`."""
+    """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`.
+
+    The recipe is checked here, so a bad one fails when its module is imported.
+    """
     unknown = set(capabilities) - CAPABILITIES
     if unknown:
         raise ValueError(f"unknown capabilities {sorted(unknown)} for model {name}")
+    recipe = _checked_recipe(name, recipe, trainer)
+    if default_epochs < 1:
+        raise ValueError(f"model {name!r}: default_epochs must be at least 1, got {default_epochs}")
 
     def decorator(build: Builder) -> Builder:
         if name in _REGISTRY:
@@ -126,13 +137,31 @@ def register_model(
             capabilities=frozenset(capabilities),
             description=description,
             default_epochs=default_epochs,
-            recipe=dict(recipe or {}),
+            recipe=recipe,
             randomness=randomness,
         )
         _REGISTRY[name] = ModelEntry(card, build, trainer)
         return build
 
     return decorator
+
+
+def _checked_recipe(name: str, recipe: Recipe | None, trainer: Trainer | None) -> Recipe:
+    if recipe is None:
+        return Recipe()
+    if not isinstance(recipe, Recipe):
+        raise ValueError(
+            f"model {name!r}: the recipe must be a frozen Recipe dataclass (robusteval.training.recipes), "
+            f"got {type(recipe).__name__}"
+        )
+    if trainer is None and len(recipe) > 0:
+        raise ValueError(f"model {name!r}: a recipe needs a trainer to follow it")
+    try:
+        # Recipes check themselves when made; checking again catches one changed by object.__setattr__.
+        type(recipe).__post_init__(recipe)
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: bad training recipe: {error}") from None
+    return recipe
 
 
 def _ensure_zoo_loaded() -> None:

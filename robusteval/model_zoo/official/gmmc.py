@@ -29,7 +29,7 @@ from robusteval.model_zoo.official.common import (
     require_dataset,
 )
 from robusteval.model_zoo.official.wideresnet import WideResNet, wrn_size
-from robusteval.model_zoo.sgld import SGLDConfig, sgld, uniform_noise
+from robusteval.training.sgld import SGLDConfig, sgld, uniform_noise
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from robusteval.model_zoo.official.common import (
     require_dataset,
 )
 from robusteval.model_zoo.official.wideresnet import WideResNet, wrn_size
-from robusteval.model_zoo.sgld import SGLDConfig, sgld, uniform_noise
+from robusteval.training.sgld import SGLDConfig, sgld, uniform_noise
 
 DATASETS = ("cifar10", "cifar100")
 FORMAT = ("JEM's CCF checkpoint ({'model_state_dict': {f.*, energy_output.*, class_output.*}, 'replay_buffer': "
