@@ -14,7 +14,7 @@ from scipy.stats import norm as gaussian
 from torch import nn
 
 import robusteval
-from robusteval.attacks.engine import BALL_TOLERANCE
+from robusteval.attacks.verification import BALL_TOLERANCE
 
 
 def _codes(result, status="flag"):
