@@ -106,3 +106,26 @@ def test_the_cli_runs_the_job_the_api_prepares(tmp_path) -> None:
     assert written == dict(api.config)
     assert api.run().summary["certified_accuracy"] == json.loads((out / "summary.json").read_text())[
         "certified_accuracy"]
+
+
+def test_a_new_job_option_becomes_a_flag_through_the_one_decorator(monkeypatch) -> None:
+    import click
+
+    from robusteval.cli import options as cli_options
+    from robusteval.jobs import CliFlag, _option
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(JobOptions):
+        shard: str | None = _option(None, CliFlag("--shard", "Evaluate one shard, I/N."))
+
+    monkeypatch.setattr(cli_options, "JobOptions", Extended)
+
+    @click.command()
+    @cli_options.job_options
+    def command(**params: object) -> None:
+        click.echo(json.dumps(cli_options.split_job_options(params)[1], default=str, sort_keys=True))
+
+    result = CliRunner().invoke(command, ["--shard", "1/4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["shard"] == "1/4"
+    assert Extended.of("digits", {"shard": "1/4"}).shard == "1/4"

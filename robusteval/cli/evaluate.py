@@ -21,7 +21,7 @@ from robusteval.cli.options import (
     echo_err,
     echo_table,
     job_options,
-    parse_eps_list,
+    parse_numbers,
     split_job_options,
 )
 from robusteval.vocabulary import DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
@@ -67,7 +67,7 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
     from robusteval.attacks.evaluate import prepare_attack
 
     settings, options = split_job_options(params)
-    job = prepare_attack(model_name, options.pop("dataset"), eps=parse_eps_list(eps_text), **settings, **options)
+    job = prepare_attack(model_name, options.pop("dataset"), eps=parse_numbers(eps_text, "--eps", "0.05,0.1"), **settings, **options)
     out = out or job.default_run_dir()
     click.echo(f"run directory: {out}", err=True)
     summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
@@ -192,10 +192,7 @@ def denoise_command(model_name: str, sigmas: str, out: Path | None, resume: bool
     """PSNR of the model's denoiser on noisy test images, per noise level; writes a run directory."""
     from robusteval.denoising import prepare_denoising
 
-    try:
-        levels = [float(part) for part in sigmas.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {sigmas!r}", param_hint="--sigmas") from None
+    levels = parse_numbers(sigmas, "--sigmas", "0.12,0.25")
     settings, options = split_job_options(params)
     job = prepare_denoising(model_name, options.pop("dataset"), sigmas=levels, **settings, **options)
     summary = job.run(out or job.default_run_dir(), resume=resume, wait=wait, on_wait=echo_err)

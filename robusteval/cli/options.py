@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -68,14 +69,15 @@ def echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-def parse_eps_list(value: str | None) -> list[float] | None:
+def parse_numbers(value: str | None, flag: str, example: str) -> list[float] | None:
+    """A comma-separated list of finite numbers >= 0, e.g. `0.05,0.1` (None stays None)."""
     if value is None:
         return None
     try:
-        eps = [float(part) for part in value.split(",") if part.strip()]
+        numbers = [float(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.05,0.1, got {value!r}",
-                                 param_hint="--eps") from None
-    if not eps:
-        raise click.BadParameter("expected at least one eps", param_hint="--eps")
-    return eps
+        raise click.BadParameter(f"expected comma-separated numbers such as {example}, got {value!r}",
+                                 param_hint=flag) from None
+    if not numbers or any(not math.isfinite(x) or x < 0 for x in numbers):
+        raise click.BadParameter(f"expected finite numbers >= 0 such as {example}, got {value!r}", param_hint=flag)
+    return numbers

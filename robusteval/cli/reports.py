@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from robusteval.cli import main
-from robusteval.cli.options import DIGITS_RADII_HELP, job_options
+from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_numbers
 from robusteval.vocabulary import NORMS, REPORT_FORMATS
 
 
@@ -30,18 +30,6 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             raise click.BadParameter(f"{eps!r} is not a number", param_hint="--eps") from None
     return overrides
-
-
-def _parse_radii(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        radii = [float(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated radii, got {value!r}", param_hint="--radii") from None
-    if not radii or any(r < 0 for r in radii):
-        raise click.BadParameter(f"expected non-negative radii, got {value!r}", param_hint="--radii")
-    return radii
 
 
 @main.command("report")
@@ -71,7 +59,7 @@ def report_command(runs: tuple[Path, ...], out: Path | None, fmt: str, eps: tupl
     command = shlex.join(["robusteval", "report", *map(str, runs), "--out", str(target), "--format", fmt,
                           *[part for value in eps for part in ("--eps", value)],
                           *(["--radii", radii] if radii else [])])
-    report = write_report(loaded, target, fmt, eps_overrides=_parse_eps_overrides(eps), radii=_parse_radii(radii),
+    report = write_report(loaded, target, fmt, eps_overrides=_parse_eps_overrides(eps), radii=parse_numbers(radii, "--radii", "0.5,1"),
                           command=command, title=title)
     click.echo(f"wrote {report.main} from {len(loaded)} runs; {len(report.figures.all())} figures "
                f"(PNG + SVG) in {report.figures.all()[0].svg.parent if report.figures.all() else '-'}; "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robusteval.data import DatasetInfo, ImageDataset
+from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import NoiseEmbedding
@@ -187,14 +188,14 @@ class JointDiffusionModel(JointModel):
         if target.dim() == 0:
             target = target.expand(x.shape[0])
         if target.shape != (x.shape[0],) or bool(((target < 0) | (target >= self.num_classes)).any()):
-            raise ValueError(
+            raise UsageError(
                 f"target must be a class index or {x.shape[0]} class indices in [0, {self.num_classes}), "
                 f"got {target.tolist()}"
             )
         if not 0.0 < t_start <= diffusion.T_MAX:
-            raise ValueError(f"t_start must lie in (0, {diffusion.T_MAX}], got {t_start}")
+            raise UsageError(f"t_start must lie in (0, {diffusion.T_MAX}], got {t_start}")
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+            raise UsageError(f"guidance_scale must be >= 0, got {guidance_scale}")
         noise = diffusion.sample_noise(tuple(x.shape), generator, x.device)
         t = torch.full((x.shape[0],), t_start, device=x.device, dtype=x.dtype)
         x_t = diffusion.q_sample(diffusion.to_internal(x), t, noise)

@@ -1,9 +1,11 @@
 """Certification engine: Cohen et al.'s CERTIFY and PREDICT over a data set.
 
-`certify(model, data, sigma=...)` and `predict(...)` smooth a model's base
-classifier with Gaussian noise of std σ, count its predictions with the
-batched sampler, turn the counts into decisions (`decisions`), and return
-one record per image plus summary figures. With `out=` (always, from the
+`certify(model, dataset, sigma=...)` and `predict(...)` prepare a
+`SmoothingJob` (model, weights and data resolved by `robusteval.jobs`, the
+same job `robusteval certify` runs) that smooths a model's base classifier
+with Gaussian noise of std σ, counts its predictions with the batched
+sampler, turns the counts into decisions (`decisions`), and returns one
+record per image plus summary figures. With `out=` (always, from the
 command line) the run lives in a run directory and a re-run resumes after
 the last complete batch of images.
 
@@ -329,69 +331,44 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
-def certify(
-    model: JointModel | str,
-    dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
-    *,
-    sigma: float,
-    n0: int = 100,
-    n: int = 10_000,
-    alpha: float = 0.001,
-    mode: str = "direct",
-    n_images: int | None = None,
-    skip: int = 0,
-    batch_size: int = 1000,
-    seed: int = 0,
-    compile: bool | None = None,
-    out: str | Path | None = None,
-    resume: bool = True,
-    progress: bool = False,
-    **options: Any,
-) -> SmoothingResult:
+def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
+            sigma: float, n0: int = 100, n: int = 10_000, **keywords: Any) -> SmoothingResult:
     """CERTIFY (Cohen et al. 2019) every image: a prediction or abstention and a certified L2 radius.
 
     model: a JointModel (moved to `device` if given) or a registered model name.
     dataset: an ImageDataset, a data set name or .npz path (its test split) or (x, y) tensors.
-    options: the `robusteval.jobs.JobOptions` of every evaluation (data_dir,
+    keywords include the `robusteval.jobs.JobOptions` of every evaluation (data_dir,
     checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device).
     Each image gets n0 selection draws and n independent estimation draws of
     N(0, σ²I) noise, a function of (seed, image index) only. Records hold
     index, label, prediction (None when abstaining), abstain, radius, correct,
     pA_lower, count (ĉ among the n draws), top_class and seconds (the image's
-    share of the wall time). compile: True / False / None for "when it pays
-    off". out: a run directory, resumed when it holds the same configuration.
+    share of the wall time).
+
+    Keywords (as for `predict`): alpha (0.001), mode ('direct' or 'denoised'),
+    seed (0); n_images (default: all after skip), skip (0), batch_size (1000,
+    (image, draw) pairs per forward pass), compile (True / False / None for
+    "when it pays off"); out (a run directory, resumed when it holds the same
+    configuration; None: in memory), resume (True), progress (False); and the
+    `robusteval.jobs.JobOptions` of every evaluation (data_dir, checkpoint,
+    model_dir, allow_unsafe_pickle, device).
     """
-    settings = SmoothingSettings("certify", sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
-    job = prepare_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
-                            compile=compile, **options)
-    return job.run(out=out, resume=resume, progress=progress)
+    return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, **keywords)
 
 
-def predict(
-    model: JointModel | str,
-    dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits",
-    *,
-    sigma: float,
-    n: int = 1000,
-    alpha: float = 0.001,
-    mode: str = "direct",
-    n_images: int | None = None,
-    skip: int = 0,
-    batch_size: int = 1000,
-    seed: int = 0,
-    compile: bool | None = None,
-    out: str | Path | None = None,
-    resume: bool = True,
-    progress: bool = False,
-    **options: Any,
-) -> SmoothingResult:
+def predict(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
+            sigma: float, n: int = 1000, **keywords: Any) -> SmoothingResult:
     """PREDICT (Cohen et al. 2019) every image: the smoothed class, or abstain when not significant at α.
 
-    Same arguments as `certify` without n0. Records hold index, label,
+    The arguments of `certify` without n0. Records hold index, label,
     prediction (None when abstaining), abstain, correct, count and
     runner_up_count (the top two counts of n draws), p_value and seconds.
     """
-    settings = SmoothingSettings("predict", sigma=sigma, n=n, alpha=alpha, n0=0, mode=mode, seed=seed)
-    job = prepare_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
-                            compile=compile, **options)
-    return job.run(out=out, resume=resume, progress=progress)
+    return _smooth("predict", model, dataset, sigma=sigma, n0=0, n=n, **keywords)
+
+
+def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int,
+            alpha: float = 0.001, mode: str = "direct", seed: int = 0, out: str | Path | None = None,
+            resume: bool = True, progress: bool = False, **keywords: Any) -> SmoothingResult:
+    settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
+    return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
