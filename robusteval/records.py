@@ -11,7 +11,9 @@ so older run directories and the committed reports load unchanged:
   large_eps, notes (the last eight are optional when reading).
 - ``certify`` (`robusteval certify`): model, dataset, mode, sigma, n0, n,
   alpha, n_images, certified_accuracy [{radius, accuracy}], acr,
-  abstain_rate, seconds, skip, seed (+ batch_size, compile).
+  abstain_rate, seconds, forward_passes, skip, seed (+ batch_size, compile);
+  the sequential method adds method, radii, n_max, grid_certified_accuracy
+  and draws_per_image {mean, median, max} (its n is n_max).
 - ``predict`` (`robusteval predict`): as certify without n0 and the curve,
   with accuracy.
 - ``denoise`` (`robusteval.denoising`): model, dataset, n_images, seed,
@@ -97,12 +99,20 @@ class SmoothingConfig:
     seed: int
     device_type: str
     noise: str
+    # The sequential method only (n is then its budget n_max): its grid and the design fixed before any draw.
+    method: str | None = None
+    radii: list[float] | None = None
+    n_max: int | None = None
+    looks: list[int] | None = None
+    alpha_spent: list[float] | None = None
     checkpoint: str | None = None
     model_dir: str | None = None
 
+    OPTIONAL = ("method", "radii", "n_max", "looks", "alpha_spent", "checkpoint", "model_dir")  # not a field
+
     def to_json(self) -> dict[str, Any]:
-        # Other weights are recorded only when given, so runs of the shipped weights keep their configuration.
-        return {k: v for k, v in _json(self).items() if v is not None or k not in ("checkpoint", "model_dir")}
+        # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.
+        return {k: v for k, v in _json(self).items() if v is not None or k not in self.OPTIONAL}
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,16 @@ class CertifySample:
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
+
+
+@dataclass(frozen=True)
+class SequentialCertifySample(CertifySample):
+    """A sequential certify run's line: CERTIFY's (count: ĉ among the draws used) plus the upper bound, the
+    estimation draws used and the largest certified grid radius (None when abstaining)."""
+
+    pA_upper: float
+    draws: int
+    largest_certified_radius: float | None
 
 
 @dataclass(frozen=True)
@@ -325,6 +345,35 @@ class RadiusPoint:
 
 
 @dataclass(frozen=True)
+class SequentialFigures:
+    """A sequential run's summary figures: grid, accuracy certified on it (from radius 0), draws per image."""
+
+    radii: list[float]
+    n_max: int
+    grid_certified_accuracy: list[RadiusPoint]
+    draws_per_image: dict[str, float]
+    method: str = "sequential"
+
+    KEYS: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "grid_certified_accuracy", "draws_per_image")
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: _plain(getattr(self, key)) for key in self.KEYS}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SequentialFigures:
+        _require(data, "sequential certify", cls.KEYS)
+        _check_count("n_max", data["n_max"])
+        points = _check_points(data, "grid_certified_accuracy", ("radius", "accuracy"))
+        for i, point in enumerate(points):
+            _check_fraction(f"grid_certified_accuracy[{i}].accuracy", point["accuracy"])
+        draws = data["draws_per_image"]
+        if not isinstance(draws, dict) or any(k not in draws for k in ("mean", "median", "max")):
+            raise _fail(f"draws_per_image must be an object with mean, median and max, got {draws!r}")
+        return cls([float(r) for r in data["radii"]], data["n_max"],
+                   [RadiusPoint(float(p["radius"]), float(p["accuracy"])) for p in points], dict(draws))
+
+
+@dataclass(frozen=True)
 class SmoothingSummary:
     """summary.json of a certify run (curve, ACR) or a predict run (accuracy); fields of the other kind are None."""
 
@@ -345,6 +394,9 @@ class SmoothingSummary:
     skip: int | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # run settings that do not change results (batch_size...)
+    # certify: base-classifier evaluations in all (n0 + n per image for CERTIFY; None in older summaries).
+    forward_passes: int | None = None
+    sequential: SequentialFigures | None = None  # the sequential method's figures
 
     REQUIRED: ClassVar[dict[str, tuple[str, ...]]] = {
         "certify": ("model", "dataset", "mode", "sigma", "n0", "n", "alpha", "n_images", "certified_accuracy", "acr",
@@ -360,7 +412,12 @@ class SmoothingSummary:
 
     def to_json(self) -> dict[str, Any]:
         """Exactly what summary.json holds, in the order the engine has always written it."""
-        return {**{key: _plain(getattr(self, key)) for key in self._ORDER[self.kind]}, **self.extra}
+        order = self._ORDER[self.kind]
+        cut = order.index("seconds") + 1
+        added = {**(self.sequential.to_json() if self.sequential is not None else {}),
+                 **({} if self.forward_passes is None else {"forward_passes": self.forward_passes})}
+        return {**{key: _plain(getattr(self, key)) for key in order[:cut]}, **added,
+                **{key: _plain(getattr(self, key)) for key in order[cut:]}, **self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SmoothingSummary:
@@ -379,12 +436,14 @@ class SmoothingSummary:
         _check_fraction("abstain_rate", data["abstain_rate"])
         if float(data["sigma"]) <= 0:
             raise _fail(f"sigma must be positive, got {data['sigma']!r}")
-        known = set(cls._ORDER[kind])
+        sequential = SequentialFigures.from_json(data) if data.get("method") == "sequential" else None
+        known = {*cls._ORDER[kind], "forward_passes", *(SequentialFigures.KEYS if sequential else ())}
         return cls(kind=kind, model=data["model"], dataset=data["dataset"], mode=data["mode"], sigma=data["sigma"],
                    n=data["n"], alpha=data["alpha"], n_images=data["n_images"], abstain_rate=data["abstain_rate"],
                    seconds=data.get("seconds"), n0=data.get("n0"), certified_accuracy=curve, acr=data.get("acr"),
                    accuracy=data.get("accuracy"), skip=data.get("skip"), seed=data.get("seed"),
-                   extra={k: v for k, v in data.items() if k not in known})
+                   extra={k: v for k, v in data.items() if k not in known},
+                   forward_passes=data.get("forward_passes"), sequential=sequential)
 
 
 @dataclass(frozen=True)

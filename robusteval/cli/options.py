@@ -79,3 +79,14 @@ def parse_eps_list(value: str | None) -> list[float] | None:
     if not eps:
         raise click.BadParameter("expected at least one eps", param_hint="--eps")
     return eps
+
+
+def parse_radii(value: str | None) -> list[float] | None:
+    """--radii: a comma-separated radius grid (None: the default grid)."""
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated radii such as 0.25,0.5, got {value!r}",
+                                 param_hint="--radii") from None

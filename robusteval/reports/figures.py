@@ -267,8 +267,8 @@ def _radius_grid(runs: Sequence[Run]) -> np.ndarray:
 
 def _certify_groups(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
     groups: dict[tuple[str, str], list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.model, str(r.summary["mode"]), float(r.summary["sigma"]))):
-        groups.setdefault((run.model, str(run.summary["mode"])), []).append(run)
+    for run in sorted(runs, key=lambda r: (r.model, r.smoothing_mode, float(r.summary["sigma"]))):
+        groups.setdefault((run.model, run.smoothing_mode), []).append(run)
     return groups
 
 
@@ -301,13 +301,13 @@ def certified_figure(runs: Sequence[Run], dataset: str, styles: dict[str, Style]
                 (line,) = ax.plot(radii, 100 * values, color=style.color,
                                   linestyle=sigma_styles[round(sigma, 9)],
                                   linewidth=1.2 if envelope else 1.6,
-                                  marker=style.marker if mode == "denoised" else None, markevery=40, markersize=4)
+                                  marker=style.marker if mode.startswith("denoised") else None, markevery=40, markersize=4)
                 line.set_gid(f"curve-{slug(f'{name}-{mode}-{format_number(sigma)}')}")
                 handles.append(line)
                 labels.append(f"{name} ({mode}), σ = {format_number(sigma)}")
         if envelope:
             (line,) = ax.plot(radii, 100 * np.max(curves, axis=0), color=style.color, linewidth=3.0, alpha=0.85,
-                              linestyle="-" if mode == "direct" else "--")
+                              linestyle="-" if mode.startswith("direct") else "--")
             line.set_gid(f"envelope-{slug(f'{name}-{mode}')}")
             handles.append(line)
             labels.append(f"{name} ({mode}), envelope over σ")
