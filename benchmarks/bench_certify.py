@@ -242,6 +242,25 @@ def compare_sequential(model: JointModel, x: Tensor, y: Tensor, sigma: float, ra
             "certify_forward_passes": cohen_passes, "draws_per_image": draws, "certified_accuracy": rows}
 
 
+def report_whole_call(name: str, sigma: float, args: dict, loop: Timing | None) -> dict:
+    """Time the whole call and print it beside the per-image loop's time."""
+    whole = whole_call(name, sigma, args)
+    versus = f", {loop.seconds / whole['seconds']:.2f}x the per-image loop" if loop else ""
+    click.echo(f"whole call (one certify call, auto compile -> compile={whole['compile']}, warm-up included, "
+               f"fresh process, empty compile caches): {whole['seconds']:.1f} s{versus}")
+    return whole
+
+
+def report_agreement(other: str, ours: list, theirs: list) -> dict:
+    """How often another certifier makes the same decision, and how far its radii are from ours."""
+    same = sum(a[0] == b[0] for a, b in zip(ours, theirs)) / len(ours)
+    gap = float(np.mean([abs(a[1] - b[1]) for a, b in zip(ours, theirs)]))
+    click.echo(f"vs {other}: same prediction/abstain on {same:.1%} of images, mean |radius difference| "
+               f"{gap:.4f} (Monte-Carlo noise), mean radius {np.mean([b[1] for b in theirs]):.4f} vs ours "
+               f"{np.mean([a[1] for a in ours]):.4f}")
+    return {"same_prediction": same, "mean_abs_radius_difference": gap}
+
+
 def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, sigma: float, args: dict) -> dict:
     device = model.device
     n0, n, alpha, batch = args["n0"], args["n"], args["alpha"], args["batch_size"]
@@ -283,25 +302,12 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
                    f"{t.samples_per_second:10.0f} samples/s  {t.samples_per_second / compiled:6.1%} of compiled "
                    f"forward  {'  '.join(ratios)}")
     click.echo(f"pure forward at batch {batch}: eager {eager:.0f} samples/s, compiled {compiled:.0f} samples/s")
-    whole = None
-    if args["whole_call"]:
-        whole = whole_call(name, sigma, args)
-        loop = reference.get("per-image loop")
-        versus = f", {loop.seconds / whole['seconds']:.2f}x the per-image loop" if loop else ""
-        click.echo(f"whole call (one certify call, auto compile -> compile={whole['compile']}, warm-up included, "
-                   f"fresh process, empty compile caches): {whole['seconds']:.1f} s{versus}")
+    whole = report_whole_call(name, sigma, args, reference.get("per-image loop")) if args["whole_call"] else None
     sequential = None
     if args["sequential_radii"]:
         sequential = compare_sequential(model, x, y, sigma, args["sequential_radii"], args, cohen_timing,
                                         cohen_result)
-    agreement = {}
-    for other, theirs in others.items():
-        same = sum(a[0] == b[0] for a, b in zip(ours, theirs)) / len(ours)
-        gap = float(np.mean([abs(a[1] - b[1]) for a, b in zip(ours, theirs)]))
-        agreement[other] = {"same_prediction": same, "mean_abs_radius_difference": gap}
-        click.echo(f"vs {other}: same prediction/abstain on {same:.1%} of images, mean |radius difference| "
-                   f"{gap:.4f} (Monte-Carlo noise), mean radius {np.mean([b[1] for b in theirs]):.4f} vs ours "
-                   f"{np.mean([a[1] for a in ours]):.4f}")
+    agreement = {other: report_agreement(other, ours, theirs) for other, theirs in others.items()}
     return {
         "model": label, "device": str(device), "threads": torch.get_num_threads(), "images": len(x),
         "n0": n0, "n": n, "alpha": alpha, "batch_size": batch, "compile": args["compile"],

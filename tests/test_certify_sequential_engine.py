@@ -193,3 +193,20 @@ def test_reports_keep_sequential_runs_apart_from_certify_runs(digits, tmp_path):
     figure = certified_figure(runs, "digits", model_styles(["linear-digits"]))
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert "linear-digits (direct, sequential), σ = 0.5" in labels and "linear-digits (direct), σ = 0.5" in labels
+
+
+def test_sequential_summary_is_a_typed_record(reference):
+    """The summary parses into its typed record and writes back unchanged; a broken one is refused."""
+    from robusteval.records import RecordFormatError, SequentialFigures, summary_from_json
+
+    record = summary_from_json(reference.summary)
+    assert isinstance(record.sequential, SequentialFigures) and record.sequential.n_max == 1500
+    assert record.forward_passes == reference.summary["forward_passes"]
+    assert "draws_per_image" not in record.extra and "forward_passes" not in record.extra
+    assert record.to_json() == reference.summary
+    broken = {**reference.summary, "draws_per_image": {"mean": 3.0}}
+    with pytest.raises(RecordFormatError, match="draws_per_image"):
+        summary_from_json(broken)
+    no_grid = {k: v for k, v in reference.summary.items() if k != "grid_certified_accuracy"}
+    with pytest.raises(RecordFormatError, match="grid_certified_accuracy"):
+        summary_from_json(no_grid)
