@@ -12,19 +12,35 @@ n = 10,000, α = 0.001 by default), in one process:
 - ART: `PyTorchRandomizedSmoothing.certify` of adversarial-robustness-toolbox.
 
 Models: `digits`, the 3-conv CNN of the `gaussian` baseline (shipped weights)
-on the digits test images; `resnet18`, torchvision's ResNet-18 with random
+on the digits test images; `cdn`, the shipped Classification–Denoising
+Network on the same images; `resnet18`, torchvision's ResNet-18 with random
 weights on random 3×32×32 images. Printed per model: images/s and noise
 samples/s of each method, their ratios, and the pure forward throughput of the
 model at the same batch size (eager, and compiled as the engine compiles), the ceiling of any
 certifier since CERTIFY costs n0 + n forward passes per image.
 
+Whole call (--whole-call, on by default): `robusteval.certify` timed as a
+user runs it, one call with the automatic compile decision and its warm-up
+included, in a fresh Python process with empty inductor caches (a first run),
+against the per-image loop on the same images.
+
+Sequential (--sequential-radii 0.25,0.5,0.75): the sequential method with
+n_max = n on the same images, against CERTIFY: forward passes in all, wall
+time, and certified accuracy at each grid radius with 95% Clopper–Pearson
+intervals for both.
+
     python benchmarks/bench_certify.py                   # the full benchmark
     python benchmarks/bench_certify.py --n-images 5 --resnet-images 1   # a quick check
+    python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --sequential-radii 0.25,0.5,0.75 --skip-art
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -140,7 +156,112 @@ def timed(method: str, run: Callable[[], object], images: int, samples: int, dev
     return Timing(method, images, time.perf_counter() - started, samples), out
 
 
-def bench_model(label: str, model: JointModel, x: Tensor, y: Tensor, sigma: float, args: dict) -> dict:
+def build_model(name: str, n_images: int, resnet_images: int, device: torch.device
+                ) -> tuple[str, JointModel, Tensor, Tensor]:
+    """The benchmark's model and images by name (the same in this process and in a whole-call child)."""
+    if name in ("digits", "cdn"):
+        registered = "gaussian" if name == "digits" else "cdn"
+        model = robusteval.create_model(registered, dataset="digits", device=device)
+        data = robusteval.load_dataset("digits")
+        label = "digits 3-conv CNN (gaussian)" if name == "digits" else "digits CDN (cdn)"
+        return label, model, data.x[:n_images], data.y[:n_images]
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        network = resnet18(num_classes=10).eval()
+        model = robusteval.wrap(network, 10, (3, 32, 32), name="resnet18-random").to(device)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand((resnet_images, 3, 32, 32), generator=generator)
+        y = torch.randint(0, 10, (resnet_images,), generator=generator)
+        return "ResNet-18 3x32x32 (random weights)", model, x, y
+    raise click.BadParameter(f"unknown model {name!r}; use digits, cdn and/or resnet18", param_hint="--models")
+
+
+def whole_call(name: str, sigma: float, args: dict) -> dict:
+    """One `robusteval.certify` call (auto compile) timed in a fresh process with empty inductor caches."""
+    child = {"name": name, "sigma": sigma, **{k: args[k] for k in (
+        "n_images", "resnet_images", "n0", "n", "alpha", "batch_size", "device", "threads")}}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, __file__, "--whole-call-child", json.dumps(child)], env=env,
+                             check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_whole_call_child(spec: dict) -> None:
+    if spec["threads"] is not None:
+        torch.set_num_threads(spec["threads"])
+    _, model, x, y = build_model(spec["name"], spec["n_images"], spec["resnet_images"],
+                                 resolve_device(spec["device"]))
+    synchronize(model.device)
+    started = time.perf_counter()
+    result = robusteval.certify(model, (x, y), sigma=spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
+                                batch_size=spec["batch_size"], compile=None, device=model.device)
+    synchronize(model.device)
+    click.echo(json.dumps({"seconds": time.perf_counter() - started, "compile": result.summary["compile"]}))
+
+
+def interval(fraction: float, total: int) -> tuple[float, float]:
+    """95% Clopper–Pearson interval of a fraction of `total` images."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(round(fraction * total), total, alpha=0.05, method="beta")
+    return float(low), float(high)
+
+
+def compare_sequential(model: JointModel, x: Tensor, y: Tensor, sigma: float, radii: list[float], args: dict,
+                       cohen: Timing, cohen_result) -> dict:
+    """Sequential certification with n_max = n against CERTIFY's run on the same images."""
+    device = model.device
+    n0, n = args["n0"], args["n"]
+    timing, result = timed("sequential", lambda: robusteval.certify(
+        model, (x, y), sigma=sigma, n0=n0, alpha=args["alpha"], batch_size=args["batch_size"],
+        compile=args["compile"], device=device, method="sequential", radii=radii, n_max=n), len(x), n0 + n, device)
+    summary = result.summary
+    cohen_passes = len(x) * (n0 + n)
+    draws = summary["draws_per_image"]
+    click.echo(f"sequential (n_max {n}, radii {radii}): {timing.seconds:.1f} s ({cohen.seconds / timing.seconds:.2f}x "
+               f"faster than CERTIFY), {summary['forward_passes']} forward passes against {cohen_passes} "
+               f"({cohen_passes / summary['forward_passes']:.2f}x fewer); estimation draws per image mean "
+               f"{draws['mean']:.0f}, median {draws['median']:.0f}, max {draws['max']}")
+    total = len(x)
+    rows = []
+    for point in summary["grid_certified_accuracy"]:
+        radius = point["radius"]
+        ours = point["accuracy"]
+        # As the summary's curve counts it: correct (so not abstaining) with a radius of at least r.
+        theirs = sum(bool(r["correct"]) and r["radius"] >= radius for r in cohen_result.records) / total
+        rows.append({"radius": radius, "sequential": ours, "sequential_95": interval(ours, total),
+                     "certify": theirs, "certify_95": interval(theirs, total)})
+        low, high = rows[-1]["sequential_95"]
+        c_low, c_high = rows[-1]["certify_95"]
+        click.echo(f"  r = {radius:g}: sequential {ours:.3f} [{low:.3f}, {high:.3f}], CERTIFY {theirs:.3f} "
+                   f"[{c_low:.3f}, {c_high:.3f}]")
+    return {"seconds": timing.seconds, "certify_seconds": cohen.seconds, "forward_passes": summary["forward_passes"],
+            "certify_forward_passes": cohen_passes, "draws_per_image": draws, "certified_accuracy": rows}
+
+
+def report_whole_call(name: str, sigma: float, args: dict, loop: Timing | None) -> dict:
+    """Time the whole call and print it beside the per-image loop's time."""
+    whole = whole_call(name, sigma, args)
+    versus = f", {loop.seconds / whole['seconds']:.2f}x the per-image loop" if loop else ""
+    click.echo(f"whole call (one certify call, auto compile -> compile={whole['compile']}, warm-up included, "
+               f"fresh process, empty compile caches): {whole['seconds']:.1f} s{versus}")
+    return whole
+
+
+def report_agreement(other: str, ours: list, theirs: list) -> dict:
+    """How often another certifier makes the same decision, and how far its radii are from ours."""
+    same = sum(a[0] == b[0] for a, b in zip(ours, theirs)) / len(ours)
+    gap = float(np.mean([abs(a[1] - b[1]) for a, b in zip(ours, theirs)]))
+    click.echo(f"vs {other}: same prediction/abstain on {same:.1%} of images, mean |radius difference| "
+               f"{gap:.4f} (Monte-Carlo noise), mean radius {np.mean([b[1] for b in theirs]):.4f} vs ours "
+               f"{np.mean([a[1] for a in ours]):.4f}")
+    return {"same_prediction": same, "mean_abs_radius_difference": gap}
+
+
+def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, sigma: float, args: dict) -> dict:
     device = model.device
     n0, n, alpha, batch = args["n0"], args["n"], args["alpha"], args["batch_size"]
     samples = n0 + n
@@ -156,6 +277,7 @@ def bench_model(label: str, model: JointModel, x: Tensor, y: Tensor, sigma: floa
     timings = []
     timing, result = timed("robusteval", lambda: engine(x, y), len(x), samples, device)
     timings.append(timing)
+    cohen_timing, cohen_result = timing, result
     ours = [(r["prediction"], r["radius"]) for r in result.records]
     others = {}
     if not args["skip_loop"]:
@@ -180,14 +302,12 @@ def bench_model(label: str, model: JointModel, x: Tensor, y: Tensor, sigma: floa
                    f"{t.samples_per_second:10.0f} samples/s  {t.samples_per_second / compiled:6.1%} of compiled "
                    f"forward  {'  '.join(ratios)}")
     click.echo(f"pure forward at batch {batch}: eager {eager:.0f} samples/s, compiled {compiled:.0f} samples/s")
-    agreement = {}
-    for name, theirs in others.items():
-        same = sum(a[0] == b[0] for a, b in zip(ours, theirs)) / len(ours)
-        gap = float(np.mean([abs(a[1] - b[1]) for a, b in zip(ours, theirs)]))
-        agreement[name] = {"same_prediction": same, "mean_abs_radius_difference": gap}
-        click.echo(f"vs {name}: same prediction/abstain on {same:.1%} of images, mean |radius difference| "
-                   f"{gap:.4f} (Monte-Carlo noise), mean radius {np.mean([b[1] for b in theirs]):.4f} vs ours "
-                   f"{np.mean([a[1] for a in ours]):.4f}")
+    whole = report_whole_call(name, sigma, args, reference.get("per-image loop")) if args["whole_call"] else None
+    sequential = None
+    if args["sequential_radii"]:
+        sequential = compare_sequential(model, x, y, sigma, args["sequential_radii"], args, cohen_timing,
+                                        cohen_result)
+    agreement = {other: report_agreement(other, ours, theirs) for other, theirs in others.items()}
     return {
         "model": label, "device": str(device), "threads": torch.get_num_threads(), "images": len(x),
         "n0": n0, "n": n, "alpha": alpha, "batch_size": batch, "compile": args["compile"],
@@ -196,11 +316,14 @@ def bench_model(label: str, model: JointModel, x: Tensor, y: Tensor, sigma: floa
                      "samples_per_second": t.samples_per_second} for t in timings],
         "forward_samples_per_second": {"eager": eager, "compiled": compiled},
         "agreement": agreement,
+        "whole_call": whole,
+        "sequential": sequential,
     }
 
 
 @click.command()
-@click.option("--models", default="digits,resnet18", show_default=True, help="Comma-separated: digits, resnet18.")
+@click.option("--models", default="digits,resnet18", show_default=True,
+              help="Comma-separated: digits, cdn, resnet18.")
 @click.option("--n-images", type=int, default=100, show_default=True, help="Digits test images.")
 @click.option("--resnet-images", type=int, default=4, show_default=True, help="Random 3×32×32 images for ResNet-18.")
 @click.option("--n0", type=int, default=100, show_default=True)
@@ -216,34 +339,31 @@ def bench_model(label: str, model: JointModel, x: Tensor, y: Tensor, sigma: floa
 @click.option("--skip-loop", is_flag=True, help="Leave out the per-image loop.")
 @click.option("--skip-art", is_flag=True, help="Leave out ART.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
+@click.option("--whole-call/--no-whole-call", default=True, show_default=True,
+              help="Also time one certify call as a user runs it (auto compile, warm-up included, fresh process).")
+@click.option("--sequential-radii", default=None,
+              help="Also run the sequential method with n_max = n on this radius grid (e.g. 0.25,0.5,0.75).")
+@click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
-         skip_art: bool, json_out: str | None) -> None:
+         skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
+         whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
+    if whole_call_child is not None:
+        run_whole_call_child(json.loads(whole_call_child))
+        return
     if threads is not None:
         torch.set_num_threads(threads)
     target = resolve_device(device)
+    radii = [float(r) for r in sequential_radii.split(",") if r.strip()] if sequential_radii else []
     args = {"n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "loop_batch": loop_batch,
-            "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art}
+            "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
+            "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
+            "threads": threads}
     results = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
-        if name == "digits":
-            model = robusteval.create_model("gaussian", dataset="digits", device=target)
-            data = robusteval.load_dataset("digits")
-            x, y = data.x[:n_images], data.y[:n_images]
-            results.append(bench_model("digits 3-conv CNN (gaussian)", model, x, y, sigma, args))
-        elif name == "resnet18":
-            from torchvision.models import resnet18
-
-            torch.manual_seed(0)
-            network = resnet18(num_classes=10).eval()
-            model = robusteval.wrap(network, 10, (3, 32, 32), name="resnet18-random").to(target)
-            generator = torch.Generator().manual_seed(0)
-            x = torch.rand((resnet_images, 3, 32, 32), generator=generator)
-            y = torch.randint(0, 10, (resnet_images,), generator=generator)
-            results.append(bench_model("ResNet-18 3x32x32 (random weights)", model, x, y, sigma, args))
-        else:
-            raise click.BadParameter(f"unknown model {name!r}; use digits and/or resnet18", param_hint="--models")
+        label, model, x, y = build_model(name, n_images, resnet_images, target)
+        results.append(bench_model(name, label, model, x, y, sigma, args))
     if json_out:
         with open(json_out, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -11,14 +11,16 @@ so older run directories and the committed reports load unchanged:
   large_eps, notes (the last eight are optional when reading).
 - ``certify`` (`robusteval certify`): model, dataset, mode, sigma, n0, n,
   alpha, n_images, certified_accuracy [{radius, accuracy}], acr,
-  abstain_rate, seconds, skip, seed (+ batch_size, compile).
+  abstain_rate, seconds, forward_passes, skip, seed (+ batch_size, compile);
+  the sequential method adds method, radii, n_max, grid_certified_accuracy
+  and draws_per_image {mean, median, max} (its n is n_max).
 - ``predict`` (`robusteval predict`): as certify without n0 and the curve,
   with accuracy.
 - ``denoise`` (`robusteval.denoising`): model, dataset, n_images, seed,
   psnr [{sigma, psnr, psnr_noisy}], seconds.
 
 This module sits on the bottom layer: it imports nothing of robusteval but
-the error type and the vocabulary.
+its checks (`record_checks`, with the error type) and the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from robusteval.errors import UsageError
+from robusteval.record_checks import (  # noqa: F401 (RecordFormatError: part of this module's interface)
+    RecordFormatError,
+    check_count,
+    check_fraction,
+    check_points,
+    fail,
+    require,
+)
 from robusteval.vocabulary import NORMS, RUN_KINDS
-
-
-class RecordFormatError(UsageError):
-    """A record (usually a summary.json) that breaks its kind's contract."""
 
 
 def _json(record: Any) -> dict[str, Any]:
@@ -105,15 +110,24 @@ class SmoothingConfig:
     seed: int
     device_type: str
     noise: str
+    # The sequential method only (n is then its budget n_max): its grid and the design fixed before any draw.
+    method: str | None = None
+    radii: list[float] | None = None
+    n_max: int | None = None
+    looks: list[int] | None = None
+    alpha_spent: list[float] | None = None
     checkpoint: str | None = None
     model_dir: str | None = None
     vae: str | None = None
     model_config: str | None = None
 
+    # Not a field: what is written only when given (the sequential method's design, other weights).
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "alpha_spent", "checkpoint",
+                                           "model_dir", *_COMPANIONS)
+
     def to_json(self) -> dict[str, Any]:
-        # Other weights are recorded only when given, so runs of the shipped weights keep their configuration.
-        return {k: v for k, v in _json(self).items()
-                if v is not None or k not in ("checkpoint", "model_dir", *_COMPANIONS)}
+        # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.
+        return {k: v for k, v in _json(self).items() if v is not None or k not in self.OPTIONAL}
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,16 @@ class CertifySample:
 
 
 @dataclass(frozen=True)
+class SequentialCertifySample(CertifySample):
+    """A sequential certify run's line: CERTIFY's (count: ĉ among the draws used) plus the upper bound, the
+    estimation draws used and the largest certified grid radius (None when abstaining)."""
+
+    pA_upper: float
+    draws: int
+    largest_certified_radius: float | None
+
+
+@dataclass(frozen=True)
 class PredictSample:
     """One line of a predict run's samples.jsonl."""
 
@@ -215,38 +239,6 @@ class DenoiseSample:
 
 
 # --- summaries -------------------------------------------------------------------------------------------
-def _fail(message: str) -> RecordFormatError:
-    return RecordFormatError(message)
-
-
-def _check_fraction(where: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise _fail(f"{where} must be a fraction in [0, 1], got {value!r}")
-
-
-def _check_count(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise _fail(f"{key} must be a positive integer, got {value!r}")
-
-
-def _check_points(data: dict[str, Any], list_key: str, point_keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    points = data[list_key]
-    if not isinstance(points, list) or not points:
-        raise _fail(f"{list_key} must be a non-empty list")
-    for i, point in enumerate(points):
-        if not isinstance(point, dict) or any(k not in point for k in point_keys):
-            raise _fail(f"{list_key}[{i}] must be an object with {', '.join(point_keys)}")
-        if any(not isinstance(point[k], (int, float)) or isinstance(point[k], bool) for k in point_keys):
-            raise _fail(f"{list_key}[{i}] has a non-numeric value: {point}")
-    return points
-
-
-def _require(data: dict[str, Any], kind: str, keys: tuple[str, ...]) -> None:
-    missing = [key for key in keys if key not in data]
-    if missing:
-        raise _fail(f"summary.json of a {kind} run lacks {', '.join(missing)}")
-
-
 @dataclass
 class CurvePoint:
     """Robust accuracy at one ε, with its 95% Clopper–Pearson interval and who broke the points."""
@@ -305,20 +297,20 @@ class AttackSummary:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AttackSummary:
-        _require(data, "attack", cls.REQUIRED)
-        points = _check_points(data, "curve", ("eps", "robust_accuracy", "ci_low", "ci_high"))
-        _check_count("n", data["n"])
+        require(data, "attack", cls.REQUIRED)
+        points = check_points(data, "curve", ("eps", "robust_accuracy", "ci_low", "ci_high"))
+        check_count("n", data["n"])
         if data["norm"] not in NORMS:
-            raise _fail(f"norm must be one of {', '.join(NORMS)}, got {data['norm']!r}")
-        _check_fraction("clean_accuracy", data["clean_accuracy"])
+            raise fail(f"norm must be one of {', '.join(NORMS)}, got {data['norm']!r}")
+        check_fraction("clean_accuracy", data["clean_accuracy"])
         for i, point in enumerate(points):
             for key in ("robust_accuracy", "ci_low", "ci_high"):
-                _check_fraction(f"curve[{i}].{key}", point[key])
+                check_fraction(f"curve[{i}].{key}", point[key])
             if not point["ci_low"] - 1e-9 <= point["robust_accuracy"] <= point["ci_high"] + 1e-9:
-                raise _fail(f"curve[{i}]: robust accuracy {point['robust_accuracy']} lies outside its "
+                raise fail(f"curve[{i}]: robust accuracy {point['robust_accuracy']} lies outside its "
                             f"interval [{point['ci_low']}, {point['ci_high']}]")
         if not isinstance(data["flags"], list) or not all(isinstance(flag, str) for flag in data["flags"]):
-            raise _fail(f"flags must be a list of strings, got {data['flags']!r}")
+            raise fail(f"flags must be a list of strings, got {data['flags']!r}")
         names = {f.name for f in dataclasses.fields(AttackSummary)} - {"curve"}
         fields = {k: v for k, v in data.items() if k in names}
         fields["checks"] = list(fields.get("checks") or [])
@@ -333,6 +325,35 @@ class RadiusPoint:
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
+
+
+@dataclass(frozen=True)
+class SequentialFigures:
+    """A sequential run's summary figures: grid, accuracy certified on it (from radius 0), draws per image."""
+
+    radii: list[float]
+    n_max: int
+    grid_certified_accuracy: list[RadiusPoint]
+    draws_per_image: dict[str, float]
+    method: str = "sequential"
+
+    KEYS: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "grid_certified_accuracy", "draws_per_image")
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: _plain(getattr(self, key)) for key in self.KEYS}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SequentialFigures:
+        require(data, "sequential certify", cls.KEYS)
+        check_count("n_max", data["n_max"])
+        points = check_points(data, "grid_certified_accuracy", ("radius", "accuracy"))
+        for i, point in enumerate(points):
+            check_fraction(f"grid_certified_accuracy[{i}].accuracy", point["accuracy"])
+        draws = data["draws_per_image"]
+        if not isinstance(draws, dict) or any(k not in draws for k in ("mean", "median", "max")):
+            raise fail(f"draws_per_image must be an object with mean, median and max, got {draws!r}")
+        return cls([float(r) for r in data["radii"]], data["n_max"],
+                   [RadiusPoint(float(p["radius"]), float(p["accuracy"])) for p in points], dict(draws))
 
 
 @dataclass(frozen=True)
@@ -356,6 +377,9 @@ class SmoothingSummary:
     skip: int | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # run settings that do not change results (batch_size...)
+    # certify: base-classifier evaluations in all (n0 + n per image for CERTIFY; None in older summaries).
+    forward_passes: int | None = None
+    sequential: SequentialFigures | None = None  # the sequential method's figures
 
     REQUIRED: ClassVar[dict[str, tuple[str, ...]]] = {
         "certify": ("model", "dataset", "mode", "sigma", "n0", "n", "alpha", "n_images", "certified_accuracy", "acr",
@@ -371,31 +395,38 @@ class SmoothingSummary:
 
     def to_json(self) -> dict[str, Any]:
         """Exactly what summary.json holds, in the order the engine has always written it."""
-        return {**{key: _plain(getattr(self, key)) for key in self._ORDER[self.kind]}, **self.extra}
+        order = self._ORDER[self.kind]
+        cut = order.index("seconds") + 1
+        added = {**(self.sequential.to_json() if self.sequential is not None else {}),
+                 **({} if self.forward_passes is None else {"forward_passes": self.forward_passes})}
+        return {**{key: _plain(getattr(self, key)) for key in order[:cut]}, **added,
+                **{key: _plain(getattr(self, key)) for key in order[cut:]}, **self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SmoothingSummary:
         kind = data.get("kind")
         if kind not in cls.REQUIRED:
-            raise _fail(f"summary.json has kind {kind!r}; expected certify or predict")
-        _require(data, kind, cls.REQUIRED[kind])
+            raise fail(f"summary.json has kind {kind!r}; expected certify or predict")
+        require(data, kind, cls.REQUIRED[kind])
         for key in ("n0", "n", "n_images") if kind == "certify" else ("n", "n_images"):
-            _check_count(key, data[key])
+            check_count(key, data[key])
         curve = None
         if kind == "certify":
-            points = _check_points(data, "certified_accuracy", ("radius", "accuracy"))
+            points = check_points(data, "certified_accuracy", ("radius", "accuracy"))
             for i, point in enumerate(points):
-                _check_fraction(f"certified_accuracy[{i}].accuracy", point["accuracy"])
+                check_fraction(f"certified_accuracy[{i}].accuracy", point["accuracy"])
             curve = [RadiusPoint(float(p["radius"]), float(p["accuracy"])) for p in points]
-        _check_fraction("abstain_rate", data["abstain_rate"])
+        check_fraction("abstain_rate", data["abstain_rate"])
         if float(data["sigma"]) <= 0:
-            raise _fail(f"sigma must be positive, got {data['sigma']!r}")
-        known = set(cls._ORDER[kind])
+            raise fail(f"sigma must be positive, got {data['sigma']!r}")
+        sequential = SequentialFigures.from_json(data) if data.get("method") == "sequential" else None
+        known = {*cls._ORDER[kind], "forward_passes", *(SequentialFigures.KEYS if sequential else ())}
         return cls(kind=kind, model=data["model"], dataset=data["dataset"], mode=data["mode"], sigma=data["sigma"],
                    n=data["n"], alpha=data["alpha"], n_images=data["n_images"], abstain_rate=data["abstain_rate"],
                    seconds=data.get("seconds"), n0=data.get("n0"), certified_accuracy=curve, acr=data.get("acr"),
                    accuracy=data.get("accuracy"), skip=data.get("skip"), seed=data.get("seed"),
-                   extra={k: v for k, v in data.items() if k not in known})
+                   extra={k: v for k, v in data.items() if k not in known},
+                   forward_passes=data.get("forward_passes"), sequential=sequential)
 
 
 @dataclass(frozen=True)
@@ -426,9 +457,9 @@ class DenoiseSummary:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DenoiseSummary:
-        _require(data, "denoise", ("model", "dataset", "n_images", "psnr"))
-        points = _check_points(data, "psnr", ("sigma", "psnr", "psnr_noisy"))
-        _check_count("n_images", data["n_images"])
+        require(data, "denoise", ("model", "dataset", "n_images", "psnr"))
+        points = check_points(data, "psnr", ("sigma", "psnr", "psnr_noisy"))
+        check_count("n_images", data["n_images"])
         return cls(data["model"], data["dataset"], data["n_images"],
                    [PsnrPoint(float(p["sigma"]), float(p["psnr"]), float(p["psnr_noisy"])) for p in points],
                    seed=data.get("seed"), seconds=data.get("seconds"))
@@ -440,10 +471,10 @@ Summary = AttackSummary | SmoothingSummary | DenoiseSummary
 def summary_from_json(data: Any, kinds: tuple[str, ...] = RUN_KINDS) -> Summary:
     """Parse and validate a summary.json of one of `kinds`; RecordFormatError says what breaks the contract."""
     if not isinstance(data, dict):
-        raise _fail(f"summary.json must hold a JSON object, got {type(data).__name__}")
+        raise fail(f"summary.json must hold a JSON object, got {type(data).__name__}")
     kind = data.get("kind")
     if kind not in kinds:
-        raise _fail(f"summary.json has kind {kind!r}; expected one of {', '.join(kinds)}")
+        raise fail(f"summary.json has kind {kind!r}; expected one of {', '.join(kinds)}")
     if kind == "attack":
         return AttackSummary.from_json(data)
     if kind == "denoise":

@@ -23,6 +23,9 @@ GRADIENTS = ("full", "bpda", "auto")
 # Randomized smoothing: which base classifier is smoothed, and which of Cohen et al.'s algorithms runs.
 SMOOTHING_MODES = ("direct", "denoised")
 SMOOTHING_KINDS = ("certify", "predict")
+# Certification methods: cohen (CERTIFY with n estimation draws), sequential (draws until every radius of a
+# grid is decided, at most n_max; robusteval.smoothing.sequential).
+CERTIFY_METHODS = ("cohen", "sequential")
 # The kinds of run directories (summary.json "kind").
 RUN_KINDS = ("attack", "certify", "predict", "denoise")
 # Formats of `robusteval report`.

@@ -60,3 +60,29 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert bad_sigma.exit_code == 2 and "sigma must be" in bad_sigma.stderr
     unknown = runner.invoke(main, ["certify", *SMALL, "--model", "gausian", "--out", str(tmp_path / "z")])
     assert unknown.exit_code == 2 and "Did you mean: gaussian" in unknown.stderr
+
+
+def test_certify_sequential_method(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "seq"
+    args = ["certify", *SMALL, "--n0", "20", "--method", "sequential", "--radii", "0.25,0.5", "--n-max", "600",
+            "--out", str(out)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "draws per image: mean" in result.stdout and "(n_max 600)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "sequential" and summary["radii"] == [0.25, 0.5] and summary["n_max"] == 600
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(20 <= r["draws"] <= 600 for r in records)
+    assert summary["forward_passes"] == sum(r["draws"] for r in records) + 4 * 20
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "sequential" and config["looks"][-1] == 600
+    # CERTIFY's run configurations do not mention the method, so their run directories are unchanged.
+    cohen = runner.invoke(main, ["certify", *SMALL, "--n0", "20", "--n", "100", "--out", str(tmp_path / "c")])
+    assert cohen.exit_code == 0, cohen.output
+    assert "method" not in json.loads((tmp_path / "c" / "config.json").read_text())
+    mixed = runner.invoke(main, ["certify", *SMALL, "--n", "100", "--n-max", "600", "--out", str(tmp_path / "m")])
+    assert mixed.exit_code == 2 and "sequential" in mixed.stderr
+    bad = runner.invoke(main, ["certify", *SMALL, "--method", "sequential", "--radii", "0.25,x",
+                               "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--radii: expected comma-separated numbers" in bad.output

@@ -170,35 +170,67 @@ def test_clear_errors(digits):
         certify_linear((digits.x[:4], digits.y[:4] + 10), n_images=4)
 
 
-def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
+def test_auto_compile_decides_from_timed_eager_passes():
     from robusteval.smoothing import sampler
 
-    def eager(noisy):
+    threshold = sampler.COMPILE_PAYOFF_FACTOR * sampler.COMPILE_WARMUP_SECONDS
+    timed = sampler.TIMED_EAGER_PASSES
+    now = [0.0]
+    x = torch.zeros(4, 1, 2, 2)
+
+    def runner_with(eager_seconds: list[float], compiled_seconds: float, warmup_seconds: float = 20.0):
+        """A runner on a fake clock: eager pass k takes eager_seconds[k] (the last value repeats)."""
+        built, eager_calls = [], []
+
+        def eager(noisy):
+            now[0] += eager_seconds[min(len(eager_calls), len(eager_seconds) - 1)]
+            eager_calls.append(1)
+            return torch.zeros(noisy.shape[0], dtype=torch.long)
+
+        def make_compiled():
+            built.append(True)
+            calls = []
+
+            def compiled(noisy):
+                now[0] += compiled_seconds + (warmup_seconds if not calls else 0.0)
+                calls.append(1)
+                return torch.ones(noisy.shape[0], dtype=torch.long)
+
+            return compiled
+
+        return sampler.BaseClassifierRunner(eager, make_compiled, None, clock=lambda: now[0]), built
+
+    # Eager time still to come well above the threshold: a warm-up and `timed` timed passes, then compiled.
+    passes_left = int(2 * threshold / 0.1)
+    runner, built = runner_with([5.0, 0.1], 0.05)  # the slow first (warm-up) pass is not counted
+    outputs = [int(runner(x, passes_left)[0]) for _ in range(timed + 6)]
+    assert outputs == [0] * (timed + 1) + [1] * 5 and runner.compiled and built == [True]
+    assert runner.timing["eager_pass_seconds"] == pytest.approx(0.1)
+    assert runner.timing["projected_eager_seconds"] == pytest.approx(0.1 * passes_left)
+    assert runner.timing["compile_warmup_seconds"] == pytest.approx(20.05)
+    assert runner.timing["compiled_pass_seconds"] == pytest.approx(0.05)
+    # Below the threshold it stays eager and never builds the compiled classifier ...
+    runner, built = runner_with([0.1], 0.05)
+    assert [int(runner(x, int(0.5 * threshold / 0.1))[0]) for _ in range(timed + 6)] == [0] * (timed + 6)
+    assert not built and not runner.compiled
+    # ... even when one timed pass is slow: the median decides, not a single pass.
+    runner, built = runner_with([0.1, 0.1, 50.0, 0.1], 0.05)
+    assert [int(runner(x, int(0.5 * threshold / 0.1))[0]) for _ in range(timed + 3)] == [0] * (timed + 3)
+    assert not built and runner.timing["eager_pass_seconds"] == pytest.approx(0.1)
+    # A compiled classifier that is no faster than eager is dropped once timed.
+    runner, built = runner_with([0.1], 0.2)
+    outputs = [int(runner(x, passes_left)[0]) for _ in range(2 * timed + 4)]
+    assert outputs == [0] * (timed + 1) + [1] * (timed + 1) + [0] * 2 and not runner.compiled and built == [True]
+
+    # Explicit choices are obeyed from the first pass.
+    def zeros(noisy):
         return torch.zeros(noisy.shape[0], dtype=torch.long)
 
-    def compiled(noisy):
+    def ones(noisy):
         return torch.ones(noisy.shape[0], dtype=torch.long)
 
-    built = []
-
-    def make_compiled():
-        built.append(True)
-        return compiled
-
-    x = torch.zeros(4, 1, 2, 2)
-    # A long run left: the second (timed) eager pass decides to compile, the third pass runs compiled.
-    monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", 0.0)
-    runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
-    outputs = [int(runner(x, passes_left=10)[0]) for _ in range(3)]
-    assert outputs == [0, 0, 1] and runner.compiled and built == [True]
-    # A short run left: it stays eager and never builds the compiled classifier.
-    monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", float("inf"))
-    built.clear()
-    runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
-    assert [int(runner(x, passes_left=10)[0]) for _ in range(3)] == [0, 0, 0] and not built
-    # Explicit choices are obeyed from the first pass.
-    assert int(sampler.BaseClassifierRunner(eager, make_compiled, True)(x, 0)[0]) == 1
-    assert int(sampler.BaseClassifierRunner(eager, make_compiled, False)(x, 10**6)[0]) == 0
+    assert int(sampler.BaseClassifierRunner(zeros, lambda: ones, True)(x, 0)[0]) == 1
+    assert int(sampler.BaseClassifierRunner(zeros, lambda: ones, False)(x, 10**6)[0]) == 0
 
 
 def test_compiled_base_classifier_counts_like_the_eager_one(digits):

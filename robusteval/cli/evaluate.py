@@ -24,7 +24,7 @@ from robusteval.cli.options import (
     parse_numbers,
     split_job_options,
 )
-from robusteval.vocabulary import DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
+from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
 
 
 @main.command("run")
@@ -129,12 +129,17 @@ def _smoothing_options(function):
     return function
 
 
-def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int, n0: int,
+def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int | None, n0: int,
                            seed: int, out: Path | None, resume: bool, quiet: bool, as_json: bool, wait: bool,
+                           method: str = "cohen", radii: list[float] | None = None, n_max: int | None = None,
                            **params: object) -> None:
-    from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
+    from robusteval.smoothing.engine import SmoothingSettings, certify_settings, prepare_smoothing
 
-    settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
+    if kind == "certify":
+        settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
+                                    radii=radii, n_max=n_max)
+    else:
+        settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
     job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
     with job.opened_run(out or job.default_run_dir(), resume, wait=wait, on_wait=echo_err) as run_dir:
@@ -151,6 +156,10 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
                    f"{curve}")
         click.echo(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
                    f"{summary['seconds']:.1f} s")
+        if summary.get("method") == "sequential":
+            draws = summary["draws_per_image"]
+            click.echo(f"draws per image: mean {draws['mean']:.0f}, median {draws['median']:.0f}, max {draws['max']} "
+                       f"(n_max {summary['n_max']}); {summary['forward_passes']} forward passes in all")
     else:
         click.echo(f"smoothed accuracy {summary['accuracy']:.3f}, abstain rate {summary['abstain_rate']:.3f} "
                    f"({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}), "
@@ -160,9 +169,17 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
 @main.command("certify")
 @_smoothing_options
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (pick the class).")
-@click.option("--n", type=int, default=10_000, show_default=True, help="Estimation draws per image (bound its probability).")
+@click.option("--n", type=int, default=None,
+              help="Estimation draws per image (bound its probability); method cohen, default 10,000.")
+@click.option("--method", type=click.Choice(CERTIFY_METHODS), default=CERTIFY_METHODS[0], show_default=True,
+              help="cohen: CERTIFY with n draws; sequential: draw until every --radii radius is decided (<= --n-max).")
+@click.option("--radii", callback=lambda _c, _p, value: parse_numbers(value, "--radii", "0.25,0.5"), default=None, metavar="R1,R2,...",
+              help="Sequential method: the radius grid, comma-separated (default 0.25,0.5,0.75,1.0).")
+@click.option("--n-max", type=int, default=None,
+              help="Sequential method: at most this many estimation draws per image (default 100,000).")
 def certify_command(**params: object) -> None:
-    """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY); writes a run directory."""
+    """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY, or sequential on a radius grid);
+    writes a run directory."""
     _run_smoothing_command("certify", **params)
 
 

@@ -140,6 +140,10 @@ def entry_from_run(run: Run) -> Entry | None:
                     "sigma": float(summary["sigma"])}
         config = {"n_images": n_images, "n0": int(summary["n0"]), "n": int(summary["n"]),
                   "alpha": float(summary["alpha"])}
+        if summary.get("method") == "sequential":
+            # Another evaluation than CERTIFY's (its n is the budget n_max): its own entry, gated on its own.
+            identity["method"] = "sequential"
+            config["radii"] = list(summary["radii"])
         figures = {
             f"certified_accuracy@r={format_number(float(p['radius']))}": _count(p["accuracy"], n_images, where)
             for p in sorted(summary["certified_accuracy"], key=lambda p: float(p["radius"]))

@@ -401,16 +401,28 @@ def _certified_axes(ax, radii: np.ndarray) -> None:
 
 
 _RADIUS_LABEL = "certified L2 radius (pixel values in [0, 1])"
-_MODE_LABELS = {"direct": "solid: direct", "denoised": "dashed: denoised"}
+_MODE_LABELS = {"direct": "solid: direct", "denoised": "dashed: denoised",
+                "direct, sequential": "dash-dot: direct, sequential",
+                "denoised, sequential": "dash-dot-dot: denoised, sequential"}
+# The sequential method's curves (mode "direct, sequential" ...) are another evaluation than CERTIFY's at the
+# same mode: a variant of the base mode's style, so a model certified both ways shows two distinct lines.
+_SEQUENTIAL_LINESTYLES = {"direct": "-.", "denoised": (0, (3, 1, 1, 1, 1, 1))}
 
 
-def _mode_order(mode: str) -> tuple[int, str]:
-    return (list(MODE_LINESTYLES).index(mode) if mode in MODE_LINESTYLES else len(MODE_LINESTYLES), mode)
+def _mode_linestyle(mode: str) -> object:
+    """The line style of a certify group's mode (`Run.smoothing_mode`: the base mode, ", sequential" or not)."""
+    base, _, method = mode.partition(", ")
+    return (_SEQUENTIAL_LINESTYLES if method else MODE_LINESTYLES).get(base, "-.")
+
+
+def _mode_order(mode: str) -> tuple[int, str, str]:
+    base, _, method = mode.partition(", ")
+    return (list(MODE_LINESTYLES).index(base) if base in MODE_LINESTYLES else len(MODE_LINESTYLES), method, mode)
 
 
 def _mode_handles(modes: set[str]) -> list[Line2D]:
     order = sorted(modes, key=_mode_order)
-    return [Line2D([], [], color=REFERENCE_GREY, linestyle=MODE_LINESTYLES.get(mode, "-."), linewidth=1.6,
+    return [Line2D([], [], color=REFERENCE_GREY, linestyle=_mode_linestyle(mode), linewidth=1.6,
                    label=_MODE_LABELS.get(mode, mode)) for mode in order]
 
 
@@ -433,7 +445,7 @@ def _certified_line(ax, radii, values, identity: Identity, mode: str, gid: str, 
     radii, values = _until_zero(radii, values)
     (line,) = ax.plot(radii, 100 * values, color=identity.color, marker=identity.marker,
                       markevery=_markevery(identity, len(radii)), markersize=5,
-                      linestyle=linestyle or MODE_LINESTYLES.get(mode, "-."), linewidth=linewidth, zorder=3,
+                      linestyle=linestyle or _mode_linestyle(mode), linewidth=linewidth, zorder=3,
                       label=label)
     line.set_gid(gid)
     return line
@@ -441,8 +453,8 @@ def _certified_line(ax, radii, values, identity: Identity, mode: str, gid: str, 
 
 def _certify_groups(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
     groups: dict[tuple[str, str], list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.model, _mode_order(str(r.summary["mode"])), float(r.summary["sigma"]))):
-        groups.setdefault((run.model, str(run.summary["mode"])), []).append(run)
+    for run in sorted(runs, key=lambda r: (r.model, _mode_order(r.smoothing_mode), float(r.summary["sigma"]))):
+        groups.setdefault((run.model, run.smoothing_mode), []).append(run)
     return groups
 
 
@@ -464,13 +476,13 @@ def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Id
     radii = _radius_grid(relevant)
     sigmas = sorted({round(float(r.summary["sigma"]), 9) for r in relevant})
     models = sorted({r.model for r in relevant})
-    modes = {str(r.summary["mode"]) for r in relevant}
+    modes = {r.smoothing_mode for r in relevant}
     single = len(models) == 1 and len(modes) == 1 and len(sigmas) == 1
     fig, axes = _panels(len(sigmas), legend=not single)
     for ax, sigma in zip(axes, sigmas):
         mine = [r for r in relevant if same_number(r.summary["sigma"], sigma)]
-        for run in sorted(mine, key=lambda r: (r.model, str(r.summary["mode"]))):
-            mode = str(run.summary["mode"])
+        for run in sorted(mine, key=lambda r: (r.model, _mode_order(r.smoothing_mode))):
+            mode = run.smoothing_mode
             _certified_line(ax, radii, certified_curve(run, radii), identities[run.model], mode,
                             f"curve-{slug(f'{run.model}-{mode}-{format_number(sigma)}')}", run.model, 1.5)
         _mark_caps(ax, [_cap(r) for r in mine], label_sigma=False, direct=single)
@@ -557,7 +569,7 @@ def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identi
                               label=_cap_label([_cap(r) for r in relevant])))
     only = ""
     if len(groups) == 1:
-        only = f" ({relevant[0].summary['mode']}" + (f", σ = {format_number(sigmas[0])})" if single else ")")
+        only = f" ({relevant[0].smoothing_mode}" + (f", σ = {format_number(sigmas[0])})" if single else ")")
     _finish(fig, axes, f"{model}{only}: certified accuracy vs radius, {dataset} ({_images(relevant)} images)",
             _RADIUS_LABEL, "certified accuracy (%)", handles, [h.get_label() for h in handles])
     return fig

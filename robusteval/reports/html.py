@@ -116,8 +116,11 @@ def _what(run: Run) -> str:
         return (f"attack: {run.attack_label}, {NORM_SYMBOL[summary['norm']]}, defense {run.defense}, "
                 f"n = {summary['n']}")
     if run.kind == "certify":
+        draws = (f"n = {summary['n']}" if summary.get("method") != "sequential" else
+                 f"sequential on r = {', '.join(format_number(float(r)) for r in summary['radii'])}, "
+                 f"n ≤ {summary['n_max']} (mean {summary['draws_per_image']['mean']:.0f})")
         return (f"certify: {summary['mode']}, σ = {format_number(float(summary['sigma']))}, n0 = {summary['n0']}, "
-                f"n = {summary['n']}, α = {summary['alpha']}, {summary['n_images']} images")
+                f"{draws}, α = {summary['alpha']}, {summary['n_images']} images")
     sigmas = ", ".join(format_number(float(p["sigma"])) for p in summary["psnr"])
     return f"denoise: σ = {sigmas}, {summary['n_images']} images"
 

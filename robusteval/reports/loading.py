@@ -51,6 +51,12 @@ class Run:
         return str(self.summary["dataset"])
 
     @property
+    def smoothing_mode(self) -> str:
+        """A certify run's mode, with ", sequential" for the sequential method (its curves are not CERTIFY's)."""
+        mode = str(self.summary["mode"])
+        return f"{mode}, sequential" if self.summary.get("method") == "sequential" else mode
+
+    @property
     def provenance(self) -> dict[str, Any]:
         """Versions, git commit, command and time recorded when the run started (empty if absent)."""
         value = self.config.get(PROVENANCE_KEY, {})

@@ -103,7 +103,7 @@ def certified_table(runs: Sequence[Run], radii: Sequence[float] | None = None) -
     best_rows: dict[int, dict[float, float]] = {}
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in certify_runs:
-        groups.setdefault((run.dataset, run.model, str(run.summary["mode"])), []).append(run)
+        groups.setdefault((run.dataset, run.model, run.smoothing_mode), []).append(run)
     for (dataset, model, mode), group in sorted(groups.items()):
         group = sorted(group, key=lambda r: float(r.summary["sigma"]))
         per_sigma = [

@@ -17,8 +17,7 @@ Modes (which base classifier is smoothed):
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,64 +28,25 @@ from tqdm.auto import tqdm
 
 from robusteval.smoothing import decisions
 from robusteval.smoothing.sampler import (
-    ESTIMATION,
     NOISE_SCHEME,
-    PREDICTION,
-    SELECTION,
     BaseClassifierRunner,
     ChunkCounts,
     Classify,
     NoiseSource,
-    Phase,
     count_classes,
     noise_block_size,
 )
+from robusteval.smoothing.settings import SmoothingSettings, certify_settings
+from robusteval.smoothing.sequential_results import sequential_figures, sequential_forward_passes, sequential_record
+from robusteval.smoothing.sequential_sampler import SequentialImage, count_sequentially
 from robusteval.data import ImageDataset
 from robusteval.errors import UsageError
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
 from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
-from robusteval.vocabulary import SMOOTHING_KINDS, SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class SmoothingSettings:
-    """What a certify or predict run computes (n0 is 0 for predict)."""
-
-    kind: str
-    sigma: float
-    n: int
-    alpha: float
-    n0: int = 0
-    mode: str = "direct"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from robusteval.names import resolve_name
-
-        object.__setattr__(self, "kind", resolve_name(self.kind, SMOOTHING_KINDS, "smoothing kind"))
-        object.__setattr__(self, "mode", resolve_name(self.mode, SMOOTHING_MODES, "smoothing mode"))
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise UsageError(f"sigma must be a finite noise level > 0, got {self.sigma}")
-        if not 0 < self.alpha < 1:
-            raise UsageError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.n < 1:
-            raise UsageError(f"n must be at least 1 noise draw, got {self.n}")
-        if self.kind == "certify" and self.n0 < 1:
-            raise UsageError(f"n0 must be at least 1 selection draw, got {self.n0}")
-        if self.kind == "predict" and self.n0 != 0:
-            raise UsageError("predict uses n draws only; n0 must be 0")
-
-    @property
-    def phases(self) -> list[Phase]:
-        if self.kind == "certify":
-            return [Phase(SELECTION, self.n0), Phase(ESTIMATION, self.n)]
-        return [Phase(PREDICTION, self.n)]
-
 
 @dataclass
 class SmoothingResult:
@@ -110,13 +70,19 @@ def smoothing_config(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """The configuration that fixes a run's results (what config.json records and resume checks)."""
+    sequential: dict[str, Any] = {}
+    if settings.method == "sequential":
+        # Recorded only for this method, so CERTIFY's configurations (and their run directories) are unchanged.
+        test = settings.sequential_test()
+        sequential = {"method": "sequential", "radii": list(settings.radii), "n_max": settings.n,
+                      "looks": test.looks.tolist(), "alpha_spent": test.look_alpha.tolist()}
     return SmoothingConfig(
         kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
         n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,
         # The noise stream depends on the device type's generator, the block layout and the dtype.
         device_type=device.type,
         noise=f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
-        **(extra or {}),
+        **sequential, **(extra or {}),
     ).to_json()
 
 
@@ -195,8 +161,16 @@ def summarize(config: Mapping[str, Any], records: list[dict[str, Any]], extra: M
         acr=decisions.average_certified_radius(records) if certify else None,
         accuracy=None if certify else (sum(bool(r["correct"]) for r in records) / count if count else 0.0),
         skip=config["skip"], seed=config["seed"], extra=dict(extra or {}),
+        forward_passes=_forward_passes(config, records) if certify else None,
+        sequential=sequential_figures(config, records) if config.get("method") == "sequential" else None,
     )
     return summary.to_json()
+
+
+def _forward_passes(config: Mapping[str, Any], records: list[dict[str, Any]]) -> int:
+    if config.get("method") == "sequential":
+        return sequential_forward_passes(config, records)
+    return len(records) * (int(config["n0"]) + int(config["n"]))
 
 
 class SmoothingJob(Job):
@@ -259,20 +233,12 @@ class SmoothingJob(Job):
             return False
         per_image = sum(p.draws for p in settings.phases)
         chunk_images = self.chunk_images or max(1, self.batch_size // per_image)
-        batch_number = [run_dir.completed_batches if run_dir is not None else 0]
-        correct = [sum(bool(r["correct"]) for r in records)]
+        add_records = _RecordSink(records, run_dir, bar, settings.kind)
 
         def on_chunk(chunk: ChunkCounts) -> None:
             share = chunk.seconds / (chunk.stop - chunk.start)
-            new = [_record(settings, self.skip + done + p, int(self.labels[done + p]), chunk.counts[p - chunk.start],
-                           round(share, 4)) for p in range(chunk.start, chunk.stop)]
-            if run_dir is not None:
-                run_dir.append_batch(batch_number[0], new)
-                batch_number[0] += 1
-            records.extend(new)
-            correct[0] += sum(bool(r["correct"]) for r in new)
-            bar.update(len(new))
-            bar.set_postfix({"cert_acc@0" if settings.kind == "certify" else "acc": f"{correct[0] / len(records):.3f}"})
+            add_records([_record(settings, self.skip + done + p, int(self.labels[done + p]),
+                                 chunk.counts[p - chunk.start], round(share, 4)) for p in range(chunk.start, chunk.stop)])
 
         device = model.device
         noise = NoiseSource(settings.seed, model.input_shape, device, self.dtype)
@@ -281,13 +247,52 @@ class SmoothingJob(Job):
         grad_context = torch.inference_mode() if settings.mode == "direct" else torch.no_grad()
         was_training = model.training
         model.eval()
+        indices = [self.skip + done + i for i in range(remaining)]
         try:
             with grad_context, trusted_inputs():
-                count_classes(runner, self.images[done:], [self.skip + done + i for i in range(remaining)],
-                              settings.sigma, settings.phases, model.num_classes, noise, batch, chunk_images, on_chunk)
+                if settings.method == "sequential":
+                    count_sequentially(runner, self.images[done:], indices, settings.sigma, settings.n0,
+                                       settings.sequential_test(), model.num_classes, noise, batch,
+                                       self._on_sequential_image(done, chunk_images, add_records))
+                else:
+                    count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
+                                  model.num_classes, noise, batch, chunk_images, on_chunk)
         finally:
             model.train(was_training)
         return runner.compiled
+
+    def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None]
+                             ) -> Callable[[SequentialImage], None]:
+        """The sequential sampler's callback: records handed on (in image order) every chunk_images images."""
+        pending: list[dict[str, Any]] = []
+
+        def on_image(result: SequentialImage) -> None:
+            position = done + result.position
+            pending.append(sequential_record(self.skip + position, int(self.labels[position]), result))
+            if len(pending) == chunk_images or position == self.n_images - 1:
+                add_records(list(pending))
+                pending.clear()
+
+        return on_image
+
+
+class _RecordSink:
+    """Appends new records: to the run directory as one batch, to the records in memory, and to the progress bar."""
+
+    def __init__(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any, kind: str):
+        self.records, self.run_dir, self.bar = records, run_dir, bar
+        self.label = "cert_acc@0" if kind == "certify" else "acc"
+        self.batch_number = run_dir.completed_batches if run_dir is not None else 0
+        self.correct = sum(bool(r["correct"]) for r in records)
+
+    def __call__(self, new: list[dict[str, Any]]) -> None:
+        if self.run_dir is not None:
+            self.run_dir.append_batch(self.batch_number, new)
+            self.batch_number += 1
+        self.records.extend(new)
+        self.correct += sum(bool(r["correct"]) for r in new)
+        self.bar.update(len(new))
+        self.bar.set_postfix({self.label: f"{self.correct / len(self.records):.3f}"})
 
 
 def resolve_image_range(available: int, n_images: int | None, skip: int) -> tuple[int, int]:
@@ -332,18 +337,28 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
 
 
 def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
-            sigma: float, n0: int = 100, n: int = 10_000, **keywords: Any) -> SmoothingResult:
+            sigma: float, n0: int = 100, n: int | None = None, method: str = "cohen",
+            radii: Sequence[float] | None = None, n_max: int | None = None, **keywords: Any) -> SmoothingResult:
     """CERTIFY (Cohen et al. 2019) every image: a prediction or abstention and a certified L2 radius.
 
     model: a JointModel (moved to `device` if given) or a registered model name.
     dataset: an ImageDataset, a data set name or .npz path (its test split) or (x, y) tensors.
-    keywords include the `robusteval.jobs.JobOptions` of every evaluation (data_dir,
-    checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device).
-    Each image gets n0 selection draws and n independent estimation draws of
-    N(0, σ²I) noise, a function of (seed, image index) only. Records hold
-    index, label, prediction (None when abstaining), abstain, radius, correct,
-    pA_lower, count (ĉ among the n draws), top_class and seconds (the image's
-    share of the wall time).
+    Each image gets n0 selection draws and n (default 10,000) independent
+    estimation draws of N(0, σ²I) noise, a function of (seed, image index)
+    only. Records hold index, label, prediction (None when abstaining),
+    abstain, radius, correct, pA_lower, count (ĉ among the n draws),
+    top_class and seconds (the image's share of the wall time).
+
+    method: "cohen" (CERTIFY with n estimation draws) or "sequential"
+    (`robusteval.smoothing.sequential`): after the n0 selection draws, draw in
+    rounds until every radius of `radii` (default 0.25, 0.5, 0.75, 1.0) is
+    decided, at most n_max (default 100,000) draws, error ≤ α per image over
+    all looks and radii. n belongs to "cohen" only, radii and n_max to
+    "sequential" only (giving them to the other method is an error). Its
+    records add pA_upper, draws and largest_certified_radius (None when
+    abstaining); its radius is σ·Φ⁻¹ of the lower bound at the stop. The
+    summary adds grid_certified_accuracy, draws_per_image (mean, median, max)
+    and, as for CERTIFY, forward_passes.
 
     Keywords (as for `predict`): alpha (0.001), mode ('direct' or 'denoised'),
     seed (0); n_images (default: all after skip), skip (0), batch_size (1000,
@@ -351,24 +366,34 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     "when it pays off"); out (a run directory, resumed when it holds the same
     configuration; None: in memory), resume (True), progress (False); and the
     `robusteval.jobs.JobOptions` of every evaluation (data_dir, checkpoint,
-    model_dir, allow_unsafe_pickle, device).
+    model_dir, allow_unsafe_pickle, vae, model_config, device).
     """
-    return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, **keywords)
+    return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
+                   **keywords)
 
 
 def predict(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
             sigma: float, n: int = 1000, **keywords: Any) -> SmoothingResult:
     """PREDICT (Cohen et al. 2019) every image: the smoothed class, or abstain when not significant at α.
 
-    The arguments of `certify` without n0. Records hold index, label,
+    The arguments of `certify` without n0, method, radii and n_max. Records hold index, label,
     prediction (None when abstaining), abstain, correct, count and
     runner_up_count (the top two counts of n draws), p_value and seconds.
     """
     return _smooth("predict", model, dataset, sigma=sigma, n0=0, n=n, **keywords)
 
 
-def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int,
-            alpha: float = 0.001, mode: str = "direct", seed: int = 0, out: str | Path | None = None,
+def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int | None,
+            alpha: float = 0.001, mode: str = "direct", seed: int = 0, method: str = "cohen",
+            radii: Sequence[float] | None = None, n_max: int | None = None, out: str | Path | None = None,
             resume: bool = True, progress: bool = False, **keywords: Any) -> SmoothingResult:
-    settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
+    """The one body of `certify` and `predict`: settings checked first, then the prepared job run."""
+    if kind == "certify":
+        settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
+                                    radii=radii, n_max=n_max)
+    else:
+        if n_max is not None or radii is not None or method != "cohen":
+            raise UsageError("method, radii and n_max are certify's; predict draws n per image")
+        settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
+                                     seed=seed)
     return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)

@@ -37,8 +37,12 @@ SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
 NOISE_BLOCK_DRAWS = 1000
 # Keep one block at most this many values (4 Mi floats = 16 MiB), whatever the image size.
 NOISE_BLOCK_VALUES = 1 << 22
-# Compile in "auto" mode when the eager forward passes still to run would take longer than this.
-COMPILE_PAYOFF_SECONDS = 120.0
+# "auto" compile: time a few warm eager passes, project the eager time still to come, and compile only when it
+# is several times what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores
+# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included).
+TIMED_EAGER_PASSES = 3
+COMPILE_WARMUP_SECONDS = 15.0
+COMPILE_PAYOFF_FACTOR = 3.0
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
 
@@ -109,38 +113,73 @@ class BaseClassifierRunner:
     """Runs the base classifier eagerly or compiled, and decides between them in "auto" mode.
 
     compile: True (compile before the first pass), False (never) or None
-    ("auto": time one warm eager pass and compile when the eager passes
-    still to run would take longer than COMPILE_PAYOFF_SECONDS).
+    ("auto"). Auto measures instead of guessing: after one warm-up pass it
+    times TIMED_EAGER_PASSES eager passes, projects the eager time of the
+    passes still to run from their median, and compiles only when that is
+    more than COMPILE_PAYOFF_FACTOR × COMPILE_WARMUP_SECONDS. Once compiled it
+    times the compiled passes the same way and goes back to eager if they are
+    not faster (a model the compiler cannot speed up costs the warm-up once,
+    not the rest of the run). `timing` holds what was measured.
     make_compiled builds the compiled classifier; it is only called when needed.
+    clock: the timer (a parameter so that tests can drive the decision).
     """
 
-    def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None):
+    def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.eager = eager
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
         self._compiled: Classify | None = None
-        self._eager_passes = 0
+        self._clock = clock
+        self._eager_times: list[float] = []
+        self._compiled_times: list[float] = []
+        self.timing: dict[str, float] = {}
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def _timed(self, classify: Classify, noisy: Tensor) -> tuple[Tensor, float]:
+        started = self._clock()
+        predictions = classify(noisy)
+        int(predictions[0])  # wait for the device, so the timing is real
+        return predictions, self._clock() - started
+
     def __call__(self, noisy: Tensor, passes_left: int) -> Tensor:
         if self.policy and self._compiled is None:
             self._compiled = self._make_compiled()  # type: ignore[misc]
         if self._compiled is not None:
-            return self._compiled(noisy)
-        if self.policy is False:
+            if self.policy is not None or len(self._compiled_times) > TIMED_EAGER_PASSES:
+                return self._compiled(noisy)
+            return self._compiled_pass(noisy)
+        if self.policy is False or len(self._eager_times) > TIMED_EAGER_PASSES:
             return self.eager(noisy)
-        started = time.perf_counter()
-        predictions = self.eager(noisy)
-        if self._eager_passes >= 1:  # the first pass is a warm-up
-            int(predictions[0])  # wait for the device, so the timing is real
-            expected = (time.perf_counter() - started) * passes_left
-            self.policy = expected > COMPILE_PAYOFF_SECONDS
-            logger.info("eager passes left: %d, about %.0f s: %s", passes_left, expected,
-                        "compiling" if self.policy else "staying eager")
-        self._eager_passes += 1
+        predictions, seconds = self._timed(self.eager, noisy)
+        self._eager_times.append(seconds)  # the first is a warm-up
+        if len(self._eager_times) > TIMED_EAGER_PASSES:
+            pass_seconds = float(np.median(self._eager_times[1:]))
+            projected = pass_seconds * passes_left
+            self.timing.update(eager_pass_seconds=pass_seconds, projected_eager_seconds=projected)
+            if projected > COMPILE_PAYOFF_FACTOR * COMPILE_WARMUP_SECONDS:
+                self._compiled = self._make_compiled()  # type: ignore[misc]
+            logger.info("eager pass %.4f s, %d passes left, about %.0f s eager: %s", pass_seconds, passes_left,
+                        projected, "compiling" if self._compiled is not None else "staying eager")
+        return predictions
+
+    def _compiled_pass(self, noisy: Tensor) -> Tensor:
+        """An auto-compiled pass while it is being timed: the first one compiles, the next are compared to eager."""
+        predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
+        self._compiled_times.append(seconds)
+        if len(self._compiled_times) == 1:
+            self.timing["compile_warmup_seconds"] = seconds
+        elif len(self._compiled_times) > TIMED_EAGER_PASSES:
+            pass_seconds = float(np.median(self._compiled_times[1:]))
+            self.timing["compiled_pass_seconds"] = pass_seconds
+            if pass_seconds >= self.timing["eager_pass_seconds"]:
+                logger.info("compiled pass %.4f s is no faster than eager %.4f s: back to eager", pass_seconds,
+                            self.timing["eager_pass_seconds"])
+                self._compiled = None
+                self.policy = False
         return predictions
 
 
