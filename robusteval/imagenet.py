@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from robusteval.data import DatasetError, ImageDataset, _check_split, _not_a_directory
+from robusteval.data_files import _not_a_directory
+from robusteval.data_registry import DatasetError, ImageDataset, _check_split
 
 RESIZE = 256
 CROP = 224

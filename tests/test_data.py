@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import robusteval
-from robusteval import data
+from robusteval import data, data_files
 from robusteval.data import DatasetError, dataset_info, load_dataset, read_idx
 from robusteval.names import UnknownNameError
 
@@ -240,7 +240,7 @@ def test_fashion_mnist_default_directory_is_debians(tmp_path, monkeypatch):
     # Debian's package installs exactly the four .gz files, flat in that directory.
     images, labels = make_idx_split(tmp_path, "test", gz=True, seed=4)
     make_idx_split(tmp_path, "train", gz=True, seed=6)
-    monkeypatch.setattr(data, "FASHION_MNIST_DEFAULT_DIR", tmp_path)
+    monkeypatch.setattr(data_files, "FASHION_MNIST_DEFAULT_DIR", tmp_path)
     test = load_dataset("fashion-mnist")
     assert test.classes[9] == "Ankle boot"
     np.testing.assert_array_equal(test.y.numpy(), labels)
@@ -254,7 +254,7 @@ def test_fashion_mnist_default_directory_is_debians(tmp_path, monkeypatch):
 
 def test_fashion_mnist_missing_default_says_how_to_install(tmp_path, monkeypatch):
     missing = tmp_path / "not-installed"
-    monkeypatch.setattr(data, "FASHION_MNIST_DEFAULT_DIR", missing)
+    monkeypatch.setattr(data_files, "FASHION_MNIST_DEFAULT_DIR", missing)
     with pytest.raises(FileNotFoundError) as caught:
         load_dataset("fashion-mnist")
     message = str(caught.value)
