@@ -57,7 +57,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     spec = resolve_attack(settings.attack)
     norm = resolve_norm(settings.norm)
     check_norm(spec, norm)
-    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm)
+    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, shardable=True)
     x, y = resolved.data.x, resolved.data.y
     if settings.n is not None:
         if settings.n < 1 or settings.n > x.shape[0]:
@@ -79,7 +79,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      step_size=settings.step_size, seed=int(settings.seed), batch_size=int(settings.batch_size),
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=settings.masking_checks)
+                     masking_checks=settings.masking_checks, shard=resolved.options.shard)
 
 
 def _eps_list(eps: Sequence[float] | float | None, dataset: str, norm: str) -> list[float]:

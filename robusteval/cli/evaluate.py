@@ -24,6 +24,7 @@ from robusteval.cli.options import (
     parse_eps_list,
     split_job_options,
 )
+from robusteval.cli.scale import merge_ranks, run_paths, torchrun_rank
 from robusteval.vocabulary import DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
 
 
@@ -67,11 +68,17 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
     from robusteval.attacks.evaluate import prepare_attack
 
     settings, options = split_job_options(params)
+    rank = torchrun_rank(options)
     job = prepare_attack(model_name, options.pop("dataset"), eps=parse_eps_list(eps_text), **settings, **options)
-    out = out or job.default_run_dir()
+    out, merged_out = run_paths(job, out, rank)
     click.echo(f"run directory: {out}", err=True)
     summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
                       on_wait=echo_err).summary()
+    if rank is not None:
+        summary = merge_ranks(out, merged_out)
+        if summary is None:
+            return
+        out = merged_out
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -136,15 +143,27 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
 
     settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
+    rank = torchrun_rank(options)
     job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
-    with job.opened_run(out or job.default_run_dir(), resume, wait=wait, on_wait=echo_err) as run_dir:
+    out, merged_out = run_paths(job, out, rank)
+    with job.opened_run(out, resume, wait=wait, on_wait=echo_err) as run_dir:
         verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
         click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
         summary = job.run(run_dir, progress=not quiet).summary
+    if rank is not None:
+        summary = merge_ranks(out, merged_out)
+        if summary is None:
+            return
+        out = merged_out
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"run: {run_dir.path}")
+    echo_smoothing_summary(summary, out)
+
+
+def echo_smoothing_summary(summary: dict, path: Path) -> None:
+    kind = summary["kind"]
+    click.echo(f"run: {path}")
     if kind == "certify":
         curve = ", ".join(f"r={p['radius']:g}: {p['accuracy']:.3f}" for p in summary["certified_accuracy"])
         click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}): "

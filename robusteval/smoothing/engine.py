@@ -45,6 +45,7 @@ from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
 from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
+from robusteval.sharding import ShardRun, describe
 from robusteval.vocabulary import SMOOTHING_KINDS, SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
@@ -208,17 +209,23 @@ class SmoothingJob(Job):
         model, data = resolved.model, resolved.data
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
+        self.dtype = model_dtype(model)
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
+                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                     resolved.options.shard)
+        # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
+        # shard takes whole batches of this plan (each image's noise depends on its index only).
+        self.chunk_images = chunk_images or max(1, batch_size // sum(p.draws for p in settings.phases))
+        part = self.shard.items(n_images, self.chunk_images) if self.shard is not None else range(n_images)
+        self.first_batch = part.start // self.chunk_images
+        # From here on the job works on its shard's images only: skip + part.start, ... (all of them unsharded).
+        skip, n_images = skip + part.start, len(part)
         self.images = data.x[skip : skip + n_images]
         self.labels = data.y[skip : skip + n_images]
         validate_images(self.images, model.input_shape, what="images")
         _warn_sigma_mismatch(model, settings.sigma)
         self.model, self.settings = model, settings
         self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
-        # Images per appended batch of records (default: enough to fill one forward pass, at least one).
-        self.chunk_images = chunk_images
-        self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype))
         self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
@@ -239,7 +246,7 @@ class SmoothingJob(Job):
     def _run(self, run_dir: RunDirectory | None, progress: bool) -> SmoothingResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         bar = tqdm(total=self.n_images, initial=len(records), disable=not progress, unit="img",
-                   desc=self.settings.kind, leave=False)
+                   desc=describe(self.settings.kind, self.shard), leave=False)
         try:
             compiled = self._count(records, run_dir, bar)
         finally:
@@ -256,8 +263,9 @@ class SmoothingJob(Job):
         if not remaining:
             return False
         per_image = sum(p.draws for p in settings.phases)
-        chunk_images = self.chunk_images or max(1, self.batch_size // per_image)
-        batch_number = [run_dir.completed_batches if run_dir is not None else 0]
+        chunk_images = self.chunk_images
+        # Batches are numbered as in the unsharded run, so merged records equal its records.
+        batch_number = [self.first_batch + (run_dir.completed_batches if run_dir is not None else 0)]
         correct = [sum(bool(r["correct"]) for r in records)]
 
         def on_chunk(chunk: ChunkCounts) -> None:
@@ -323,7 +331,7 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
                       n_images: int | None = None, skip: int = 0, batch_size: int = 1000,
                       compile: bool | None = None, **options: Any) -> SmoothingJob:
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
-    resolved = resolve(model, JobOptions.of(dataset, options))
+    resolved = resolve(model, JobOptions.of(dataset, options), shardable=True)
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
@@ -393,3 +401,22 @@ def predict(
     job = prepare_smoothing(model, dataset, settings, n_images=n_images, skip=skip, batch_size=batch_size,
                             compile=compile, **options)
     return job.run(out=out, resume=resume, progress=progress)
+
+
+class _SmoothingMerger:
+    """How the shards of a certify or predict run merge (`robusteval.sharding`): the summary from all records."""
+
+    def index_range(self, config: dict[str, Any]) -> range:
+        return range(config["skip"], config["skip"] + config["n_images"])
+
+    def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
+        first = shards[0].summary or {}
+        # Whether the classifier ran compiled is a per-process choice (the counts are the same either way).
+        compiled = any(bool((s.summary or {}).get("compile")) for s in shards)
+        return summarize(config, records, {"batch_size": first.get("batch_size"), "compile": compiled})
+
+    def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:
+        return {}
+
+
+SMOOTHING_MERGER = _SmoothingMerger()
