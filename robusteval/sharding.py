@@ -26,10 +26,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from robusteval.errors import UsageError
 
+T = TypeVar("T")
 SHARD_KEY = "shard"  # the config.json key of a shard run: "I/N"
 _SHARD_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Files of a shard directory that are not part of the run (its lock, partial states of a running batch).
@@ -76,6 +77,10 @@ class Shard:
         """The items (images) of this shard when `total` items are cut into batches of `per_batch`."""
         batches = self.batches(-(-total // per_batch))
         return range(batches.start * per_batch, min(total, batches.stop * per_batch))
+
+    def pick(self, items: Sequence[T]) -> list[T]:
+        """Every N-th item from the I-th: a list's share for this shard (a cost-sorted list stays balanced)."""
+        return list(items[self.index - 1 :: self.count])
 
     def run_dir(self, merged: str | Path) -> Path:
         """Where this shard's directory goes beside the merged run's: <merged>-shard<I>of<N>."""
@@ -356,3 +361,14 @@ def gather_to_rank0(shard_dir: str | Path, out: str | Path) -> MergedRun | None:
     dist.barrier()
     dist.destroy_process_group()
     return merged
+
+
+def wait_for_ranks() -> bool:
+    """Wait until every rank gets here; True on rank 0 (which then reports for all)."""
+    import torch.distributed as dist
+
+    start_group()
+    dist.barrier()
+    first = dist.get_rank() == 0
+    dist.destroy_process_group()
+    return first

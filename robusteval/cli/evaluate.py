@@ -36,7 +36,9 @@ from robusteval.vocabulary import DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MOD
 @click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
               help=f"Radii to evaluate (default: the data set's grid; for digits {DIGITS_EPS_HELP}).")
-@click.option("--n", type=int, default=None, help="Evaluate the first N test points (default: all).")
+@click.option("--n", "--points", "n", type=int, default=None,
+              help="Evaluate the first N test points (default: all). Under torchrun write --points: its own "
+                   "parser takes --n for an abbreviation of its options.")
 @click.option("--batch-size", type=int, default=500, show_default=True,
               help="Points attacked together; the state is saved after each eps of a batch, so a killed run "
                    "resumes from the last finished (batch, eps).")
@@ -179,7 +181,8 @@ def echo_smoothing_summary(summary: dict, path: Path) -> None:
 @main.command("certify")
 @_smoothing_options
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (pick the class).")
-@click.option("--n", type=int, default=10_000, show_default=True, help="Estimation draws per image (bound its probability).")
+@click.option("--n", "--draws", "n", type=int, default=10_000, show_default=True,
+              help="Estimation draws per image (bound its probability); --draws under torchrun.")
 def certify_command(**params: object) -> None:
     """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY); writes a run directory."""
     _run_smoothing_command("certify", **params)
@@ -187,7 +190,8 @@ def certify_command(**params: object) -> None:
 
 @main.command("predict")
 @_smoothing_options
-@click.option("--n", type=int, default=1000, show_default=True, help="Noise draws per image.")
+@click.option("--n", "--draws", "n", type=int, default=1000, show_default=True,
+              help="Noise draws per image; --draws under torchrun.")
 def predict_command(**params: object) -> None:
     """The smoothed classifier's predictions, abstaining when not significant (Cohen et al. 2019 PREDICT)."""
     _run_smoothing_command("predict", n0=0, **params)
