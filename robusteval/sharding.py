@@ -231,16 +231,16 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     if merger is None:
         raise MergeRefused(f"runs of kind {kind!r} cannot be merged (sharding applies to attack, certify and "
                            f"predict runs)")
-    config = {k: v for k, v in ordered[0].config.items() if k not in (SHARD_KEY,)}
     from robusteval.runs import PROVENANCE_KEY
 
-    config.pop(PROVENANCE_KEY, None)
+    # The unsharded run's configuration (shard 1's device, as the unsharded run on that machine would record).
+    config = {k: v for k, v in ordered[0].config.items() if k not in (SHARD_KEY, PROVENANCE_KEY)}
     expected = merger.index_range(config)
     records: list[dict[str, Any]] = []
     for run in ordered:
         cut = _shard_items(merger, config, run)
         indices = [r.get("index") for r in run.records]
-        if sorted(indices, key=lambda i: (not isinstance(i, int), i if isinstance(i, int) else 0)) != list(cut):
+        if not all(type(i) is int for i in indices) or sorted(indices) != list(cut):  # type: ignore[type-var]
             raise MergeRefused(f"{run.source} (shard {run.shard.label}) should hold images {cut.start}..{cut.stop - 1} "
                                f"once each but holds {len(indices)} records ({_describe_indices(indices)}); re-run "
                                f"its command with --no-resume")
@@ -275,15 +275,22 @@ def _describe_indices(indices: list[Any]) -> str:
 
 def write_merged(merged: MergedRun, out: str | Path) -> Path:
     """Write the merged run to `out`: a new directory, or one holding the same run (it is rewritten)."""
-    from robusteval.runs import RunDirectory
+    from robusteval.runs import RunConfigMismatch, RunDirectory
 
     out = Path(out)
     if any(Path(source).resolve() == out.resolve() for source in merged.sources):
         raise MergeRefused(f"--out {out} is one of the shards; write the merged run to another directory")
-    with RunDirectory(out, merged.config, resume=True) as run_dir:
-        for name, data in merged.files.items():
-            from robusteval.checkpoints import atomic_write_bytes
+    from robusteval.checkpoints import atomic_write_bytes
 
+    # resume=True: a directory holding another run is refused, one holding this run is rewritten.
+    try:
+        run_dir = RunDirectory(out, merged.config, resume=True)
+    except RunConfigMismatch as error:
+        differs = re.search(r"differs in: [^)]*", str(error))
+        raise MergeRefused(f"{out} holds another run ({differs.group(0) if differs else 'another configuration'}); "
+                           f"give another --out or remove it") from None
+    with run_dir:
+        for name, data in merged.files.items():
             atomic_write_bytes(run_dir.artifact(name), data)
         run_dir.replace_records(merged.records)
         run_dir.write_summary(merged.summary)

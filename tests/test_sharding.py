@@ -119,6 +119,8 @@ def test_merge_refusals(tmp_path, unsharded_certify):
     for dirs, message in cases:
         with pytest.raises(MergeRefused, match=message):
             merge(dirs, tmp_path / "merged")
+    with pytest.raises(MergeRefused, match="holds another run.*seed"):
+        merge([s1, s2], other_seed.with_name("seed1"))  # --out on a directory of another run
     (s2 / "summary.json").unlink()  # as a shard killed before its end leaves it
     with pytest.raises(MergeRefused, match="unfinished"):
         merge([s1, s2], tmp_path / "merged")
