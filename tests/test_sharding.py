@@ -3,10 +3,10 @@ what is not one finished run; a killed shard resumes; the README's job-array exa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +21,7 @@ from robusteval.attacks.resume import adversarial_file_name
 from robusteval.benchmark import Job as BenchmarkJob
 from robusteval.benchmark import spread_devices
 from robusteval.errors import UsageError
+from robusteval.reports.check import entries_from_runs
 from robusteval.reports.loading import load_runs
 from robusteval.sharding import MergeRefused, Shard, merge
 from robusteval.smoothing.engine import certify
@@ -97,6 +98,9 @@ def test_sharded_certify_merges_to_the_unsharded_run(tmp_path, unsharded_certify
     # A merged run is an ordinary run: report and check read it, and the unsharded command resumes it as done.
     (run,) = load_runs([tmp_path / "merged"])
     assert run.kind == "certify" and run.summary["n_images"] == 7
+    entries = [{key: dataclasses.replace(entry, run="") for key, entry in entries_from_runs(load_runs([p])).items()}
+               for p in (tmp_path / "merged", unsharded_certify)]
+    assert entries[0] == entries[1] and len(entries[0]) == 1
     again = certify("gaussian", "digits", out=tmp_path / "merged", **CERTIFY)
     assert [r["radius"] for r in again.records] == [r["radius"] for r in _records(unsharded_certify)]
 
@@ -247,3 +251,19 @@ def test_benchmark_jobs_spread_over_gpus_and_shards_split_the_run_list(tmp_path)
     assert spread_devices(work, jobs=2, device="auto", gpus=0) == work
     parts = [Shard(i, 2).pick(work) for i in (1, 2)]
     assert [j.model for j in parts[0]] == ["m0", "m2", "m4"] and [j.model for j in parts[1]] == ["m1", "m3"]
+
+
+def test_benchmark_shard_runs_its_part_of_the_suite(tmp_path, monkeypatch):
+    import robusteval.benchmark as benchmark
+
+    ran: dict[str, list[str]] = {}
+    for part in ("1/2", "2/2"):
+        ran[part] = []
+        monkeypatch.setattr(benchmark, "run_job",
+                            lambda job, part=part: (ran[part].append(job.label), (str(job.out), 0.0))[1])
+        result = benchmark.run_benchmark(benchmark.resolve_suite("digits-ci"), tmp_path, models=("standard",),
+                                         shard=part)
+        assert sorted(map(str, result.finished)) == sorted(str(tmp_path / "digits-ci" / label) for label in ran[part])
+    every = [p.name for p in result.planned]
+    assert len(every) >= 2 and sorted(ran["1/2"] + ran["2/2"]) == sorted(every)
+    assert not set(ran["1/2"]) & set(ran["2/2"])

@@ -136,7 +136,7 @@ def large_eps_result(job: AttackJob, attacker: BatchAttacker, notes: set[str],
     eps = sanity.large_eps(job.norm, tuple(job.x.shape[1:]))
     subset = min(job.n, LARGE_EPS_SUBSET)
     robust = 0
-    bar = AttackProgress(subset, progress)
+    bar = AttackProgress(subset, progress, title=f"shard {job.shard.label}" if job.shard is not None else "")
     try:
         for start in range(0, subset, job.batch_size):
             stop = min(subset, start + job.batch_size)
