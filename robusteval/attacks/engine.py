@@ -10,6 +10,11 @@ is saved too (atomically, `resume.BatchState`), so a killed run resumes from
 the last finished (batch, ε). Every random draw is seeded from (seed, batch,
 ε, …) (`seeds`), so a resumed run produces exactly the summary of an
 uninterrupted one.
+
+A shard (`robusteval.sharding`) attacks whole batches of the same plan, so
+its records are the unsharded run's; the checks that attack the run's first
+points again run in the shard holding batch 0, and `ATTACK_MERGER` rebuilds
+the unsharded summary from all records and those checks.
 """
 
 from __future__ import annotations
@@ -183,7 +188,9 @@ class AttackJob(Job):
             for b in self.batches:
                 start, stop = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
                 if b in done:
-                    adversarial[b] = load_shard(run_dir, b, start, stop, self.eps)
+                    # A shard's merged files hold its own points only, from its first point on.
+                    offset = self.points.start
+                    adversarial[b] = load_shard(run_dir, b, start - offset, stop - offset, self.eps)
                     continue
                 partial = run_dir.artifact(partial_name(b)) if run_dir is not None else None
                 batch_started = time.perf_counter()
