@@ -237,40 +237,36 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     config = {k: v for k, v in ordered[0].config.items() if k not in (SHARD_KEY, PROVENANCE_KEY)}
     expected = merger.index_range(config)
     records: list[dict[str, Any]] = []
+    previous: tuple[ShardRun, range] | None = None
     for run in ordered:
-        cut = _shard_items(merger, config, run)
-        indices = [r.get("index") for r in run.records]
-        if not all(type(i) is int for i in indices) or sorted(indices) != list(cut):  # type: ignore[type-var]
-            raise MergeRefused(f"{run.source} (shard {run.shard.label}) should hold images {cut.start}..{cut.stop - 1} "
-                               f"once each but holds {len(indices)} records ({_describe_indices(indices)}); re-run "
-                               f"its command with --no-resume")
+        part = _images(run)
+        if previous is not None and part.start != previous[1].stop:
+            other, before = previous
+            problem = ("overlap" if part.start < before.stop
+                       else f"leave images {before.stop}..{part.start - 1} out")
+            raise MergeRefused(f"{other.source} (shard {other.shard.label}) holds images {_span(before)} and "
+                               f"{run.source} (shard {run.shard.label}) images {_span(part)}: they {problem}")
         records.extend(sorted(run.records, key=lambda r: r["index"]))
-    if [r["index"] for r in records] != list(expected):  # every shard's part checked above; the union too
-        raise MergeRefused(f"the shards' images do not make up images {expected.start}..{expected.stop - 1}")
+        previous = run, part
+    if [r["index"] for r in records] != list(expected):
+        raise MergeRefused(f"the shards hold images {records[0]['index']}..{records[-1]['index']}, the run "
+                           f"{_span(expected)}")
     return MergedRun(config, records, merger.summary(config, ordered, records), merger.files(config, ordered),
                      [run.source for run in ordered])
 
 
-def _shard_items(merger: ShardMerger, config: dict[str, Any], run: ShardRun) -> range:
-    full = merger.index_range(config)
-    per_batch = _per_batch(run)
-    local = run.shard.items(len(full), per_batch)
-    return range(full.start + local.start, full.start + local.stop)
+def _images(run: ShardRun) -> range:
+    """The contiguous images a finished shard holds, each once (else a MergeRefused naming it)."""
+    indices = sorted(r.get("index") for r in run.records if type(r.get("index")) is int)
+    part = range(indices[0], indices[-1] + 1) if indices else range(0)
+    if not indices or len(indices) != len(run.records) or indices != list(part):
+        raise MergeRefused(f"{run.source} (shard {run.shard.label}) does not hold a contiguous range of images "
+                           f"once each ({len(run.records)} records); re-run its command with --no-resume")
+    return part
 
 
-def _per_batch(run: ShardRun) -> int:
-    """The images per batch of the shard's plan, read from its records (every batch but the last is full)."""
-    sizes = {r.get("batch"): r.get("batch_records") for r in run.records}
-    if not sizes or not all(isinstance(s, int) and s > 0 for s in sizes.values()):
-        raise MergeRefused(f"{run.source} (shard {run.shard.label}) holds no complete batches; re-run its command")
-    return max(sizes.values())  # type: ignore[type-var]
-
-
-def _describe_indices(indices: list[Any]) -> str:
-    numbers = sorted(i for i in indices if isinstance(i, int))
-    if not numbers:
-        return "none"
-    return f"{numbers[0]}..{numbers[-1]}" + (", with repeats" if len(set(numbers)) != len(numbers) else "")
+def _span(images: range) -> str:
+    return f"{images.start}..{images.stop - 1}"
 
 
 def write_merged(merged: MergedRun, out: str | Path) -> Path:

@@ -110,12 +110,21 @@ def test_merge_refusals(tmp_path, unsharded_certify):
     certify("gaussian", "digits", out=s1, shard="1/2", **CERTIFY)
     certify("gaussian", "digits", out=s2, shard="2/2", **CERTIFY)
     certify("gaussian", "digits", out=s3, shard="2/3", **CERTIFY)
+    # The batch size is not part of a certify run's configuration (each image's noise depends on its index
+    # only), so shards cut with other batch sizes are refused by their images: 3 images a batch puts 2/2 at
+    # images 3..6 (overlapping 1/2's 0..3), 1 image a batch puts 1/2 at 0..2 (leaving 3 out).
+    s2_wide = tmp_path / "s2wide"
+    certify("gaussian", "digits", out=s2_wide, shard="2/2", **{**CERTIFY, "batch_size": 330})
+    s1_narrow = tmp_path / "s1narrow"
+    certify("gaussian", "digits", out=s1_narrow, shard="1/2", **{**CERTIFY, "batch_size": 110})
     other_seed = tmp_path / "seed1"
     certify("gaussian", "digits", out=other_seed, shard="2/2", **{**CERTIFY, "seed": 1})
     cases = [
         ([s1, other_seed], "different configurations.*seed"),
         ([s1, s1], "given twice"),
         ([s1, s3], "overlap"),
+        ([s1, s2_wide], r"holds images 0\.\.3 and .* images 3\.\.6: they overlap"),
+        ([s1_narrow, s2], r"they leave images 3\.\.3 out"),
         ([s1], r"2/2 missing"),
         ([unsharded_certify], "not a shard"),
         ([tmp_path / "nothing"], "not a run directory"),
