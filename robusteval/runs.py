@@ -262,6 +262,11 @@ class RunDirectory:
             os.close(fd)
         self._records.extend(stamped)
 
+    def replace_records(self, records: list[dict[str, Any]]) -> None:
+        """Replace samples.jsonl by `records` (already stamped with their batches), atomically: merge writes this."""
+        self._rewrite(records)
+        self._records = list(records)
+
     # --- results --------------------------------------------------------------------
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.path / SUMMARY_FILE

@@ -59,7 +59,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     check_norm(spec, norm)
     # Only the images the run needs are read (ImageNet decodes them one by one).
     limit = settings.n if settings.n is not None and settings.n >= 1 else None
-    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit)
+    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True)
     x, y = resolved.data.x, resolved.data.y
     if settings.n is not None:
         if settings.n < 1 or settings.n > x.shape[0]:
@@ -81,7 +81,8 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      step_size=settings.step_size, seed=int(settings.seed), batch_size=int(settings.batch_size),
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=settings.masking_checks, companions=resolved.options.official_files())
+                     masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
+                     shard=resolved.options.shard)
 
 
 def _eps_list(eps: Sequence[float] | float | None, dataset: str, norm: str) -> list[float]:

@@ -45,6 +45,7 @@ from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
 from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
+from robusteval.sharding import ShardRun, describe
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +185,23 @@ class SmoothingJob(Job):
         model, data = resolved.model, resolved.data
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
+        self.dtype = model_dtype(model)
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
+                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                     resolved.options.shard)
+        # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
+        # shard takes whole batches of this plan (each image's noise depends on its index only).
+        self.chunk_images = chunk_images or max(1, batch_size // sum(p.draws for p in settings.phases))
+        part = self.shard.items(n_images, self.chunk_images) if self.shard is not None else range(n_images)
+        self.first_batch = part.start // self.chunk_images
+        # From here on the job works on its shard's images only: skip + part.start, ... (all of them unsharded).
+        skip, n_images = skip + part.start, len(part)
         self.images = data.x[skip : skip + n_images]
         self.labels = data.y[skip : skip + n_images]
         validate_images(self.images, model.input_shape, what="images")
         _warn_sigma_mismatch(model, settings.sigma)
         self.model, self.settings = model, settings
         self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
-        # Images per appended batch of records (default: enough to fill one forward pass, at least one).
-        self.chunk_images = chunk_images
-        self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype))
         self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
@@ -215,7 +222,7 @@ class SmoothingJob(Job):
     def _run(self, run_dir: RunDirectory | None, progress: bool) -> SmoothingResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         bar = tqdm(total=self.n_images, initial=len(records), disable=not progress, unit="img",
-                   desc=self.settings.kind, leave=False)
+                   desc=describe(self.settings.kind, self.shard), leave=False)
         try:
             compiled = self._count(records, run_dir, bar)
         finally:
@@ -232,8 +239,9 @@ class SmoothingJob(Job):
         if not remaining:
             return False
         per_image = sum(p.draws for p in settings.phases)
-        chunk_images = self.chunk_images or max(1, self.batch_size // per_image)
-        add_records = _RecordSink(records, run_dir, bar, settings.kind)
+        chunk_images = self.chunk_images
+        # Batches are numbered as in the unsharded run, so merged records equal its records.
+        add_records = _RecordSink(records, run_dir, bar, settings.kind, self.first_batch)
 
         def on_chunk(chunk: ChunkCounts) -> None:
             share = chunk.seconds / (chunk.stop - chunk.start)
@@ -279,10 +287,11 @@ class SmoothingJob(Job):
 class _RecordSink:
     """Appends new records: to the run directory as one batch, to the records in memory, and to the progress bar."""
 
-    def __init__(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any, kind: str):
+    def __init__(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any, kind: str,
+                 first_batch: int = 0):
         self.records, self.run_dir, self.bar = records, run_dir, bar
         self.label = "cert_acc@0" if kind == "certify" else "acc"
-        self.batch_number = run_dir.completed_batches if run_dir is not None else 0
+        self.batch_number = first_batch + (run_dir.completed_batches if run_dir is not None else 0)
         self.correct = sum(bool(r["correct"]) for r in records)
 
     def __call__(self, new: list[dict[str, Any]]) -> None:
@@ -332,7 +341,8 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
     # Only the images the run needs are read (ImageNet decodes them one by one).
     wanted = n_images is not None and n_images >= 1 and skip >= 0
-    resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None)
+    resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None,
+                       shardable=True)
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
@@ -397,3 +407,22 @@ def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n
         settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
                                      seed=seed)
     return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
+
+
+class _SmoothingMerger:
+    """How the shards of a certify or predict run merge (`robusteval.sharding`): the summary from all records."""
+
+    def index_range(self, config: dict[str, Any]) -> range:
+        return range(config["skip"], config["skip"] + config["n_images"])
+
+    def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
+        first = shards[0].summary or {}
+        # Whether the classifier ran compiled is a per-process choice (the counts are the same either way).
+        compiled = any(bool((s.summary or {}).get("compile")) for s in shards)
+        return summarize(config, records, {"batch_size": first.get("batch_size"), "compile": compiled})
+
+    def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:
+        return {}
+
+
+SMOOTHING_MERGER = _SmoothingMerger()
