@@ -222,10 +222,14 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
 
 
 def run_job(job: Job) -> tuple[str, float]:
-    """Run one job in this process (single-threaded torch); returns its run directory and wall seconds."""
+    """Run one job in this process (single-threaded torch on the CPU); returns its run directory and wall seconds."""
     import torch
 
-    torch.set_num_threads(1)
+    from robusteval.model_zoo.registry import resolve_device
+
+    if resolve_device(job.options.get("device") or "auto").type == "cpu":
+        # Jobs run side by side, one per core; on a GPU the host threads feed the device instead.
+        torch.set_num_threads(1)
     start = time.perf_counter()
     if job.kind == "attack":
         from robusteval.attacks.evaluate import evaluate_attack as evaluate
@@ -255,6 +259,8 @@ def run_benchmark(
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
+    if options.get("deterministic") is None:
+        options["deterministic"] = True  # a benchmark's figures are compared across runs and machines
     suite = _with_options(suite, options)
     say = on_event or (lambda message: logger.info("%s", message))
     folder = Path(out) / suite.name

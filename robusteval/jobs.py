@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from robusteval.data import ImageDataset, load_dataset
+from robusteval.determinism import set_deterministic
 from robusteval.errors import UsageError
 from robusteval.interface import JointModel, validate_images
 from robusteval.job_checks import check_data_fits_model
@@ -40,7 +41,7 @@ class CliFlag:
 
     name: str
     help: str
-    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag
+    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag | switch (--x/--no-x)
     default: Any = None
 
 
@@ -68,6 +69,10 @@ class JobOptions:
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
+    # None: the command's default (on for benchmark, off for single evaluations).
+    deterministic: bool | None = _option(None, CliFlag(
+        "--deterministic", "Deterministic GPU algorithms and no TF32 (slower on a GPU; CPU results are the same "
+                           "either way). Default: on for benchmark, off otherwise.", kind="switch"))
 
     @classmethod
     def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
@@ -138,6 +143,7 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
         raise UsageError("without images to evaluate, the data set must be given by name")
     # A named data set builds the model for that name (an .npz path reads its shape from the file).
     dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
+    set_deterministic(bool(options.deterministic))  # before the model is built or run
     if isinstance(model, str):
         device = resolve_device(options.device or "auto")
         built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,

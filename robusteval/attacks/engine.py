@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval.determinism import gpu_notes
 from robusteval.attacks import sanity
 from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec
@@ -68,7 +69,7 @@ class AttackJob(Job):
             model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-            device=str(device), decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
+            decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
             masking_checks=masking_checks,
         ).to_json())
         self.name_parts = (model_name, dataset_name, spec.name, norm) + (
@@ -197,7 +198,7 @@ class AttackJob(Job):
             defense=str(self.defense), clean_accuracy=sum(1 for r in records if r["correct"]) / n,
             curve=robustness_curve(records, self.eps), flags=sanity.flags_of(checks), seconds=seconds,
             gradient=self.gradient, eot=self.eot, seed=self.seed, batch_size=self.batch_size,
-            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes,
+            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes + gpu_notes(self.device),
         )
 
     def _finished(self, run_dir: RunDirectory, records: list[dict[str, Any]]) -> AttackResult | None:

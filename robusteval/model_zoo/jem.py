@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.determinism import AdaptiveAvgPool2d
+
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
@@ -47,7 +49,7 @@ class EnergyCNN(nn.Module):
             nn.AvgPool2d(2),
             nn.Conv2d(2 * width, 4 * width, 3, padding=1),
             nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2),
+            AdaptiveAvgPool2d(2),
             nn.Flatten(),
             nn.Linear(16 * width, 8 * width),
             nn.SiLU(),

@@ -39,6 +39,8 @@ from robusteval.smoothing.sampler import (
     count_classes,
     noise_block_size,
 )
+from robusteval.determinism import gpu_notes, is_deterministic
+from robusteval.model_zoo.registry import device_label
 from robusteval.data import ImageDataset
 from robusteval.errors import UsageError
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
@@ -102,7 +104,6 @@ def smoothing_config(
     dataset_name: str,
     n_images: int,
     skip: int,
-    device: torch.device,
     input_shape: tuple[int, ...],
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -111,8 +112,7 @@ def smoothing_config(
     return SmoothingConfig(
         kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
         n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,
-        # The noise stream depends on the device type's generator, the block layout and the dtype.
-        device_type=device.type,
+        # The noise stream depends on the block layout and the dtype; it is drawn on the CPU on every device.
         noise=f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
         **(extra or {}),
     ).to_json()
@@ -164,18 +164,20 @@ def _base_classifier(
     return BaseClassifierRunner(classify_denoised, make_compiled, compile)
 
 
-def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float) -> dict[str, Any]:
+def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float,
+            device: str | None = None) -> dict[str, Any]:
     if settings.kind == "certify":
         cert = decisions.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
         return CertifySample(
             index=index, label=label, prediction=cert.prediction, abstain=cert.abstain, radius=cert.radius,
             correct=cert.prediction == label, pA_lower=cert.pA_lower, count=cert.count, top_class=cert.top_class,
-            seconds=seconds,
+            seconds=seconds, device=device,
         ).to_json()
     pred = decisions.predict_decision(counts[0], settings.alpha)
     return PredictSample(
         index=index, label=label, prediction=pred.prediction, abstain=pred.abstain, correct=pred.prediction == label,
         count=pred.count, runner_up_count=pred.runner_up_count, p_value=pred.p_value, seconds=seconds,
+        device=device,
     ).to_json()
 
 
@@ -212,12 +214,12 @@ class SmoothingJob(Job):
         self.labels = data.y[skip : skip + n_images]
         validate_images(self.images, model.input_shape, what="images")
         _warn_sigma_mismatch(model, settings.sigma)
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.device = model, settings, resolved.device
         self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
         # Images per appended batch of records (default: enough to fill one forward pass, at least one).
         self.chunk_images = chunk_images
         self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
                                       model.input_shape, resolved.options.as_config(), dtype=self.dtype))
         self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
@@ -244,7 +246,9 @@ class SmoothingJob(Job):
             compiled = self._count(records, run_dir, bar)
         finally:
             bar.close()
-        summary = summarize(self.config, records, {"batch_size": self.batch_size, "compile": compiled})
+        extra = {"batch_size": self.batch_size, "compile": compiled, "deterministic": is_deterministic()}
+        notes = gpu_notes(self.model.device)
+        summary = summarize(self.config, records, {**extra, **({"notes": notes} if notes else {})})
         if run_dir is not None:
             run_dir.write_summary(summary)
         return SmoothingResult(records, summary, run_dir.path if run_dir is not None else None, dict(self.config))
@@ -260,10 +264,12 @@ class SmoothingJob(Job):
         batch_number = [run_dir.completed_batches if run_dir is not None else 0]
         correct = [sum(bool(r["correct"]) for r in records)]
 
+        placed = device_label(self.device)
+
         def on_chunk(chunk: ChunkCounts) -> None:
             share = chunk.seconds / (chunk.stop - chunk.start)
             new = [_record(settings, self.skip + done + p, int(self.labels[done + p]), chunk.counts[p - chunk.start],
-                           round(share, 4)) for p in range(chunk.start, chunk.stop)]
+                           round(share, 4), placed) for p in range(chunk.start, chunk.stop)]
             if run_dir is not None:
                 run_dir.append_batch(batch_number[0], new)
                 batch_number[0] += 1

@@ -10,12 +10,19 @@ Counts are integer tensors on the device; the host reads them back once per
 chunk of finished images, never per pass.
 
 Noise: draw j of phase p of the input with data-set index i is a function of
-(seed, i, p, j) alone, on a given device type. The draws of a phase are cut
-into blocks of `noise_block_size` draws and block k is drawn by a generator
-seeded with a hash of (seed, i, p, k). Counts therefore do not depend on the
-batch size, on which other images share a pass, or on where a run resumed.
-(Drawing 1,000 normals at once and 2 × 500 from one generator need not agree,
-hence fixed blocks rather than one generator per image.)
+(seed, i, p, j) alone, on every device. The draws of a phase are cut into
+blocks of `noise_block_size` draws; block k is the standard normal tensor
+that PyTorch's CPU generator (Mersenne Twister) draws after
+`manual_seed(blake2b(f"{seed}:{i}:{p}:{k}"))`, in the model's dtype. The
+blocks are always drawn on the CPU and copied to the device: CUDA's own
+normal generator lays its counters out by the GPU's number of SMs, so its
+draws differ between GPU models, while the CPU definition is the same
+everywhere (and is the stream every CPU run has used). Counts therefore do
+not depend on the batch size, on which other images share a pass, on where a
+run resumed, or on the device. (Drawing 1,000 normals at once and 2 × 500
+from one generator need not agree, hence fixed blocks rather than one
+generator per image.) On a GPU the CPU draws one pass ahead while the device
+works on the last one (pinned double buffer, asynchronous copies).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,16 +65,20 @@ def noise_block_size(input_shape: Sequence[int]) -> int:
 
 
 class NoiseSource:
-    """Standard normal draws addressed by (image index, phase, draw index)."""
+    """Standard normal draws addressed by (image index, phase, draw index), drawn on the CPU for any device.
+
+    device is where the draws are used (the passes' buffers live there); write()
+    fills a tensor on any device with the same values.
+    """
 
     def __init__(self, seed: int, input_shape: Sequence[int], device: torch.device, dtype: torch.dtype):
         self.seed = int(seed)
         self.input_shape = tuple(int(d) for d in input_shape)
-        self.device = device
+        self.device = torch.device(device)
         self.dtype = dtype
         self.block = noise_block_size(self.input_shape)
-        self._generator = torch.Generator(device=device)
-        # The last block that a pass used only in part: the next pass starts with its rest.
+        self._generator = torch.Generator(device="cpu")
+        # The last block that a pass used only in part (on the CPU): the next pass starts with its rest.
         self._cached_key: tuple[int, int, int] | None = None
         self._cached: Tensor | None = None
 
@@ -77,7 +89,10 @@ class NoiseSource:
 
     def _fill(self, out: Tensor, index: int, stream: int, block: int) -> None:
         self._generator.manual_seed(self.block_seed(index, stream, block))
-        out.normal_(generator=self._generator)
+        if out.device.type == "cpu":
+            out.normal_(generator=self._generator)
+        else:  # the CPU definition, copied (write into a CPU staging buffer to avoid the per-block copy)
+            out.copy_(torch.empty(out.shape, dtype=out.dtype).normal_(generator=self._generator))
 
     def write(self, out: Tensor, index: int, phase: Phase, start: int, stop: int) -> None:
         """Write draws [start, stop) of `phase` of image `index` into out (stop − start rows)."""
@@ -92,9 +107,7 @@ class NoiseSource:
             else:
                 key = (index, phase.stream, block)
                 if self._cached_key != key:
-                    self._cached = torch.empty(
-                        (block_stop - block_start, *self.input_shape), device=self.device, dtype=self.dtype
-                    )
+                    self._cached = torch.empty((block_stop - block_start, *self.input_shape), dtype=self.dtype)
                     self._fill(self._cached, index, phase.stream, block)
                     self._cached_key = key
                 out[offset : offset + rows].copy_(self._cached[lo - block_start : hi - block_start])
@@ -199,29 +212,57 @@ def count_classes(
 
 
 class _NoisyPasses:
-    """Builds each pass's noisy inputs in one buffer: rows [start, stop) of the (image, phase, draw) sequence."""
+    """Builds each pass's noisy inputs in one buffer: rows [start, stop) of the (image, phase, draw) sequence.
+
+    On the CPU the noise is drawn straight into the buffer. On another device it is drawn into one of
+    two pinned CPU buffers and copied asynchronously, so drawing pass k+1 overlaps the device's work on
+    pass k; an event per staging buffer keeps a buffer from being redrawn before its copy is done.
+    """
 
     def __init__(self, images: Tensor, indices: Sequence[int], sigma: float, phases: Sequence[Phase],
-                 noise: NoiseSource, batch: int):
+                 noise: NoiseSource, batch: int, staged: bool | None = None):
+        # staged: draw into CPU buffers and copy (default: when the device is not the CPU; tests force it).
         self.images, self.indices, self.sigma, self.phases, self.noise = images, indices, sigma, phases, noise
         self.per_image = sum(p.draws for p in phases)
         self.boundaries = np.cumsum([0] + [p.draws for p in phases])
-        self.buffer = torch.zeros((batch, *images.shape[1:]), dtype=noise.dtype, device=noise.device)
+        shape = (batch, *images.shape[1:])
+        self.buffer = torch.zeros(shape, dtype=noise.dtype, device=noise.device)
+        self.staging: list[Tensor] = []
+        self.copied: list[Any] = []
+        if noise.device.type != "cpu" if staged is None else staged:
+            pin = noise.device.type == "cuda"
+            self.staging = [torch.zeros(shape, dtype=noise.dtype, pin_memory=pin) for _ in range(2)]
+            self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.passes = 0
 
     def fill(self, start: int, stop: int) -> Tensor:
         first_image, last_image = start // self.per_image, (stop - 1) // self.per_image
         clean_images = self.images[first_image : last_image + 1].to(device=self.noise.device, dtype=self.noise.dtype,
                                                                      non_blocking=True)
+        target = self.buffer
+        if self.staging:
+            slot = self.passes % 2
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # its last copy to the device has finished
+            target = self.staging[slot]
         row = 0
+        rows: list[tuple[int, int, int]] = []
         for image in range(first_image, last_image + 1):
             image_row = row
-            row = self._write_noise(image, start, stop, row)
-            self.buffer[image_row:row].mul_(self.sigma).add_(clean_images[image - first_image])
+            row = self._write_noise(target, image, start, stop, row)
+            rows.append((image, image_row, row))
+        if self.staging:
+            self.buffer.copy_(target, non_blocking=True)
+            if self.copied[slot] is not None:
+                self.copied[slot].record()
+        self.passes += 1
+        for image, lo, hi in rows:
+            self.buffer[lo:hi].mul_(self.sigma).add_(clean_images[image - first_image])
         if row < self.buffer.shape[0]:
             self.buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
         return self.buffer
 
-    def _write_noise(self, image: int, start: int, stop: int, row: int) -> int:
+    def _write_noise(self, target: Tensor, image: int, start: int, stop: int, row: int) -> int:
         """The noise of the (image, phase) segments this pass covers, from `row` on; returns the next row."""
         image_lo = max(start, image * self.per_image) - image * self.per_image
         image_hi = min(stop, (image + 1) * self.per_image) - image * self.per_image
@@ -231,7 +272,7 @@ class _NoisyPasses:
             if lo >= hi:
                 continue
             phase_lo = lo - int(self.boundaries[phase_number])
-            self.noise.write(self.buffer[row : row + hi - lo], self.indices[image], phase, phase_lo,
+            self.noise.write(target[row : row + hi - lo], self.indices[image], phase, phase_lo,
                              phase_lo + hi - lo)
             row += hi - lo
         return row
