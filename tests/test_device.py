@@ -263,3 +263,54 @@ def test_the_pooling_is_deterministic_on_cuda_and_agrees_with_adaptive_pooling()
     assert torch.equal(grads[0], grads[1])
     torch.testing.assert_close(pool(x), nn.AdaptiveAvgPool2d(2)(x.detach()).requires_grad_(False), rtol=1e-6,
                                atol=1e-6)
+
+
+# --- the conditioned energy network without a host synchronisation ---------------------------------------------
+def _old_forward(net, x, coordinate):
+    """ConditionedEnergyNet.forward as it was: each distinct level embedded once via torch.unique."""
+    import torch.nn.functional as F
+
+    levels, index = torch.unique(coordinate, return_inverse=True)
+    embedding = net.embedding(levels)
+    h = net.project(F.silu(net.stem(x)).flatten(1))
+    for block in net.blocks:
+        h = block(h, embedding, index)
+    return net.head(F.silu(h))
+
+
+@pytest.mark.parametrize("name", ["cdn", "egc"])
+def test_the_energy_network_gives_its_old_outputs_with_and_without_torch_unique(name, monkeypatch):
+    model = robusteval.create_model(name, dataset="digits", device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=generator)
+    random_sigmas = torch.rand(64, generator=generator) * 0.5
+    shared = torch.full((64,), 0.25)
+    mixed = torch.tensor([0.1, 0.3]).repeat(32)
+    with torch.no_grad():
+        for sigma in (random_sigmas, shared, mixed):
+            captured = []
+            monkeypatch.setattr(type(model.net), "forward", lambda net, a, c: captured.append((a, c)) or
+                                _old_forward(net, a, c))
+            old = model.logits(x, sigma)
+            monkeypatch.undo()
+            net_input, coordinate = captured[0]
+            assert torch.equal(model.logits(x, sigma), old)  # on the CPU: the same bits as before
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the GPU's path, on the CPU
+            per_sample = model.net(net_input, coordinate)
+            monkeypatch.undo()
+            torch.testing.assert_close(per_sample, _old_forward(model.net, net_input, coordinate), rtol=1e-5,
+                                       atol=1e-5)
+            torch.testing.assert_close(model.logits(x, sigma), old)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["cdn", "egc"])
+def test_the_energy_network_on_cuda_agrees_with_the_cpu(name):
+    cpu = robusteval.create_model(name, dataset="digits", device="cpu")
+    gpu = robusteval.create_model(name, dataset="digits", device="cuda")
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 0.5
+    determinism.set_deterministic(True)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.logits(x.cuda(), sigma.cuda()).cpu(), cpu.logits(x, sigma), rtol=1e-4,
+                                   atol=1e-4)
