@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from robusteval.checkpoints import atomic_write_json, save_safetensors
 from robusteval.data import ImageDataset, load_dataset
 from robusteval.interface import JointModel
+from robusteval.model_zoo import draws
 
 
 @dataclass
@@ -32,16 +33,27 @@ class TrainContext:
     generator: torch.Generator
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    # Where the model trains. Every draw comes from the CPU `generator` and is moved here, so a run's
+    # random stream is the same on every device (its arithmetic is not: see README, Reproduction).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def epoch_bar(self, desc: str) -> tqdm:
         """A progress bar over epochs; trainers set its postfix to loss and accuracy."""
         return tqdm(range(self.epochs), desc=desc, disable=not self.progress, unit="epoch", leave=True)
 
     def randn_like(self, x: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+        return draws.randn(tuple(x.shape), self.generator, x.device, x.dtype)
 
     def rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self.generator)
+        return draws.rand(shape, self.generator, self.device)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        return torch.randint(0, high, (n,), generator=self.generator).to(self.device)
+
+    def batches(self, data: ImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled pass over the data set, each minibatch on the training device."""
+        for x, y in minibatches(data, batch_size, self.generator):
+            yield x.to(self.device), y.to(self.device)
 
 
 def minibatches(data: ImageDataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
@@ -83,13 +95,19 @@ def train_model(
     progress: bool = True,
     options: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a registered model with its recipe and write safetensors plus its card record.
 
     With `out=None` the weights go where the registry looks for shipped
-    weights, so the command that trains is the command that ships.
+    weights, so the command that trains is the command that ships. On the CPU
+    training is single-threaded (one reduction order); on a GPU it runs with
+    deterministic algorithms and no TF32.
     """
-    from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry
+    from robusteval.determinism import set_deterministic
+    from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry, resolve_device
+
+    device = resolve_device(device)
 
     entry = get_entry(name)
     card = entry.card
@@ -101,13 +119,16 @@ def train_model(
     recipe_options = {**card.recipe, **(options or {})}
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    set_deterministic(True)
     torch.manual_seed(seed)
     try:
         train_set = load_dataset(dataset, split="train", root=root)
         test_set = load_dataset(dataset, split="test", root=root)
-        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu")
-        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe_options)
+        # Built on the CPU (its initial weights come from the CPU generator), then moved.
+        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu").to(device)
+        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe_options, device)
         started = time.perf_counter()
         model.train()
         figures = entry.train(model, train_set, context) or {}
@@ -116,6 +137,7 @@ def train_model(
         figures = {"test_accuracy": accuracy(model, test_set), **figures}
     finally:
         torch.set_num_threads(threads)
+        set_deterministic(False)
 
     weights = Path(out) if out is not None else WEIGHTS_DIR / f"{card.name}-{train_set.name}.safetensors"
     if weights.suffix != ".safetensors":
@@ -127,16 +149,20 @@ def train_model(
         "file": weights.name,
         "sha256": "",
         "command": f"robusteval train --model {card.name} --dataset {train_set.name} "
-        f"--epochs {epochs} --seed {seed}{option_flags}",
+        f"--epochs {epochs} --seed {seed}{option_flags}" + (f" --device {device.type}" if device.type != "cpu" else ""),
         "epochs": epochs,
         "seed": seed,
         "recipe": recipe_options,
         "train_seconds": round(seconds, 1),
-        "train_threads": 1,
+        "train_threads": 1 if device.type == "cpu" else None,
+        "train_device": "cpu" if device.type == "cpu" else f"{device.type}: {torch.cuda.get_device_name(device)}",
         "torch": torch.__version__,
         "machine": platform.machine(),
+        # What decides the bits of CPU training: the vector kernels PyTorch picks for this CPU.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "metrics": {k: round(float(v), 4) for k, v in figures.items()},
     }
+    model = model.to("cpu")
     record["sha256"] = save_safetensors(model, weights, metadata={"model": card.name, "dataset": train_set.name})
     atomic_write_json(weights.with_suffix(".json"), record)
     return TrainResult(model, weights, record)

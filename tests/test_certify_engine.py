@@ -187,18 +187,47 @@ def test_auto_compile_decides_from_the_timed_eager_pass(monkeypatch):
 
     x = torch.zeros(4, 1, 2, 2)
     # A long run left: the second (timed) eager pass decides to compile, the third pass runs compiled.
-    monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", 0.0)
+    monkeypatch.setattr(sampler, "COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
     runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
     outputs = [int(runner(x, passes_left=10)[0]) for _ in range(3)]
     assert outputs == [0, 0, 1] and runner.compiled and built == [True]
     # A short run left: it stays eager and never builds the compiled classifier.
-    monkeypatch.setattr(sampler, "COMPILE_PAYOFF_SECONDS", float("inf"))
+    monkeypatch.setattr(sampler, "COMPILE_SECONDS", {"cpu": float("inf"), "cuda": float("inf")})
     built.clear()
     runner = sampler.BaseClassifierRunner(eager, make_compiled, None)
     assert [int(runner(x, passes_left=10)[0]) for _ in range(3)] == [0, 0, 0] and not built
     # Explicit choices are obeyed from the first pass.
     assert int(sampler.BaseClassifierRunner(eager, make_compiled, True)(x, 0)[0]) == 1
     assert int(sampler.BaseClassifierRunner(eager, make_compiled, False)(x, 10**6)[0]) == 0
+
+
+def test_auto_compile_goes_back_to_eager_when_a_compiled_pass_is_no_faster(monkeypatch):
+    import time as clock
+
+    from robusteval.smoothing import sampler
+
+    def eager(noisy):
+        return torch.zeros(noisy.shape[0], dtype=torch.long)
+
+    def slow_compiled(noisy):
+        clock.sleep(0.05)
+        return torch.ones(noisy.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(sampler, "COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
+    runner = sampler.BaseClassifierRunner(eager, lambda: slow_compiled, None)
+    x = torch.zeros(4, 1, 2, 2)
+    # eager warm-up, eager timed (compile), compiled (compiling), compiled timed (slower: dropped), eager.
+    assert [int(runner(x, passes_left=10)[0]) for _ in range(5)] == [0, 0, 1, 1, 0] and not runner.compiled
+    # Explicitly asked for: kept however it times.
+    forced = sampler.BaseClassifierRunner(eager, lambda: slow_compiled, True)
+    assert [int(forced(x, 0)[0]) for _ in range(3)] == [1, 1, 1]
+
+
+def test_the_compile_payoff_is_the_cpu_one_of_before_and_shorter_on_a_gpu():
+    from robusteval.smoothing import sampler
+
+    assert sampler.compile_payoff_seconds("cpu") == pytest.approx(120.0)
+    assert sampler.compile_payoff_seconds("cuda") < sampler.compile_payoff_seconds("cpu")
 
 
 def test_compiled_base_classifier_counts_like_the_eager_one(digits):

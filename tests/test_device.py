@@ -314,3 +314,24 @@ def test_the_energy_network_on_cuda_agrees_with_the_cpu(name):
     with torch.no_grad():
         torch.testing.assert_close(gpu.logits(x.cuda(), sigma.cuda()).cpu(), cpu.logits(x, sigma), rtol=1e-4,
                                    atol=1e-4)
+
+
+# --- work sizes by device ------------------------------------------------------------------------------------
+def test_cpu_sizes_are_unchanged_and_gpu_sizes_are_larger():
+    from robusteval import work_sizes
+
+    assert work_sizes.certify_batch("cpu", (3, 32, 32)) == 1000
+    assert work_sizes.stacked_images("cpu") == 4096 and work_sizes.denoise_batch("cpu") == 100
+    assert work_sizes.certify_batch("cuda", (1, 8, 8)) == 10_000
+    assert work_sizes.certify_batch("cuda", (3, 224, 224)) == 1000  # 150,528 values per image: never below the CPU's
+    assert work_sizes.stacked_images("cuda") > 4096 and work_sizes.denoise_batch("cuda") == 1000
+
+
+def test_default_batch_sizes_follow_the_device(digits):
+    from robusteval.denoising import prepare_denoising
+    from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
+
+    settings = SmoothingSettings("certify", sigma=0.5, n=100, alpha=0.01, n0=10)
+    assert prepare_smoothing(linear_digits_model(), digits, settings, device="cpu").batch_size == 1000
+    job = prepare_denoising("cdn", digits, sigmas=[0.25], n_images=4, device="cpu")
+    assert job.batch_size == 100 and job.config["batch_size"] == 100

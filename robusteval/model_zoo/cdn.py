@@ -34,7 +34,7 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo.diffusion import input_gradient
 from robusteval.model_zoo.noise_nets import ConditionedEnergyNet
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import TrainContext
 
 SIGMA_MIN = 0.01
 SIGMA_MAX = 1.0
@@ -96,7 +96,7 @@ def train_cdn(model: ClassificationDenoisingNetwork, data: ImageDataset, ctx: Tr
     dsm_sum = ce_sum = correct = seen = 0.0
     for _ in bar:
         dsm_sum = ce_sum = correct = seen = 0.0
-        for x0, y in minibatches(data, batch_size, ctx.generator):
+        for x0, y in ctx.batches(data, batch_size):
             model.train()
             sigma = torch.exp(log_min + (log_max - log_min) * ctx.rand(x0.shape[0]))
             noise = ctx.randn_like(x0)

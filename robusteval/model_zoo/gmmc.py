@@ -34,7 +34,7 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo.jem import EnergyCNN
 from robusteval.model_zoo.registry import register_model
 from robusteval.model_zoo.sgld import ReplayBuffer, SGLDConfig, sgld, uniform_noise
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import TrainContext
 
 MODES = ("discriminative", "generative", "joint")
 
@@ -151,12 +151,12 @@ def train_gmmc(model: GMMC, data: ImageDataset, ctx: TrainContext) -> dict[str, 
         generative = epoch >= discriminative_epochs
         sums = {"ce": 0.0, "correct": 0.0, "e_data": 0.0, "e_sample": 0.0}
         seen = 0
-        for x, y in minibatches(data, batch_size, ctx.generator):
+        for x, y in ctx.batches(data, batch_size):
             model.train()
             x_data = x + data_noise * ctx.randn_like(x)
             if generative:
                 index, start = buffer.draw(len(x), y)
-                x_sample = sgld(lambda v: model.class_energy(v, y), start, chain, ctx.generator)
+                x_sample = sgld(lambda v: model.class_energy(v, y), start.to(ctx.device), chain, ctx.generator)
                 buffer.store(index, x_sample)
                 distances = model.squared_distances(torch.cat([x_data, x_sample]))
                 logits = -0.5 * distances[: len(x)]

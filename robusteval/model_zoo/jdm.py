@@ -29,7 +29,7 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import NoiseEmbedding
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import TrainContext
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -214,7 +214,7 @@ def train_jdm(model: JointDiffusionModel, data: ImageDataset, ctx: TrainContext)
     eps_sum = ce_sum = correct = seen = 0.0
     for _ in bar:
         eps_sum = ce_sum = correct = seen = 0.0
-        for x, y in minibatches(data, batch_size, ctx.generator):
+        for x, y in ctx.batches(data, batch_size):
             model.train()
             x0 = diffusion.to_internal(x)
             t = ctx.rand(x.shape[0]) * diffusion.T_MAX

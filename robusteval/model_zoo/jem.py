@@ -26,7 +26,7 @@ from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
 from robusteval.model_zoo.sgld import ReplayBuffer, SGLDConfig, sgld, uniform_noise
-from robusteval.training import TrainContext, minibatches
+from robusteval.training import TrainContext
 
 
 class EnergyCNN(nn.Module):
@@ -124,13 +124,13 @@ def train_jem(model: JEM, data: ImageDataset, ctx: TrainContext) -> dict[str, fl
     for _ in bar:
         sums = {"ce": 0.0, "correct": 0.0, "e_data": 0.0, "e_sample": 0.0}
         seen = 0
-        for x, y in minibatches(data, batch_size, ctx.generator):
+        for x, y in ctx.batches(data, batch_size):
             model.train()
             x_data = x + data_noise * ctx.randn_like(x)
             # Class-conditional chains (JEM's class_cond_p_x_sample): y ~ uniform, x ~ p(x | y).
-            y_chain = torch.randint(0, data.num_classes, (len(x),), generator=ctx.generator)
+            y_chain = ctx.randint(data.num_classes, len(x))
             index, start = buffer.draw(len(x), y_chain)
-            x_sample = sgld(lambda v: model.class_energy(v, y_chain), start, chain, ctx.generator)
+            x_sample = sgld(lambda v: model.class_energy(v, y_chain), start.to(ctx.device), chain, ctx.generator)
             buffer.store(index, x_sample)
 
             logits = model.net(torch.cat([x_data, x_sample]))

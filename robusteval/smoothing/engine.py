@@ -39,6 +39,7 @@ from robusteval.smoothing.sampler import (
     count_classes,
     noise_block_size,
 )
+from robusteval import work_sizes
 from robusteval.determinism import gpu_notes, is_deterministic
 from robusteval.model_zoo.registry import device_label
 from robusteval.data import ImageDataset
@@ -144,7 +145,7 @@ def _base_classifier(
             return model.logits(noisy, sigma_rows).argmax(1)
 
         return BaseClassifierRunner(
-            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile)
+            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile, device.type)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
@@ -161,7 +162,7 @@ def _base_classifier(
         compiled_head = torch.compile(head, dynamic=False, options=COMPILE_OPTIONS)
         return lambda noisy: compiled_head(denoise(noisy))
 
-    return BaseClassifierRunner(classify_denoised, make_compiled, compile)
+    return BaseClassifierRunner(classify_denoised, make_compiled, compile, device.type)
 
 
 def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float,
@@ -203,11 +204,13 @@ class SmoothingJob(Job):
     """A prepared CERTIFY or PREDICT run on images skip, skip+1, ... of a data set, with the model on its device."""
 
     def __init__(self, resolved: Resolved, settings: SmoothingSettings, *, n_images: int | None = None,
-                 skip: int = 0, batch_size: int = 1000, compile: bool | None = None,
+                 skip: int = 0, batch_size: int | None = None, compile: bool | None = None,
                  chunk_images: int | None = None):
+        model, data = resolved.model, resolved.data
+        if batch_size is None:  # counts do not depend on it: the device's size (1,000 on the CPU)
+            batch_size = work_sizes.certify_batch(resolved.device, model.input_shape)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-        model, data = resolved.model, resolved.data
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.images = data.x[skip : skip + n_images]
@@ -326,7 +329,7 @@ def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
 
 
 def prepare_smoothing(model: JointModel | str, dataset: Any, settings: SmoothingSettings, *,
-                      n_images: int | None = None, skip: int = 0, batch_size: int = 1000,
+                      n_images: int | None = None, skip: int = 0, batch_size: int | None = None,
                       compile: bool | None = None, **options: Any) -> SmoothingJob:
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
     resolved = resolve(model, JobOptions.of(dataset, options))
@@ -344,7 +347,7 @@ def certify(
     mode: str = "direct",
     n_images: int | None = None,
     skip: int = 0,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     seed: int = 0,
     compile: bool | None = None,
     out: str | Path | None = None,
@@ -381,7 +384,7 @@ def predict(
     mode: str = "direct",
     n_images: int | None = None,
     skip: int = 0,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     seed: int = 0,
     compile: bool | None = None,
     out: str | Path | None = None,

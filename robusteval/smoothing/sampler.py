@@ -45,8 +45,21 @@ SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
 NOISE_BLOCK_DRAWS = 1000
 # Keep one block at most this many values (4 Mi floats = 16 MiB), whatever the image size.
 NOISE_BLOCK_VALUES = 1 << 22
-# Compile in "auto" mode when the eager forward passes still to run would take longer than this.
-COMPILE_PAYOFF_SECONDS = 120.0
+# "auto" compiles when the eager passes still to run (timed) would take longer than the compile's cost over
+# the share of pass time compiling saves. CPU: inductor with freezing saves 2-6% of a pass (interleaved
+# timings, 2 cores) and compiles in about 6 s: 120 s of eager passes. GPU: fusing a small network's many
+# kernel launches saves about half of a pass, for about 30 s of compiling (estimates for now;
+# benchmarks/device_check.sh prints both measured on a GPU). A compiled pass that turns out no faster than
+# the eager one is dropped for the eager one.
+COMPILE_SECONDS = {"cpu": 6.0, "cuda": 30.0}
+COMPILE_SAVING = {"cpu": 0.05, "cuda": 0.5}
+COMPILE_PAYOFF_SECONDS = COMPILE_SECONDS["cpu"] / COMPILE_SAVING["cpu"]
+
+
+def compile_payoff_seconds(device_type: str) -> float:
+    """Eager seconds still to run above which compiling pays off on this kind of device."""
+    kind = device_type if device_type in COMPILE_SECONDS else "cpu"
+    return COMPILE_SECONDS[kind] / COMPILE_SAVING[kind]
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
 
@@ -123,16 +136,22 @@ class BaseClassifierRunner:
 
     compile: True (compile before the first pass), False (never) or None
     ("auto": time one warm eager pass and compile when the eager passes
-    still to run would take longer than COMPILE_PAYOFF_SECONDS).
+    still to run would take longer than compile_payoff_seconds(device_type);
+    then time one warm compiled pass and go back to eager if it is no faster).
     make_compiled builds the compiled classifier; it is only called when needed.
     """
 
-    def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None):
+    def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
+                 device_type: str = "cpu"):
         self.eager = eager
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
+        self.automatic = self.policy is None
+        self.payoff_seconds = compile_payoff_seconds(device_type)
         self._compiled: Classify | None = None
         self._eager_passes = 0
+        self._compiled_passes = 0
+        self._eager_seconds: float | None = None
 
     @property
     def compiled(self) -> bool:
@@ -142,18 +161,33 @@ class BaseClassifierRunner:
         if self.policy and self._compiled is None:
             self._compiled = self._make_compiled()  # type: ignore[misc]
         if self._compiled is not None:
-            return self._compiled(noisy)
+            return self._run_compiled(noisy)
         if self.policy is False:
             return self.eager(noisy)
         started = time.perf_counter()
         predictions = self.eager(noisy)
         if self._eager_passes >= 1:  # the first pass is a warm-up
             int(predictions[0])  # wait for the device, so the timing is real
-            expected = (time.perf_counter() - started) * passes_left
-            self.policy = expected > COMPILE_PAYOFF_SECONDS
+            self._eager_seconds = time.perf_counter() - started
+            expected = self._eager_seconds * passes_left
+            self.policy = expected > self.payoff_seconds
             logger.info("eager passes left: %d, about %.0f s: %s", passes_left, expected,
                         "compiling" if self.policy else "staying eager")
         self._eager_passes += 1
+        return predictions
+
+    def _run_compiled(self, noisy: Tensor) -> Tensor:
+        assert self._compiled is not None
+        started = time.perf_counter()
+        predictions = self._compiled(noisy)
+        self._compiled_passes += 1
+        if self.automatic and self._compiled_passes == 2 and self._eager_seconds is not None:
+            int(predictions[0])  # the first compiled pass compiled; this one is a pass
+            seconds = time.perf_counter() - started
+            if seconds >= self._eager_seconds:
+                logger.info("a compiled pass took %.3f s, an eager one %.3f s: back to eager", seconds,
+                            self._eager_seconds)
+                self._compiled, self.policy = None, False
         return predictions
 
 
