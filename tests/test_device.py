@@ -335,3 +335,34 @@ def test_default_batch_sizes_follow_the_device(digits):
     assert prepare_smoothing(linear_digits_model(), digits, settings, device="cpu").batch_size == 1000
     job = prepare_denoising("cdn", digits, sigmas=[0.25], n_images=4, device="cpu")
     assert job.batch_size == 100 and job.config["batch_size"] == 100
+
+
+def test_blocks_drawn_by_several_threads_are_the_blocks_drawn_by_one():
+    shape = (1, 4, 4)
+    phase = Phase(ESTIMATION, 100)
+    outputs = []
+    for threads in (1, 3):
+        source = NoiseSource(9, shape, torch.device("cpu"), torch.float32, threads=threads)
+        source.block = 7  # 15 blocks, the last one short
+        out = torch.empty(100, *shape)
+        for start, stop in ((0, 3), (3, 40), (40, 41), (41, 100)):  # part-used blocks carried between writes
+            source.write(out[start:stop], 2, phase, start, stop)
+        outputs.append(out)
+    expected = torch.cat([reference_block(9, 2, ESTIMATION, k, min(7, 100 - 7 * k), shape) for k in range(15)])
+    assert torch.equal(outputs[0], expected) and torch.equal(outputs[1], expected)
+
+
+# --- training on a GPU -----------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("name", ["standard", "pgd-at", "gaussian", "cdn", "dmae", "jem", "egc", "jdm", "gmmc"])
+def test_every_recipe_trains_on_cuda(name, tmp_path):
+    from robusteval.training import train_model
+
+    result = train_model(name, epochs=1, seed=0, out=tmp_path / f"{name}.safetensors", progress=False,
+                         device="cuda")
+    assert result.record["train_device"].startswith("cuda: ") and result.record["command"].endswith("--device cuda")
+    assert all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
+    assert result.model.device.type == "cpu"  # saved from the CPU; the record's figures were measured on the GPU
+    if name == "standard":
+        cpu = train_model(name, epochs=1, seed=0, out=tmp_path / "cpu.safetensors", progress=False)
+        assert abs(result.record["metrics"]["test_accuracy"] - cpu.record["metrics"]["test_accuracy"]) <= 0.05
