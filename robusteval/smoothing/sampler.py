@@ -55,17 +55,10 @@ NOISE_BLOCK_VALUES = 1 << 22
 # the share of pass time compiling saves. CPU: inductor with freezing saves 2-6% of a pass (interleaved
 # timings, 2 cores) and compiles in about 6 s: 120 s of eager passes. GPU: fusing a small network's many
 # kernel launches saves about half of a pass, for about 30 s of compiling (estimates for now;
-# benchmarks/device_check.sh prints both measured on a GPU). A compiled pass that turns out no faster than
+# DEVICE_CHECK_COMPILE=1 benchmarks/device_check.sh measures both on a GPU). A compiled pass that turns out no faster than
 # the eager one is dropped for the eager one.
 COMPILE_SECONDS = {"cpu": 6.0, "cuda": 30.0}
 COMPILE_SAVING = {"cpu": 0.05, "cuda": 0.5}
-COMPILE_PAYOFF_SECONDS = COMPILE_SECONDS["cpu"] / COMPILE_SAVING["cpu"]
-
-
-def compile_payoff_seconds(device_type: str) -> float:
-    """Eager seconds still to run above which compiling pays off on this kind of device."""
-    kind = device_type if device_type in COMPILE_SECONDS else "cpu"
-    return COMPILE_SECONDS[kind] / COMPILE_SAVING[kind]
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
 
@@ -75,6 +68,12 @@ class Phase:
 
     stream: int
     draws: int
+
+
+def compile_payoff_seconds(device_type: str) -> float:
+    """Eager seconds still to run above which compiling pays off on this kind of device."""
+    kind = device_type if device_type in COMPILE_SECONDS else "cpu"
+    return COMPILE_SECONDS[kind] / COMPILE_SAVING[kind]
 
 
 def noise_block_size(input_shape: Sequence[int]) -> int:
