@@ -224,10 +224,14 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
 
 
 def run_job(job: Job) -> tuple[str, float]:
-    """Run one job in this process (single-threaded torch); returns its run directory and wall seconds."""
+    """Run one job in this process (single-threaded torch on the CPU); returns its run directory and wall seconds."""
     import torch
 
-    torch.set_num_threads(1)
+    from robusteval.model_zoo.registry import resolve_device
+
+    if resolve_device(job.options.get("device") or "auto").type == "cpu":
+        # Jobs run side by side, one per core; on a GPU the host threads feed the device instead.
+        torch.set_num_threads(1)
     start = time.perf_counter()
     if job.kind == "attack":
         from robusteval.attacks.evaluate import evaluate_attack as evaluate
@@ -259,6 +263,8 @@ def run_benchmark(
         raise UsageError(f"jobs must be at least 1, got {jobs}")
     # A benchmark's shard is a part of its list of runs, not of each run's images.
     shard = Shard.parse(options.pop("shard", None))
+    if options.get("deterministic") is None:
+        options["deterministic"] = True  # a benchmark's figures are compared across runs and machines
     suite = _with_options(suite, options)
     say = on_event or (lambda message: logger.info("%s", message))
     folder = Path(out) / suite.name

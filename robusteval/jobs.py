@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from robusteval.data import ImageDataset, load_dataset
+from robusteval.determinism import set_deterministic
 from robusteval.errors import UsageError
 from robusteval.interface import JointModel, validate_images
 from robusteval.job_checks import check_data_fits_model
@@ -41,7 +42,7 @@ class CliFlag:
 
     name: str
     help: str
-    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag
+    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag | switch (--x/--no-x)
     default: Any = None
 
 
@@ -81,6 +82,10 @@ class JobOptions:
         "--shard", "Run only shard I of N (I/N, e.g. 2/4): a contiguous part of the images cut at whole batches; "
                    "`robusteval merge` joins the shards into the unsharded run. benchmark: part I of N of the "
                    "suite's runs."))
+    # None: the command's default (on for benchmark, off for single evaluations).
+    deterministic: bool | None = _option(None, CliFlag(
+        "--deterministic", "Deterministic GPU algorithms and no TF32 (slower on a GPU; CPU results are the same "
+                           "either way). Default: on for benchmark, off otherwise.", kind="switch"))
 
     @classmethod
     def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
@@ -171,6 +176,7 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
         raise UsageError("without images to evaluate, the data set must be given by name")
     # A named data set builds the model for that name (an .npz path reads its shape from the file).
     dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
+    set_deterministic(bool(options.deterministic))  # before the model is built or run
     if isinstance(model, str):
         device = resolve_device(options.device or "auto")
         built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,

@@ -62,7 +62,11 @@ _COMPANIONS = ("vae", "model_config")
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """config.json of an attack run: everything that fixes its results (what resume compares)."""
+    """config.json of an attack run: everything that fixes its results (what resume compares).
+
+    Where it runs (cpu, cuda, cuda:N) is not part of it: a run moves between
+    devices and resumes; each sample line records the device its batch ran on.
+    """
 
     model: str
     checkpoint: str | None
@@ -79,7 +83,6 @@ class AttackConfig:
     step_size: float | None
     seed: int
     batch_size: int
-    device: str
     decision_draws: int
     large_eps_check: bool
     masking_checks: bool
@@ -95,7 +98,11 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """config.json of a certify or predict run (the noise scheme names the generator, block layout and dtype)."""
+    """config.json of a certify or predict run (the noise scheme names the generator, block layout and dtype).
+
+    The noise is drawn on the CPU on every device (robusteval.smoothing.sampler), so the device is not
+    part of it: a run moves between cpu, cuda and cuda:N and resumes.
+    """
 
     kind: str
     model: str
@@ -108,7 +115,6 @@ class SmoothingConfig:
     n_images: int
     skip: int
     seed: int
-    device_type: str
     noise: str
     # The sequential method only (n is then its budget n_max): its grid and the design fixed before any draw.
     method: str | None = None
@@ -173,9 +179,10 @@ class AttackSample:
     correct: bool
     gradient_masked: dict[str, bool] | None  # per gradient variant; None when not checked or not correct
     results: list[EpsOutcome]
+    device: str | None = None  # where its batch ran (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
 @dataclass(frozen=True)
@@ -192,12 +199,14 @@ class CertifySample:
     count: int
     top_class: int
     seconds: float
+    device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
-@dataclass(frozen=True)
+# kw_only: its fields follow CertifySample's defaulted `device`.
+@dataclass(frozen=True, kw_only=True)
 class SequentialCertifySample(CertifySample):
     """A sequential certify run's line: CERTIFY's (count: ĉ among the draws used) plus the upper bound, the
     estimation draws used and the largest certified grid radius (None when abstaining)."""
@@ -220,9 +229,10 @@ class PredictSample:
     runner_up_count: int
     p_value: float
     seconds: float
+    device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,12 @@ def test_sample_and_config_records_write_the_engine_layout() -> None:
         "index": 3, "batch": 0, "label": 1, "clean_prediction": 1, "correct": True, "gradient_masked": {"full": False},
         "results": [{"eps": 0.1, "broken": True, "attack": "apgd-ce", "prediction": 7, "perturbation_norm": 0.0999,
                      "rejected": 0}]}
-    config = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "cpu", "x")
+    placed = AttackSample(index=3, batch=0, label=1, clean_prediction=1, correct=True, gradient_masked=None,
+                          results=[], device="cuda:1")
+    assert placed.to_json()["device"] == "cuda:1"  # where its batch ran; absent above, as in older records
+    config = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "x")
     assert "checkpoint" not in config.to_json()  # shipped weights: the configuration of earlier runs
-    other = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "cpu", "x",
+    assert "device_type" not in config.to_json()  # where it runs does not change its results
+    other = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "x",
                             checkpoint="w.safetensors")
     assert other.to_json()["checkpoint"] == "w.safetensors" and "model_dir" not in other.to_json()

@@ -101,7 +101,7 @@ def test_device_names_that_do_not_exist_here_are_one_clear_error(name: str) -> N
     assert isinstance(caught.value, ValueError)  # the command line prints it in one line, exit 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_create_model_on_cuda_gives_the_cpu_answer(digits_batch: torch.Tensor) -> None:
     cpu = robusteval.create_model("standard")
     gpu = robusteval.create_model("standard", device="cuda")

@@ -33,6 +33,7 @@ from robusteval.attacks.resume import BatchState
 from robusteval.attacks.seeds import CLEAN, GRADIENT, LARGE_EPS_BATCH_OFFSET, MINIMIZE, RECHECK, VERIFY, \
     attack_seed, derive_seed
 from robusteval.attacks.verification import perturbation_norm, project_to_ball, verify_adversarial
+from robusteval.model_zoo.registry import device_label
 from robusteval.records import AttackSample, EpsOutcome
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ class BatchAttacker:
             index=offset + i, batch=b, label=labels[i], clean_prediction=clean[i], correct=correct_list[i],
             gradient_masked=({mode: state.masked[mode][i] for mode in job.variants}
                              if correct_list[i] and job.masking_checks else None),
-            results=[EpsOutcome(**outcome) for outcome in state.per_eps[i]],
+            results=[EpsOutcome(**outcome) for outcome in state.per_eps[i]], device=device_label(job.device),
         ).to_json() for i in range(len(labels))]
 
     def _expected(self, pipeline: DeployedPipeline) -> torch.nn.Module:

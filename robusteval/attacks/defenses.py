@@ -26,13 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from robusteval import work_sizes
 from robusteval.errors import UsageError
 from robusteval.interface import JointModel
 from robusteval.vocabulary import DefenseSpec
 
 DECISION_DRAWS = 100
-# Images per forward pass when many noise draws are stacked into one batch.
-MAX_STACKED_IMAGES = 4096
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -110,7 +109,7 @@ class DeployedPipeline(nn.Module):
         """The EOT surrogate: mean logits over `draws` noise draws (smooth: log of the mean softmax)."""
         if not self.randomized or draws <= 1:
             return self._draw(x)
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0]))
+        chunk = max(1, work_sizes.stacked_images(x.device) // max(1, x.shape[0]))
         total: Tensor | None = None
         done = 0
         while done < draws:
@@ -136,7 +135,7 @@ class DeployedPipeline(nn.Module):
             return self._draw(x).argmax(1)
         draws = max(self.decision_draws, self.defense.votes)
         counts: Tensor | None = None
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0]))
+        chunk = max(1, work_sizes.stacked_images(x.device) // max(1, x.shape[0]))
         done = 0
         while done < draws:
             k = min(chunk, draws - done)

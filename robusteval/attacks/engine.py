@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval.determinism import gpu_notes
 from robusteval.attacks import sanity
 from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec
@@ -81,7 +82,7 @@ class AttackJob(Job):
             model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-            device=str(device), decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
+            decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
             masking_checks=masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **{k: str(v) for k, v in (companions or {}).items()},
@@ -229,7 +230,7 @@ class AttackJob(Job):
             defense=str(self.defense), clean_accuracy=sum(1 for r in records if r["correct"]) / n,
             curve=robustness_curve(records, self.eps), flags=sanity.flags_of(checks), seconds=seconds,
             gradient=self.gradient, eot=self.eot, seed=self.seed, batch_size=self.batch_size,
-            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes,
+            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes + gpu_notes(self.device),
         )
 
     def _finished(self, run_dir: RunDirectory, records: list[dict[str, Any]]) -> AttackResult | None:

@@ -191,13 +191,20 @@ class DeviceUnavailable(UsageError):
 _DEVICE_HELP = "expected auto, cpu, cuda or cuda:N"
 
 
+def device_label(device: torch.device) -> str:
+    """Where work runs, as records name it: cuda:N with the index even when only "cuda" was asked for."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' picks CUDA when it is available, else the CPU; others must exist here.
 
     cpu, cuda, cuda:N (N below the number of GPUs) and mps (where PyTorch has
     it) are accepted; anything else (tpu, meta, a cuda:7 on a machine with two
-    GPUs) is a DeviceUnavailable saying what is there. A torch.device is
-    taken as it is.
+    GPUs) is a DeviceUnavailable saying what is there; cuda:N becomes the
+    current CUDA device. A torch.device is taken as it is.
     """
     if isinstance(device, torch.device):
         return device  # a program's explicit choice (the meta device in tests); names come from users
@@ -217,6 +224,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if parsed.index is not None and parsed.index >= count:
             raise DeviceUnavailable(f"device {str(device)!r} does not exist: this machine has {count} GPU(s), "
                                     f"cuda:0..cuda:{count - 1}")
+        if parsed.index is not None:
+            # Code that places tensors with a bare .cuda() or "cuda" (RobustBench's composite models) lands on
+            # the current device: make it the one asked for, before anything is built.
+            torch.cuda.set_device(parsed)
         return parsed
     if parsed.type == "mps":
         if torch.backends.mps.is_available():

@@ -39,6 +39,9 @@ from robusteval.smoothing.sampler import (
 from robusteval.smoothing.settings import SmoothingSettings, certify_settings
 from robusteval.smoothing.sequential_results import sequential_figures, sequential_forward_passes, sequential_record
 from robusteval.smoothing.sequential_sampler import SequentialImage, count_sequentially
+from robusteval import work_sizes
+from robusteval.determinism import gpu_notes, is_deterministic
+from robusteval.model_zoo.registry import device_label
 from robusteval.data import ImageDataset
 from robusteval.errors import UsageError
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
@@ -65,7 +68,6 @@ def smoothing_config(
     dataset_name: str,
     n_images: int,
     skip: int,
-    device: torch.device,
     input_shape: tuple[int, ...],
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -80,8 +82,7 @@ def smoothing_config(
     return SmoothingConfig(
         kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
         n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,
-        # The noise stream depends on the device type's generator, the block layout and the dtype.
-        device_type=device.type,
+        # The noise stream depends on the block layout and the dtype; it is drawn on the CPU on every device.
         noise=f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
         **sequential, **(extra or {}),
     ).to_json()
@@ -113,7 +114,8 @@ def _base_classifier(
             return model.logits(noisy, sigma_rows).argmax(1)
 
         return BaseClassifierRunner(
-            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile)
+            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile,
+            device_type=device.type)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
@@ -130,21 +132,23 @@ def _base_classifier(
         compiled_head = torch.compile(head, dynamic=False, options=COMPILE_OPTIONS)
         return lambda noisy: compiled_head(denoise(noisy))
 
-    return BaseClassifierRunner(classify_denoised, make_compiled, compile)
+    return BaseClassifierRunner(classify_denoised, make_compiled, compile, device_type=device.type)
 
 
-def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float) -> dict[str, Any]:
+def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float,
+            device: str | None = None) -> dict[str, Any]:
     if settings.kind == "certify":
         cert = decisions.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
         return CertifySample(
             index=index, label=label, prediction=cert.prediction, abstain=cert.abstain, radius=cert.radius,
             correct=cert.prediction == label, pA_lower=cert.pA_lower, count=cert.count, top_class=cert.top_class,
-            seconds=seconds,
+            seconds=seconds, device=device,
         ).to_json()
     pred = decisions.predict_decision(counts[0], settings.alpha)
     return PredictSample(
         index=index, label=label, prediction=pred.prediction, abstain=pred.abstain, correct=pred.prediction == label,
         count=pred.count, runner_up_count=pred.runner_up_count, p_value=pred.p_value, seconds=seconds,
+        device=device,
     ).to_json()
 
 
@@ -178,15 +182,17 @@ class SmoothingJob(Job):
     """A prepared CERTIFY or PREDICT run on images skip, skip+1, ... of a data set, with the model on its device."""
 
     def __init__(self, resolved: Resolved, settings: SmoothingSettings, *, n_images: int | None = None,
-                 skip: int = 0, batch_size: int = 1000, compile: bool | None = None,
+                 skip: int = 0, batch_size: int | None = None, compile: bool | None = None,
                  chunk_images: int | None = None):
+        model, data = resolved.model, resolved.data
+        if batch_size is None:  # counts do not depend on it: the device's size (1,000 on the CPU)
+            batch_size = work_sizes.certify_batch(resolved.device, model.input_shape)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-        model, data = resolved.model, resolved.data
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
                                       model.input_shape, resolved.options.as_config(), dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
@@ -200,7 +206,7 @@ class SmoothingJob(Job):
         self.labels = data.y[skip : skip + n_images]
         validate_images(self.images, model.input_shape, what="images")
         _warn_sigma_mismatch(model, settings.sigma)
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.device = model, settings, resolved.device
         self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
         self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
@@ -227,7 +233,9 @@ class SmoothingJob(Job):
             compiled = self._count(records, run_dir, bar)
         finally:
             bar.close()
-        summary = summarize(self.config, records, {"batch_size": self.batch_size, "compile": compiled})
+        extra = {"batch_size": self.batch_size, "compile": compiled, "deterministic": is_deterministic()}
+        notes = gpu_notes(self.model.device)
+        summary = summarize(self.config, records, {**extra, **({"notes": notes} if notes else {})})
         if run_dir is not None:
             run_dir.write_summary(summary)
         return SmoothingResult(records, summary, run_dir.path if run_dir is not None else None, dict(self.config))
@@ -243,10 +251,13 @@ class SmoothingJob(Job):
         # Batches are numbered as in the unsharded run, so merged records equal its records.
         add_records = _RecordSink(records, run_dir, bar, settings.kind, self.first_batch)
 
+        placed = device_label(self.device)
+
         def on_chunk(chunk: ChunkCounts) -> None:
             share = chunk.seconds / (chunk.stop - chunk.start)
             add_records([_record(settings, self.skip + done + p, int(self.labels[done + p]),
-                                 chunk.counts[p - chunk.start], round(share, 4)) for p in range(chunk.start, chunk.stop)])
+                                 chunk.counts[p - chunk.start], round(share, 4), placed)
+                         for p in range(chunk.start, chunk.stop)])
 
         device = model.device
         noise = NoiseSource(settings.seed, model.input_shape, device, self.dtype)
@@ -261,7 +272,7 @@ class SmoothingJob(Job):
                 if settings.method == "sequential":
                     count_sequentially(runner, self.images[done:], indices, settings.sigma, settings.n0,
                                        settings.sequential_test(), model.num_classes, noise, batch,
-                                       self._on_sequential_image(done, chunk_images, add_records))
+                                       self._on_sequential_image(done, chunk_images, add_records, placed))
                 else:
                     count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
                                   model.num_classes, noise, batch, chunk_images, on_chunk)
@@ -269,14 +280,14 @@ class SmoothingJob(Job):
             model.train(was_training)
         return runner.compiled
 
-    def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None]
-                             ) -> Callable[[SequentialImage], None]:
+    def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None],
+                             placed: str) -> Callable[[SequentialImage], None]:
         """The sequential sampler's callback: records handed on (in image order) every chunk_images images."""
         pending: list[dict[str, Any]] = []
 
         def on_image(result: SequentialImage) -> None:
             position = done + result.position
-            pending.append(sequential_record(self.skip + position, int(self.labels[position]), result))
+            pending.append(sequential_record(self.skip + position, int(self.labels[position]), result, placed))
             if len(pending) == chunk_images or position == self.n_images - 1:
                 add_records(list(pending))
                 pending.clear()
@@ -336,7 +347,7 @@ def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
 
 
 def prepare_smoothing(model: JointModel | str, dataset: Any, settings: SmoothingSettings, *,
-                      n_images: int | None = None, skip: int = 0, batch_size: int = 1000,
+                      n_images: int | None = None, skip: int = 0, batch_size: int | None = None,
                       compile: bool | None = None, **options: Any) -> SmoothingJob:
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
     # Only the images the run needs are read (ImageNet decodes them one by one).
@@ -419,7 +430,11 @@ class _SmoothingMerger:
         first = shards[0].summary or {}
         # Whether the classifier ran compiled is a per-process choice (the counts are the same either way).
         compiled = any(bool((s.summary or {}).get("compile")) for s in shards)
-        return summarize(config, records, {"batch_size": first.get("batch_size"), "compile": compiled})
+        extra = {"batch_size": first.get("batch_size"), "compile": compiled,
+                 "deterministic": all(bool((s.summary or {}).get("deterministic")) for s in shards)}
+        # A shard run on a GPU without deterministic algorithms carries its note into the merged run.
+        notes = sorted({note for s in shards for note in (s.summary or {}).get("notes", [])})
+        return summarize(config, records, {**extra, **({"notes": notes} if notes else {})})
 
     def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:
         return {}
