@@ -7,7 +7,9 @@ so older run directories and the committed reports load unchanged:
 
 - ``attack``  (`robusteval run`): model, dataset, n, attack, norm, defense,
   clean_accuracy, curve [{eps, robust_accuracy, ci_low, ci_high, broken_by,
-  robust, rejected}], flags, seconds, gradient, eot, seed, batch_size, checks,
+  robust, rejected, standard_robust_accuracy, standard_robust,
+  worst_of_n_robust_accuracy, worst_of_n_robust}] (the last six optional when
+  reading: older runs have the attack's own figure only), flags, seconds, gradient, eot, seed, batch_size, checks,
   large_eps, notes (the last eight are optional when reading).
 - ``certify`` (`robusteval certify`): model, dataset, mode, sigma, n0, n,
   alpha, n_images, certified_accuracy [{radius, accuracy}], acr,
@@ -132,6 +134,11 @@ class EpsOutcome:
     prediction: int
     perturbation_norm: float
     rejected: int  # candidates that fooled the model but failed verification
+    # Broken by the attack's own components (AutoAttack's own result); None in records written before the engine
+    # ran remedy stages, where it equals `broken`.
+    standard_broken: bool | None = None
+    # Randomized pipelines: fooled on at least one of the fresh decision draws (worst-of-N); None when deterministic.
+    worst_broken: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
@@ -148,6 +155,9 @@ class AttackSample:
     correct: bool
     gradient_masked: dict[str, bool] | None  # per gradient variant; None when not checked or not correct
     results: list[EpsOutcome]
+    # Per gradient variant, why the cross-entropy gradient is blind ("saturation": the margin gradient is fine;
+    # "no-gradient": the margin gradient is zero too), None where it is not; absent in older records.
+    gradient_cause: dict[str, str | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
@@ -247,6 +257,13 @@ class CurvePoint:
     broken_by: dict[str, int]
     robust: int = 0
     rejected: int = 0
+    # The attack's own figure (AutoAttack's for --attack autoattack, comparable with RobustBench); the
+    # `robust_accuracy` above is the worst case over everything the engine ran (remedies, escalation included).
+    standard_robust_accuracy: float | None = None
+    standard_robust: int | None = None
+    # Randomized pipelines: correct and never fooled on the fresh decision draws; None when deterministic.
+    worst_of_n_robust_accuracy: float | None = None
+    worst_of_n_robust: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
@@ -254,11 +271,19 @@ class CurvePoint:
     # The name the attack engine's callers have used.
     as_dict = to_json
 
+    @property
+    def standard(self) -> float:
+        """The attack's own robust accuracy (summaries written before the remedy stages: `robust_accuracy`)."""
+        return self.robust_accuracy if self.standard_robust_accuracy is None else self.standard_robust_accuracy
+
     @classmethod
     def from_json(cls, point: dict[str, Any]) -> CurvePoint:
         return cls(float(point["eps"]), point["robust_accuracy"], point["ci_low"], point["ci_high"],
                    dict(point.get("broken_by") or {}), robust=point.get("robust", 0),
-                   rejected=point.get("rejected", 0))
+                   rejected=point.get("rejected", 0), standard_robust_accuracy=point.get("standard_robust_accuracy"),
+                   standard_robust=point.get("standard_robust"),
+                   worst_of_n_robust_accuracy=point.get("worst_of_n_robust_accuracy"),
+                   worst_of_n_robust=point.get("worst_of_n_robust"))
 
 
 @dataclass
@@ -303,6 +328,9 @@ class AttackSummary:
         for i, point in enumerate(points):
             for key in ("robust_accuracy", "ci_low", "ci_high"):
                 _check_fraction(f"curve[{i}].{key}", point[key])
+            for key in ("standard_robust_accuracy", "worst_of_n_robust_accuracy"):
+                if point.get(key) is not None:
+                    _check_fraction(f"curve[{i}].{key}", point[key])
             if not point["ci_low"] - 1e-9 <= point["robust_accuracy"] <= point["ci_high"] + 1e-9:
                 raise _fail(f"curve[{i}]: robust accuracy {point['robust_accuracy']} lies outside its "
                             f"interval [{point['ci_low']}, {point['ci_high']}]")
