@@ -44,6 +44,8 @@ class ModelCard:
     recipe: dict[str, Any] = field(default_factory=dict)
     # Where inference draws randomness; empty when it is deterministic.
     randomness: str = "none: inference is deterministic"
+    # Where the zoo model departs from the official code, where that can change a robustness conclusion.
+    departures: tuple[str, ...] = ()
 
     def checkpoint_path(self, dataset: str) -> Path:
         return WEIGHTS_DIR / f"{self.name}-{dataset}.safetensors"
@@ -69,6 +71,7 @@ class ModelCard:
             "description": self.description,
             "capabilities": sorted(self.capabilities),
             "randomness": self.randomness,
+            "departures": list(self.departures),
             "recipe": dict(self.recipe),
             "checkpoints": self.checkpoints(),
         }
@@ -96,6 +99,7 @@ def register_model(
     default_epochs: int = 30,
     recipe: dict[str, Any] | None = None,
     randomness: str = "none: inference is deterministic",
+    departures: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`."""
     unknown = set(capabilities) - CAPABILITIES
@@ -115,6 +119,7 @@ def register_model(
             default_epochs=default_epochs,
             recipe=dict(recipe or {}),
             randomness=randomness,
+            departures=tuple(departures),
         )
         _REGISTRY[name] = ModelEntry(card, build, trainer)
         return build
