@@ -139,12 +139,17 @@ class DeployedPipeline(nn.Module):
             logits = self.model.logits(chain, 0.0)
         return logits.view(x.shape[0], chains, -1).mean(1)
 
+    def _draws_per_pass(self, x: Tensor) -> int:
+        """Noise draws of the batch x stacked into one forward pass (SGLD runs `chains` images per input)."""
+        images = x.shape[0] * (self.defense.chains if self.defense.kind == "sgld" else 1)
+        return max(1, MAX_STACKED_IMAGES // max(1, images))
+
     # --- expectation over draws -----------------------------------------------------------------
     def expected(self, x: Tensor, draws: int) -> Tensor:
         """The EOT surrogate: mean logits over `draws` noise draws (smooth: log of the mean softmax)."""
         if not self.randomized or draws <= 1:
             return self._draw(x)
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0]))
+        chunk = self._draws_per_pass(x)
         total: Tensor | None = None
         done = 0
         while done < draws:
@@ -162,8 +167,7 @@ class DeployedPipeline(nn.Module):
     # --- the deployed decision ------------------------------------------------------------------
     def _draw_votes(self, x: Tensor, draws: int) -> Iterator[Tensor]:
         """The predicted classes of `draws` fresh draws, in chunks of shape (k, B)."""
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0] * self.defense.chains
-                                                 if self.defense.kind == "sgld" else x.shape[0]))
+        chunk = self._draws_per_pass(x)
         done = 0
         while done < draws:
             k = min(chunk, draws - done)

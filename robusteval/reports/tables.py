@@ -163,7 +163,7 @@ def adversarial_table(runs: Sequence[Run]) -> pd.DataFrame:
                 "robust_accuracy": float(point["robust_accuracy"]), "ci_low": float(point["ci_low"]),
                 "ci_high": float(point["ci_high"]),
                 # The attack's own figure (older runs: robust_accuracy) and, for randomized pipelines, worst-of-N.
-                "standard_robust_accuracy": float(_own(point)),
+                "standard_robust_accuracy": float(own_robust_accuracy(point)),
                 "worst_of_n_robust_accuracy": (float(point["worst_of_n_robust_accuracy"])
                                                if point.get("worst_of_n_robust_accuracy") is not None
                                                else float("nan")),
@@ -176,7 +176,7 @@ def adversarial_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _own(point: dict) -> float:
+def own_robust_accuracy(point: dict) -> float:
     """The attack's own robust accuracy at a curve point (summaries before the remedy stages: robust_accuracy)."""
     own = point.get("standard_robust_accuracy")
     return point["robust_accuracy"] if own is None else own
@@ -296,7 +296,7 @@ def _robust_cells(attacked: list[Run], norm: str, eps: float, columns: _Columns)
                            f"lowest robust accuracy over every attack run, {symbol}, ε = {format_number(eps)}")
     at_eps = [(r, r.robust_accuracy_at(eps)) for r in attacked if r.summary["norm"] == norm]
     at_eps = [(r, p) for r, p in at_eps if p is not None]
-    aa = [float(_own(p)) for r, p in at_eps if is_autoattack(r)]
+    aa = [float(own_robust_accuracy(p)) for r, p in at_eps if is_autoattack(r)]
     return {aa_key: min(aa) if aa else float("nan"),
             best_key: min((float(p["robust_accuracy"]) for _, p in at_eps), default=float("nan"))}
 
