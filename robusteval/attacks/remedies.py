@@ -20,9 +20,8 @@ own figure.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
 import torch
+from torch import Tensor, nn
 
 from robusteval.attacks.catalog import (
     AUTOATTACK_TARGETS,
