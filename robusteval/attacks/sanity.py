@@ -233,7 +233,7 @@ def zero_gradient_check(masked: int, total: int, variant: str, dead: int = 0, re
                                                    "blind there" + ran)
     if remedies:
         return Check(code, "pass", text + causes + f"; cleared: the scale-invariant remedies {', '.join(remedies)} "
-                                                   "ran on the points still standing")
+                                                   "attacked every point the attack left standing")
     return Check(code, "flag", text + causes + f", above {ZERO_GRADIENT_LIMIT:.0%}: gradient-based attacks are "
                                                "blind there")
 
