@@ -18,6 +18,8 @@ flagged ones become the run's `flags` ("code: message" strings). They are:
 - Robust accuracy not reaching 2% at a very large ε (L∞ 0.5, or an L2
   radius that reaches the mid-grey image): a sound attack breaks nearly
   everything there.
+- A randomized pipeline whose worst-of-N robust accuracy (fooled on any one
+  fresh decision draw) lies more than 5 points below its majority vote.
 """
 
 from __future__ import annotations
