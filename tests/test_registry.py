@@ -235,3 +235,11 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_cards_list_where_the_zoo_departs_from_the_official_code():
+    departures = {name: " ".join(robusteval.model_card(name).departures) for name in ("egc", "dmae", "jdm")}
+    assert "attention pooling" in departures["egc"] and "per-pixel class map" in departures["egc"]
+    assert "per patch" in departures["dmae"] and "extension" in departures["dmae"]
+    assert "internal features" in departures["jdm"] and "x_t" in departures["jdm"]
+    assert robusteval.model_card("egc").as_dict()["departures"] == list(robusteval.model_card("egc").departures)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attack_fixtures import saturated_linear_problem
 
 from robusteval.attacks.evaluate import evaluate_attack
 from robusteval.attacks.resume import adversarial_file_name
@@ -187,6 +188,24 @@ def test_sharded_attack_merges_to_the_unsharded_run(tmp_path):
             merged = torch.load(merged_dir / name, weights_only=True)
             assert merged.shape[0] == 10 and torch.equal(merged, torch.load(tmp_path / "full" / name,
                                                                             weights_only=True))
+
+
+def test_sharded_adaptive_attack_merges_to_the_unsharded_run(tmp_path):
+    """The per-point fields of the adaptive stages (gradient causes, the attack's own figure, worst-of-N) and
+    the model facts the record checks need (classes, randomized) survive the merge."""
+    model, x, y, _ = saturated_linear_problem(n=12)
+    options = dict(attack="apgd-ce", eps=[0.03, 0.1], defense="noise:0.05", eot=2, decision_draws=5,
+                   batch_size=4, device="cpu")
+    full = evaluate_attack(model, (x, y), out=tmp_path / "full", **options)
+    for i in (1, 2):
+        evaluate_attack(model, (x, y), out=tmp_path / f"s{i}", shard=f"{i}/2", **options)
+    merge([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")
+    _assert_same_run(tmp_path / "merged", tmp_path / "full")
+    summary = full.summary()
+    assert any(r.get("gradient_cause") for r in full.records)
+    assert all(p["worst_of_n_robust_accuracy"] is not None for p in summary["curve"])
+    assert summary["curve"][-1]["standard_robust_accuracy"] > summary["curve"][-1]["robust_accuracy"]
+    assert {c["check"] for c in summary["checks"]} >= {"zero-gradients", "decision-gap", "large-eps"}
 
 
 # --- torchrun ---------------------------------------------------------------------------------

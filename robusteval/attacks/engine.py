@@ -70,19 +70,21 @@ class AttackJob(Job):
                  spec: AttackSpec, norm: str, eps: list[float], defense: str, gradient: str, eot: int,
                  steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
                  large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True,
-                 companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None):
+                 companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None,
+                 decision_draws: int = DECISION_DRAWS):
         self.model, self.x, self.y = model, x, y
         self.spec, self.norm, self.eps = spec, norm, eps
         self.defense = parse_defense(defense)
         self.gradient, self.eot, self.steps, self.step_size = gradient, eot, steps, step_size
         self.seed, self.batch_size, self.device = seed, batch_size, device
         self.large_eps_check, self.masking_checks = large_eps_check, masking_checks
+        self.decision_draws = decision_draws
         self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
         self._freeze(AttackConfig(
             model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-            decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
+            decision_draws=decision_draws, large_eps_check=large_eps_check,
             masking_checks=masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **{k: str(v) for k, v in (companions or {}).items()},
@@ -149,7 +151,8 @@ class AttackJob(Job):
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=devices), trusted_inputs(), _autoattack_log_captured():
-                attacker = BatchAttacker(self, {mode: DeployedPipeline(self.model, self.defense, mode)
+                attacker = BatchAttacker(self, {mode: DeployedPipeline(self.model, self.defense, mode,
+                                                                       decision_draws=self.decision_draws)
                                                 for mode in self.variants})
                 notes = attacker.skipped_notes()
                 adversarial, batch_wall = self._attack_batches(attacker, run_dir, records, done, notes, progress)
@@ -302,7 +305,8 @@ class _AttackMerger:
         eps = list(config["eps"])
         variants = ["full", "bpda"] if config["gradient"] == "auto" else [config["gradient"]]
         plan = CheckPlan(resolve_attack(config["attack"]), variants, config["n"], eps, config["norm"],
-                         bool(config["masking_checks"]), bool(config["large_eps_check"]))
+                         bool(config["masking_checks"]), bool(config["large_eps_check"]), model.num_classes,
+                         model.randomized)
         checks = record_checks(plan, records, model)
         summaries = [AttackResult.from_summary(s.summary or {}) for s in shards]
         result = AttackResult(

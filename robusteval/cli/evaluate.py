@@ -45,10 +45,13 @@ from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NOR
 @click.option("--defense", default="none", show_default=True,
               help=f"What is attacked: {' | '.join(DEFENSE_FORMS)}.")
 @click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
-              help="Gradients through a denoise defense: exact (full), identity backward (bpda), or both (auto, "
-                   "the default for denoise defenses).")
+              help="Gradients through a denoise or sgld defense: exact (full), identity backward (bpda), or both "
+                   "(auto, the default there; worst case per point).")
 @click.option("--eot", type=int, default=None,
               help="Noise draws per gradient against randomized defenses (default 20 there, else 1).")
+@click.option("--decision-draws", type=click.IntRange(1), default=100, show_default=True,
+              help="Fresh draws deciding a randomized pipeline's prediction: the majority vote, and worst-of-N "
+                   "(fooled on any one draw) reported beside it.")
 @click.option("--steps", type=int, default=None, help="Override the attack's iterations (Square: queries).")
 @click.option("--step-size", type=float, default=None, help="Override the step size of PGD-type attacks (CW: lr).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -91,12 +94,13 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
 def _echo_attack_summary(summary: dict) -> None:
     click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
                f"{summary['norm']}, defense {summary['defense']}"
-               + (f", gradient {summary['gradient']}" if summary["defense"].startswith("denoise") else "")
+               + (f", gradient {summary['gradient']}" if summary["defense"].startswith(("denoise", "sgld")) else "")
                + (f", EOT {summary['eot']}" if summary["eot"] > 1 else "")
                + f": clean accuracy {summary['clean_accuracy']:.3f}")
     rows = [(f"{p['eps']:g}", f"{p['robust_accuracy']:.3f}", f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
+             _optional(p.get("standard_robust_accuracy")), _optional(p.get("worst_of_n_robust_accuracy")),
              ", ".join(f"{k} {v}" for k, v in p["broken_by"].items()) or "-") for p in summary["curve"]]
-    echo_table(("eps", "robust acc", "95% CI", "broken by"), rows)
+    echo_table(("eps", "robust acc", "95% CI", f"{summary['attack']} alone", "worst-of-N", "broken by"), rows)
     for note in summary["notes"]:
         click.echo(f"note: {note}")
     if summary["flags"]:
@@ -105,6 +109,10 @@ def _echo_attack_summary(summary: dict) -> None:
             click.echo(f"  - {flag}")
     else:
         click.echo("flags: none")
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # --- certify / predict (randomized smoothing) -----------------------------------------------

@@ -327,6 +327,11 @@ DMAE_RECIPE = DMAERecipe()
     trainer=train_dmae,
     default_epochs=200,
     recipe=DMAE_RECIPE,
+    departures=(
+        "The official pre-training normalizes the target pixels per patch, so its decoder is not a denoiser of "
+        "the image; this model's decoder rebuilds raw pixels and its `denoise` (decoder without masking) is an "
+        "extension of the paper, not part of its evaluation.",
+    ),
     description="ViT (2×2 patches, 16 tokens, dim 64, 4 encoder + 2 decoder blocks) pre-trained to rebuild the "
     "clean digit from x + N(0, 0.25²) with 75% of patches masked (MSE over all pixels); a copy of the encoder "
     "+ linear head (mean-pooled tokens) fine-tuned on x + σ·n, σ drawn per image from {0, 0.25, 0.5}, with "

@@ -50,6 +50,8 @@ class ModelCard:
     recipe: Recipe = field(default_factory=Recipe)
     # Where inference draws randomness; empty when it is deterministic.
     randomness: str = "none: inference is deterministic"
+    # Where the zoo model departs from the official code, where that can change a robustness conclusion.
+    departures: tuple[str, ...] = ()
 
     def checkpoint_path(self, dataset: str) -> Path:
         return WEIGHTS_DIR / f"{self.name}-{dataset}.safetensors"
@@ -75,6 +77,7 @@ class ModelCard:
             "description": self.description,
             "capabilities": sorted(self.capabilities),
             "randomness": self.randomness,
+            "departures": list(self.departures),
             "recipe": self.recipe.as_dict(),
             "checkpoints": self.checkpoints(),
             "official": self.official(),
@@ -114,6 +117,7 @@ def register_model(
     default_epochs: int = 30,
     recipe: Recipe | None = None,
     randomness: str = "none: inference is deterministic",
+    departures: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`.
 
@@ -139,6 +143,7 @@ def register_model(
             default_epochs=default_epochs,
             recipe=recipe,
             randomness=randomness,
+            departures=tuple(departures),
         )
         _REGISTRY[name] = ModelEntry(card, build, trainer)
         return build
