@@ -39,6 +39,7 @@ from typing import Any
 from robusteval.errors import UsageError
 from robusteval.checkpoints import atomic_write_json
 from robusteval.reports.paths import slug
+from robusteval.sharding import Shard
 from robusteval.vocabulary import SMOOTHING_MODES
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class BenchmarkResult:
     finished: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    planned: list[Path] = field(default_factory=list)  # every run of the suite, this shard's or not
 
 
 def resolve_suite(name: str) -> Suite:
@@ -222,10 +224,14 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
 
 
 def run_job(job: Job) -> tuple[str, float]:
-    """Run one job in this process (single-threaded torch); returns its run directory and wall seconds."""
+    """Run one job in this process (single-threaded torch on the CPU); returns its run directory and wall seconds."""
     import torch
 
-    torch.set_num_threads(1)
+    from robusteval.model_zoo.registry import resolve_device
+
+    if resolve_device(job.options.get("device") or "auto").type == "cpu":
+        # Jobs run side by side, one per core; on a GPU the host threads feed the device instead.
+        torch.set_num_threads(1)
     start = time.perf_counter()
     if job.kind == "attack":
         from robusteval.attacks.evaluate import evaluate_attack as evaluate
@@ -255,6 +261,10 @@ def run_benchmark(
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
+    # A benchmark's shard is a part of its list of runs, not of each run's images.
+    shard = Shard.parse(options.pop("shard", None))
+    if options.get("deterministic") is None:
+        options["deterministic"] = True  # a benchmark's figures are compared across runs and machines
     suite = _with_options(suite, options)
     say = on_event or (lambda message: logger.info("%s", message))
     folder = Path(out) / suite.name
@@ -262,10 +272,12 @@ def run_benchmark(
     names = suite_models(suite, models)
     if not names:
         raise UsageError(f"no registered model with {suite.dataset} weights matches {', '.join(models)}")
-    work = plan(suite, names, folder, **options)
-    say(f"suite {suite.name}: {len(work)} runs for {len(names)} models ({', '.join(names)}) in {folder}, "
-        f"{jobs} process(es)")
-    result = BenchmarkResult(suite=suite, folder=folder)
+    every = plan(suite, names, folder, **options)
+    work = shard.pick(every) if shard is not None else every
+    work = spread_devices(work, jobs, options.get("device"))
+    say(f"suite {suite.name}: {len(work)} runs" + (f" (shard {shard.label} of {len(every)})" if shard else "")
+        + f" for {len(names)} models ({', '.join(names)}) in {folder}, {jobs} process(es)")
+    result = BenchmarkResult(suite=suite, folder=folder, planned=[Path(job.out) for job in every])
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -288,6 +300,18 @@ def run_benchmark(
                  for job in work},
     })
     return result
+
+
+def spread_devices(work: list[Job], jobs: int, device: Any, gpus: int | None = None) -> list[Job]:
+    """With several processes and the default device, job i runs on cuda:(i mod G) of the G visible GPUs."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if jobs < 2 or gpus < 1 or device not in (None, "auto"):
+        return work
+    return [dataclasses.replace(job, options={**job.options, "device": f"cuda:{i % gpus}"})
+            for i, job in enumerate(work)]
 
 
 def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:

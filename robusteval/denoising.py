@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval import work_sizes
 from robusteval.errors import UsageError
 from robusteval.interface import CapabilityError, JointModel
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
@@ -48,8 +49,10 @@ class DenoiseJob(Job):
     """A prepared denoise run: PSNR of the model's denoiser on the first `n_images` test images at each σ."""
 
     def __init__(self, resolved: Resolved, sigmas: Sequence[float] = (0.12, 0.25, 0.5), n_images: int | None = None,
-                 batch_size: int = 100, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0):
         model, data = resolved.model, resolved.data
+        if batch_size is None:
+            batch_size = work_sizes.denoise_batch(resolved.device)  # 100 on the CPU
         if "denoise" not in model.capabilities:
             raise CapabilityError(resolved.model_name, "denoise", model.capabilities)
         sigmas = [float(s) for s in sigmas]
@@ -123,7 +126,7 @@ class DenoiseJob(Job):
 
 def prepare_denoising(model: JointModel | str, dataset: Any = "digits", *,
                       sigmas: Sequence[float] = (0.12, 0.25, 0.5), n_images: int | None = None,
-                      batch_size: int = 100, seed: int = 0, **options: Any) -> DenoiseJob:
+                      batch_size: int | None = None, seed: int = 0, **options: Any) -> DenoiseJob:
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared denoise job."""
     return DenoiseJob(resolve(model, JobOptions.of(dataset, options)), sigmas=sigmas, n_images=n_images,
                       batch_size=batch_size, seed=seed)
@@ -134,7 +137,7 @@ def evaluate_denoising(
     dataset: Any = "digits",
     sigmas: Sequence[float] = (0.12, 0.25, 0.5),
     n_images: int | None = None,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     resume: bool = True,

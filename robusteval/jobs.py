@@ -28,10 +28,12 @@ import torch
 from torch import Tensor
 
 from robusteval.data import ImageDataset, load_dataset
+from robusteval.determinism import set_deterministic
 from robusteval.errors import UsageError
 from robusteval.interface import JointModel, validate_images
 from robusteval.job_checks import check_data_fits_model
 from robusteval.runs import RunDirectory, config_id, default_run_dir
+from robusteval.sharding import Shard, with_shard
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class CliFlag:
 
     name: str
     help: str
-    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag
+    kind: str = "text"  # text | dir (an existing-or-not directory) | file (an existing file) | flag | switch (--x/--no-x)
     default: Any = None
 
 
@@ -75,6 +77,15 @@ class JobOptions:
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
+    # "I/N": shard I of N of the run (robusteval.sharding); run, certify, predict and benchmark take it.
+    shard: str | Shard | None = _option(None, CliFlag(
+        "--shard", "Run only shard I of N (I/N, e.g. 2/4): a contiguous part of the images cut at whole batches; "
+                   "`robusteval merge` joins the shards into the unsharded run. benchmark: part I of N of the "
+                   "suite's runs."))
+    # None: the command's default (on for benchmark, off for single evaluations).
+    deterministic: bool | None = _option(None, CliFlag(
+        "--deterministic", "Deterministic GPU algorithms and no TF32 (slower on a GPU; CPU results are the same "
+                           "either way). Default: on for benchmark, off otherwise.", kind="switch"))
 
     @classmethod
     def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
@@ -149,18 +160,23 @@ def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | 
 
 
 def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str = "Linf",
-            load_data: bool = True, limit: int | None = None) -> Resolved:
+            load_data: bool = True, limit: int | None = None, shardable: bool = False) -> Resolved:
     """The model (built with its weights, on its device) and the data of a job, checked against each other.
 
     `limit`: how many leading test images the job needs at most (None: all), so only those are read.
+    `shardable`: the job can run one shard of its images (`options.shard`); other jobs refuse a shard.
     """
     from robusteval.model_zoo.registry import create_model, resolve_device
 
+    if options.shard is not None and not shardable:
+        raise UsageError("--shard applies to run, certify, predict and benchmark only")
+    Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
     data = resolve_data(options.dataset, options.data_dir, limit) if load_data else None
     if data is None and not isinstance(options.dataset, (str, Path)):
         raise UsageError("without images to evaluate, the data set must be given by name")
     # A named data set builds the model for that name (an .npz path reads its shape from the file).
     dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
+    set_deterministic(bool(options.deterministic))  # before the model is built or run
     if isinstance(model, str):
         device = resolve_device(options.device or "auto")
         built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,
@@ -195,9 +211,12 @@ class Job:
 
     config: Mapping[str, Any]
     name_parts: tuple[str, ...]
+    shard: Shard | None = None  # the part of the run's batches this job computes (None: all)
 
-    def _freeze(self, config: dict[str, Any]) -> None:
-        self.config = MappingProxyType(dict(config))
+    def _freeze(self, config: dict[str, Any], shard: Shard | str | None = None) -> None:
+        """Fix the configuration; a shard is recorded in it, so each shard is its own run directory."""
+        self.shard = Shard.parse(shard)
+        self.config = MappingProxyType(with_shard(dict(config), self.shard))
 
     @property
     def config_hash(self) -> str:
@@ -205,7 +224,13 @@ class Job:
         return config_id(dict(self.config))
 
     def default_run_dir(self, root: str | Path = "runs") -> Path:
-        """runs/<readable parts>-<config hash>: the same command maps to the same directory, so it resumes."""
+        """runs/<readable parts>-<config hash>: the same command maps to the same directory, so it resumes.
+
+        A shard's directory is the unsharded run's with -shard<I>of<N> appended (see `Shard.run_dir`).
+        """
+        if self.shard is not None:
+            unsharded = {k: v for k, v in self.config.items() if k != "shard"}
+            return self.shard.run_dir(default_run_dir(unsharded, self.name_parts, root=root))
         return default_run_dir(dict(self.config), self.name_parts, root=root)
 
     def open_run(self, out: str | Path | RunDirectory | None, resume: bool = True, wait: bool = False,

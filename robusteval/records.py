@@ -7,7 +7,9 @@ so older run directories and the committed reports load unchanged:
 
 - ``attack``  (`robusteval run`): model, dataset, n, attack, norm, defense,
   clean_accuracy, curve [{eps, robust_accuracy, ci_low, ci_high, broken_by,
-  robust, rejected}], flags, seconds, gradient, eot, seed, batch_size, checks,
+  robust, rejected, standard_robust_accuracy, standard_robust,
+  worst_of_n_robust_accuracy, worst_of_n_robust}] (the last six optional when
+  reading: older runs have the attack's own figure only), flags, seconds, gradient, eot, seed, batch_size, checks,
   large_eps, notes (the last eight are optional when reading).
 - ``certify`` (`robusteval certify`): model, dataset, mode, sigma, n0, n,
   alpha, n_images, certified_accuracy [{radius, accuracy}], acr,
@@ -20,7 +22,8 @@ so older run directories and the committed reports load unchanged:
   psnr [{sigma, psnr, psnr_noisy}], seconds.
 
 This module sits on the bottom layer: it imports nothing of robusteval but
-its checks (`record_checks`, with the error type) and the vocabulary.
+its checks (`record_checks`, with the error type), its JSON helper (`record_json`), its
+configurations (`run_configs`, re-exported) and the vocabulary.
 """
 
 from __future__ import annotations
@@ -37,113 +40,11 @@ from robusteval.record_checks import (  # noqa: F401 (RecordFormatError: part of
     fail,
     require,
 )
+from robusteval.record_json import plain as _plain
+from robusteval.record_json import to_json_dict as _json
+# The configurations live in run_configs; re-exported here, the one place to import run records from.
+from robusteval.run_configs import AttackConfig, DenoiseConfig, SmoothingConfig  # noqa: F401
 from robusteval.vocabulary import NORMS, RUN_KINDS
-
-
-def _json(record: Any) -> dict[str, Any]:
-    """The fields of a record dataclass as a JSON-ready dict, in declaration order (nested records too)."""
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return value.to_json()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-# --- configurations ---------------------------------------------------------------------------------
-# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
-_COMPANIONS = ("vae", "model_config")
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """config.json of an attack run: everything that fixes its results (what resume compares)."""
-
-    model: str
-    checkpoint: str | None
-    model_fingerprint: str
-    dataset: str
-    n: int
-    attack: str
-    norm: str
-    eps: list[float]
-    defense: str
-    gradient: str
-    eot: int
-    steps: int | None
-    step_size: float | None
-    seed: int
-    batch_size: int
-    device: str
-    decision_draws: int
-    large_eps_check: bool
-    masking_checks: bool
-    kind: str = "attack"
-    vae: str | None = None
-    model_config: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        # The official files' companions are recorded only when given, so other runs keep their configuration.
-        return {"kind": self.kind, **{k: v for k, v in _json(self).items()
-                                      if k != "kind" and (v is not None or k not in _COMPANIONS)}}
-
-
-@dataclass(frozen=True)
-class SmoothingConfig:
-    """config.json of a certify or predict run (the noise scheme names the generator, block layout and dtype)."""
-
-    kind: str
-    model: str
-    dataset: str
-    mode: str
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    n_images: int
-    skip: int
-    seed: int
-    device_type: str
-    noise: str
-    # The sequential method only (n is then its budget n_max): its grid and the design fixed before any draw.
-    method: str | None = None
-    radii: list[float] | None = None
-    n_max: int | None = None
-    looks: list[int] | None = None
-    alpha_spent: list[float] | None = None
-    checkpoint: str | None = None
-    model_dir: str | None = None
-    vae: str | None = None
-    model_config: str | None = None
-
-    # Not a field: what is written only when given (the sequential method's design, other weights).
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "alpha_spent", "checkpoint",
-                                           "model_dir", *_COMPANIONS)
-
-    def to_json(self) -> dict[str, Any]:
-        # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.
-        return {k: v for k, v in _json(self).items() if v is not None or k not in self.OPTIONAL}
-
-
-@dataclass(frozen=True)
-class DenoiseConfig:
-    """config.json of a denoise run."""
-
-    model: str
-    dataset: str
-    sigmas: list[float]
-    n_images: int
-    seed: int
-    batch_size: int
-    kind: str = "denoise"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: v for k, v in _json(self).items() if k != "kind"}}
 
 
 # --- per-sample records -------------------------------------------------------------------------------
@@ -157,6 +58,11 @@ class EpsOutcome:
     prediction: int
     perturbation_norm: float
     rejected: int  # candidates that fooled the model but failed verification
+    # Broken by the attack's own components (AutoAttack's own result); None in records written before the engine
+    # ran remedy stages, where it equals `broken`.
+    standard_broken: bool | None = None
+    # Randomized pipelines: fooled on at least one of the fresh decision draws (worst-of-N); None when deterministic.
+    worst_broken: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
@@ -173,9 +79,13 @@ class AttackSample:
     correct: bool
     gradient_masked: dict[str, bool] | None  # per gradient variant; None when not checked or not correct
     results: list[EpsOutcome]
+    # Per gradient variant, why the cross-entropy gradient is blind ("saturation": the margin gradient is fine;
+    # "no-gradient": the margin gradient is zero too), None where it is not; absent in older records.
+    gradient_cause: dict[str, str | None] | None = None
+    device: str | None = None  # where its batch ran (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
 @dataclass(frozen=True)
@@ -192,12 +102,14 @@ class CertifySample:
     count: int
     top_class: int
     seconds: float
+    device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
-@dataclass(frozen=True)
+# kw_only: its fields follow CertifySample's defaulted `device`.
+@dataclass(frozen=True, kw_only=True)
 class SequentialCertifySample(CertifySample):
     """A sequential certify run's line: CERTIFY's (count: ĉ among the draws used) plus the upper bound, the
     estimation draws used and the largest certified grid radius (None when abstaining)."""
@@ -220,9 +132,10 @@ class PredictSample:
     runner_up_count: int
     p_value: float
     seconds: float
+    device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
 @dataclass(frozen=True)
@@ -250,6 +163,13 @@ class CurvePoint:
     broken_by: dict[str, int]
     robust: int = 0
     rejected: int = 0
+    # The attack's own figure (AutoAttack's for --attack autoattack, comparable with RobustBench); the
+    # `robust_accuracy` above is the worst case over everything the engine ran (remedies, escalation included).
+    standard_robust_accuracy: float | None = None
+    standard_robust: int | None = None
+    # Randomized pipelines: correct and never fooled on the fresh decision draws; None when deterministic.
+    worst_of_n_robust_accuracy: float | None = None
+    worst_of_n_robust: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _json(self)
@@ -257,11 +177,19 @@ class CurvePoint:
     # The name the attack engine's callers have used.
     as_dict = to_json
 
+    @property
+    def standard(self) -> float:
+        """The attack's own robust accuracy (summaries written before the remedy stages: `robust_accuracy`)."""
+        return self.robust_accuracy if self.standard_robust_accuracy is None else self.standard_robust_accuracy
+
     @classmethod
     def from_json(cls, point: dict[str, Any]) -> CurvePoint:
         return cls(float(point["eps"]), point["robust_accuracy"], point["ci_low"], point["ci_high"],
                    dict(point.get("broken_by") or {}), robust=point.get("robust", 0),
-                   rejected=point.get("rejected", 0))
+                   rejected=point.get("rejected", 0), standard_robust_accuracy=point.get("standard_robust_accuracy"),
+                   standard_robust=point.get("standard_robust"),
+                   worst_of_n_robust_accuracy=point.get("worst_of_n_robust_accuracy"),
+                   worst_of_n_robust=point.get("worst_of_n_robust"))
 
 
 @dataclass
@@ -306,6 +234,9 @@ class AttackSummary:
         for i, point in enumerate(points):
             for key in ("robust_accuracy", "ci_low", "ci_high"):
                 check_fraction(f"curve[{i}].{key}", point[key])
+            for key in ("standard_robust_accuracy", "worst_of_n_robust_accuracy"):
+                if point.get(key) is not None:
+                    check_fraction(f"curve[{i}].{key}", point[key])
             if not point["ci_low"] - 1e-9 <= point["robust_accuracy"] <= point["ci_high"] + 1e-9:
                 raise fail(f"curve[{i}]: robust accuracy {point['robust_accuracy']} lies outside its "
                             f"interval [{point['ci_low']}, {point['ci_high']}]")

@@ -58,6 +58,19 @@ def _canonical(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
+def _without_placement(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration less the device keys that configurations held before the device left them.
+
+    Attack runs recorded `device`, smoothing runs `device_type`. Neither changes an attack's results, and
+    smoothing noise drawn on the CPU is today's definition, so such runs resume on any device; a smoothing
+    run whose noise was drawn by a CUDA generator keeps its `device_type` and is refused as a mismatch.
+    """
+    core = {k: v for k, v in stored.items() if k != "device"}
+    if core.get("device_type") == "cpu":
+        del core["device_type"]
+    return core
+
+
 def read_json_file(path: str | Path, remedy: str) -> dict[str, Any]:
     """A JSON object from a run file; a damaged file is a RunFileDamaged naming it and saying what to do."""
     path = Path(path)
@@ -141,8 +154,8 @@ class RunDirectory:
         self._lock = RunLock(self.path, wait=wait, on_wait=on_wait)
         try:
             if config_path.exists() and resume:
-                stored_core = {k: v for k, v in read_json_file(config_path, _CONFIG_DAMAGED).items()
-                               if k != PROVENANCE_KEY}
+                stored_core = _without_placement({k: v for k, v in read_json_file(config_path, _CONFIG_DAMAGED)
+                                                  .items() if k != PROVENANCE_KEY})
                 if _canonical(stored_core) != _canonical(self.config):
                     changed = sorted(
                         k for k in set(stored_core) | set(self.config) if stored_core.get(k) != self.config.get(k)
@@ -261,6 +274,11 @@ class RunDirectory:
         finally:
             os.close(fd)
         self._records.extend(stamped)
+
+    def replace_records(self, records: list[dict[str, Any]]) -> None:
+        """Replace samples.jsonl by `records` (already stamped with their batches), atomically: merge writes this."""
+        self._rewrite(records)
+        self._records = list(records)
 
     # --- results --------------------------------------------------------------------
     def write_summary(self, summary: dict[str, Any]) -> Path:

@@ -22,6 +22,22 @@ from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry
 from robusteval.training import TrainContext, accuracy
 
+# How far a retraining elsewhere may land from a record's test accuracy (10 of the 500 digits test images);
+# on the machine class that made the record it lands on the same bytes.
+REPRODUCTION_TOLERANCE = 0.02
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 @dataclass
 class TrainResult:
@@ -39,13 +55,20 @@ def train_model(
     progress: bool = True,
     options: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a registered model with its recipe and write safetensors plus its card record.
 
     `options` override recipe options by name (checked like the recipe). With
     `out=None` the weights go where the registry looks for shipped weights, so
-    the command that trains is the command that ships.
+    the command that trains is the command that ships. On the CPU training is
+    single-threaded (one reduction order); on a GPU it runs with deterministic
+    algorithms and no TF32.
     """
+    from robusteval.determinism import set_deterministic
+    from robusteval.model_zoo.registry import resolve_device
+
+    device = resolve_device(device)
     entry = get_entry(name)
     card = entry.card
     if entry.train is None:
@@ -56,14 +79,17 @@ def train_model(
     recipe = card.recipe.with_options(options or {})
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    set_deterministic(True)
     torch.manual_seed(seed)
     try:
         train_set = load_dataset(dataset, split="train", root=root)
         test_set = load_dataset(dataset, split="test", root=root)
         # robusteval's own re-implementation, also on the data sets of the papers' official architectures.
-        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu", official=False)
-        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe)
+        # Built on the CPU (its initial weights come from the CPU generator), then moved.
+        model = create_model(card.name, dataset=dataset, pretrained=False, device="cpu", official=False).to(device)
+        context = TrainContext(epochs, seed, torch.Generator().manual_seed(seed), progress, recipe, device)
         started = time.perf_counter()
         model.train()
         figures = entry.train(model, train_set, context) or {}
@@ -72,6 +98,7 @@ def train_model(
         figures = {"test_accuracy": accuracy(model, test_set), **figures}
     finally:
         torch.set_num_threads(threads)
+        set_deterministic(False)
 
     weights = Path(out) if out is not None else WEIGHTS_DIR / f"{card.name}-{train_set.name}.safetensors"
     if weights.suffix != ".safetensors":
@@ -83,16 +110,21 @@ def train_model(
         "file": weights.name,
         "sha256": "",
         "command": f"robusteval train --model {card.name} --dataset {train_set.name} "
-        f"--epochs {epochs} --seed {seed}{option_flags}",
+        f"--epochs {epochs} --seed {seed}{option_flags}" + (f" --device {device.type}" if device.type != "cpu" else ""),
         "epochs": epochs,
         "seed": seed,
         "recipe": recipe.as_dict(),
         "train_seconds": round(seconds, 1),
-        "train_threads": 1,
+        "train_threads": 1 if device.type == "cpu" else None,
+        "train_device": "cpu" if device.type == "cpu" else f"{device.type}: {torch.cuda.get_device_name(device)}",
         "torch": torch.__version__,
         "machine": platform.machine(),
+        # What decides the bits of CPU training: the vector kernels PyTorch (and oneDNN) pick for this CPU.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
         "metrics": {k: round(float(v), 4) for k, v in figures.items()},
     }
+    model = model.to("cpu")
     record["sha256"] = save_safetensors(model, weights, metadata={"model": card.name, "dataset": train_set.name})
     atomic_write_json(weights.with_suffix(".json"), record)
     return TrainResult(model, weights, record)

@@ -31,9 +31,16 @@ RUN_KINDS = ("attack", "certify", "predict", "denoise")
 # Formats of `robusteval report`.
 REPORT_FORMATS = ("html", "md", "csv", "latex", "robustbench")
 
-DEFENSE_KINDS = ("none", "denoise", "noise", "smooth")
-DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K")
-_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes)")
+DEFENSE_KINDS = ("none", "denoise", "noise", "smooth", "sgld")
+DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K", "sgld:K[:step:noise:chains]")
+_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes or SGLD steps)")
+# JEM's SGLD refinement (wgrathwohl/JEM attack_model.py, `refined_logits`), converted from its [-1, 1] pixel scale
+# to the contract's [0, 1]: with u = 2x - 1, ∇ᵤ = ∇ₓ / 2, so a step u += ∇ᵤ logsumexp f + 0.01 n is
+# x += (1/4) ∇ₓ logsumexp f + 0.005 n, and the starting noise std 0.03 on u is 0.015 on x.
+SGLD_STEP = 0.25
+SGLD_NOISE = 0.005
+SGLD_START_NOISE = 0.015
+SGLD_CHAINS = 5
 
 
 def norm_order(norm: str) -> int:
@@ -49,21 +56,36 @@ class DefenseSpec:
     sigma: float = 0.0
     votes: int = 0  # smooth: K
     add_noise: bool = False  # denoise: add N(0, S²) before denoising
+    steps: int = 0  # sgld: K
+    step_size: float = SGLD_STEP  # sgld: α of x ← x − α ∇ₓE(x) + s·n, [0, 1] pixel units
+    noise: float = SGLD_NOISE  # sgld: s
+    chains: int = SGLD_CHAINS  # sgld: independent chains whose logits are averaged
 
     @property
     def randomized(self) -> bool:
-        return self.kind in ("noise", "smooth") or (self.kind == "denoise" and self.add_noise)
+        return self.kind in ("noise", "smooth", "sgld") or (self.kind == "denoise" and self.add_noise)
+
+    @property
+    def differentiates_through(self) -> bool:
+        """The defense computes gradients in its forward pass (a denoiser's score, SGLD): --gradient applies."""
+        return self.kind in ("denoise", "sgld")
 
     @property
     def forward_passes(self) -> int:
         """Network passes per prediction of the deployed pipeline (one draw of a randomized one)."""
         if self.kind == "denoise":
             return 2
+        if self.kind == "sgld":
+            return self.chains * (2 * self.steps + 1)
         return self.votes if self.kind == "smooth" else 1
 
     def __str__(self) -> str:
         if self.kind == "none":
             return "none"
+        if self.kind == "sgld":
+            if (self.step_size, self.noise, self.chains) == (SGLD_STEP, SGLD_NOISE, SGLD_CHAINS):
+                return f"sgld:{self.steps}"
+            return f"sgld:{self.steps}:{self.step_size:g}:{self.noise:g}:{self.chains}"
         if self.kind == "smooth":
             return f"smooth:{self.sigma:g}:{self.votes}"
         if self.kind == "denoise" and self.add_noise:
@@ -72,7 +94,7 @@ class DefenseSpec:
 
 
 def parse_defense(text: str) -> DefenseSpec:
-    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S' or 'smooth:S:K'."""
+    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or 'sgld:K[:step:noise:chains]'."""
     parts = [p.strip() for p in str(text).split(":")]
     kind = resolve_name(parts[0], DEFENSE_KINDS, "defense")
     usage = _DEFENSE_USAGE
@@ -80,6 +102,8 @@ def parse_defense(text: str) -> DefenseSpec:
         if len(parts) != 1:
             raise UsageError(f"defense 'none' takes no parameters, got {text!r}; {usage}")
         return DefenseSpec("none")
+    if kind == "sgld":
+        return _parse_sgld(text, parts[1:])
     if len(parts) < 2:
         raise UsageError(f"defense {text!r} needs a noise level S; {usage}")
     try:
@@ -99,3 +123,20 @@ def parse_defense(text: str) -> DefenseSpec:
     if len(parts) != 2:
         raise UsageError(f"defense {text!r} has too many parts; {usage}")
     return DefenseSpec(kind, sigma)
+
+
+def _parse_sgld(text: str, parts: list[str]) -> DefenseSpec:
+    """sgld:K[:step:noise:chains]: K >= 1 steps; step > 0 and noise >= 0 in [0, 1] pixel units; chains >= 1."""
+    usage = ("sgld takes sgld:K or sgld:K:step:noise:chains (K >= 1 steps, step > 0, noise >= 0 in [0, 1] pixel "
+             f"units, chains >= 1; JEM's recipe is step {SGLD_STEP:g}, noise {SGLD_NOISE:g}, {SGLD_CHAINS} chains)")
+    if len(parts) not in (1, 4):
+        raise UsageError(f"defense {text!r}: {usage}")
+    try:
+        steps = int(parts[0])
+        step, noise = (float(parts[1]), float(parts[2])) if len(parts) == 4 else (SGLD_STEP, SGLD_NOISE)
+        chains = int(parts[3]) if len(parts) == 4 else SGLD_CHAINS
+    except ValueError:
+        raise UsageError(f"defense {text!r}: {usage}") from None
+    if steps < 1 or chains < 1 or not (math.isfinite(step) and step > 0) or not (math.isfinite(noise) and noise >= 0):
+        raise UsageError(f"defense {text!r}: {usage}")
+    return DefenseSpec("sgld", steps=steps, step_size=step, noise=noise, chains=chains)

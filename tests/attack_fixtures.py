@@ -140,3 +140,54 @@ def multiclass_problem(n: int = 30, classes: int = 10, shape: tuple[int, int, in
     assert float(linf.max()) < 0.2
     model = robusteval.wrap(LinearMulti(weight, bias), num_classes=classes, input_shape=shape, name="linear-multi")
     return model, x.view(n, *shape), y, {"Linf": linf, "L2": l2}
+class Scaled(nn.Module):
+    """A module's logits times a constant: ×1e4 saturates softmax in float32 (the CE gradient underflows to 0)."""
+
+    def __init__(self, module: nn.Module, factor: float):
+        super().__init__()
+        self.module = module
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x) * self.factor
+
+
+class Rounded(nn.Module):
+    """A module behind a rounding front end (pixels to multiples of 1/levels): no usable input gradient."""
+
+    def __init__(self, module: nn.Module, levels: int = 8):
+        super().__init__()
+        self.module = module
+        self.levels = levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(torch.round(x * self.levels) / self.levels)
+
+
+def saturated_linear_problem(n: int = 200) -> tuple[robusteval.JointModel, Tensor, Tensor, Tensor]:
+    """`linear_problem` with its logits ×1e4: the same decisions and distances, a blind cross-entropy."""
+    model, x, y, distance = linear_problem(n=n)
+    scaled = robusteval.wrap(Scaled(model.module, 1e4), num_classes=2, input_shape=SHAPE, name="linear-x1e4")
+    return scaled, x, y, distance
+
+
+class TinyEnergy(robusteval.JointModel):
+    """A small nonlinear classifier read as an EBM (JEM's view): E(x) = −logsumexp f(x)."""
+
+    capabilities = frozenset({"logits", "energy"})
+
+    def __init__(self, num_classes: int = 3, hidden: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        dim = SHAPE[0] * SHAPE[1] * SHAPE[2]
+        self.name = "tiny-energy"
+        self.num_classes = num_classes
+        self.input_shape = SHAPE
+        self.w1 = nn.Parameter(torch.randn(dim, hidden, generator=g) / dim**0.5 * 3)
+        self.w2 = nn.Parameter(torch.randn(hidden, num_classes, generator=g))
+
+    def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return torch.tanh((x.flatten(1) - 0.5) @ self.w1) @ self.w2 * 3
+
+    def _energy(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return -self._logits(x, sigma).logsumexp(1)

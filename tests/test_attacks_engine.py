@@ -141,9 +141,13 @@ def test_constant_model_keeps_its_clean_accuracy_and_is_flagged(digits):
     assert result.curve[0].broken_by == {}
     assert "zero-gradients" in _codes(result)
     assert any(f.startswith("zero-gradients:") for f in result.flags)
-    # Nothing breaks even at ε = 0.5, where a sound attack breaks nearly everything.
-    large = robusteval.evaluate_attack(model, digits, attack="pgd", eps=[0.1], n=40, device="cpu")
+    # No usable gradient (the margin's is zero too): the flag stays, and Square's escalation ran and found nothing.
+    assert "escalation:square-4x" in next(c["message"] for c in result.checks if c["check"] == "zero-gradients")
+    assert any("escalation:square-4x ran" in note for note in result.notes)
+    # Nothing breaks even at ε = 0.5, where a sound attack breaks nearly everything, nor after the escalation.
+    large = robusteval.evaluate_attack(model, digits, attack="pgd", eps=[0.1], n=20, device="cpu")
     assert large.large_eps["robust_accuracy"] == large.clean_accuracy
+    assert [r["scale"] for r in large.large_eps["escalation"]] == [2, 4, 8]
     assert {"zero-gradients", "large-eps"} <= _codes(large)
 
 
@@ -311,7 +315,7 @@ def test_bad_requests_are_clear_errors(standard, digits):
         robusteval.evaluate_attack(standard, digits, attack="pdg", eps=[0.1], n=5, device="cpu")
     with pytest.raises(ValueError, match="supports the norm"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", norm="L2", eps=[0.1], n=5, device="cpu")
-    with pytest.raises(ValueError, match="applies to denoise defenses only"):
+    with pytest.raises(ValueError, match="applies to denoise and sgld defenses only"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", gradient="bpda", eps=[0.1], n=5, device="cpu")
     with pytest.raises(CapabilityError, match="denoise"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", defense="denoise:0.1", eps=[0.1], n=5,

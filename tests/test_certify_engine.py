@@ -173,7 +173,7 @@ def test_clear_errors(digits):
 def test_auto_compile_decides_from_timed_eager_passes():
     from robusteval.smoothing import sampler
 
-    threshold = sampler.COMPILE_PAYOFF_FACTOR * sampler.COMPILE_WARMUP_SECONDS
+    threshold = sampler.compile_payoff_seconds("cpu")
     timed = sampler.TIMED_EAGER_PASSES
     now = [0.0]
     x = torch.zeros(4, 1, 2, 2)
@@ -231,6 +231,30 @@ def test_auto_compile_decides_from_timed_eager_passes():
 
     assert int(sampler.BaseClassifierRunner(zeros, lambda: ones, True)(x, 0)[0]) == 1
     assert int(sampler.BaseClassifierRunner(zeros, lambda: ones, False)(x, 10**6)[0]) == 0
+
+
+def test_the_compile_payoff_is_per_device_kind():
+    from robusteval.smoothing import sampler
+
+    # The CPU threshold is the measured one of before (3 × a 15 s warm-up); a GPU compile takes longer.
+    assert sampler.compile_payoff_seconds("cpu") == pytest.approx(45.0)
+    assert sampler.compile_payoff_seconds("cuda") == pytest.approx(90.0)
+    assert sampler.compile_payoff_seconds("mps") == sampler.compile_payoff_seconds("cpu")
+    # The runner decides with its device's threshold: 60 s of eager passes left compiles on a CPU only.
+    now = [0.0]
+
+    def eager(noisy):
+        now[0] += 1.0
+        return torch.zeros(noisy.shape[0], dtype=torch.long)
+
+    x = torch.zeros(4, 1, 2, 2)
+    for kind, compiles in (("cpu", True), ("cuda", False)):
+        built = []
+        runner = sampler.BaseClassifierRunner(eager, lambda: built.append(1) or eager, None, clock=lambda: now[0],
+                                              device_type=kind)
+        for _ in range(sampler.TIMED_EAGER_PASSES + 1):
+            runner(x, 60)
+        assert bool(built) == compiles, kind
 
 
 def test_compiled_base_classifier_counts_like_the_eager_one(digits):

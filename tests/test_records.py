@@ -45,13 +45,24 @@ def test_attack_summary_round_trips_exactly_with_every_field() -> None:
         "kind": "attack", "model": "m", "dataset": "digits", "n": 4, "attack": "pgd", "norm": "L2",
         "defense": "denoise:0.25", "clean_accuracy": 0.75,
         "curve": [{"eps": 0.5, "robust_accuracy": 0.5, "ci_low": 0.1, "ci_high": 0.9, "broken_by": {"pgd": 1},
-                   "robust": 2, "rejected": 3}],
+                   "robust": 2, "rejected": 3, "standard_robust_accuracy": 0.75, "standard_robust": 3,
+                   "worst_of_n_robust_accuracy": 0.25, "worst_of_n_robust": 1}],
         "flags": ["zero gradients"], "seconds": 1.5, "gradient": "auto", "eot": 1, "seed": 0, "batch_size": 2,
         "checks": [{"name": "large-eps", "status": "n/a", "detail": "disabled"}], "large_eps": None, "notes": ["x"],
     }
     record = AttackSummary.from_json(summary)
-    assert record.curve == [CurvePoint(0.5, 0.5, 0.1, 0.9, {"pgd": 1}, robust=2, rejected=3)]
+    assert record.curve == [CurvePoint(0.5, 0.5, 0.1, 0.9, {"pgd": 1}, robust=2, rejected=3,
+                                       standard_robust_accuracy=0.75, standard_robust=3,
+                                       worst_of_n_robust_accuracy=0.25, worst_of_n_robust=1)]
     assert json.dumps(record.to_json()) == json.dumps(summary)  # same keys in the same order
+
+
+def test_a_curve_point_without_the_adaptive_figures_reads_as_the_attack_s_own() -> None:
+    old = CurvePoint.from_json({"eps": 0.1, "robust_accuracy": 0.4, "ci_low": 0.3, "ci_high": 0.5})
+    assert old.standard == 0.4 and old.standard_robust_accuracy is None and old.worst_of_n_robust_accuracy is None
+    new = CurvePoint.from_json({"eps": 0.1, "robust_accuracy": 0.4, "ci_low": 0.3, "ci_high": 0.5,
+                                "standard_robust_accuracy": 0.6})
+    assert new.standard == 0.6
 
 
 def test_smoothing_summary_keeps_the_engine_order_and_run_settings() -> None:
@@ -86,14 +97,20 @@ def test_a_summary_that_breaks_the_contract_says_what_is_wrong(edit, message: st
 
 
 def test_sample_and_config_records_write_the_engine_layout() -> None:
-    sample = AttackSample(index=3, batch=0, label=1, clean_prediction=1, correct=True, gradient_masked={"full": False},
-                          results=[EpsOutcome(0.1, True, "apgd-ce", 7, 0.0999, 0)])
+    sample = AttackSample(index=3, batch=0, label=1, clean_prediction=1, correct=True, gradient_masked={"full": True},
+                          results=[EpsOutcome(0.1, True, "remedy:apgd-dlr", 7, 0.0999, 0, standard_broken=False)],
+                          gradient_cause={"full": "saturation"})
     assert sample.to_json() == {
-        "index": 3, "batch": 0, "label": 1, "clean_prediction": 1, "correct": True, "gradient_masked": {"full": False},
-        "results": [{"eps": 0.1, "broken": True, "attack": "apgd-ce", "prediction": 7, "perturbation_norm": 0.0999,
-                     "rejected": 0}]}
-    config = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "cpu", "x")
+        "index": 3, "batch": 0, "label": 1, "clean_prediction": 1, "correct": True, "gradient_masked": {"full": True},
+        "results": [{"eps": 0.1, "broken": True, "attack": "remedy:apgd-dlr", "prediction": 7,
+                     "perturbation_norm": 0.0999, "rejected": 0, "standard_broken": False, "worst_broken": None}],
+        "gradient_cause": {"full": "saturation"}}
+    placed = AttackSample(index=3, batch=0, label=1, clean_prediction=1, correct=True, gradient_masked=None,
+                          results=[], device="cuda:1")
+    assert placed.to_json()["device"] == "cuda:1"  # where its batch ran; absent above, as in older records
+    config = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "x")
     assert "checkpoint" not in config.to_json()  # shipped weights: the configuration of earlier runs
-    other = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "cpu", "x",
+    assert "device_type" not in config.to_json()  # where it runs does not change its results
+    other = SmoothingConfig("certify", "cdn", "digits", "direct", 0.25, 100, 1000, 0.001, 10, 0, 0, "x",
                             checkpoint="w.safetensors")
     assert other.to_json()["checkpoint"] == "w.safetensors" and "model_dir" not in other.to_json()

@@ -101,7 +101,7 @@ def test_device_names_that_do_not_exist_here_are_one_clear_error(name: str) -> N
     assert isinstance(caught.value, ValueError)  # the command line prints it in one line, exit 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_create_model_on_cuda_gives_the_cpu_answer(digits_batch: torch.Tensor) -> None:
     cpu = robusteval.create_model("standard")
     gpu = robusteval.create_model("standard", device="cuda")
@@ -235,3 +235,11 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_cards_list_where_the_zoo_departs_from_the_official_code():
+    departures = {name: " ".join(robusteval.model_card(name).departures) for name in ("egc", "dmae", "jdm")}
+    assert "attention pooling" in departures["egc"] and "per-pixel class map" in departures["egc"]
+    assert "per patch" in departures["dmae"] and "extension" in departures["dmae"]
+    assert "internal features" in departures["jdm"] and "x_t" in departures["jdm"]
+    assert robusteval.model_card("egc").as_dict()["departures"] == list(robusteval.model_card("egc").departures)

@@ -90,6 +90,23 @@ def test_a_real_drop_fails_and_names_both_figures_and_the_p_value(tmp_path, base
     assert regression.p_value < 0.01
 
 
+def test_the_gate_compares_the_attack_s_own_figure_with_an_old_baseline(tmp_path, baseline):
+    # The baseline (a summary without standard_robust_accuracy) holds AutoAttack's own 25/40 at ε = 0.25.
+    def remedied(summary):  # the engine's remedies broke 15 more points; AutoAttack's own figure is unchanged
+        for point in summary["curve"]:
+            point["standard_robust_accuracy"] = point["robust_accuracy"]
+        _set_robust(summary, 0.25, 10 / 40)
+
+    assert _check(tmp_path, baseline, remedied).exit_code == 0
+
+    def own_dropped(summary):
+        remedied(summary)
+        next(p for p in summary["curve"] if p["eps"] == 0.25)["standard_robust_accuracy"] = 10 / 40
+
+    result = _check(tmp_path / "dropped", baseline, own_dropped)
+    assert result.exit_code == 1 and result.regressions[0].current == Count(10, 40)
+
+
 def test_a_drop_within_noise_passes(tmp_path, baseline):
     # 25/40 → 22/40: p ≈ 0.25, well within sampling noise of 40 points.
     result = _check(tmp_path, baseline, lambda s: _set_robust(s, 0.25, 22 / 40))

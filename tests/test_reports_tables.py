@@ -207,3 +207,20 @@ def test_leaderboard_autoattack_best_known_certified_and_flags(runs):
 def test_latex_escape_handles_user_strings():
     assert latex_escape("a_b & 50% {x} #1 $") == r"a\_b \& 50\% \{x\} \#1 \$"
     assert latex_escape("σ = 0.25, L∞") == r"$\sigma$ = 0.25, L$\infty$"
+
+
+def test_adversarial_display_shows_the_attack_s_own_figure_and_worst_of_n_where_they_differ():
+    import pandas as pd
+
+    base = {"dataset": "digits", "norm": "Linf", "model": "m", "defense": "none", "system": "m",
+            "attack": "autoattack", "n": 40, "clean_accuracy": 1.0, "ci_low": 0.1, "ci_high": 0.5, "broken_by": "{}",
+            "unreliable": False, "flags": ""}
+    long = pd.DataFrame([
+        {**base, "eps": 0.1, "robust_accuracy": 0.25, "standard_robust_accuracy": 0.5,
+         "worst_of_n_robust_accuracy": 0.2},
+        {**base, "eps": 0.2, "robust_accuracy": 0.25, "standard_robust_accuracy": 0.25,
+         "worst_of_n_robust_accuracy": float("nan")},
+    ])
+    row = adversarial_display(long, "digits", "Linf").iloc[0]
+    assert row["ε = 0.1"] == "25.0 [10.0, 50.0]; autoattack alone 50.0; worst-of-N 20.0"
+    assert row["ε = 0.2"] == "25.0 [10.0, 50.0]"

@@ -166,8 +166,8 @@ def test_labels_0_to_4_of_the_digits_are_accepted_and_a_label_beyond_the_classes
     (["--defense", "denoise:0.25"], "does not have the capability 'denoise'"),
     (["--eps", "2"], "exceeds 1"),
     (["--attack", "pgd-l2", "--norm", "L2", "--eps", "9"], "exceeds √64 = 8"),
-    (["--gradient", "full"], "--gradient full applies to denoise defenses only"),
-    (["--gradient", "bpda"], "--gradient bpda applies to denoise defenses only"),
+    (["--gradient", "full"], "--gradient full applies to denoise and sgld defenses only"),
+    (["--gradient", "bpda"], "--gradient bpda applies to denoise and sgld defenses only"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "meta"], "device 'meta' is not supported"),
 ])

@@ -41,6 +41,9 @@ def test_the_record_matches_the_weights(first_run: Path) -> None:
     assert (record["model"], record["dataset"], record["file"]) == ("standard", "digits", first_run.name)
     assert (record["epochs"], record["seed"], record["train_threads"]) == (2, 3, 1)
     assert 0.0 <= record["metrics"]["test_accuracy"] <= 1.0
+    # What decides the bytes of CPU training is named: PyTorch's vector kernels and the CPU.
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu"]
+    assert record["train_device"] == "cpu" and "--device" not in record["command"]
     # The weights are the model's: they load into the registered architecture through checkpoint=.
     model = robusteval.create_model("standard", checkpoint=first_run)
     test = robusteval.load_dataset("digits", split="test")
@@ -107,3 +110,22 @@ def test_saving_the_same_weights_gives_the_same_bytes(tmp_path: Path) -> None:
         assert handle.metadata() == metadata
     loaded = load_file(str(tmp_path / "0.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_retraining_a_shipped_model_lands_within_the_stated_tolerance_of_its_record(tmp_path: Path) -> None:
+    """The reproduction promise (README): the same bytes on the machine class that made the weights,
+    elsewhere the recorded test accuracy within REPRODUCTION_TOLERANCE."""
+    from robusteval.model_zoo.registry import WEIGHTS_DIR
+    from robusteval.train_model import REPRODUCTION_TOLERANCE
+
+    record = json.loads((WEIGHTS_DIR / "standard-digits.json").read_text())
+    argv = shlex.split(record["command"])
+    out = tmp_path / "standard.safetensors"
+    result = CliRunner().invoke(main, [*argv[1:], "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    retrained = json.loads(out.with_suffix(".json").read_text())
+    assert abs(retrained["metrics"]["test_accuracy"] - record["metrics"]["test_accuracy"]) <= REPRODUCTION_TOLERANCE
+    assert abs(retrained["metrics"]["train_accuracy"] - record["metrics"]["train_accuracy"]) <= REPRODUCTION_TOLERANCE
+    if record.get("cpu_capability") == retrained["cpu_capability"] and record.get("cpu") == retrained["cpu"]:
+        assert retrained["sha256"] == record["sha256"]

@@ -93,6 +93,17 @@ def test_class_conditional_denoisers_average_to_the_denoiser() -> None:
         model.denoise_class(x, 0.4, torch.tensor([0, 1, 2, 10]))
 
 
+def test_denoise_beyond_the_training_range_is_refused_with_the_range() -> None:
+    model = cdn()
+    _, x = noisy_batch(0.3)
+    for sigma in (1.5, 0.005, torch.tensor([0.3, 0.3, 2.0, 0.3] + [0.3] * (x.shape[0] - 4))):
+        with pytest.raises(ValueError, match=r"training range \[0.01, 1\]"):
+            model.denoise(x, sigma)
+    with pytest.raises(ValueError, match="training range"):
+        model.denoise_class(x, 1.5, torch.zeros(x.shape[0], dtype=torch.long))
+    model.denoise(x, 1.0)  # the edges of the range are fine
+
+
 def test_clean_input_uses_the_lowest_trained_noise_level() -> None:
     model = cdn()
     clean, _ = noisy_batch(0.0)

@@ -6,9 +6,15 @@
    adversarial example if it passes verification again at this ε; the
    remaining correct points go through the attack's components in order
    (for `--gradient auto`, first with exact gradients, then with BPDA), each
-   component attacking only the points still unbroken.
-3. Every candidate is verified (`verification`); rejected candidates are
-   counted, never used.
+   component attacking only the points it has not broken yet (a point broken
+   at a smaller ε only by an adaptive stage is attacked again, so the
+   attack's own figure is its own).
+3. Adaptive stages (`remedies`), on the points still standing: the
+   scale-invariant remedies where the clean pass found softmax saturation in
+   the batch, Square with 4× the queries where it found no usable gradient.
+4. Every candidate is verified (`verification`); rejected candidates are
+   counted, never used. Randomized pipelines: each final example is also
+   judged on the fresh decision draws, fooled on any one (worst-of-N).
 
 With a `partial` path the batch's state is saved after each ε, and a batch
 started again continues from it.
@@ -26,13 +32,15 @@ import torch
 from torch import Tensor
 
 from robusteval.attacks import sanity
-from robusteval.attacks.catalog import AUTOATTACK_TARGETS, AttackComponent, build_attack, seed_torch
+from robusteval.attacks.catalog import AUTOATTACK_TARGETS, AttackComponent, build_attack, default_steps, seed_torch
 from robusteval.attacks.defenses import DeployedPipeline, Expectation
 from robusteval.attacks.progress import AttackProgress
 from robusteval.attacks.resume import BatchState
-from robusteval.attacks.seeds import CLEAN, GRADIENT, LARGE_EPS_BATCH_OFFSET, MINIMIZE, RECHECK, VERIFY, \
-    attack_seed, derive_seed
+from robusteval.attacks.remedies import SQUARE_QUERIES, gradient_free_escalation, saturation_remedies
+from robusteval.attacks.seeds import CLEAN, GRADIENT, LARGE_EPS_BATCH_OFFSET, MINIMIZE, RECHECK, REMEDY, VERIFY, \
+    WORST_OF_N, attack_seed, derive_seed
 from robusteval.attacks.verification import perturbation_norm, project_to_ball, verify_adversarial
+from robusteval.model_zoo.registry import device_label
 from robusteval.records import AttackSample, EpsOutcome
 
 if TYPE_CHECKING:
@@ -64,10 +72,22 @@ class _Targets:
 class BatchAttacker:
     """Attacks batches for one job with its deployed pipelines (one per gradient variant)."""
 
-    def __init__(self, job: AttackJob, pipelines: dict[str, DeployedPipeline]):
+    def __init__(self, job: AttackJob, pipelines: dict[str, DeployedPipeline], scale: int = 1):
         self.job = job
         self.pipelines = pipelines
         self.primary = pipelines[job.variants[0]]
+        # The large-ε check's escalation multiplies the EOT draws and steps by `scale` (robusteval.attacks.run_checks).
+        self.scale = scale
+
+    @property
+    def eot(self) -> int:
+        return self.job.eot * self.scale if self.primary.randomized else self.job.eot
+
+    @property
+    def steps(self) -> int | None:
+        if self.scale == 1:
+            return self.job.steps
+        return (self.job.steps or default_steps(self.job.spec)) * self.scale
 
     def skipped_notes(self) -> set[str]:
         """Members that cannot run on this model (the same for every batch, resumed or not)."""
@@ -109,33 +129,37 @@ class BatchAttacker:
 
     # --- the steps of a batch -----------------------------------------------------------------------
     def _fresh_state(self, b: int, x: Tensor, y: Tensor, x_cpu: Tensor) -> BatchState:
-        clean_prediction, masked = self._clean_pass(b, x, y)
+        clean_prediction, masked, causes = self._clean_pass(b, x, y)
         size = x.shape[0]
         return BatchState(clean_prediction=clean_prediction.cpu(), masked=masked, adv=x_cpu.clone(),
                           broken=torch.zeros(size, dtype=torch.bool), final_prediction=clean_prediction.cpu(),
                           broken_by=[None] * size, per_eps=[[] for _ in range(size)], adversarial=[], notes=[],
-                          seconds=0.0)
+                          seconds=0.0, standard=torch.zeros(size, dtype=torch.bool), causes=causes)
 
-    def _clean_pass(self, b: int, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, list[bool]]]:
-        """Clean predictions of a batch and, per gradient variant, which correct points have masked gradients."""
+    def _clean_pass(self, b: int, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, list[bool]],
+                                                                 dict[str, list[str | None]]]:
+        """Clean predictions of a batch and, per gradient variant, which correct points have masked gradients
+        and why ("saturation": the margin gradient is fine; "no-gradient": it is not)."""
         job = self.job
         masked: dict[str, list[bool]] = {}
+        causes: dict[str, list[str | None]] = {}
         seed_torch(derive_seed(job.seed, CLEAN, b), job.device)
         if self.primary.randomized or not job.masking_checks:
             clean_prediction = self.primary.predict(x)
         else:
             # One pass gives the clean predictions and the input gradients of the gradient-masking check.
-            clean_prediction, flags = sanity.predict_with_gradient_check(self.primary, x, y)
-            masked[job.variants[0]] = flags.tolist()
+            clean_prediction, flags, dead = sanity.predict_with_gradient_check(self.primary, x, y)
+            masked[job.variants[0]], causes[job.variants[0]] = flags.tolist(), _causes(flags, dead)
         correct = clean_prediction == y
         for v, mode in enumerate(job.variants):
             if mode in masked or not job.masking_checks:
                 continue
             seed_torch(derive_seed(job.seed, GRADIENT, b, v), job.device)
             flags = torch.zeros(x.shape[0], dtype=torch.bool, device=job.device)
-            flags[correct] = sanity.gradient_masked(self.pipelines[mode], x[correct], y[correct])
-            masked[mode] = flags.tolist()
-        return clean_prediction, masked
+            dead = torch.zeros_like(flags)
+            flags[correct], dead[correct] = sanity.gradient_masked(self.pipelines[mode], x[correct], y[correct])
+            masked[mode], causes[mode] = flags.tolist(), _causes(flags, dead)
+        return clean_prediction, masked, causes
 
     def _recheck(self, state: BatchState, t: _Targets) -> None:
         """A break at a smaller ε is inside this ball too; check it still fools a fresh pass."""
@@ -147,38 +171,83 @@ class BatchAttacker:
         lost = idx[~check.valid]
         state.final_prediction[idx] = check.prediction
         state.broken[lost] = False
+        state.standard[lost] = False
         state.adv[lost] = t.x[lost]
         state.final_prediction[lost] = state.clean_prediction[lost]
         for i in lost.tolist():
             state.broken_by[i] = None
 
     def _attack_at(self, state: BatchState, t: _Targets, notes: set[str], progress: AttackProgress) -> None:
-        """Every component of every gradient variant, each on the points still unbroken at this ε."""
+        """Every component of every gradient variant, then the adaptive stages the batch needs."""
         job = self.job
-        targets = t.correct & ~state.broken
+        # The attack's own components try every correct point they have not broken themselves.
+        targets = t.correct & ~state.standard
         for v, mode in enumerate(job.variants):
             if not bool(targets.any()):
                 break
             built = build_attack(job.spec, self.pipelines[mode], self._expected(self.pipelines[mode]),
                                  norm=job.norm, eps=t.eps, num_classes=job.model.num_classes, device=job.device,
-                                 eot=job.eot, steps=job.steps, step_size=job.step_size)
+                                 eot=self.eot, steps=self.steps, step_size=job.step_size)
             notes.update(f"skipped {s}" for s in built.skipped)
             for c, component in enumerate(built.components):
                 idx = targets.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
-                label = component.name if len(job.variants) == 1 else f"{component.name}[{mode}]"
-                where = "large-eps check" if t.b >= LARGE_EPS_BATCH_OFFSET else f"batch {t.b + 1}"
-                progress.describe(where, t.eps, label)
-                progress.postfix(t.e, t.correct, state.broken, int(idx.numel()))
-                won = self._run_component(state, t, component, idx, v, c)
+                label = self._label(component.name, mode)
+                self._describe(progress, state, t, label, idx)
+                seed = None if component.minimization else attack_seed(job.seed, t.b, t.e, v)
+                won = self._run_component(state, t, component, idx, v, c, seed)
                 targets[won] = False
+                state.standard[won] = True
+                for i in won.tolist():
+                    state.broken_by[i] = label
+        self._adaptive_stages(state, t, notes, progress)
+
+    def _adaptive_stages(self, state: BatchState, t: _Targets, notes: set[str], progress: AttackProgress) -> None:
+        """The remedies for softmax saturation and the gradient-free escalation, on the points still standing.
+
+        They run for a gradient variant when the clean pass found a correct point of the batch with that cause.
+        """
+        job = self.job
+        for v, mode in enumerate(job.variants):
+            causes = {cause for cause, ok in zip((state.causes or {}).get(mode, []), t.correct.tolist()) if ok}
+            stages: list[AttackComponent] = []
+            pipeline = self.pipelines[mode]
+            if "saturation" in causes:
+                stages += saturation_remedies(pipeline, norm=job.norm, eps=t.eps, num_classes=job.model.num_classes,
+                                              device=job.device, eot=self.eot, steps=self.steps)
+            # The large-ε check's escalation rounds (scale > 1) double the gradient attacks' budgets; Square's
+            # escalation already ran once on these points at this ε.
+            if "no-gradient" in causes and self.scale == 1:
+                queries = (job.steps or SQUARE_QUERIES) if job.spec.name == "square" else SQUARE_QUERIES
+                stages += gradient_free_escalation(self._expected(pipeline), norm=job.norm, eps=t.eps,
+                                                   device=job.device, queries=queries)
+            for c, component in enumerate(stages):
+                idx = (t.correct & ~state.broken).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    return
+                label = self._label(component.name, mode)
+                notes.add(f"adaptive stage {label} ran on the points still standing")
+                self._describe(progress, state, t, label, idx)
+                seed = derive_seed(job.seed, REMEDY, t.b, t.e, v, c)
+                won = self._run_component(state, t, component, idx, v, REMEDY_COMPONENTS + c, seed)
                 for i in won.tolist():
                     state.broken_by[i] = label
 
+    def _label(self, name: str, mode: str) -> str:
+        return name if len(self.job.variants) == 1 else f"{name}[{mode}]"
+
+    def _describe(self, progress: AttackProgress, state: BatchState, t: _Targets, label: str, idx: Tensor) -> None:
+        where = "large-eps check" if t.b >= LARGE_EPS_BATCH_OFFSET else f"batch {t.b + 1}"
+        progress.describe(where, t.eps, label)
+        progress.postfix(t.e, t.correct, state.broken, int(idx.numel()))
+
     def _run_component(self, state: BatchState, t: _Targets, component: AttackComponent, idx: Tensor, v: int,
-                       c: int) -> Tensor:
-        """One component on the points `idx`; keeps its verified examples and returns the points it broke."""
+                       c: int, seed: int | None) -> Tensor:
+        """One component on the points `idx`; keeps its verified examples and returns the points it broke.
+
+        `seed`: the component's seed (None for a minimal-perturbation attack, seeded per batch).
+        """
         job = self.job
         if component.minimization:
             if (v, c) not in t.minimized:
@@ -190,7 +259,8 @@ class BatchAttacker:
                 t.minimized[(v, c)] = found
             candidates = project_to_ball(t.x[idx], t.minimized[(v, c)][idx], job.norm, t.eps)
         else:
-            candidates = component.run(t.x[idx], t.y[idx], attack_seed(job.seed, t.b, t.e, v))
+            assert seed is not None
+            candidates = component.run(t.x[idx], t.y[idx], seed)
         seed_torch(derive_seed(job.seed, VERIFY, t.b, t.e, v, c), job.device)
         check = verify_adversarial(self.primary, t.x[idx], candidates, t.y[idx], job.norm, t.eps)
         t.rejected[idx] += (check.misclassified & ~check.valid).long()
@@ -203,13 +273,28 @@ class BatchAttacker:
     def _record_eps(self, state: BatchState, t: _Targets) -> None:
         norms = perturbation_norm(state.adv - t.x, self.job.norm).tolist()
         broken, prediction = state.broken.tolist(), state.final_prediction.tolist()
-        rejected = t.rejected.tolist()
+        standard, rejected = state.standard.tolist(), t.rejected.tolist()
+        worst = self._worst_of_n(state, t).tolist() if self.primary.randomized else None
         for i in range(t.x.shape[0]):
             state.per_eps[i].append(EpsOutcome(
                 eps=t.eps, broken=broken[i], attack=state.broken_by[i], prediction=prediction[i],
-                perturbation_norm=norms[i] if broken[i] else 0.0, rejected=rejected[i],
+                perturbation_norm=norms[i] if broken[i] else 0.0, rejected=rejected[i], standard_broken=standard[i],
+                worst_broken=None if worst is None else worst[i],
             ).to_json())
         state.adversarial.append(state.adv.detach().to("cpu", copy=True))
+
+    def _worst_of_n(self, state: BatchState, t: _Targets) -> Tensor:
+        """(B,) bool: broken, or a correct point whose example is fooled on one of the fresh decision draws.
+
+        A point fooled so at a smaller ε stays so: its example lies inside this ball too.
+        """
+        earlier = [bool(outcomes and outcomes[-1].get("worst_broken")) for outcomes in state.per_eps]
+        worst = (state.broken | torch.tensor(earlier, dtype=torch.bool, device=state.broken.device)) & t.correct
+        standing = (t.correct & ~worst).nonzero().squeeze(1)
+        if standing.numel():
+            seed_torch(derive_seed(self.job.seed, WORST_OF_N, t.b, t.e), self.job.device)
+            worst[standing] = self.primary.fooled_on_any_draw(state.adv[standing], t.y[standing])
+        return worst
 
     def _records(self, state: BatchState, b: int, y: Tensor, offset: int, correct: Tensor) -> list[dict[str, Any]]:
         job = self.job
@@ -218,8 +303,18 @@ class BatchAttacker:
             index=offset + i, batch=b, label=labels[i], clean_prediction=clean[i], correct=correct_list[i],
             gradient_masked=({mode: state.masked[mode][i] for mode in job.variants}
                              if correct_list[i] and job.masking_checks else None),
-            results=[EpsOutcome(**outcome) for outcome in state.per_eps[i]],
+            results=[EpsOutcome(**outcome) for outcome in state.per_eps[i]], device=device_label(job.device),
+            gradient_cause=({mode: state.causes[mode][i] for mode in job.variants}
+                            if correct_list[i] and job.masking_checks and state.causes else None),
         ).to_json() for i in range(len(labels))]
 
     def _expected(self, pipeline: DeployedPipeline) -> torch.nn.Module:
-        return Expectation(pipeline, self.job.eot) if pipeline.randomized and self.job.eot > 1 else pipeline
+        return Expectation(pipeline, self.eot) if pipeline.randomized and self.eot > 1 else pipeline
+
+
+# Verification seeds of the adaptive stages are numbered from here, apart from the attack's own components.
+REMEDY_COMPONENTS = 1000
+
+
+def _causes(masked: Tensor, dead: Tensor) -> list[str | None]:
+    return ["no-gradient" if d else "saturation" if m else None for m, d in zip(masked.tolist(), dead.tolist())]

@@ -106,6 +106,15 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 
 
+def default_steps(spec: AttackSpec) -> int:
+    """The iterations `--steps` overrides when not given: the published default (APGD's for the suites, queries
+    for Square)."""
+    for key in ("steps", "apgd_steps", "queries"):
+        if isinstance(spec.defaults.get(key), int):
+            return int(spec.defaults[key])
+    raise AssertionError(f"attack {spec.name} has no default step count")  # pragma: no cover
+
+
 def resolve_attack(name: str) -> AttackSpec:
     """The spec of a user-typed attack name (case-insensitive); unknown names suggest close matches."""
     return ATTACKS[resolve_name(name, ATTACKS, "attack")]

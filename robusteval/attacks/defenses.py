@@ -11,28 +11,40 @@ Defenses (the `--defense` string, parsed by `robusteval.vocabulary.parse_defense
 - `smooth:S:K`: the smoothed classifier, the majority vote of K noisy
   predictions at σ = S. Attacks see its soft version, log E[softmax], the
   expectation estimated with the EOT draws (Salman et al. 2019).
+- `sgld:K[:step:noise:chains]` (models with an energy): JEM's SGLD
+  refinement as its official evaluation runs it (wgrathwohl/JEM
+  `attack_model.py`, `refined_logits`), in [0, 1] pixel units: `chains`
+  copies of x get Gaussian noise of std 0.015, each runs K steps of
+  x ← x − step·∇ₓE(x) + noise·n (E = −logsumexp f for JEM; no clamping, as
+  in the official code), and the logits of the refined copies are averaged.
+  Defaults step 0.25, noise 0.005, 5 chains: the official 1, 0.01 and 0.03
+  on its [−1, 1] scale (see `robusteval.vocabulary`). Randomized.
 
-Gradients through a denoiser (`gradient`): `full` backpropagates through
-`denoise` exactly (Tweedie denoisers differentiate inside `denoise`, so this
-is double backprop); `bpda` replaces the denoiser by the identity on the
-backward pass (Athalye et al. 2018). The forward pass is the same in both.
+Gradients through a denoiser or the SGLD chain (`gradient`): `full`
+backpropagates through it exactly (Tweedie denoisers and SGLD differentiate
+inside their forward pass, so this is double backprop); `bpda` replaces it
+by the identity on the backward pass (Athalye et al. 2018; for SGLD this is
+what JEM's own evaluation does, since its chain updates `x.data`). The
+forward pass is the same in both.
 
 Randomized pipelines decide by majority over `decision_draws` (100) fresh
-noise draws: a single lucky draw is not a prediction.
+noise draws: a single lucky draw is not a prediction. `fooled_on_any_draw`
+judges an example on such draws the strict way (worst-of-N).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
+from robusteval import work_sizes
 from robusteval.errors import UsageError
-from robusteval.interface import JointModel
-from robusteval.vocabulary import DefenseSpec
+from robusteval.interface import JointModel, trusted_inputs
+from robusteval.vocabulary import SGLD_START_NOISE, DefenseSpec
 
 DECISION_DRAWS = 100
-# Images per forward pass when many noise draws are stacked into one batch.
-MAX_STACKED_IMAGES = 4096
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -48,11 +60,12 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
-    """Raise CapabilityError when the defense needs what the model lacks (a denoiser for denoise:S)."""
-    if defense.kind == "denoise" and "denoise" not in model.capabilities:
+    """Raise CapabilityError when the defense needs what the model lacks (a denoiser, an energy for SGLD)."""
+    needed = {"denoise": "denoise", "sgld": "energy"}.get(defense.kind)
+    if needed is not None and needed not in model.capabilities:
         from robusteval.interface import CapabilityError
 
-        raise CapabilityError(model.name, "denoise", model.capabilities)
+        raise CapabilityError(model.name, needed, model.capabilities)
 
 
 class DeployedPipeline(nn.Module):
@@ -94,6 +107,8 @@ class DeployedPipeline(nn.Module):
             return self.model.logits(x + sigma * torch.randn_like(x), sigma)
         if kind == "smooth":
             return torch.log_softmax(self.model.logits(x + sigma * torch.randn_like(x), sigma), dim=1)
+        if kind == "sgld":
+            return self._refined_logits(x)
         noisy = x + sigma * torch.randn_like(x) if self.defense.add_noise else x
         return self.model.logits(self._purify(noisy), 0.0)
 
@@ -105,12 +120,39 @@ class DeployedPipeline(nn.Module):
             denoised = self.model.denoise(x, sigma)
         return _StraightThrough.apply(x, denoised.detach())
 
+    def _refined_logits(self, x: Tensor) -> Tensor:
+        """JEM's refined_logits: `chains` noisy copies of each point refined by SGLD, their logits averaged."""
+        spec = self.defense
+        chains = spec.chains
+        copies = x.unsqueeze(1).expand(x.shape[0], chains, *x.shape[1:]).reshape(x.shape[0] * chains, *x.shape[1:])
+        start = copies + SGLD_START_NOISE * torch.randn_like(copies)
+        full = self.gradient == "full" and torch.is_grad_enabled()
+        chain = start if full else start.detach()
+        for _ in range(spec.steps):
+            # The chain leaves [0, 1] (JEM does not clamp it): these are inputs the pipeline built itself.
+            with torch.enable_grad(), trusted_inputs():
+                inputs = chain if chain.requires_grad else chain.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.model.energy(inputs, 0.0).sum(), inputs, create_graph=full)
+            chain = inputs - spec.step_size * grad + spec.noise * torch.randn_like(inputs)
+            if not full:
+                chain = chain.detach()
+        if not full and torch.is_grad_enabled():
+            chain = _StraightThrough.apply(start, chain)  # BPDA: identity through the chain
+        with trusted_inputs():
+            logits = self.model.logits(chain, 0.0)
+        return logits.view(x.shape[0], chains, -1).mean(1)
+
+    def _draws_per_pass(self, x: Tensor) -> int:
+        """Noise draws of the batch x stacked into one forward pass (SGLD runs `chains` images per input)."""
+        images = x.shape[0] * (self.defense.chains if self.defense.kind == "sgld" else 1)
+        return max(1, work_sizes.stacked_images(x.device) // max(1, images))
+
     # --- expectation over draws -----------------------------------------------------------------
     def expected(self, x: Tensor, draws: int) -> Tensor:
         """The EOT surrogate: mean logits over `draws` noise draws (smooth: log of the mean softmax)."""
         if not self.randomized or draws <= 1:
             return self._draw(x)
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0]))
+        chunk = self._draws_per_pass(x)
         total: Tensor | None = None
         done = 0
         while done < draws:
@@ -126,6 +168,16 @@ class DeployedPipeline(nn.Module):
         return mean.clamp_min(1e-30).log() if self.defense.kind == "smooth" else mean
 
     # --- the deployed decision ------------------------------------------------------------------
+    def _draw_votes(self, x: Tensor, draws: int) -> Iterator[Tensor]:
+        """The predicted classes of `draws` fresh draws, in chunks of shape (k, B)."""
+        chunk = self._draws_per_pass(x)
+        done = 0
+        while done < draws:
+            k = min(chunk, draws - done)
+            stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+            yield self._draw(stacked).argmax(1).view(k, x.shape[0])
+            done += k
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Predicted classes (B,): argmax for a deterministic pipeline, else the majority of fresh draws.
@@ -134,19 +186,31 @@ class DeployedPipeline(nn.Module):
         """
         if not self.randomized:
             return self._draw(x).argmax(1)
-        draws = max(self.decision_draws, self.defense.votes)
-        counts: Tensor | None = None
-        chunk = max(1, MAX_STACKED_IMAGES // max(1, x.shape[0]))
-        done = 0
-        while done < draws:
-            k = min(chunk, draws - done)
-            stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
-            votes = self._draw(stacked).argmax(1).view(k, x.shape[0])
-            if counts is None:
-                counts = torch.zeros(x.shape[0], self.model.num_classes, dtype=torch.long, device=x.device)
+        counts = torch.zeros(x.shape[0], self.model.num_classes, dtype=torch.long, device=x.device)
+        for votes in self._draw_votes(x, max(self.decision_draws, self.defense.votes)):
             counts.scatter_add_(1, votes.t(), torch.ones_like(votes.t()))
-            done += k
-        return counts.argmax(1)  # type: ignore[union-attr]
+        return counts.argmax(1)
+
+    @torch.no_grad()
+    def fooled_on_any_draw(self, x: Tensor, y: Tensor) -> Tensor:
+        """(B,) bool: some one of `decision_draws` fresh draws decides a class other than y (worst-of-N).
+
+        A draw is one decision of the deployed pipeline: for smooth:S:K the vote of K noisy predictions
+        (so this costs decision_draws·K passes), else one pass. A deterministic pipeline has one draw.
+        """
+        if not self.randomized:
+            return self._draw(x).argmax(1) != y
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.defense.kind == "smooth":
+            for _ in range(self.decision_draws):
+                counts = torch.zeros(x.shape[0], self.model.num_classes, dtype=torch.long, device=x.device)
+                for votes in self._draw_votes(x, self.defense.votes):
+                    counts.scatter_add_(1, votes.t(), torch.ones_like(votes.t()))
+                fooled |= counts.argmax(1) != y
+            return fooled
+        for votes in self._draw_votes(x, self.decision_draws):
+            fooled |= (votes != y.unsqueeze(0)).any(0)
+        return fooled
 
 
 class Expectation(nn.Module):

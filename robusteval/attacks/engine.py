@@ -10,12 +10,19 @@ is saved too (atomically, `resume.BatchState`), so a killed run resumes from
 the last finished (batch, ε). Every random draw is seeded from (seed, batch,
 ε, …) (`seeds`), so a resumed run produces exactly the summary of an
 uninterrupted one.
+
+A shard (`robusteval.sharding`) attacks whole batches of the same plan, so
+its records are the unsharded run's; the checks that attack the run's first
+points again run in the shard holding batch 0, and `ATTACK_MERGER` rebuilds
+the unsharded summary from all records and those checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import logging
 import math
 import time
@@ -26,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval.determinism import gpu_notes
 from robusteval.attacks import sanity
 from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec
@@ -40,14 +48,19 @@ from robusteval.attacks.resume import (
     shard_name,
 )
 from robusteval.attacks.results import AttackResult, robustness_curve
-from robusteval.attacks.run_checks import run_checks
+from robusteval.attacks.run_checks import CheckPlan, ModelChecks, record_checks, run_checks
+from robusteval.attacks import sanity as _sanity
 from robusteval.interface import JointModel, trusted_inputs
 from robusteval.jobs import Job
 from robusteval.records import AttackConfig
+from robusteval.checkpoints import atomic_write_json
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
+from robusteval.sharding import MergeRefused, Shard, ShardRun, describe
 from robusteval.vocabulary import parse_defense
 
 logger = logging.getLogger(__name__)
+# In the shard holding batch 0: the checks that ran the model again, for `robusteval merge`.
+MODEL_CHECKS_FILE = "model_checks.json"
 
 
 class AttackJob(Job):
@@ -57,23 +70,28 @@ class AttackJob(Job):
                  spec: AttackSpec, norm: str, eps: list[float], defense: str, gradient: str, eot: int,
                  steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
                  large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True,
-                 companions: Mapping[str, Any] | None = None):
+                 companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None,
+                 decision_draws: int = DECISION_DRAWS):
         self.model, self.x, self.y = model, x, y
         self.spec, self.norm, self.eps = spec, norm, eps
         self.defense = parse_defense(defense)
         self.gradient, self.eot, self.steps, self.step_size = gradient, eot, steps, step_size
         self.seed, self.batch_size, self.device = seed, batch_size, device
         self.large_eps_check, self.masking_checks = large_eps_check, masking_checks
+        self.decision_draws = decision_draws
         self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
         self._freeze(AttackConfig(
             model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-            device=str(device), decision_draws=DECISION_DRAWS, large_eps_check=large_eps_check,
+            decision_draws=decision_draws, large_eps_check=large_eps_check,
             masking_checks=masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **{k: str(v) for k, v in (companions or {}).items()},
-        ).to_json())
+        ).to_json(), shard)
+        # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
+        total = math.ceil(self.n / batch_size)
+        self.batches = self.shard.batches(total) if self.shard is not None else range(total)
         self.name_parts = (model_name, dataset_name, spec.name, norm) + (
             (str(self.defense),) if self.defense.kind != "none" else ())
 
@@ -83,7 +101,13 @@ class AttackJob(Job):
 
     @property
     def n_batches(self) -> int:
+        """Batches of the whole run (a shard attacks `batches`, a part of them)."""
         return math.ceil(self.n / self.batch_size)
+
+    @property
+    def points(self) -> range:
+        """The points this job attacks (all of the run's, or its shard's)."""
+        return range(self.batches.start * self.batch_size, min(self.n, self.batches.stop * self.batch_size))
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
             wait: bool = False, on_wait: Callable[[str], None] | None = None) -> AttackResult:
@@ -96,14 +120,15 @@ class AttackJob(Job):
         started = time.perf_counter()
         with self.opened_run(out, resume, wait=wait, on_wait=on_wait or logger.warning) as run_dir:
             if run_dir is not None:
-                run_dir.check_records(range(self.n), check=self._record_problem)
+                run_dir.check_records(self.points, check=self._record_problem)
             return self._run(run_dir, started, progress)
 
     def _record_problem(self, record: dict[str, Any]) -> str | None:
         """What makes a stored record impossible for this job (None when it fits)."""
         batch = record.get("batch")
-        if not isinstance(batch, int) or not 0 <= batch * self.batch_size < self.n:
-            return f"batch {batch!r} does not exist with {self.n} points in batches of {self.batch_size}"
+        if not isinstance(batch, int) or batch not in self.batches:
+            return (f"batch {batch!r} is not one of batches {self.batches.start}..{self.batches.stop - 1} of "
+                    f"{self.n} points in batches of {self.batch_size}")
         if not batch * self.batch_size <= record["index"] < (batch + 1) * self.batch_size:
             return f"image {record['index']} cannot belong to batch {batch} (batches of {self.batch_size})"
         results = record.get("results")
@@ -117,7 +142,7 @@ class AttackJob(Job):
     def _run(self, run_dir: RunDirectory | None, started: float, progress: bool) -> AttackResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         done = {r["batch"] for r in records}
-        if run_dir is not None and len(done) == self.n_batches and run_dir.artifact(SUMMARY_FILE).exists():
+        if run_dir is not None and len(done) == len(self.batches) and run_dir.artifact(SUMMARY_FILE).exists():
             finished = self._finished(run_dir, records)
             if finished is not None:
                 return finished
@@ -126,18 +151,23 @@ class AttackJob(Job):
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=devices), trusted_inputs(), _autoattack_log_captured():
-                attacker = BatchAttacker(self, {mode: DeployedPipeline(self.model, self.defense, mode)
+                attacker = BatchAttacker(self, {mode: DeployedPipeline(self.model, self.defense, mode,
+                                                                       decision_draws=self.decision_draws)
                                                 for mode in self.variants})
                 notes = attacker.skipped_notes()
                 adversarial, batch_wall = self._attack_batches(attacker, run_dir, records, done, notes, progress)
                 records.sort(key=lambda r: r["index"])
-                checks, large = run_checks(self, attacker, records, notes, progress)
+                # The checks that attack the first points again run once: in the shard that holds them.
+                checks, model = run_checks(self, attacker, records, notes, progress, with_model=0 in self.batches)
         finally:
             self.model.train(was_training)
-        merged = {eps: torch.cat([adversarial[b][e] for b in range(self.n_batches)])
+        merged = {eps: torch.cat([adversarial[b][e] for b in self.batches])
                   for e, eps in enumerate(self.eps)}
+        large = model.large if model is not None else None
         if run_dir is not None:
             self._merge_files(run_dir, merged)
+            if self.shard is not None and model is not None:
+                atomic_write_json(run_dir.artifact(MODEL_CHECKS_FILE), model.to_json())
         # Every batch's own time (in whichever process ran it, parts of a batch cut by a kill included), plus
         # this call's work outside the batches (loading, checks): the time of all processes, not the last one's.
         batches = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records}.values())
@@ -157,13 +187,16 @@ class AttackJob(Job):
         """
         adversarial: dict[int, list[Tensor]] = {}
         batch_wall = 0.0
-        bar = AttackProgress(self.n, progress, initial=len(records),
-                             robust_done=[_robust_count(records, e) for e in range(len(self.eps))])
+        bar = AttackProgress(len(self.points), progress, initial=len(records),
+                             robust_done=[_robust_count(records, e) for e in range(len(self.eps))],
+                             title=describe("", self.shard).strip())
         try:
-            for b in range(self.n_batches):
+            for b in self.batches:
                 start, stop = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
                 if b in done:
-                    adversarial[b] = load_shard(run_dir, b, start, stop, self.eps)
+                    # A shard's merged files hold its own points only, from its first point on.
+                    offset = self.points.start
+                    adversarial[b] = load_shard(run_dir, b, start - offset, stop - offset, self.eps)
                     continue
                 partial = run_dir.artifact(partial_name(b)) if run_dir is not None else None
                 batch_started = time.perf_counter()
@@ -187,7 +220,7 @@ class AttackJob(Job):
         """One adversarial file per ε for all points; the batches' shards and partial states go."""
         for eps, tensor in merged.items():
             save_atomically(run_dir.artifact(adversarial_file_name(eps)), tensor)
-        for b in range(self.n_batches):
+        for b in self.batches:
             run_dir.artifact(shard_name(b)).unlink(missing_ok=True)
             # Left behind when a kill came between a batch's records and the removal of its partial state.
             run_dir.artifact(partial_name(b)).unlink(missing_ok=True)
@@ -200,7 +233,7 @@ class AttackJob(Job):
             defense=str(self.defense), clean_accuracy=sum(1 for r in records if r["correct"]) / n,
             curve=robustness_curve(records, self.eps), flags=sanity.flags_of(checks), seconds=seconds,
             gradient=self.gradient, eot=self.eot, seed=self.seed, batch_size=self.batch_size,
-            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes,
+            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes + gpu_notes(self.device),
         )
 
     def _finished(self, run_dir: RunDirectory, records: list[dict[str, Any]]) -> AttackResult | None:
@@ -252,3 +285,51 @@ def _autoattack_log_captured() -> Iterator[None]:
 class _DebugRelay(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         logger.debug("pyautoattack: %s", record.getMessage())
+
+
+class _AttackMerger:
+    """How the shards of an attack run merge (`robusteval.sharding`): the figures and record-based checks from
+    all records, the model's checks from the shard that ran them, the adversarial examples concatenated."""
+
+    def index_range(self, config: dict[str, Any]) -> range:
+        return range(config["n"])
+
+    def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
+        from robusteval.attacks.catalog import resolve_attack
+
+        first = shards[0]
+        if MODEL_CHECKS_FILE not in first.files:
+            raise MergeRefused(f"{first.source} (shard {first.shard.label}) lacks {MODEL_CHECKS_FILE}; re-run its "
+                               f"command to finish it")
+        model = ModelChecks.from_json(json.loads(first.files[MODEL_CHECKS_FILE]))
+        eps = list(config["eps"])
+        variants = ["full", "bpda"] if config["gradient"] == "auto" else [config["gradient"]]
+        plan = CheckPlan(resolve_attack(config["attack"]), variants, config["n"], eps, config["norm"],
+                         bool(config["masking_checks"]), bool(config["large_eps_check"]), model.num_classes,
+                         model.randomized)
+        checks = record_checks(plan, records, model)
+        summaries = [AttackResult.from_summary(s.summary or {}) for s in shards]
+        result = AttackResult(
+            model=config["model"], dataset=config["dataset"], n=len(records), attack=config["attack"],
+            norm=config["norm"], defense=config["defense"],
+            clean_accuracy=sum(1 for r in records if r["correct"]) / len(records),
+            curve=robustness_curve(records, eps), flags=_sanity.flags_of(checks),
+            seconds=round(sum(s.seconds or 0.0 for s in summaries), 3), gradient=config["gradient"],
+            eot=config["eot"], seed=config["seed"], batch_size=config["batch_size"],
+            checks=[c.as_dict() for c in checks], large_eps=model.large,
+            notes=sorted(set().union(*(s.notes for s in summaries))),
+        )
+        return result.summary()
+
+    def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:
+        files = {}
+        for eps in config["eps"]:
+            name = adversarial_file_name(eps)
+            merged = torch.cat([shard.load_tensor(name) for shard in shards])
+            buffer = io.BytesIO()
+            torch.save(merged, buffer)
+            files[name] = buffer.getvalue()
+        return files
+
+
+ATTACK_MERGER = _AttackMerger()

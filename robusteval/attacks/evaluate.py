@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from robusteval.attacks.catalog import AttackSpec, check_norm, resolve_attack, resolve_norm
-from robusteval.attacks.defenses import require_defense_capabilities
+from robusteval.attacks.defenses import DECISION_DRAWS, require_defense_capabilities
 from robusteval.attacks.engine import AttackJob
 from robusteval.attacks.results import AttackResult
 from robusteval.data import default_eps
@@ -48,6 +48,7 @@ class AttackSettings:
     seed: int = 0
     large_eps_check: bool = True
     masking_checks: bool = True
+    decision_draws: int = DECISION_DRAWS
 
 
 def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords: Any) -> AttackJob:
@@ -59,7 +60,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     check_norm(spec, norm)
     # Only the images the run needs are read (ImageNet decodes them one by one).
     limit = settings.n if settings.n is not None and settings.n >= 1 else None
-    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit)
+    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True)
     x, y = resolved.data.x, resolved.data.y
     if settings.n is not None:
         if settings.n < 1 or settings.n > x.shape[0]:
@@ -81,7 +82,8 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      step_size=settings.step_size, seed=int(settings.seed), batch_size=int(settings.batch_size),
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=settings.masking_checks, companions=resolved.options.official_files())
+                     masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
+                     shard=resolved.options.shard, decision_draws=int(settings.decision_draws))
 
 
 def _eps_list(eps: Sequence[float] | float | None, dataset: str, norm: str) -> list[float]:
@@ -99,18 +101,21 @@ def _check_counts(settings: AttackSettings) -> None:
         raise UsageError(f"batch_size must be >= 1, got {settings.batch_size}")
     if settings.steps is not None and settings.steps < 1:
         raise UsageError(f"steps must be >= 1, got {settings.steps}")
+    if settings.decision_draws < 1:
+        raise UsageError(f"decision_draws must be >= 1, got {settings.decision_draws}")
     if settings.step_size is not None and not (math.isfinite(settings.step_size) and settings.step_size > 0):
         raise UsageError(f"step_size must be a positive number, got {settings.step_size}")
 
 
 def _gradient(gradient: str | None, defense: DefenseSpec) -> str:
     if gradient is None:
-        return "auto" if defense.kind == "denoise" else "full"
+        return "auto" if defense.differentiates_through else "full"
     if gradient not in GRADIENTS:
         raise UsageError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
-    if defense.kind != "denoise":
-        # Without a denoiser there is nothing to take gradients through: any choice would be silently ignored.
-        raise UsageError(f"--gradient {gradient} applies to denoise defenses only (the defense is '{defense}')")
+    if not defense.differentiates_through:
+        # Without a denoiser or a chain there is nothing to take gradients through: any choice would be ignored.
+        raise UsageError(f"--gradient {gradient} applies to denoise and sgld defenses only (the defense is "
+                         f"'{defense}')")
     return gradient
 
 
@@ -136,9 +141,13 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device) of every evaluation.
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
-    'denoise:S', 'denoise:S:noise', 'noise:S' or 'smooth:S:K'; `gradient`:
-    'full', 'bpda' or 'auto' (both) for denoise defenses; `eot`: noise draws
-    per gradient against randomized defenses (default 20 there, else 1).
+    'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or
+    'sgld:K[:step:noise:chains]' (JEM's SGLD refinement, models with an
+    energy); `gradient`: 'full', 'bpda' or 'auto' (both, worst case per point)
+    for denoise and sgld defenses; `eot`: noise draws per gradient against
+    randomized defenses (default 20 there, else 1); `decision_draws`: fresh
+    draws of a randomized pipeline's decision (majority vote, and worst-of-N:
+    fooled on any one).
     `out`: a run directory (config.json, samples.jsonl, adversarial_eps<ε>.pt,
     summary.json), resumed when it holds the same configuration; None keeps
     everything in memory. `large_eps_check` re-runs the attack at a very large ε

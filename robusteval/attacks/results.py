@@ -19,8 +19,12 @@ class AttackResult(AttackSummary):
     """The figures of summary.json, plus the per-point records and adversarial examples.
 
     `curve[i].robust_accuracy` is the fraction of all n points that are
-    correctly classified and not broken at `curve[i].eps`, with a 95%
-    Clopper–Pearson interval.
+    correctly classified and not broken at `curve[i].eps` by anything the
+    engine ran (the attack, its remedies and escalations), with a 95%
+    Clopper–Pearson interval; `curve[i].standard_robust_accuracy` counts
+    only the attack's own components (AutoAttack's own figure);
+    `curve[i].worst_of_n_robust_accuracy` (randomized pipelines) also
+    counts a point as broken when any fresh decision draw is fooled.
     """
 
     run_dir: Path | None = field(default=None, compare=False)
@@ -49,17 +53,34 @@ class AttackResult(AttackSummary):
 
 
 def robustness_curve(records: list[dict[str, Any]], eps: list[float]) -> list[CurvePoint]:
-    """Robust accuracy at each ε over all records, its 95% Clopper–Pearson interval, and who broke the points."""
+    """Robust accuracy at each ε over all records, its 95% Clopper–Pearson interval, and who broke the points.
+
+    Besides the worst case over every stage: the attack's own figure (records without `standard_broken`
+    predate the remedy stages: there it is `broken`), and worst-of-N when the records carry `worst_broken`.
+    """
     from statsmodels.stats.proportion import proportion_confint
 
     n = len(records)
     correct = [r for r in records if r["correct"]]
     curve = []
     for e, value in enumerate(eps):
-        robust = sum(1 for r in correct if not r["results"][e]["broken"])
+        outcomes = [r["results"][e] for r in correct]
+        robust = sum(1 for o in outcomes if not o["broken"])
+        standard = sum(1 for o in outcomes if not _standard_broken(o))
         low, high = proportion_confint(robust, n, alpha=0.05, method="beta")
-        broken_by = Counter(r["results"][e]["attack"] for r in correct if r["results"][e]["broken"])
+        broken_by = Counter(o["attack"] for o in outcomes if o["broken"])
         rejected = sum(r["results"][e]["rejected"] for r in records)
+        worst = None
+        if any(o.get("worst_broken") is not None for o in outcomes):
+            worst = sum(1 for o in outcomes if not (o["broken"] or o.get("worst_broken")))
         curve.append(CurvePoint(value, robust / n, float(low), float(high), dict(sorted(broken_by.items())),
-                                robust=robust, rejected=rejected))
+                                robust=robust, rejected=rejected, standard_robust_accuracy=standard / n,
+                                standard_robust=standard,
+                                worst_of_n_robust_accuracy=None if worst is None else worst / n,
+                                worst_of_n_robust=worst))
     return curve
+
+
+def _standard_broken(outcome: dict[str, Any]) -> bool:
+    standard = outcome.get("standard_broken")
+    return bool(outcome["broken"] if standard is None else standard)

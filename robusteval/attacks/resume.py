@@ -76,6 +76,11 @@ class BatchState:
     adversarial: list[Tensor]  # per finished ε, the batch's examples on the CPU
     notes: list[str]
     seconds: float  # time spent on the batch by earlier, killed calls
+    # Per point, broken by the attack's own components (not only by a remedy or escalation stage); None in
+    # states saved before those stages existed (then it equals `broken`).
+    standard: Tensor | None = None
+    # Per gradient variant, per point: "saturation", "no-gradient" or None (see sanity.gradient_masked).
+    causes: dict[str, list[str | None]] | None = None
 
     @property
     def finished_eps(self) -> int:
@@ -84,16 +89,19 @@ class BatchState:
     def to(self, device: torch.device) -> BatchState:
         """A copy with its working tensors on `device` (copies: they change in place, and a loaded `adv` shares
         storage with the last ε's examples)."""
+        standard = self.broken if self.standard is None else self.standard
         return BatchState(self.clean_prediction.to(device, copy=True), self.masked, self.adv.to(device, copy=True),
                           self.broken.to(device, copy=True), self.final_prediction.to(device, copy=True),
-                          self.broken_by, self.per_eps, self.adversarial, self.notes, self.seconds)
+                          self.broken_by, self.per_eps, self.adversarial, self.notes, self.seconds,
+                          standard.to(device, copy=True), self.causes or {})
 
     def save(self, path: Path, seconds: float) -> None:
         """Write the state after a finished ε (the working tensors as their CPU values)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(clean_prediction=self.clean_prediction.cpu(), adv=self.adversarial[-1],
                       broken=self.broken.cpu(), final_prediction=self.final_prediction.cpu(),
-                      notes=sorted(self.notes), seconds=seconds)
+                      notes=sorted(self.notes), seconds=seconds,
+                      standard=None if self.standard is None else self.standard.cpu())
         save_atomically(path, values)
 
     @classmethod

@@ -9,12 +9,17 @@ flagged ones become the run's `flags` ("code: message" strings). They are:
   (`check_dynamic`), and Square beating the white-box attacks
   (`check_square_sr`).
 - A randomized defense attacked without EOT.
-- The fraction of clean points whose input gradient is zero or not finite
-  (above 5%: gradient-based attacks are blind there).
+- The fraction of clean points whose cross-entropy input gradient is zero
+  or not finite, with its cause: softmax saturation (the margin loss's
+  gradient is fine; cleared once the scale-invariant remedies ran) or no
+  usable gradient (the margin gradient is zero too; above 5% it stays
+  flagged, saying which gradient-free escalation ran).
 - A black-box attack breaking more points than the white-box ones.
 - Robust accuracy not reaching 2% at a very large ε (L∞ 0.5, or an L2
   radius that reaches the mid-grey image): a sound attack breaks nearly
   everything there.
+- A randomized pipeline whose worst-of-N robust accuracy (fooled on any one
+  fresh decision draw) lies more than 5 points below its majority vote.
 """
 
 from __future__ import annotations
@@ -140,44 +145,78 @@ def masking_checks_disabled(randomized: bool, eot: int, variants: Sequence[str])
             *(Check("zero-gradients" if v == "full" else f"zero-gradients-{v}", "n/a", off) for v in variants)]
 
 
-def gradient_masked(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """(B,) bool: the input gradient of the cross-entropy is all zero or not finite."""
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
-    inputs = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(module(inputs), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, inputs, allow_unused=True)
+def _blind(grad: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """(rows,) bool: the gradient is missing, all zero or not finite."""
     if grad is None:
-        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return torch.ones(rows, dtype=torch.bool, device=device)
     flat = grad.flatten(1)
     return (flat == 0).all(1) | ~torch.isfinite(flat).all(1)
 
 
-def predict_with_gradient_check(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """One forward pass of a deterministic module: (predictions, gradient_masked flags of the correct points).
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """(B,) the best other logit minus the true one: positive exactly where the point is misclassified."""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, y.view(-1, 1), float("-inf"))
+    return others.amax(1) - true
 
-    The flags are those of `gradient_masked` for points predicted correctly, False for the others.
+
+def _diagnose(logits: Tensor, inputs: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(CE blind, margin blind too) for the points `rows` of a forward pass `logits` of `inputs`.
+
+    The cross-entropy's gradient underflows to exactly zero once softmax saturates in float32 (a margin of
+    ~104 logit units); the margin's gradient does not, so it tells saturation from a real lack of gradient.
     """
+    masked = torch.zeros(inputs.shape[0], dtype=torch.bool, device=inputs.device)
+    dead = torch.zeros_like(masked)
+    if not bool(rows.any()):
+        return masked, dead
+    ce = F.cross_entropy(logits[rows], y[rows], reduction="sum")
+    (ce_grad,) = (torch.autograd.grad(ce, inputs, allow_unused=True, retain_graph=True) if ce.requires_grad
+                  else (None,))
+    masked[rows] = _blind(None if ce_grad is None else ce_grad[rows], int(rows.sum()), inputs.device)
+    if bool(masked.any()):
+        margin = margin_loss(logits[masked], y[masked]).sum()
+        (margin_grad,) = torch.autograd.grad(margin, inputs, allow_unused=True) if margin.requires_grad else (None,)
+        dead[masked] = _blind(None if margin_grad is None else margin_grad[masked], int(masked.sum()),
+                              inputs.device)
+    return masked, dead
+
+
+def gradient_masked(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) bools (masked, dead): the cross-entropy's input gradient is all zero or not finite; of those, the
+    margin loss's gradient is too ("no usable gradient"; masked but not dead is softmax saturation)."""
+    if x.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.bool, device=x.device)
+        return empty, empty.clone()
+    inputs = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = module(inputs)
+        return _diagnose(logits, inputs, y, torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
+
+
+def predict_with_gradient_check(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass of a deterministic module: predictions and the (masked, dead) flags of `gradient_masked`
+    for the points predicted correctly (False for the others)."""
     inputs = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = module(inputs)
         prediction = logits.detach().argmax(1)
-        correct = prediction == y
-        flags = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if not bool(correct.any()):
-            return prediction, flags
-        loss = F.cross_entropy(logits[correct], y[correct], reduction="sum")
-        (grad,) = torch.autograd.grad(loss, inputs, allow_unused=True)
-    if grad is None:
-        flags[correct] = True
-        return prediction, flags
-    flat = grad[correct].flatten(1)
-    flags[correct] = (flat == 0).all(1) | ~torch.isfinite(flat).all(1)
-    return prediction, flags
+        masked, dead = _diagnose(logits, inputs, y, prediction == y)
+    return prediction, masked, dead
 
 
-def zero_gradient_check(masked: int, total: int, variant: str) -> Check:
+SATURATION_CAUSE = "softmax saturation (CE blind, margin gradient fine)"
+NO_GRADIENT_CAUSE = "no usable gradient (the margin gradient is zero too)"
+
+
+def zero_gradient_check(masked: int, total: int, variant: str, dead: int = 0, remedies: Sequence[str] = (),
+                        escalation: Sequence[str] = ()) -> Check:
+    """Zero input gradients of the cross-entropy, with their cause.
+
+    `masked` points have a blind CE gradient, `dead` of them a blind margin gradient too. Saturation alone
+    is cleared when `remedies` (scale-invariant attacks) ran on the standing points; "no usable gradient"
+    above the limit stays flagged, saying which gradient-free `escalation` ran.
+    """
     code = "zero-gradients" if variant == "full" else f"zero-gradients-{variant}"
     if total == 0:
         return Check(code, "n/a", "no correctly classified points to take gradients at")
@@ -185,9 +224,20 @@ def zero_gradient_check(masked: int, total: int, variant: str) -> Check:
     text = f"{masked} of {total} correctly classified points ({fraction:.1%}) have a zero or non-finite input gradient"
     if variant != "full":
         text += f" ({variant} gradient)"
-    if fraction > ZERO_GRADIENT_LIMIT:
-        return Check(code, "flag", text + f", above {ZERO_GRADIENT_LIMIT:.0%}: gradient-based attacks are blind there")
-    return Check(code, "pass", text)
+    if fraction <= ZERO_GRADIENT_LIMIT:
+        return Check(code, "pass", text)
+    saturated = masked - dead
+    causes = (f"; cause: {SATURATION_CAUSE} on {saturated}, {NO_GRADIENT_CAUSE} on {dead}")
+    if dead / total > ZERO_GRADIENT_LIMIT:
+        ran = (f"; escalated with {', '.join(escalation)} on the points still standing" if escalation
+               else "; no gradient-free escalation ran")
+        return Check(code, "flag", text + causes + f", above {ZERO_GRADIENT_LIMIT:.0%}: gradient-based attacks are "
+                                                   "blind there" + ran)
+    if remedies:
+        return Check(code, "pass", text + causes + f"; cleared: the scale-invariant remedies {', '.join(remedies)} "
+                                                   "attacked every point the attack left standing")
+    return Check(code, "flag", text + causes + f", above {ZERO_GRADIENT_LIMIT:.0%}: gradient-based attacks are "
+                                               "blind there")
 
 
 def square_check(accuracy_after: Mapping[str, Mapping[str, float]]) -> Check:
@@ -230,12 +280,39 @@ def black_box_check(broken_by: Mapping[float, Mapping[str, int]], black_box: set
     return Check("black-box-stronger", "pass", "white-box attacks broke at least as many points as black-box ones")
 
 
-def large_eps_check(robust: int, total: int, eps: float, norm: str) -> Check:
+def large_eps_check(robust: int, total: int, eps: float, norm: str, escalation: Sequence[Mapping] = (),
+                    ceiling: int | None = None) -> Check:
+    """Robust accuracy at a very large ε, after the escalation rounds that ran (each {scale, eot, steps, robust})."""
     if total == 0:
         return Check("large-eps", "n/a", "no points to check")
     accuracy = robust / total
     text = f"robust accuracy {accuracy:.1%} ({robust}/{total}) at {norm} eps={eps:g}"
+    if escalation:
+        text += " after escalating the survivors (" + "; ".join(
+            f"×{r['scale']}: EOT {r['eot']}, steps {r['steps']}, {r['robust']} left" for r in escalation) + ")"
     if accuracy > LARGE_EPS_ACCURACY_LIMIT:
+        reached = (f"; the escalation ceiling (×{ceiling}) was reached at {accuracy:.1%}"
+                   if escalation and ceiling is not None and escalation[-1]["scale"] >= ceiling else "")
         return Check("large-eps", "flag", text + f", above {LARGE_EPS_ACCURACY_LIMIT:.0%}: at this eps a sound attack "
-                                                 "breaks nearly every point, so the attack is likely failing")
+                                                 "breaks nearly every point, so the attack is likely failing" + reached)
     return Check("large-eps", "pass", text)
+
+
+DECISION_GAP_LIMIT = 0.05
+
+
+def decision_gap_check(counts: Mapping[float, tuple[int, int, int]]) -> Check:
+    """Majority-vote vs worst-of-N robust accuracy of a randomized pipeline: `counts[eps]` = (majority, worst, n).
+
+    Worst-of-N counts a point as broken when any one fresh draw of the decision is fooled; a gap above
+    DECISION_GAP_LIMIT means the majority figure rests on examples that fool the defense part of the time.
+    """
+    gaps = {eps: (m - w) / n for eps, (m, w, n) in counts.items() if n}
+    text = "; ".join(f"eps={eps:g}: majority {counts[eps][0] / counts[eps][2]:.1%}, worst-of-N "
+                     f"{counts[eps][1] / counts[eps][2]:.1%}" for eps in gaps)
+    if any(gap > DECISION_GAP_LIMIT for gap in gaps.values()):
+        largest = max(gaps, key=lambda e: gaps[e])
+        return Check("decision-gap", "flag", f"{text}: the worst-of-N figure is {gaps[largest]:.1%} lower at "
+                                             f"eps={largest:g} (above {DECISION_GAP_LIMIT:.0%}): adversarial examples "
+                                             "fool the randomized defense on part of its draws")
+    return Check("decision-gap", "pass", text)

@@ -10,8 +10,11 @@ import numpy as np
 
 # The streams of random draws.
 CLEAN, GRADIENT, RECHECK, ATTACK, VERIFY, MINIMIZE, CHECKS = range(7)
+# Added with the adaptive stages (new numbers, so the streams above draw exactly what they drew before).
+REMEDY, WORST_OF_N = 7, 8
 # Batches of the large-ε check are numbered from here, apart from the run's own batches.
 LARGE_EPS_BATCH_OFFSET = 1_000_000
+# Escalation round r of the large-ε check numbers its batches from LARGE_EPS_BATCH_OFFSET * (r + 1).
 
 
 def derive_seed(*parts: int) -> int:

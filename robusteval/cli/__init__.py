@@ -40,6 +40,6 @@ def main(verbose: int) -> None:
 
 
 # Importing the command modules registers their commands on `main`.
-from robusteval.cli import evaluate, reports, zoo  # noqa: E402,F401
+from robusteval.cli import evaluate, reports, scale, zoo  # noqa: E402,F401
 
-__all__ = ["evaluate", "main", "reports", "zoo"]
+__all__ = ["evaluate", "main", "reports", "scale", "zoo"]

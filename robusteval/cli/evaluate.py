@@ -24,6 +24,7 @@ from robusteval.cli.options import (
     parse_numbers,
     split_job_options,
 )
+from robusteval.cli.scale import merge_ranks, run_paths, torchrun_rank
 from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
 
 
@@ -35,17 +36,22 @@ from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NOR
 @click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
               help=f"Radii to evaluate (default: the data set's grid; for digits {DIGITS_EPS_HELP}).")
-@click.option("--n", type=int, default=None, help="Evaluate the first N test points (default: all).")
+@click.option("--n", "--points", "n", type=int, default=None,
+              help="Evaluate the first N test points (default: all). Under torchrun write --points: its own "
+                   "parser takes --n for an abbreviation of its options.")
 @click.option("--batch-size", type=int, default=500, show_default=True,
               help="Points attacked together; the state is saved after each eps of a batch, so a killed run "
                    "resumes from the last finished (batch, eps).")
 @click.option("--defense", default="none", show_default=True,
               help=f"What is attacked: {' | '.join(DEFENSE_FORMS)}.")
 @click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
-              help="Gradients through a denoise defense: exact (full), identity backward (bpda), or both (auto, "
-                   "the default for denoise defenses).")
+              help="Gradients through a denoise or sgld defense: exact (full), identity backward (bpda), or both "
+                   "(auto, the default there; worst case per point).")
 @click.option("--eot", type=int, default=None,
               help="Noise draws per gradient against randomized defenses (default 20 there, else 1).")
+@click.option("--decision-draws", type=click.IntRange(1), default=100, show_default=True,
+              help="Fresh draws deciding a randomized pipeline's prediction: the majority vote, and worst-of-N "
+                   "(fooled on any one draw) reported beside it.")
 @click.option("--steps", type=int, default=None, help="Override the attack's iterations (Square: queries).")
 @click.option("--step-size", type=float, default=None, help="Override the step size of PGD-type attacks (CW: lr).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -67,11 +73,17 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
     from robusteval.attacks.evaluate import prepare_attack
 
     settings, options = split_job_options(params)
+    rank = torchrun_rank(options)
     job = prepare_attack(model_name, options.pop("dataset"), eps=parse_numbers(eps_text, "--eps", "0.05,0.1"), **settings, **options)
-    out = out or job.default_run_dir()
+    out, merged_out = run_paths(job, out, rank)
     click.echo(f"run directory: {out}", err=True)
     summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
                       on_wait=echo_err).summary()
+    if rank is not None:
+        summary = merge_ranks(out, merged_out)
+        if summary is None:
+            return
+        out = merged_out
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -82,12 +94,13 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
 def _echo_attack_summary(summary: dict) -> None:
     click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
                f"{summary['norm']}, defense {summary['defense']}"
-               + (f", gradient {summary['gradient']}" if summary["defense"].startswith("denoise") else "")
+               + (f", gradient {summary['gradient']}" if summary["defense"].startswith(("denoise", "sgld")) else "")
                + (f", EOT {summary['eot']}" if summary["eot"] > 1 else "")
                + f": clean accuracy {summary['clean_accuracy']:.3f}")
     rows = [(f"{p['eps']:g}", f"{p['robust_accuracy']:.3f}", f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
+             _optional(p.get("standard_robust_accuracy")), _optional(p.get("worst_of_n_robust_accuracy")),
              ", ".join(f"{k} {v}" for k, v in p["broken_by"].items()) or "-") for p in summary["curve"]]
-    echo_table(("eps", "robust acc", "95% CI", "broken by"), rows)
+    echo_table(("eps", "robust acc", "95% CI", f"{summary['attack']} alone", "worst-of-N", "broken by"), rows)
     for note in summary["notes"]:
         click.echo(f"note: {note}")
     if summary["flags"]:
@@ -96,6 +109,10 @@ def _echo_attack_summary(summary: dict) -> None:
             click.echo(f"  - {flag}")
     else:
         click.echo("flags: none")
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # --- certify / predict (randomized smoothing) -----------------------------------------------
@@ -110,8 +127,9 @@ def _smoothing_options(function):
         click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability α."),
         click.option("--n-images", type=int, default=None, help="Number of test images (default: all after --skip)."),
         click.option("--skip", type=int, default=0, show_default=True, help="Start at this test image."),
-        click.option("--batch-size", type=int, default=1000, show_default=True,
-                     help="(image, noise draw) pairs per forward pass; draws of several images share a pass."),
+        click.option("--batch-size", type=int, default=None,
+                     help="(image, noise draw) pairs per forward pass; draws of several images share a pass. "
+                          "Default: 1,000 on a CPU, up to 10,000 on a GPU (counts do not depend on it)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the noise; each image's draws depend on it and the image's index only."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -141,15 +159,27 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
     else:
         settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
+    rank = torchrun_rank(options)
     job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
-    with job.opened_run(out or job.default_run_dir(), resume, wait=wait, on_wait=echo_err) as run_dir:
+    out, merged_out = run_paths(job, out, rank)
+    with job.opened_run(out, resume, wait=wait, on_wait=echo_err) as run_dir:
         verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
         click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
         summary = job.run(run_dir, progress=not quiet).summary
+    if rank is not None:
+        summary = merge_ranks(out, merged_out)
+        if summary is None:
+            return
+        out = merged_out
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"run: {run_dir.path}")
+    echo_smoothing_summary(summary, out)
+
+
+def echo_smoothing_summary(summary: dict, path: Path) -> None:
+    kind = summary["kind"]
+    click.echo(f"run: {path}")
     if kind == "certify":
         curve = ", ".join(f"r={p['radius']:g}: {p['accuracy']:.3f}" for p in summary["certified_accuracy"])
         click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}): "
@@ -169,8 +199,8 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
 @main.command("certify")
 @_smoothing_options
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (pick the class).")
-@click.option("--n", type=int, default=None,
-              help="Estimation draws per image (bound its probability); method cohen, default 10,000.")
+@click.option("--n", "--draws", "n", type=int, default=None,
+              help="Estimation draws per image (bound its probability); method cohen, default 10,000; --draws under torchrun.")
 @click.option("--method", type=click.Choice(CERTIFY_METHODS), default=CERTIFY_METHODS[0], show_default=True,
               help="cohen: CERTIFY with n draws; sequential: draw until every --radii radius is decided (<= --n-max).")
 @click.option("--radii", callback=lambda _c, _p, value: parse_numbers(value, "--radii", "0.25,0.5"), default=None, metavar="R1,R2,...",
@@ -185,7 +215,8 @@ def certify_command(**params: object) -> None:
 
 @main.command("predict")
 @_smoothing_options
-@click.option("--n", type=int, default=1000, show_default=True, help="Noise draws per image.")
+@click.option("--n", "--draws", "n", type=int, default=1000, show_default=True,
+              help="Noise draws per image; --draws under torchrun.")
 def predict_command(**params: object) -> None:
     """The smoothed classifier's predictions, abstaining when not significant (Cohen et al. 2019 PREDICT)."""
     _run_smoothing_command("predict", n0=0, **params)
@@ -198,7 +229,8 @@ def predict_command(**params: object) -> None:
 @click.option("--sigmas", default="0.12,0.25,0.5", show_default=True, metavar="S1,S2,...",
               help="Noise levels (std in [0, 1] pixel units).")
 @click.option("--n-images", type=click.IntRange(1), default=None, help="First N test images (default: all).")
-@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="Images per batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Images per batch (it fixes each image's noise). Default: 100 on a CPU, 1,000 on a GPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise (per batch).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=RUN_OUT_HELP.format("denoise>-<model>-<dataset"))

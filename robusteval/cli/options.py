@@ -38,6 +38,8 @@ def job_options(function):
         flag = item.metadata["cli"]
         if flag.kind == "flag":
             option = click.option(flag.name, item.name, is_flag=True, help=flag.help)
+        elif flag.kind == "switch":  # --x/--no-x; unset (None) leaves the command's default
+            option = click.option(f"{flag.name}/--no-{flag.name[2:]}", item.name, default=None, help=flag.help)
         else:
             option = click.option(flag.name, item.name, type=_FLAG_TYPES[flag.kind], default=flag.default,
                                   show_default=flag.default is not None, help=flag.help)

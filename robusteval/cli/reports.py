@@ -9,6 +9,7 @@ import click
 
 from robusteval.cli import main
 from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_numbers
+from robusteval.cli.scale import torchrun_rank
 from robusteval.vocabulary import NORMS, REPORT_FORMATS
 
 
@@ -116,7 +117,8 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
               help="Override: points per adaptive-attack run on a joint model's pipeline (0: none).")
 @click.option("--n-certify", type=click.IntRange(1), default=None, help="Override: images per certification run.")
 @click.option("--n0", type=click.IntRange(1), default=None, help="Override: selection draws per image.")
-@click.option("--n", "n_draws", type=click.IntRange(1), default=None, help="Override: estimation draws per image.")
+@click.option("--n", "--draws", "n_draws", type=click.IntRange(1), default=None,
+              help="Override: estimation draws per image (--draws under torchrun).")
 def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_report: bool, patterns: str, jobs: int,
                       n_attack: int | None, n_defense: int | None, n_certify: int | None,
                       n0: int | None, n_draws: int | None, **options: object) -> None:
@@ -139,15 +141,25 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
                                    ("n0", n0), ("n", n_draws)) if v is not None}
     suite = dataclasses.replace(suite, **overrides)
     models = tuple(p.strip() for p in patterns.split(",") if p.strip()) or ("*",)
+    rank = torchrun_rank(options)  # under torchrun: rank r runs part r+1 of the suite's runs on cuda:LOCAL_RANK
     result = run_benchmark(suite, out, models=models, jobs=jobs,
                            on_event=lambda message: click.echo(message, err=True), **options)
     click.echo(f"suite {suite.name}: {len(result.finished)} runs finished, {len(result.failed)} failed, "
                f"{result.seconds:.0f} s; parameters and timings in {result.folder / 'benchmark.json'}")
+    if rank is not None:
+        from robusteval.sharding import wait_for_ranks
+
+        # Rank 0 reports every finished run of the suite it can see (all of them on one machine or a shared
+        # filesystem; otherwise copy the run folders together and run `robusteval report`).
+        if not wait_for_ranks():
+            sys.exit(1 if result.failed else 0)
+        result.finished = [p for p in result.planned if (p / "summary.json").is_file()]
     if not no_report and result.finished:
         target = report_out or (Path("reports/leaderboard.html") if suite.name == "digits"
                                 else result.folder / "report" / "leaderboard.html")
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
         command = (f"robusteval benchmark --suite {suite.name} --out {out}" + (f" --jobs {jobs}" if jobs > 1 else "")
+                   + (f" --shard {options['shard']}" if options.get("shard") and rank is None else "")
                    + (f" {options}" if options else ""))
         runs = load_runs(result.finished)
         report = write_report(runs, target, command=command, title=f"robusteval leaderboard: {suite.name}",

@@ -79,17 +79,20 @@ def list_attacks_command(as_json: bool) -> None:
                    "Default: the shipped weights of the model zoo, which this command reproduces.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe option of the model card (repeatable), e.g. --option sigma=0.5.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N. CPU training is bit-for-bit reproducible on one CPU family; see README.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(model_name: str, dataset: str, data_dir: Path | None, epochs: int | None, seed: int, out: Path | None,
-                  options: tuple[str, ...], quiet: bool) -> None:
-    """Train a model with its recipe, deterministically on the CPU, and write its weights and card record."""
+                  options: tuple[str, ...], device: str, quiet: bool) -> None:
+    """Train a model with its recipe (deterministically: one CPU thread, or deterministic GPU algorithms) and
+    write its weights and card record."""
     from robusteval.job_checks import check_writable_file
     from robusteval.train_model import train_model
 
     if out is not None:
         check_writable_file(out, "weights file")  # before training, not after it
     result = train_model(model_name, dataset=dataset, epochs=epochs, seed=seed, out=out, progress=not quiet,
-                         options=_parse_options(options), root=data_dir)
+                         options=_parse_options(options), root=data_dir, device=device)
     metrics = ", ".join(f"{k} {v}" for k, v in result.record["metrics"].items())
     click.echo(f"wrote {result.weights} (sha256 {result.record['sha256'][:16]}...) in "
                f"{result.record['train_seconds']} s: {metrics}")

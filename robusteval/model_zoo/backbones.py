@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from robusteval.determinism import AdaptiveAvgPool2d
+
 
 class SmallCNN(nn.Module):
     """Three 3×3 conv layers, one 2×2 max-pool, global average pooling, a linear head.
@@ -23,7 +25,7 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 4 * width, 3, padding=1),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
+            AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
         self.head = nn.Linear(4 * width, num_classes)

@@ -12,7 +12,7 @@ from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.backbones import DnCNN, SmallCNN
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import Recipe, TrainContext, minibatches
+from robusteval.training import Recipe, TrainContext
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
@@ -101,7 +101,7 @@ def _classifier_training(
     loss_sum = correct = seen = 0.0
     for _ in bar:
         loss_sum = correct = seen = 0.0
-        for x, y in minibatches(data, BATCH_SIZE, ctx.generator):
+        for x, y in ctx.batches(data, BATCH_SIZE):
             model.train()
             inputs = perturb(x, y)
             logits = model.net(inputs)
@@ -132,7 +132,7 @@ def pgd_linf(model: CNNClassifier, x: Tensor, y: Tensor, eps: float, steps: int,
     step_size = 2.5 * eps / steps
     was_training = model.training
     model.eval()
-    delta = (torch.rand(x.shape, generator=ctx.generator) * 2 - 1) * eps
+    delta = (ctx.rand(*x.shape) * 2 - 1) * eps
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -166,7 +166,7 @@ def train_dncnn(model: DenoisedClassifier, data: ImageDataset, ctx: TrainContext
     mse_sum = seen = 0.0
     for _ in bar:
         mse_sum = seen = 0.0
-        for x, _y in minibatches(data, BATCH_SIZE, ctx.generator):
+        for x, _y in ctx.batches(data, BATCH_SIZE):
             sigma = ctx.rand(x.shape[0]) * sigma_max
             noisy = x + sigma.view(-1, 1, 1, 1) * ctx.randn_like(x)
             loss = F.mse_loss(model.denoiser(noisy, sigma), x)

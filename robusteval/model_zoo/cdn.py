@@ -43,6 +43,16 @@ SIGMA_MAX = 1.0
 SIGMA_DATA = 0.5
 
 
+def _check_denoising_sigma(sigma: Tensor) -> None:
+    """Tweedie needs the score at the real σ: outside the trained range the network would answer for the
+    clamped σ (at σ = 1 for any larger σ) and the denoiser would pair that score with the real σ². σ = 0 is
+    exact (nothing to remove)."""
+    noisy = sigma[sigma > 0]
+    if noisy.numel() and bool(((noisy < SIGMA_MIN * (1 - 1e-6)) | (noisy > SIGMA_MAX * (1 + 1e-6))).any()):
+        raise ValueError(f"cdn denoises at sigma in its training range [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (or 0), got "
+                         f"sigma from {float(noisy.min()):g} to {float(noisy.max()):g}")
+
+
 class ClassificationDenoisingNetwork(JointModel):
     """The CDN joint model: logits, energy and Tweedie–Miyasawa denoising from one network."""
 
@@ -70,6 +80,7 @@ class ClassificationDenoisingNetwork(JointModel):
         return -self.joint_logits(x, sigma).logsumexp(1)
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        _check_denoising_sigma(sigma)
         score = input_gradient(lambda z: self.joint_logits(z, sigma).logsumexp(1), x)
         return x + sigma.view(-1, 1, 1, 1).pow(2) * score
 
@@ -77,6 +88,7 @@ class ClassificationDenoisingNetwork(JointModel):
         """E[x0 | x, y] = x + σ²∇ₓ f_y(x, σ): the class-conditional Tweedie–Miyasawa denoiser."""
         self._require("denoise")
         s = self._check(x, sigma)
+        _check_denoising_sigma(s)
         y = torch.as_tensor(y, dtype=torch.long, device=x.device)
         if y.shape != (x.shape[0],) or bool(((y < 0) | (y >= self.num_classes)).any()):
             raise ValueError(f"y must be {x.shape[0]} class indices in [0, {self.num_classes}), got {y.tolist()}")

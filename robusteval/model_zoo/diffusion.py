@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from robusteval import draws
+
 # Internal scale: x' = PIXEL_SCALE·x − 1, so pixel noise σ is PIXEL_SCALE·σ inside.
 PIXEL_SCALE = 2.0
 # Sampling starts here rather than at t = 1, where ᾱ = 0 and Tweedie divides by zero;
@@ -136,7 +138,7 @@ def ddim_step(
     direction = math.sqrt(max(0.0, 1 - a_next - sigma_eta**2)) * eps
     x_next = math.sqrt(a_next) * x0 + direction
     if sigma_eta > 0:
-        x_next = x_next + sigma_eta * torch.randn(x_t.shape, generator=generator, dtype=dtype).to(device)
+        x_next = x_next + sigma_eta * draws.randn(tuple(x_t.shape), generator, device, dtype)
     return x_next
 
 
@@ -161,8 +163,9 @@ def reverse_diffusion(
 
 
 def sample_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal noise drawn on the CPU generator (reproducible across devices), moved to `device`."""
-    return torch.randn(shape, generator=generator).to(device)
+    """Standard normal noise drawn on the generator's device (the CPU without one: reproducible across
+    devices), moved to `device`."""
+    return draws.randn(shape, generator, device)
 
 
 def sinusoidal_embedding(value: Tensor, dim: int, max_period: float = 1000.0) -> Tensor:

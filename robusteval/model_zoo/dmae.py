@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
-from robusteval.training import Recipe, TrainContext, minibatches
+from robusteval.training import Recipe, TrainContext
 
 
 def sincos_positions(grid: tuple[int, int], dim: int) -> Tensor:
@@ -258,10 +258,10 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     bar = ctx.epoch_bar("dmae pre-train")
     for _ in bar:
         mse_sum = seen = 0.0
-        for x, _y in minibatches(data, batch_size, ctx.generator):
+        for x, _y in ctx.batches(data, batch_size):
             model.train()
             noisy = x + pretrain_sigma * ctx.randn_like(x)
-            keep = random_keep(len(x), model.patches.count, mask_ratio, ctx.generator)
+            keep = random_keep(len(x), model.patches.count, mask_ratio, ctx.generator).to(ctx.device)
             loss = F.mse_loss(model.reconstruct(noisy, keep), x)  # all pixels, clean target
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,10 +288,10 @@ def train_dmae(model: DMAE, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     bar = finetune.epoch_bar("dmae fine-tune")
     for _ in bar:
         ce_sum = correct = seen = 0.0
-        for x, y in minibatches(data, batch_size, ctx.generator):
+        for x, y in ctx.batches(data, batch_size):
             model.train()
             # One σ per image from the recipe's list; `copies` noisy draws of each image.
-            sigma = sigmas[torch.randint(0, len(sigmas), (len(x),), generator=ctx.generator)].view(-1, 1, 1, 1)
+            sigma = sigmas.to(ctx.device)[ctx.randint(len(sigmas), len(x))].view(-1, 1, 1, 1)
             repeated = x.repeat(copies, 1, 1, 1)
             noisy = repeated + sigma.repeat(copies, 1, 1, 1) * ctx.randn_like(repeated)
             logits = model._logits(noisy, sigma.new_zeros(len(noisy)))
@@ -327,6 +327,11 @@ DMAE_RECIPE = DMAERecipe()
     trainer=train_dmae,
     default_epochs=200,
     recipe=DMAE_RECIPE,
+    departures=(
+        "The official pre-training normalizes the target pixels per patch, so its decoder is not a denoiser of "
+        "the image; this model's decoder rebuilds raw pixels and its `denoise` (decoder without masking) is an "
+        "extension of the paper, not part of its evaluation.",
+    ),
     description="ViT (2×2 patches, 16 tokens, dim 64, 4 encoder + 2 decoder blocks) pre-trained to rebuild the "
     "clean digit from x + N(0, 0.25²) with 75% of patches masked (MSE over all pixels); a copy of the encoder "
     "+ linear head (mean-pooled tokens) fine-tuned on x + σ·n, σ drawn per image from {0, 0.25, 0.5}, with "

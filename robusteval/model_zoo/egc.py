@@ -149,6 +149,11 @@ def train_egc(model: EnergyClassifierGenerator, data: ImageDataset, ctx: TrainCo
     trainer=train_egc,
     default_epochs=250,
     recipe=EGCRecipe(),
+    departures=(
+        "The official network predicts a per-pixel class map: its summed logsumexp over pixels is the energy and "
+        "it classifies through attention pooling; this model uses one set of logits for both, so its energy and "
+        "its classifier share every gradient (attacks on the logits also move the energy).",
+    ),
     description=(
         "Time-conditioned energy network f(x_t, t) on VP diffusion states (cosine schedule, t = (2/π)·atan(2σ)); "
         "logits = p(y|x_t), energy = −logsumexp f, score = ∇ₓ logsumexp f. Trained with ε-matching of the "

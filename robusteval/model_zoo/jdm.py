@@ -235,6 +235,10 @@ def train_jdm(model: JointDiffusionModel, data: ImageDataset, ctx: TrainContext)
     trainer=train_jdm,
     default_epochs=100,
     recipe=DiffusionRecipe(ce_weight=0.1, batch_size=64, lr=2e-3, ema_decay=0.995),
+    departures=(
+        "The official classifier guidance shifts internal features of the UNet; this model guides in x_t with "
+        "the gradient of its classifier head, so its counterfactuals and guided samples differ from the paper's.",
+    ),
     description=(
         "Small diffusion UNet ε(x_t, t) (VP, cosine schedule, t = (2/π)·atan(2σ)) with a classifier head on pooled "
         "encoder features; trained jointly with ε-MSE + α·cross-entropy. Denoise by Tweedie from ε̂; samples by "

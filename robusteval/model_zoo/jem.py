@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.determinism import AdaptiveAvgPool2d
+
 from robusteval.data import DatasetInfo, ImageDataset
 from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
@@ -45,7 +47,7 @@ class EnergyCNN(nn.Module):
             nn.AvgPool2d(2),
             nn.Conv2d(2 * width, 4 * width, 3, padding=1),
             nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2),
+            AdaptiveAvgPool2d(2),
             nn.Flatten(),
             nn.Linear(16 * width, 8 * width),
             nn.SiLU(),
@@ -95,7 +97,7 @@ def jem_objective(model: JEM, ctx: TrainContext, recipe: SGLDRecipe, num_classes
 
     def chain_labels(y: Tensor) -> Tensor:
         # Class-conditional chains (JEM's class_cond_p_x_sample): y ~ uniform, x ~ p(x | y).
-        return torch.randint(0, num_classes, (len(y),), generator=ctx.generator)
+        return ctx.randint(num_classes, len(y))
 
     def contrastive(x_data: Tensor, x_sample: Tensor, y: Tensor) -> EnergyLosses:
         logits = model.net(torch.cat([x_data, x_sample]))

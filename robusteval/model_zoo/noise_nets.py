@@ -24,6 +24,21 @@ from torch import Tensor, nn
 from robusteval.model_zoo.diffusion import sinusoidal_embedding
 
 
+def noise_levels(coordinate: Tensor) -> tuple[Tensor, Tensor]:
+    """The noise levels to embed and each sample's row among them.
+
+    On the CPU: each distinct level once (batches usually share one level: attacks, certification), which
+    is what the shipped weights' recorded figures were computed with. torch.unique has an output size
+    known only after it ran, so on a GPU it waits for the device on every forward pass, and a compiled
+    graph breaks there; on a GPU and when compiling, every sample's level is embedded instead (static
+    shapes, no synchronisation; the same values up to float rounding, since a matrix product's rounding
+    depends on how many rows it has).
+    """
+    if coordinate.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.unique(coordinate, return_inverse=True)
+    return coordinate, torch.arange(coordinate.shape[0], device=coordinate.device)
+
+
 class NoiseEmbedding(nn.Module):
     """Sin–cos features of a (B,) noise coordinate, then a two-layer MLP."""
 
@@ -77,8 +92,7 @@ class ConditionedEnergyNet(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor, coordinate: Tensor) -> Tensor:
-        # Batches usually share one noise level (attacks, certification): embed each distinct level once.
-        levels, index = torch.unique(coordinate, return_inverse=True)
+        levels, index = noise_levels(coordinate)
         embedding = self.embedding(levels)
         h = self.project(F.silu(self.stem(x)).flatten(1))
         for block in self.blocks:

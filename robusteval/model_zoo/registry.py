@@ -50,6 +50,8 @@ class ModelCard:
     recipe: Recipe = field(default_factory=Recipe)
     # Where inference draws randomness; empty when it is deterministic.
     randomness: str = "none: inference is deterministic"
+    # Where the zoo model departs from the official code, where that can change a robustness conclusion.
+    departures: tuple[str, ...] = ()
 
     def checkpoint_path(self, dataset: str) -> Path:
         return WEIGHTS_DIR / f"{self.name}-{dataset}.safetensors"
@@ -75,6 +77,7 @@ class ModelCard:
             "description": self.description,
             "capabilities": sorted(self.capabilities),
             "randomness": self.randomness,
+            "departures": list(self.departures),
             "recipe": self.recipe.as_dict(),
             "checkpoints": self.checkpoints(),
             "official": self.official(),
@@ -114,6 +117,7 @@ def register_model(
     default_epochs: int = 30,
     recipe: Recipe | None = None,
     randomness: str = "none: inference is deterministic",
+    departures: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`.
 
@@ -139,6 +143,7 @@ def register_model(
             default_epochs=default_epochs,
             recipe=recipe,
             randomness=randomness,
+            departures=tuple(departures),
         )
         _REGISTRY[name] = ModelEntry(card, build, trainer)
         return build
@@ -191,13 +196,20 @@ class DeviceUnavailable(UsageError):
 _DEVICE_HELP = "expected auto, cpu, cuda or cuda:N"
 
 
+def device_label(device: torch.device) -> str:
+    """Where work runs, as records name it: cuda:N with the index even when only "cuda" was asked for."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' picks CUDA when it is available, else the CPU; others must exist here.
 
     cpu, cuda, cuda:N (N below the number of GPUs) and mps (where PyTorch has
     it) are accepted; anything else (tpu, meta, a cuda:7 on a machine with two
-    GPUs) is a DeviceUnavailable saying what is there. A torch.device is
-    taken as it is.
+    GPUs) is a DeviceUnavailable saying what is there; cuda:N becomes the
+    current CUDA device. A torch.device is taken as it is.
     """
     if isinstance(device, torch.device):
         return device  # a program's explicit choice (the meta device in tests); names come from users
@@ -217,6 +229,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if parsed.index is not None and parsed.index >= count:
             raise DeviceUnavailable(f"device {str(device)!r} does not exist: this machine has {count} GPU(s), "
                                     f"cuda:0..cuda:{count - 1}")
+        if parsed.index is not None:
+            # Code that places tensors with a bare .cuda() or "cuda" (RobustBench's composite models) lands on
+            # the current device: make it the one asked for, before anything is built.
+            torch.cuda.set_device(parsed)
         return parsed
     if parsed.type == "mps":
         if torch.backends.mps.is_available():

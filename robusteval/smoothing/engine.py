@@ -39,12 +39,16 @@ from robusteval.smoothing.sampler import (
 from robusteval.smoothing.settings import SmoothingSettings, certify_settings
 from robusteval.smoothing.sequential_results import sequential_figures, sequential_forward_passes, sequential_record
 from robusteval.smoothing.sequential_sampler import SequentialImage, count_sequentially
+from robusteval import work_sizes
+from robusteval.determinism import gpu_notes, is_deterministic
+from robusteval.model_zoo.registry import device_label
 from robusteval.data import ImageDataset
 from robusteval.errors import UsageError
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
 from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
 from robusteval.runs import RunDirectory
+from robusteval.sharding import ShardRun, describe
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,6 @@ def smoothing_config(
     dataset_name: str,
     n_images: int,
     skip: int,
-    device: torch.device,
     input_shape: tuple[int, ...],
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -79,8 +82,7 @@ def smoothing_config(
     return SmoothingConfig(
         kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
         n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,
-        # The noise stream depends on the device type's generator, the block layout and the dtype.
-        device_type=device.type,
+        # The noise stream depends on the block layout and the dtype; it is drawn on the CPU on every device.
         noise=f"{NOISE_SCHEME}/{noise_block_size(input_shape)}/{str(dtype).removeprefix('torch.')}",
         **sequential, **(extra or {}),
     ).to_json()
@@ -112,7 +114,8 @@ def _base_classifier(
             return model.logits(noisy, sigma_rows).argmax(1)
 
         return BaseClassifierRunner(
-            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile)
+            classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile,
+            device_type=device.type)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
@@ -129,21 +132,23 @@ def _base_classifier(
         compiled_head = torch.compile(head, dynamic=False, options=COMPILE_OPTIONS)
         return lambda noisy: compiled_head(denoise(noisy))
 
-    return BaseClassifierRunner(classify_denoised, make_compiled, compile)
+    return BaseClassifierRunner(classify_denoised, make_compiled, compile, device_type=device.type)
 
 
-def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float) -> dict[str, Any]:
+def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float,
+            device: str | None = None) -> dict[str, Any]:
     if settings.kind == "certify":
         cert = decisions.certify_decision(counts[0], counts[1], settings.sigma, settings.alpha)
         return CertifySample(
             index=index, label=label, prediction=cert.prediction, abstain=cert.abstain, radius=cert.radius,
             correct=cert.prediction == label, pA_lower=cert.pA_lower, count=cert.count, top_class=cert.top_class,
-            seconds=seconds,
+            seconds=seconds, device=device,
         ).to_json()
     pred = decisions.predict_decision(counts[0], settings.alpha)
     return PredictSample(
         index=index, label=label, prediction=pred.prediction, abstain=pred.abstain, correct=pred.prediction == label,
         count=pred.count, runner_up_count=pred.runner_up_count, p_value=pred.p_value, seconds=seconds,
+        device=device,
     ).to_json()
 
 
@@ -177,24 +182,32 @@ class SmoothingJob(Job):
     """A prepared CERTIFY or PREDICT run on images skip, skip+1, ... of a data set, with the model on its device."""
 
     def __init__(self, resolved: Resolved, settings: SmoothingSettings, *, n_images: int | None = None,
-                 skip: int = 0, batch_size: int = 1000, compile: bool | None = None,
+                 skip: int = 0, batch_size: int | None = None, compile: bool | None = None,
                  chunk_images: int | None = None):
+        model, data = resolved.model, resolved.data
+        if batch_size is None:  # counts do not depend on it: the device's size (1,000 on the CPU)
+            batch_size = work_sizes.certify_batch(resolved.device, model.input_shape)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-        model, data = resolved.model, resolved.data
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
+        self.dtype = model_dtype(model)
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
+                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                     resolved.options.shard)
+        # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
+        # shard takes whole batches of this plan (each image's noise depends on its index only).
+        self.chunk_images = chunk_images or max(1, batch_size // sum(p.draws for p in settings.phases))
+        part = self.shard.items(n_images, self.chunk_images) if self.shard is not None else range(n_images)
+        self.first_batch = part.start // self.chunk_images
+        # From here on the job works on its shard's images only: skip + part.start, ... (all of them unsharded).
+        skip, n_images = skip + part.start, len(part)
         self.images = data.x[skip : skip + n_images]
         self.labels = data.y[skip : skip + n_images]
         validate_images(self.images, model.input_shape, what="images")
         _warn_sigma_mismatch(model, settings.sigma)
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.device = model, settings, resolved.device
         self.n_images, self.skip, self.batch_size, self.compile = n_images, skip, batch_size, compile
-        # Images per appended batch of records (default: enough to fill one forward pass, at least one).
-        self.chunk_images = chunk_images
-        self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.device,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype))
         self.name_parts = (settings.kind, model.name, data.name, f"s{settings.sigma:g}", settings.mode)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
@@ -215,12 +228,14 @@ class SmoothingJob(Job):
     def _run(self, run_dir: RunDirectory | None, progress: bool) -> SmoothingResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         bar = tqdm(total=self.n_images, initial=len(records), disable=not progress, unit="img",
-                   desc=self.settings.kind, leave=False)
+                   desc=describe(self.settings.kind, self.shard), leave=False)
         try:
             compiled = self._count(records, run_dir, bar)
         finally:
             bar.close()
-        summary = summarize(self.config, records, {"batch_size": self.batch_size, "compile": compiled})
+        extra = {"batch_size": self.batch_size, "compile": compiled, "deterministic": is_deterministic()}
+        notes = gpu_notes(self.model.device)
+        summary = summarize(self.config, records, {**extra, **({"notes": notes} if notes else {})})
         if run_dir is not None:
             run_dir.write_summary(summary)
         return SmoothingResult(records, summary, run_dir.path if run_dir is not None else None, dict(self.config))
@@ -232,13 +247,17 @@ class SmoothingJob(Job):
         if not remaining:
             return False
         per_image = sum(p.draws for p in settings.phases)
-        chunk_images = self.chunk_images or max(1, self.batch_size // per_image)
-        add_records = _RecordSink(records, run_dir, bar, settings.kind)
+        chunk_images = self.chunk_images
+        # Batches are numbered as in the unsharded run, so merged records equal its records.
+        add_records = _RecordSink(records, run_dir, bar, settings.kind, self.first_batch)
+
+        placed = device_label(self.device)
 
         def on_chunk(chunk: ChunkCounts) -> None:
             share = chunk.seconds / (chunk.stop - chunk.start)
             add_records([_record(settings, self.skip + done + p, int(self.labels[done + p]),
-                                 chunk.counts[p - chunk.start], round(share, 4)) for p in range(chunk.start, chunk.stop)])
+                                 chunk.counts[p - chunk.start], round(share, 4), placed)
+                         for p in range(chunk.start, chunk.stop)])
 
         device = model.device
         noise = NoiseSource(settings.seed, model.input_shape, device, self.dtype)
@@ -253,7 +272,7 @@ class SmoothingJob(Job):
                 if settings.method == "sequential":
                     count_sequentially(runner, self.images[done:], indices, settings.sigma, settings.n0,
                                        settings.sequential_test(), model.num_classes, noise, batch,
-                                       self._on_sequential_image(done, chunk_images, add_records))
+                                       self._on_sequential_image(done, chunk_images, add_records, placed))
                 else:
                     count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
                                   model.num_classes, noise, batch, chunk_images, on_chunk)
@@ -261,14 +280,14 @@ class SmoothingJob(Job):
             model.train(was_training)
         return runner.compiled
 
-    def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None]
-                             ) -> Callable[[SequentialImage], None]:
+    def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None],
+                             placed: str) -> Callable[[SequentialImage], None]:
         """The sequential sampler's callback: records handed on (in image order) every chunk_images images."""
         pending: list[dict[str, Any]] = []
 
         def on_image(result: SequentialImage) -> None:
             position = done + result.position
-            pending.append(sequential_record(self.skip + position, int(self.labels[position]), result))
+            pending.append(sequential_record(self.skip + position, int(self.labels[position]), result, placed))
             if len(pending) == chunk_images or position == self.n_images - 1:
                 add_records(list(pending))
                 pending.clear()
@@ -279,10 +298,11 @@ class SmoothingJob(Job):
 class _RecordSink:
     """Appends new records: to the run directory as one batch, to the records in memory, and to the progress bar."""
 
-    def __init__(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any, kind: str):
+    def __init__(self, records: list[dict[str, Any]], run_dir: RunDirectory | None, bar: Any, kind: str,
+                 first_batch: int = 0):
         self.records, self.run_dir, self.bar = records, run_dir, bar
         self.label = "cert_acc@0" if kind == "certify" else "acc"
-        self.batch_number = run_dir.completed_batches if run_dir is not None else 0
+        self.batch_number = first_batch + (run_dir.completed_batches if run_dir is not None else 0)
         self.correct = sum(bool(r["correct"]) for r in records)
 
     def __call__(self, new: list[dict[str, Any]]) -> None:
@@ -327,12 +347,13 @@ def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
 
 
 def prepare_smoothing(model: JointModel | str, dataset: Any, settings: SmoothingSettings, *,
-                      n_images: int | None = None, skip: int = 0, batch_size: int = 1000,
+                      n_images: int | None = None, skip: int = 0, batch_size: int | None = None,
                       compile: bool | None = None, **options: Any) -> SmoothingJob:
     """Resolve model, weights and data (`robusteval.jobs.JobOptions`) into a prepared CERTIFY or PREDICT job."""
     # Only the images the run needs are read (ImageNet decodes them one by one).
     wanted = n_images is not None and n_images >= 1 and skip >= 0
-    resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None)
+    resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None,
+                       shardable=True)
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
@@ -397,3 +418,26 @@ def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n
         settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
                                      seed=seed)
     return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
+
+
+class _SmoothingMerger:
+    """How the shards of a certify or predict run merge (`robusteval.sharding`): the summary from all records."""
+
+    def index_range(self, config: dict[str, Any]) -> range:
+        return range(config["skip"], config["skip"] + config["n_images"])
+
+    def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
+        first = shards[0].summary or {}
+        # Whether the classifier ran compiled is a per-process choice (the counts are the same either way).
+        compiled = any(bool((s.summary or {}).get("compile")) for s in shards)
+        extra = {"batch_size": first.get("batch_size"), "compile": compiled,
+                 "deterministic": all(bool((s.summary or {}).get("deterministic")) for s in shards)}
+        # A shard run on a GPU without deterministic algorithms carries its note into the merged run.
+        notes = sorted({note for s in shards for note in (s.summary or {}).get("notes", [])})
+        return summarize(config, records, {**extra, **({"notes": notes} if notes else {})})
+
+    def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:
+        return {}
+
+
+SMOOTHING_MERGER = _SmoothingMerger()

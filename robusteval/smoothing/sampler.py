@@ -10,21 +10,35 @@ Counts are integer tensors on the device; the host reads them back once per
 chunk of finished images, never per pass.
 
 Noise: draw j of phase p of the input with data-set index i is a function of
-(seed, i, p, j) alone, on a given device type. The draws of a phase are cut
-into blocks of `noise_block_size` draws and block k is drawn by a generator
-seeded with a hash of (seed, i, p, k). Counts therefore do not depend on the
-batch size, on which other images share a pass, or on where a run resumed.
-(Drawing 1,000 normals at once and 2 × 500 from one generator need not agree,
-hence fixed blocks rather than one generator per image.)
+(seed, i, p, j) alone, on every device. The draws of a phase are cut into
+blocks of `noise_block_size` draws; block k is the standard normal tensor
+that PyTorch's CPU generator (Mersenne Twister) draws after
+`manual_seed(blake2b(f"{seed}:{i}:{p}:{k}"))`, in the model's dtype. The
+blocks are always drawn on the CPU and copied to the device: CUDA's own
+normal generator lays its counters out by the GPU's number of SMs, so its
+draws differ between GPU models, while the CPU definition is the same
+everywhere (and is the stream every CPU run has used). Counts therefore do
+not depend on the batch size, on which other images share a pass, on where a
+run resumed, or on the device. (Drawing 1,000 normals at once and 2 × 500
+from one generator need not agree, hence fixed blocks rather than one
+generator per image.) On a GPU the CPU draws one pass ahead while the device
+works on the last one (pinned double buffer, asynchronous copies), with the
+blocks of a pass drawn by several threads (benchmarks/noise_cost.py measures
+the rate: about 250 M values/s per core, so a 10,000-draw CIFAR-10 pass takes
+0.11 s on one core).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +53,11 @@ NOISE_BLOCK_DRAWS = 1000
 NOISE_BLOCK_VALUES = 1 << 22
 # "auto" compile: time a few warm eager passes, project the eager time still to come, and compile only when it
 # is several times what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores
-# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included).
+# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included). A GPU compile is
+# slower (about 30 s for a small network: an estimate; DEVICE_CHECK_COMPILE=1 benchmarks/device_check.sh
+# measures it).
 TIMED_EAGER_PASSES = 3
-COMPILE_WARMUP_SECONDS = 15.0
+COMPILE_WARMUP_SECONDS = {"cpu": 15.0, "cuda": 30.0}
 COMPILE_PAYOFF_FACTOR = 3.0
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
@@ -54,6 +70,12 @@ class Phase:
     draws: int
 
 
+def compile_payoff_seconds(device_type: str) -> float:
+    """Eager seconds still to run above which compiling pays off on this kind of device."""
+    kind = device_type if device_type in COMPILE_WARMUP_SECONDS else "cpu"
+    return COMPILE_PAYOFF_FACTOR * COMPILE_WARMUP_SECONDS[kind]
+
+
 def noise_block_size(input_shape: Sequence[int]) -> int:
     """Draws per noise block: 1,000, fewer for large images (a function of the shape only)."""
     values = int(np.prod(input_shape))
@@ -61,48 +83,89 @@ def noise_block_size(input_shape: Sequence[int]) -> int:
 
 
 class NoiseSource:
-    """Standard normal draws addressed by (image index, phase, draw index)."""
+    """Standard normal draws addressed by (image index, phase, draw index), drawn on the CPU for any device.
 
-    def __init__(self, seed: int, input_shape: Sequence[int], device: torch.device, dtype: torch.dtype):
+    device is where the draws are used (the passes' buffers live there); write()
+    fills a tensor on any device with the same values. threads > 1 draws the
+    blocks of a write in parallel (each block has its own seed, so the values do
+    not depend on it); the default is torch's CPU threads on the CPU and up to 8
+    threads for a GPU, whose passes need far more draws per second.
+    """
+
+    def __init__(self, seed: int, input_shape: Sequence[int], device: torch.device, dtype: torch.dtype,
+                 threads: int | None = None):
         self.seed = int(seed)
         self.input_shape = tuple(int(d) for d in input_shape)
-        self.device = device
+        self.device = torch.device(device)
         self.dtype = dtype
         self.block = noise_block_size(self.input_shape)
-        self._generator = torch.Generator(device=device)
-        # The last block that a pass used only in part: the next pass starts with its rest.
-        self._cached_key: tuple[int, int, int] | None = None
-        self._cached: Tensor | None = None
+        if threads is None:
+            threads = torch.get_num_threads() if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="noise") if self.threads > 1 else None
+        self._local = threading.local()  # one generator per drawing thread
+        # Blocks a write used only in part (on the CPU): a later write starts with their rest.
+        self._partial: dict[tuple[int, int, int], Tensor] = {}
+        self._partial_lock = threading.Lock()
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
 
     def block_seed(self, index: int, stream: int, block: int) -> int:
         """A 64-bit seed for one block, well mixed from (seed, index, stream, block)."""
         key = f"{self.seed}:{index}:{stream}:{block}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
+    def _generator(self) -> torch.Generator:
+        generator = getattr(self._local, "generator", None)
+        if generator is None:
+            generator = self._local.generator = torch.Generator(device="cpu")
+        return generator
+
     def _fill(self, out: Tensor, index: int, stream: int, block: int) -> None:
-        self._generator.manual_seed(self.block_seed(index, stream, block))
-        out.normal_(generator=self._generator)
+        generator = self._generator()
+        generator.manual_seed(self.block_seed(index, stream, block))
+        if out.device.type == "cpu":
+            out.normal_(generator=generator)
+        else:  # the CPU definition, copied (passes stage their noise on the CPU and avoid this per-block copy)
+            out.copy_(torch.empty(out.shape, dtype=out.dtype).normal_(generator=generator))
+
+    def _partial_block(self, key: tuple[int, int, int], rows: int) -> Tensor:
+        with self._partial_lock:
+            cached = self._partial.get(key)
+        if cached is None:
+            cached = torch.empty((rows, *self.input_shape), dtype=self.dtype)
+            self._fill(cached, *key)
+            with self._partial_lock:
+                self._partial[key] = cached
+                while len(self._partial) > 4:  # a pass leaves at most two blocks part-used
+                    del self._partial[next(iter(self._partial))]
+        return cached
 
     def write(self, out: Tensor, index: int, phase: Phase, start: int, stop: int) -> None:
         """Write draws [start, stop) of `phase` of image `index` into out (stop − start rows)."""
+        pieces: list[tuple[int, int, int, int, int]] = []  # (block, lo, hi, block size, offset in out)
         offset = 0
         for block in range(start // self.block, (stop - 1) // self.block + 1):
             block_start = block * self.block
             block_stop = min(block_start + self.block, phase.draws)
             lo, hi = max(start, block_start), min(stop, block_stop)
-            rows = hi - lo
-            if lo == block_start and hi == block_stop:
-                self._fill(out[offset : offset + rows], index, phase.stream, block)
+            pieces.append((block, lo - block_start, hi - block_start, block_stop - block_start, offset))
+            offset += hi - lo
+
+        def draw(piece: tuple[int, int, int, int, int]) -> None:
+            block, lo, hi, size, at = piece
+            if lo == 0 and hi == size:
+                self._fill(out[at : at + size], index, phase.stream, block)
             else:
-                key = (index, phase.stream, block)
-                if self._cached_key != key:
-                    self._cached = torch.empty(
-                        (block_stop - block_start, *self.input_shape), device=self.device, dtype=self.dtype
-                    )
-                    self._fill(self._cached, index, phase.stream, block)
-                    self._cached_key = key
-                out[offset : offset + rows].copy_(self._cached[lo - block_start : hi - block_start])
-            offset += rows
+                out[at : at + hi - lo].copy_(self._partial_block((index, phase.stream, block), size)[lo:hi])
+
+        if self._pool is None or len(pieces) == 1:
+            for piece in pieces:
+                draw(piece)
+        else:
+            list(self._pool.map(draw, pieces))
 
 
 Classify = Callable[[Tensor], Tensor]
@@ -116,7 +179,7 @@ class BaseClassifierRunner:
     ("auto"). Auto measures instead of guessing: after one warm-up pass it
     times TIMED_EAGER_PASSES eager passes, projects the eager time of the
     passes still to run from their median, and compiles only when that is
-    more than COMPILE_PAYOFF_FACTOR × COMPILE_WARMUP_SECONDS. Once compiled it
+    more than compile_payoff_seconds(device_type). Once compiled it
     times the compiled passes the same way and goes back to eager if they are
     not faster (a model the compiler cannot speed up costs the warm-up once,
     not the rest of the run). `timing` holds what was measured.
@@ -125,10 +188,11 @@ class BaseClassifierRunner:
     """
 
     def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu"):
         self.eager = eager
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
+        self.payoff_seconds = compile_payoff_seconds(device_type)
         self._compiled: Classify | None = None
         self._clock = clock
         self._eager_times: list[float] = []
@@ -160,7 +224,7 @@ class BaseClassifierRunner:
             pass_seconds = float(np.median(self._eager_times[1:]))
             projected = pass_seconds * passes_left
             self.timing.update(eager_pass_seconds=pass_seconds, projected_eager_seconds=projected)
-            if projected > COMPILE_PAYOFF_FACTOR * COMPILE_WARMUP_SECONDS:
+            if projected > self.payoff_seconds:
                 self._compiled = self._make_compiled()  # type: ignore[misc]
             logger.info("eager pass %.4f s, %d passes left, about %.0f s eager: %s", pass_seconds, passes_left,
                         projected, "compiling" if self._compiled is not None else "staying eager")
@@ -238,29 +302,57 @@ def count_classes(
 
 
 class _NoisyPasses:
-    """Builds each pass's noisy inputs in one buffer: rows [start, stop) of the (image, phase, draw) sequence."""
+    """Builds each pass's noisy inputs in one buffer: rows [start, stop) of the (image, phase, draw) sequence.
+
+    On the CPU the noise is drawn straight into the buffer. On another device it is drawn into one of
+    two pinned CPU buffers and copied asynchronously, so drawing pass k+1 overlaps the device's work on
+    pass k; an event per staging buffer keeps a buffer from being redrawn before its copy is done.
+    """
 
     def __init__(self, images: Tensor, indices: Sequence[int], sigma: float, phases: Sequence[Phase],
-                 noise: NoiseSource, batch: int):
+                 noise: NoiseSource, batch: int, staged: bool | None = None):
+        # staged: draw into CPU buffers and copy (default: when the device is not the CPU; tests force it).
         self.images, self.indices, self.sigma, self.phases, self.noise = images, indices, sigma, phases, noise
         self.per_image = sum(p.draws for p in phases)
         self.boundaries = np.cumsum([0] + [p.draws for p in phases])
-        self.buffer = torch.zeros((batch, *images.shape[1:]), dtype=noise.dtype, device=noise.device)
+        shape = (batch, *images.shape[1:])
+        self.buffer = torch.zeros(shape, dtype=noise.dtype, device=noise.device)
+        self.staging: list[Tensor] = []
+        self.copied: list[Any] = []
+        if noise.device.type != "cpu" if staged is None else staged:
+            pin = noise.device.type == "cuda"
+            self.staging = [torch.zeros(shape, dtype=noise.dtype, pin_memory=pin) for _ in range(2)]
+            self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.passes = 0
 
     def fill(self, start: int, stop: int) -> Tensor:
         first_image, last_image = start // self.per_image, (stop - 1) // self.per_image
         clean_images = self.images[first_image : last_image + 1].to(device=self.noise.device, dtype=self.noise.dtype,
                                                                      non_blocking=True)
+        target = self.buffer
+        if self.staging:
+            slot = self.passes % 2
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # its last copy to the device has finished
+            target = self.staging[slot]
         row = 0
+        rows: list[tuple[int, int, int]] = []
         for image in range(first_image, last_image + 1):
             image_row = row
-            row = self._write_noise(image, start, stop, row)
-            self.buffer[image_row:row].mul_(self.sigma).add_(clean_images[image - first_image])
+            row = self._write_noise(target, image, start, stop, row)
+            rows.append((image, image_row, row))
+        if self.staging:
+            self.buffer.copy_(target, non_blocking=True)
+            if self.copied[slot] is not None:
+                self.copied[slot].record()
+        self.passes += 1
+        for image, lo, hi in rows:
+            self.buffer[lo:hi].mul_(self.sigma).add_(clean_images[image - first_image])
         if row < self.buffer.shape[0]:
             self.buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
         return self.buffer
 
-    def _write_noise(self, image: int, start: int, stop: int, row: int) -> int:
+    def _write_noise(self, target: Tensor, image: int, start: int, stop: int, row: int) -> int:
         """The noise of the (image, phase) segments this pass covers, from `row` on; returns the next row."""
         image_lo = max(start, image * self.per_image) - image * self.per_image
         image_hi = min(stop, (image + 1) * self.per_image) - image * self.per_image
@@ -270,7 +362,7 @@ class _NoisyPasses:
             if lo >= hi:
                 continue
             phase_lo = lo - int(self.boundaries[phase_number])
-            self.noise.write(self.buffer[row : row + hi - lo], self.indices[image], phase, phase_lo,
+            self.noise.write(target[row : row + hi - lo], self.indices[image], phase, phase_lo,
                              phase_lo + hi - lo)
             row += hi - lo
         return row

@@ -18,15 +18,15 @@ from robusteval.records import RadiusPoint, SequentialCertifySample, SequentialF
 from robusteval.smoothing.sequential_sampler import SequentialImage
 
 
-def sequential_record(index: int, label: int, result: SequentialImage) -> dict[str, Any]:
-    """The samples.jsonl line of one image (prediction None when abstaining)."""
+def sequential_record(index: int, label: int, result: SequentialImage, device: str | None = None) -> dict[str, Any]:
+    """The samples.jsonl line of one image (prediction None when abstaining; device: where it was counted)."""
     outcome = result.outcome
     prediction = None if outcome.abstain else result.top_class
     return SequentialCertifySample(
         index=index, label=label, prediction=prediction, abstain=outcome.abstain, radius=outcome.radius,
         correct=prediction == label, pA_lower=outcome.pA_lower, count=outcome.successes, top_class=result.top_class,
         seconds=round(result.seconds, 4), pA_upper=outcome.pA_upper, draws=outcome.draws,
-        largest_certified_radius=outcome.largest_certified_radius,
+        largest_certified_radius=outcome.largest_certified_radius, device=device,
     ).to_json()
 
 

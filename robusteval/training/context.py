@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from robusteval import draws
 from robusteval.data import ImageDataset
 from robusteval.interface import JointModel
 from robusteval.training.recipes import Recipe
@@ -31,6 +32,9 @@ class TrainContext:
     generator: torch.Generator
     progress: bool = True
     recipe: Recipe = field(default_factory=Recipe)
+    # Where the model trains. Every draw comes from the CPU `generator` and is moved here, so a run's
+    # random stream is the same on every device (its arithmetic is not: see README, Reproduction).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def recipe_as(self, kind: type[R]) -> R:
         """The recipe, typed; a trainer handed another kind of recipe fails here, before any step."""
@@ -43,10 +47,18 @@ class TrainContext:
         return tqdm(range(self.epochs), desc=desc, disable=not self.progress, unit="epoch", leave=True)
 
     def randn_like(self, x: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+        return draws.randn(tuple(x.shape), self.generator, x.device, x.dtype)
 
     def rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self.generator)
+        return draws.rand(shape, self.generator, self.device)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        return torch.randint(0, high, (n,), generator=self.generator).to(self.device)
+
+    def batches(self, data: ImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled pass over the data set, each minibatch on the training device."""
+        for x, y in minibatches(data, batch_size, self.generator):
+            yield x.to(self.device), y.to(self.device)
 
 
 def minibatches(data: ImageDataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:

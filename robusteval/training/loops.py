@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robusteval.data import ImageDataset
-from robusteval.training.context import TrainContext, minibatches
+from robusteval.training.context import TrainContext
 from robusteval.training.recipes import DiffusionRecipe, SGLDRecipe
 from robusteval.training.sgld import ReplayBuffer, sgld
 
@@ -74,7 +74,7 @@ def train_diffusion_style(
     loss_sum = ce_sum = correct = seen = 0.0
     for _ in bar:
         loss_sum = ce_sum = correct = seen = 0.0
-        for x, y in minibatches(data, recipe.batch_size, ctx.generator):
+        for x, y in ctx.batches(data, recipe.batch_size):
             model.train()
             losses = objective(x, y)
             loss = losses.denoising + recipe.ce_weight * losses.ce
@@ -163,13 +163,13 @@ def train_sgld_style(
         generative = epoch >= objective.discriminative_epochs
         sums = {"ce": 0.0, "correct": 0.0, "e_data": 0.0, "e_sample": 0.0}
         seen = 0
-        for x, y in minibatches(data, recipe.batch_size, ctx.generator):
+        for x, y in ctx.batches(data, recipe.batch_size):
             model.train()
             x_data = x + recipe.data_noise * ctx.randn_like(x)
             if generative:
                 y_chain = objective.chain_labels(y)
                 index, start = buffer.draw(len(x), y_chain)
-                x_sample = sgld(lambda v: model.class_energy(v, y_chain), start, chain, ctx.generator)
+                x_sample = sgld(lambda v: model.class_energy(v, y_chain), start.to(ctx.device), chain, ctx.generator)
                 buffer.store(index, x_sample)
                 losses = objective.contrastive(x_data, x_sample, y)
             else:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from robusteval import draws
+
 EnergyFn = Callable[[Tensor], Tensor]
 
 
@@ -52,22 +54,24 @@ def sgld(
 
     Only ∇ₓ is taken: parameter gradients are neither computed into `.grad`
     nor kept, so this can run inside a training step. Works under a caller's
-    `torch.no_grad()` (gradients are enabled locally). Noise is drawn on the
-    CPU from `generator` so that chains are reproducible on any device.
+    `torch.no_grad()` (gradients are enabled locally). Noise is drawn from
+    `generator` on its device (a CPU generator, or none: the same chains on any
+    device) and moved to the chain's device.
     """
     x = start.detach().clone()
     for _ in range(config.steps):
         with torch.enable_grad():
             x.requires_grad_(True)
             (grad,) = torch.autograd.grad(energy(x).sum(), x)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        noise = draws.randn(tuple(x.shape), generator, x.device, x.dtype)
         x = (x.detach() - config.step_size * grad + config.noise * noise).clamp_(0.0, 1.0)
     return x.detach()
 
 
 def uniform_noise(n: int, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-    """n images of i.i.d. U[0, 1] pixels: the chains' initial distribution (CPU)."""
-    return torch.rand((n, *shape), generator=generator)
+    """n images of i.i.d. U[0, 1] pixels: the chains' initial distribution (on the CPU, drawn on the
+    generator's device)."""
+    return draws.rand((n, *shape), generator, "cpu")
 
 
 class ReplayBuffer:

@@ -42,7 +42,8 @@ DEFECTS = (
     Defect(
         "one-draw-decision", "a randomized pipeline decides from a single noise draw",
         "robusteval/attacks/defenses.py",
-        "draws = max(self.decision_draws, self.defense.votes)", "draws = 1",
+        "for votes in self._draw_votes(x, max(self.decision_draws, self.defense.votes)):",
+        "for votes in self._draw_votes(x, 1):",
         ("tests/test_attacks_engine.py::test_randomized_decision_is_the_majority_of_fresh_draws",
          "tests/test_attacks_known_answer.py::"
          "test_noise_and_denoise_defense_has_the_deterministic_purification_answer"),
@@ -50,8 +51,8 @@ DEFECTS = (
     Defect(
         "noiseless-decision", "a randomized pipeline decides without any noise",
         "robusteval/attacks/defenses.py",
-        "        if not self.randomized:\n            return self._draw(x).argmax(1)",
-        "        if True:\n            return self.model.logits(x, 0.0).argmax(1)",
+        "noisy predictions.\n        \"\"\"\n        if not self.randomized:\n            return self._draw(x).argmax(1)",
+        "noisy predictions.\n        \"\"\"\n        if True:\n            return self.model.logits(x, 0.0).argmax(1)",
         ("tests/test_attacks_engine.py::test_randomized_decision_is_the_majority_of_fresh_draws",),
     ),
     Defect(

@@ -1,0 +1,113 @@
+"""The engine's adaptive stages: what it runs by itself when a check finds the attack blind.
+
+- Softmax saturation (the cross-entropy's input gradient underflows to zero
+  while the margin's does not): scale-invariant attacks on the points still
+  standing, `remedy:apgd-dlr` (untargeted DLR, >= 3 classes),
+  `remedy:apgd-t` (targeted DLR, >= 4 classes) and `remedy:apgd-ce-rescaled`
+  (APGD-CE on the logits divided by their own per-point range, a constant
+  on the backward pass, so softmax sees logits spanning `RESCALED_RANGE`
+  units: the decision is unchanged and the gradient no longer underflows).
+- No usable gradient (the margin gradient is zero too: rounding, a step
+  function, a module autograd cannot see into): `escalation:square-4x`,
+  Square with 4× the queries, spent as 4 restarts of the published 5,000
+  (each restart attacks the points the previous ones missed, from a fresh
+  random start and the full p schedule).
+
+The engine names these stages in `broken_by`; the attack's own components
+always run first at each ε, so `standard_robust_accuracy` stays the attack's
+own figure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from robusteval.attacks.catalog import (
+    AUTOATTACK_TARGETS,
+    MIN_CLASSES_DLR,
+    MIN_CLASSES_TARGETED_DLR,
+    AttackComponent,
+    _quietly,
+    seed_torch,
+)
+
+REMEDY_PREFIX = "remedy:"
+ESCALATION_PREFIX = "escalation:"
+RESCALED_RANGE = 10.0
+SQUARE_QUERIES = 5000
+SQUARE_FACTOR = 4  # restarts of `queries` each: 4× the queries
+APGD_STEPS = 100
+
+
+class RescaledLogits(nn.Module):
+    """Logits scaled so that each row spans RESCALED_RANGE units; the scale is a constant for autograd."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.module(x)
+        spread = (logits.amax(1, keepdim=True) - logits.amin(1, keepdim=True)).detach()
+        return logits * (RESCALED_RANGE / spread.clamp_min(1e-12))
+
+
+def saturation_remedy_names(num_classes: int) -> list[str]:
+    """The remedies that can run on a model with `num_classes` classes, in the order they run."""
+    names = []
+    if num_classes >= MIN_CLASSES_DLR:
+        names.append("apgd-dlr")
+    if num_classes >= MIN_CLASSES_TARGETED_DLR:
+        names.append("apgd-t")
+    return [REMEDY_PREFIX + name for name in [*names, "apgd-ce-rescaled"]]
+
+
+def escalation_names() -> list[str]:
+    return [ESCALATION_PREFIX + f"square-{SQUARE_FACTOR}x"]
+
+
+def _component(name: str, attack: object, device: torch.device) -> AttackComponent:
+    attack.set_device(device)  # type: ignore[attr-defined]
+
+    def run(x: Tensor, y: Tensor, seed: int) -> Tensor:
+        seed_torch(seed, device)
+        if hasattr(attack, "seed"):
+            attack.seed = seed  # type: ignore[attr-defined]
+        return attack(x, y).detach()  # type: ignore[operator]
+
+    return AttackComponent(name, run, white_box="square" not in name)
+
+
+def saturation_remedies(attacked: nn.Module, *, norm: str, eps: float, num_classes: int, device: torch.device,
+                        eot: int, steps: int | None) -> list[AttackComponent]:
+    """The scale-invariant attacks against softmax saturation, at one ε (APGD with its published settings)."""
+    import torchattacks
+
+    steps = steps or APGD_STEPS
+    components = []
+    for label in saturation_remedy_names(num_classes):
+        name = label[len(REMEDY_PREFIX):]
+        if name == "apgd-dlr":
+            attack = _quietly(lambda: torchattacks.APGD(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
+                                                        loss="dlr", eot_iter=eot, rho=0.75))
+        elif name == "apgd-t":
+            targets = min(AUTOATTACK_TARGETS, num_classes - 1) + 1
+            attack = _quietly(lambda: torchattacks.APGDT(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
+                                                         eot_iter=eot, rho=0.75, n_classes=targets))
+        else:
+            attack = _quietly(lambda: torchattacks.APGD(RescaledLogits(attacked), norm=norm, eps=eps, steps=steps,
+                                                        n_restarts=1, loss="ce", eot_iter=eot, rho=0.75))
+        components.append(_component(label, attack, device))
+    return components
+
+
+def gradient_free_escalation(expected: nn.Module, *, norm: str, eps: float, device: torch.device,
+                             queries: int = SQUARE_QUERIES) -> list[AttackComponent]:
+    """Square with SQUARE_FACTOR× `queries` (SQUARE_FACTOR restarts of `queries` each), at one ε."""
+    import torchattacks
+
+    attack = _quietly(lambda: torchattacks.Square(expected, norm=norm, eps=eps, n_queries=queries,
+                                                  n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin",
+                                                  resc_schedule=True))
+    return [_component(escalation_names()[0], attack, device)]
