@@ -374,6 +374,21 @@ def test_blocks_drawn_by_several_threads_are_the_blocks_drawn_by_one():
     assert torch.equal(outputs[0], expected) and torch.equal(outputs[1], expected)
 
 
+def test_threads_write_into_an_inference_tensor_as_one_thread_does():
+    # The sampler fills its passes under torch.inference_mode; the pool's threads must write there too.
+    shape = (1, 4, 4)
+    phase = Phase(ESTIMATION, 30)
+    outputs = []
+    for threads in (1, 2):
+        source = NoiseSource(3, shape, torch.device("cpu"), torch.float32, threads=threads)
+        source.block = 7
+        with torch.inference_mode():
+            out = torch.empty(30, *shape)
+            source.write(out, 5, phase, 0, 30)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 # --- training on a GPU -----------------------------------------------------------------------------------------
 @cuda
 @pytest.mark.parametrize("name", ["standard", "pgd-at", "gaussian", "cdn", "dmae", "jem", "egc", "jdm", "gmmc"])

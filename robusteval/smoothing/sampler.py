@@ -153,13 +153,17 @@ class NoiseSource:
             lo, hi = max(start, block_start), min(stop, block_stop)
             pieces.append((block, lo - block_start, hi - block_start, block_stop - block_start, offset))
             offset += hi - lo
+        # Inference mode is per thread: the pool's threads must take the caller's, or writing into an
+        # inference tensor (the sampler's passes run under torch.inference_mode) is refused.
+        inference = torch.is_inference_mode_enabled()
 
         def draw(piece: tuple[int, int, int, int, int]) -> None:
             block, lo, hi, size, at = piece
-            if lo == 0 and hi == size:
-                self._fill(out[at : at + size], index, phase.stream, block)
-            else:
-                out[at : at + hi - lo].copy_(self._partial_block((index, phase.stream, block), size)[lo:hi])
+            with torch.inference_mode(inference):
+                if lo == 0 and hi == size:
+                    self._fill(out[at : at + size], index, phase.stream, block)
+                else:
+                    out[at : at + hi - lo].copy_(self._partial_block((index, phase.stream, block), size)[lo:hi])
 
         if self._pool is None or len(pieces) == 1:
             for piece in pieces:
