@@ -224,20 +224,26 @@ def _load_cifar_pickle(path: Path) -> dict[str, Any]:
     return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in obj.items()}
 
 
-def _cifar_directory(root: str | Path | None) -> Path:
-    wanted = ", ".join((*_CIFAR10_SPLIT_FILES["train"], *_CIFAR10_SPLIT_FILES["test"], _CIFAR10_META))
+def _pickle_directory(name: str, root: str | Path | None, folder: str, meta: str, wanted: str,
+                      files: str = "pickles") -> Path:
+    """The directory holding a CIFAR data set's python pickles: `root` itself or `root/folder`."""
     if root is None:
-        raise MissingFileError(f"cifar10: no data directory given; pass root=<directory> holding {CIFAR10_FOLDER}/ "
-                                f"({wanted}); nothing is downloaded.")
+        raise MissingFileError(f"{name}: no data directory given; pass root=<directory> holding {folder}/ "
+                               f"({wanted}); nothing is downloaded.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise MissingFileError(f"cifar10: data directory {root} {_not_a_directory(root)}; "
-                                f"expected {CIFAR10_FOLDER}/ ({wanted}) in it or to be it.")
-    for directory in (root, root / CIFAR10_FOLDER):
-        if (directory / _CIFAR10_META).is_file():
+        raise MissingFileError(f"{name}: data directory {root} {_not_a_directory(root)}; "
+                               f"expected {folder}/ ({wanted}) in it or to be it.")
+    for directory in (root, root / folder):
+        if (directory / meta).is_file():
             return directory
-    raise MissingFileError(f"cifar10: no {_CIFAR10_META} in {root} or {root / CIFAR10_FOLDER}; expected the "
-                            f"python batches ({wanted}) there.")
+    raise MissingFileError(f"{name}: no {meta} in {root} or {root / folder}; expected the "
+                           f"python {files} ({wanted}) there.")
+
+
+def _cifar_directory(root: str | Path | None) -> Path:
+    wanted = ", ".join((*_CIFAR10_SPLIT_FILES["train"], *_CIFAR10_SPLIT_FILES["test"], _CIFAR10_META))
+    return _pickle_directory("cifar10", root, CIFAR10_FOLDER, _CIFAR10_META, wanted, files="batches")
 
 
 def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDataset:
@@ -292,19 +298,7 @@ _CIFAR100_META = "meta"
 
 
 def _cifar100_directory(root: str | Path | None) -> Path:
-    wanted = f"{CIFAR100_FOLDER}/ (train, test, meta)"
-    if root is None:
-        raise FileNotFoundError(f"cifar100: no data directory given; pass root=<directory> holding {wanted}; "
-                                f"nothing is downloaded.")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"cifar100: data directory {root} {_not_a_directory(root)}; expected {wanted} in it "
-                                f"or to be it.")
-    for directory in (root, root / CIFAR100_FOLDER):
-        if (directory / _CIFAR100_META).is_file():
-            return directory
-    raise FileNotFoundError(f"cifar100: no {_CIFAR100_META} in {root} or {root / CIFAR100_FOLDER}; expected the "
-                            f"python pickles (train, test, meta) there.")
+    return _pickle_directory("cifar100", root, CIFAR100_FOLDER, _CIFAR100_META, "train, test, meta")
 
 
 def load_cifar100(split: str = "test", root: str | Path | None = None) -> ImageDataset:

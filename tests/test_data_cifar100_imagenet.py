@@ -119,3 +119,11 @@ def test_imagenet_errors_name_what_is_wrong(tmp_path: Path) -> None:
         load_dataset("imagenet", root=tmp_path)
     with pytest.raises(ValueError, match="only the validation images"):
         load_dataset("imagenet", "train", root=tmp_path)
+
+
+def test_a_missing_cifar100_directory_is_a_usage_error_the_cli_prints_in_one_line(tmp_path):
+    from robusteval.errors import UsageError
+
+    for root in (None, tmp_path / "absent", tmp_path):
+        with pytest.raises(UsageError, match=r"cifar100: "):
+            load_dataset("cifar100", root=root)
