@@ -24,7 +24,7 @@ from robusteval.cli.options import (
     parse_numbers,
     split_job_options,
 )
-from robusteval.cli.scale import merge_ranks, run_paths, torchrun_rank
+from robusteval.cli.scale import run_paths, summary_to_print, torchrun_rank
 from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
 
 
@@ -79,11 +79,9 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
     click.echo(f"run directory: {out}", err=True)
     summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
                       on_wait=echo_err).summary()
-    if rank is not None:
-        summary = merge_ranks(out, merged_out)
-        if summary is None:
-            return
-        out = merged_out
+    summary, out = summary_to_print(summary, out, merged_out, rank)
+    if summary is None:
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -166,11 +164,9 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
         verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
         click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
         summary = job.run(run_dir, progress=not quiet).summary
-    if rank is not None:
-        summary = merge_ranks(out, merged_out)
-        if summary is None:
-            return
-        out = merged_out
+    summary, out = summary_to_print(summary, out, merged_out, rank)
+    if summary is None:
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

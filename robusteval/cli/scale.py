@@ -51,6 +51,15 @@ def merge_ranks(shard_dir: Path, merged_out: Path | None) -> dict[str, Any] | No
     return merged.summary
 
 
+def summary_to_print(summary: dict[str, Any], out: Path, merged_out: Path | None,
+                     rank: Rank | None) -> tuple[dict[str, Any] | None, Path]:
+    """The summary this process prints and its run directory: its own run's, or under torchrun the merged
+    run's on rank 0 (None on the other ranks, which print nothing more)."""
+    if rank is None:
+        return summary, out
+    return merge_ranks(out, merged_out), merged_out or out
+
+
 @main.command("merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
