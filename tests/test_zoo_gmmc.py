@@ -10,7 +10,7 @@ import torch
 import robusteval
 from robusteval.data import ImageDataset, dataset_info
 from robusteval.interface import CapabilityError
-from robusteval.model_zoo.gmmc import GMMC, GMMC_RECIPE, max_mahalanobis_centres, train_gmmc
+from robusteval.model_zoo.gmmc import GMMC, GMMC_RECIPE, gmmc_objective, max_mahalanobis_centres, train_gmmc
 from robusteval.training import TrainContext
 from zoo_floors import clean_accuracy, conditional_sample_confidence, digits_test_split, energy_aurocs
 
@@ -108,6 +108,19 @@ def test_training_modes_differ_and_joint_is_discriminative_then_generative():
     assert _same(_tiny_run("joint", fraction=0.0)[1], runs["generative"][1])
     # And a seed reproduces a run bit for bit.
     assert _same(_tiny_run("joint")[1], runs["joint"][1])
+
+
+def test_discriminative_loss_is_the_official_centre_loss_not_cross_entropy():
+    # sndnyang/GMMC train_gmmc.py: mean over the batch of −logits_y = ½‖φ(x) − μ_y‖².
+    model = GMMC(dataset_info("digits"))
+    objective = gmmc_objective(model, GMMC_RECIPE, epochs=3)
+    x, y = digits_test_split().x[:32], digits_test_split().y[:32]
+    losses = objective.discriminative(x, y)
+    with torch.no_grad():
+        centre_loss = 0.5 * (model.phi(x) - model.centres[y]).pow(2).sum(1).mean()
+        cross_entropy = torch.nn.functional.cross_entropy(losses.logits, y)
+    torch.testing.assert_close(losses.loss.detach(), centre_loss, rtol=1e-5, atol=1e-5)
+    assert abs(float(losses.loss) - float(cross_entropy)) > 1e-2
 
 
 def test_unknown_training_mode_is_a_clear_error():
