@@ -57,6 +57,17 @@ def test_joint_models_get_adaptive_attacks_on_their_pipelines(tmp_path):
         f"attack-{model}-L2-autoattack", f"attack-{model}-Linf-autoattack"]  # no adaptive attacks in CI
 
 
+def test_sgld_trained_models_get_jems_sgld_purification(tmp_path):
+    jobs = _jobs(SUITES["digits"], ["jem", "gmmc", "cdn"], tmp_path)
+    k = SUITES["digits"].sgld_steps
+    for model in ("jem", "gmmc"):
+        sgld = jobs[f"attack-{model}-Linf-autoattack-rand-sgld{k}"].arguments
+        assert (sgld["attack"], sgld["defense"], sgld["gradient"]) == ("autoattack-rand", f"sgld:{k}", "auto")
+        assert sgld["eps"] == [0.1] and sgld["n"] == SUITES["digits"].n_defense
+    assert not any("sgld" in label for label in jobs if "cdn" in label)  # cdn is not trained with SGLD
+    assert not any("sgld" in label for label in _jobs(SUITES["digits-ci"], ["jem"], tmp_path))
+
+
 def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
     suite = dataclasses.replace(SUITES["digits-ci"], name="tiny", eps={}, n_certify=4, n0=20, n=100,
                                 denoise_images=8)
