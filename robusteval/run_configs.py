@@ -76,15 +76,17 @@ class SmoothingConfig:
     radii: list[float] | None = None
     n_max: int | None = None
     looks: list[int] | None = None
-    alpha_spent: list[float] | None = None
+    confidence_sequence: str | None = None  # "betting"; runs before it was recorded used Clopper–Pearson looks
+    bets: dict[str, Any] | None = None
+    alpha_spent: list[float] | None = None  # the Clopper–Pearson design's α per look (older runs)
     checkpoint: str | None = None
     model_dir: str | None = None
     vae: str | None = None
     model_config: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "alpha_spent", "checkpoint",
-                                           "model_dir", *_COMPANIONS)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
+                                           "alpha_spent", "checkpoint", "model_dir", *_COMPANIONS)
 
     def to_json(self) -> dict[str, Any]:
         # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.

@@ -1,4 +1,4 @@
-"""Sequential certification on a radius grid: the confidence sequence, its α-spending and the stopping rule.
+"""Sequential certification on a radius grid: the betting confidence sequence and the stopping rule.
 
 Simulations are of Bernoulli(p_A) streams, the exact law of the estimation
 draws given ĉ; they run the state machine the engine drives.
@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import binom, norm
-from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import beta, binom, norm
 
-from robusteval.smoothing.sequential import SequentialTest, clopper_pearson, look_schedule, spend_alpha
+from robusteval.smoothing.sequential import (
+    LOWER_BETS, UPPER_BETS, BettingMixture, SequentialTest, betting_bounds, log_wealth, look_schedule,
+)
 
 
 def simulate(test: SequentialTest, p: float | np.ndarray, streams: int, seed: int = 0):
@@ -49,70 +50,113 @@ def test_look_schedule_is_geometric_and_ends_at_n_max():
             look_schedule(**bad)
 
 
-def test_alpha_is_spent_half_at_the_last_look():
-    spent = spend_alpha(0.001, 5)
-    assert spent.sum() == pytest.approx(0.001, rel=1e-12)
-    assert spent[-1] == pytest.approx(0.0005) and np.allclose(spent[:-1], 0.000125)
-    assert spend_alpha(0.01, 1).tolist() == [0.01]
-    with pytest.raises(ValueError):
-        spend_alpha(1.0, 3)
+def log_wealth_reference(bets: BettingMixture, successes: int, failures: int, c: float, side: str) -> float:
+    """log E(c) written out term by term, independently of the vectorised code."""
+    terms = []
+    for mu, w in zip(bets.stakes, bets.weights):
+        win, lose = (successes, failures) if side == "lower" else (failures, successes)
+        odds = (1 - c) / c if side == "lower" else c / (1 - c)
+        if lose and mu == 1.0:
+            continue  # a single loss at the all-in stake loses everything
+        terms.append(math.log(w) + win * math.log(1 + mu * odds) + (lose * math.log(1 - mu) if lose else 0.0))
+    if not terms:
+        return -math.inf
+    top = max(terms)
+    return top + math.log(math.fsum(math.exp(t - top) for t in terms))
+
+
+def wealth(bets: BettingMixture, successes: int, failures: int, c: float, side: str) -> float:
+    return math.exp(log_wealth_reference(bets, successes, failures, c, side))
+
+
+@pytest.mark.parametrize("side, bets", [("lower", LOWER_BETS), ("upper", UPPER_BETS)])
+@pytest.mark.parametrize("c", [0.3, 0.5, 0.84, 0.977, 0.99865])
+def test_wealth_is_a_fair_bet_at_p_and_monotone_in_the_threshold(side, bets, c):
+    # One draw at p_A = c: the expected wealth is exactly 1 (a martingale), for every stake and so the mixture.
+    fair = c * wealth(bets, 1, 0, c, side) + (1 - c) * wealth(bets, 0, 1, c, side)
+    assert fair == pytest.approx(1.0, rel=1e-12)
+    for s, f in [(0, 0), (5, 0), (37, 3), (0, 4), (150, 20)]:
+        assert float(log_wealth(bets, np.array(s), np.array(f), np.array(c), side)) == pytest.approx(
+            log_wealth_reference(bets, s, f, c, side), rel=1e-10, abs=1e-10)
+    grid = np.linspace(0.05, 0.999, 200)
+    values = log_wealth(bets, np.full(200, 60), np.full(200, 5), grid, side)
+    # E⁺ falls with c, E⁻ rises: what lets one e-process decide every grid radius without a union bound.
+    assert np.all(np.diff(values) <= 1e-12) if side == "lower" else np.all(np.diff(values) >= -1e-12)
+
+
+def test_betting_mixtures_are_validated():
+    with pytest.raises(ValueError, match="sum to 1"):
+        BettingMixture((0.5, 0.2), (0.5, 0.6))
+    with pytest.raises(ValueError, match="stakes"):
+        BettingMixture((1.5,), (1.0,))
+    with pytest.raises(ValueError, match="one weight"):
+        BettingMixture((0.5, 0.2), (1.0,))
 
 
 @pytest.mark.parametrize("n", [1, 7, 100, 10_000])
-def test_bounds_are_one_sided_clopper_pearson(n):
-    a = 0.0004
+def test_bounds_invert_the_tests_and_all_successes_match_the_closed_form(n):
+    alpha = 0.001
     counts = np.array(sorted({0, 1, n // 3, n // 2, n - 1, n}))
-    lower, upper = clopper_pearson(counts, np.full(len(counts), n), a)
+    lower, upper = betting_bounds(counts, np.full(len(counts), n), alpha)
     for count, lo, up in zip(counts, lower, upper):
-        # Each side of the two-sided exact interval at level 2a is the one-sided bound at level a.
-        ref_lo, ref_up = proportion_confint(int(count), n, alpha=2 * a, method="beta")
-        assert lo == pytest.approx(0.0 if count == 0 else ref_lo, abs=1e-10)
-        assert up == pytest.approx(1.0 if count == n else ref_up, abs=1e-10)
-    # All draws agree: the lower bound solves p^n = a.
-    assert lower[-1] == pytest.approx(a ** (1 / n), rel=1e-12)
+        assert 0.0 <= lo <= count / n <= up <= 1.0
+        # Just inside each bound the test does not reject; just outside (by the bisection's tolerance) it does.
+        level = math.log(1 / alpha)
+        if lo > 1e-9:
+            assert log_wealth_reference(LOWER_BETS, count, n - count, lo, "lower") >= level - 1e-9
+            assert log_wealth_reference(LOWER_BETS, count, n - count, min(lo + 1e-9, 1 - 1e-12), "lower") < level
+        if up < 1 - 1e-9:
+            assert log_wealth_reference(UPPER_BETS, count, n - count, up, "upper") >= level - 1e-9
+            assert log_wealth_reference(UPPER_BETS, count, n - count, up - 1e-9, "upper") < level
+    # All draws agree: no valid bound beats Clopper–Pearson at a fixed n, α^(1/n) (E⁺ ≤ c^(−n)), and the half
+    # weight on the all-in stake gets within a factor 2 in α of it.
+    assert (alpha / 2) ** (1 / n) - 1e-12 <= lower[-1] <= alpha ** (1 / n)
+    assert upper[-1] == 1.0 and lower[0] == 0.0
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.001])
 @pytest.mark.parametrize("p", [0.5, 0.9, 0.99, 0.999, 0.9999])
 def test_confidence_sequence_covers_p_at_every_look(alpha, p):
-    """P(∃ look: p ∉ [L_k, U_k]) ≤ α over 20,000 simulated streams; the check detects a method missing more."""
+    """Each side misses p_A at some look with probability ≤ α (20,000 simulated streams at the design's looks);
+    the same check catches Clopper–Pearson at full α at every look."""
     test = SequentialTest(0.25, [0.25], alpha, n_max=10_000)
     streams = 20_000
     rng = np.random.default_rng(int(p * 1e4) + int(alpha * 1e4))
     increments = np.diff(np.concatenate([[0], test.looks]))
     successes = np.cumsum(rng.binomial(increments, p, size=(streams, len(increments))), axis=1)
-    lower, upper = clopper_pearson(successes, test.looks, test.look_alpha / 2)
-    missed = ((lower > p) | (upper < p)).any(axis=1)
-    assert missed.sum() <= tolerated_failures(streams, alpha), missed.mean()
-    # The running intersection the state machine keeps covers on the same event.
-    running_lower, running_upper = np.maximum.accumulate(lower, axis=1), np.minimum.accumulate(upper, axis=1)
-    assert np.array_equal(((running_lower > p) | (running_upper < p)).any(axis=1), missed)
+    failures = test.looks[None, :] - successes
+    level = math.log(1 / alpha)
+    # A bound misses p exactly when the test at c = p rejects (the bounds invert the tests).
+    low_missed = (log_wealth(LOWER_BETS, successes, failures, np.array(p), "lower") >= level).any(axis=1)
+    high_missed = (log_wealth(UPPER_BETS, successes, failures, np.array(p), "upper") >= level).any(axis=1)
+    assert low_missed.sum() <= tolerated_failures(streams, alpha), low_missed.mean()
+    assert high_missed.sum() <= tolerated_failures(streams, alpha), high_missed.mean()
     if p <= 0.99:
-        # Spending the whole α at every look (no union bound) misses far more often; the simulation sees it.
-        naive_lower, naive_upper = clopper_pearson(successes, test.looks, alpha / 2)
-        naive_missed = ((naive_lower > p) | (naive_upper < p)).any(axis=1)
+        # Spending the whole α at every look without a union bound misses far more often; the simulation sees it.
+        naive_lower = beta.ppf(alpha, np.maximum(successes, 1), failures + 1)
+        naive_missed = ((successes > 0) & (naive_lower > p)).any(axis=1)
         assert naive_missed.sum() > tolerated_failures(streams, alpha)
 
 
-def test_certain_image_stops_at_the_first_look_whose_bound_clears_the_largest_radius():
+def test_certain_image_stops_at_the_first_look_whose_bet_clears_the_largest_radius():
     sigma, alpha, n_max = 0.25, 0.001, 100_000
     radii = [0.25, 0.5, 0.75]
     test = SequentialTest(sigma, radii, alpha, n_max)
-    looks = [100, 150, 225, 338, 506, 759, 1139, 1709, 2563, 3844, 5767, 8650, 12975, 19462, 29193, 43789, 65684,
-             98526, 100_000]
-    assert test.looks.tolist() == looks
-    # Independently: with all n_k draws successes the lower bound is a_k^(1/n_k), a_k = α / (2(K − 1)) / 2.
-    side = [alpha / (2 * (len(looks) - 1)) / 2] * (len(looks) - 1) + [alpha / 4]
+    looks = test.looks.tolist()
+    assert looks[:4] == [100, 110, 121, 133] and looks[-1] == n_max and np.all(np.diff(looks) > 0)
     target = norm.cdf(0.75 / sigma)
-    passing = [k for k, n in enumerate(looks) if side[k] ** (1 / n) > target]
-    first = passing[0]
-    assert looks[first] == 8650  # p = 1 certifies r = 0.75 at σ = 0.25 after 8,650 draws, not 100,000
-    assert side[first - 1] ** (1 / looks[first - 1]) < target - 1e-5  # no round-off at the boundary
+    # Independently: the first look where the mixture's wealth at Φ(0.75/σ) after n_k successes reaches 1/α.
+    first = next(k for k, n in enumerate(looks) if wealth(LOWER_BETS, n, 0, target, "lower") >= 1 / alpha)
+    # Bracketed by theory: no bet beats the fixed-n Clopper–Pearson count; the all-in half alone needs ln(2/α).
+    assert math.log(1 / alpha) / -math.log(target) <= looks[first] <= math.log(2 / alpha) / -math.log(target) * 1.1
+    assert looks[first] < 6_000  # p = 1 certifies r = 0.75 at σ = 0.25 after ~5,500 draws, not 100,000
     state = simulate(test, 1.0, 5)
     assert np.all(test.draws_done(state) == looks[first])
     outcome = test.outcome(state, 0)
     assert outcome.certified == (True, True, True, True) and outcome.largest_certified_radius == 0.75
-    assert outcome.pA_lower == pytest.approx(side[first] ** (1 / looks[first]), rel=1e-12)
+    assert outcome.pA_lower == pytest.approx(betting_bounds(np.array([looks[first]]), np.array([looks[first]]),
+                                                            alpha)[0][0], rel=1e-12)
+    assert outcome.pA_lower > target
     assert outcome.radius == pytest.approx(sigma * norm.ppf(outcome.pA_lower), rel=1e-12) and outcome.radius > 0.75
 
 
@@ -120,37 +164,33 @@ def test_radius_beyond_the_budget_does_not_keep_a_certain_image_running():
     # r = 2 at σ = 0.25 needs p_A > Φ(8): no count below 100,000 draws can show it, so it is decided at once.
     test = SequentialTest(0.25, [0.25, 0.5, 0.75, 2.0], 0.001, 100_000)
     state = simulate(test, 1.0, 3)
-    assert np.all(test.draws_done(state) == 8650)
+    plain = simulate(SequentialTest(0.25, [0.25, 0.5, 0.75], 0.001, 100_000), 1.0, 3)
+    assert np.all(test.draws_done(state) == test.draws_done(plain)) and test.draws_done(state)[0] < 6_000
     outcome = test.outcome(state, 0)
     assert outcome.certified == (True, True, True, True, False) and outcome.largest_certified_radius == 0.75
 
 
-def test_image_at_a_threshold_runs_to_n_max():
-    sigma, alpha = 0.25, 0.001
+def test_image_at_a_threshold_runs_until_the_budget_cannot_decide_it():
+    sigma, alpha, n_max = 0.25, 0.001, 20_000
     threshold = norm.cdf(0.5 / sigma)
-    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=29_193)
-    assert test.looks[-2:].tolist() == [19_462, 29_193]
-    state = simulate(test, threshold, 500, seed=3)
-    # Stopping earlier needs the sequence to miss p_A on one side: probability at most α per image.
-    assert np.mean(test.draws_done(state) == 29_193) >= 0.99
-    assert all(test.outcome(state, i).certified[:2] == (True, True) for i in range(500))
+    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=n_max)
+    state = simulate(test, threshold, 300, seed=3)
+    draws = test.draws_done(state)
+    # Stopping before the budget runs out needs a test at the true p_A to reject: probability ≤ α per side.
+    early = [i for i in range(300) if draws[i] < n_max]
+    for i in early:
+        successes = state.successes[i]
+        decided = state.certified[i, 2] or state.refuted[i, 2]
+        # ... or r = 0.5 out of reach: even all successes up to n_max leave E⁺(Φ(0.5/σ)) below 1/α.
+        reachable = wealth(LOWER_BETS, successes + n_max - draws[i], draws[i] - successes, threshold,
+                           "lower") >= 1 / alpha
+        assert decided or not reachable
+    assert np.mean([state.certified[i, 2] or state.refuted[i, 2] for i in range(300)]) <= 0.01
+    assert np.median(draws) >= 0.7 * n_max
+    assert all(test.outcome(state, i).certified[:2] == (True, True) for i in range(300))
     # ... whereas images far from every threshold stop early.
     far = simulate(test, 0.93, 500, seed=4)
-    assert np.median(test.draws_done(far)) <= 2563
-
-
-def test_image_at_a_threshold_stops_where_the_rest_of_the_budget_cannot_decide_it():
-    sigma, alpha = 0.25, 0.001
-    threshold = norm.cdf(0.5 / sigma)
-    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=20_000)
-    assert test.looks[-2:].tolist() == [19_462, 20_000]
-    state = simulate(test, threshold, 200, seed=3)
-    draws = test.draws_done(state)
-    assert np.mean(draws == 19_462) >= 0.99
-    # Even 538 successes out of the last 538 draws could not lift the final lower bound above Φ(0.5/σ).
-    for i in np.flatnonzero(draws == 19_462):
-        best = test.bounds(np.array([state.successes[i] + 538]), len(test.looks) - 1)[0][0]
-        assert best <= threshold and state.lower[i] <= threshold <= state.upper[i]
+    assert np.median(test.draws_done(far)) <= 1500
 
 
 def test_no_radius_above_the_exact_one_is_certified_beyond_the_alpha_rate():
@@ -173,16 +213,19 @@ def test_no_radius_above_the_exact_one_is_certified_beyond_the_alpha_rate():
         assert outcome.certified == tuple(state.lower[image] > test.thresholds)
         if outcome.certified[0]:
             assert outcome.radius >= outcome.largest_certified_radius
-    # A test without the union bound over looks (full α at every look) is caught by the same check.
-    naive = SequentialTest(sigma, radii, alpha, n_max)
-    naive.look_alpha = np.full(len(naive.looks), alpha)
+    # An invalid design is caught by the same check: every stake at full weight (the best bet in hindsight,
+    # weights summing to 11, not 1).
+    greedy = object.__new__(BettingMixture)
+    object.__setattr__(greedy, "stakes", LOWER_BETS.stakes)
+    object.__setattr__(greedy, "weights", (1.0,) * len(LOWER_BETS.stakes))
+    naive = SequentialTest(sigma, radii, alpha, n_max, lower_bets=greedy)
     naive_state = simulate(naive, norm.cdf(exact / sigma), len(exact), seed=5)
     assert wrong_certificates(naive, naive_state, exact) > tolerated_failures(len(exact), alpha)
 
 
 def wrong_certificates(test: SequentialTest, state, exact: np.ndarray) -> int:
     """Images certified at some grid radius above their exact radius."""
-    certified = state.lower[:, None] > test.thresholds[None, :]
+    certified = state.certified
     return int((certified & (test.radii[None, :] > exact[:, None])).any(axis=1).sum())
 
 
@@ -194,7 +237,10 @@ def test_state_machine_steps_look_by_look():
     test.observe(state, np.array([0, 2]), np.array([100, 60]))
     assert test.draws_needed(state).tolist() == [0, 100, 100]  # image 0 is certified at r = 0.5 and stops
     assert state.done.tolist() == [True, False, False]
-    lower, upper = clopper_pearson(np.array([60]), np.array([100]), 0.01 / 8 / 2)
+    # 60 of 100 is far below Φ(1) = 0.84: r = 0.5 is refuted at once (radius 0 is still open), so the look's
+    # bounds are kept.
+    assert state.refuted[2].tolist() == [False, True] and not state.certified[2].any()
+    lower, upper = betting_bounds(np.array([60]), np.array([100]), 0.01)
     assert state.lower[2] == pytest.approx(lower[0]) and state.upper[2] == pytest.approx(upper[0])
     with pytest.raises(ValueError, match="stopped"):
         test.observe(state, np.array([0]), np.array([200]))

@@ -77,8 +77,7 @@ def smoothing_config(
     if settings.method == "sequential":
         # Recorded only for this method, so CERTIFY's configurations (and their run directories) are unchanged.
         test = settings.sequential_test()
-        sequential = {"method": "sequential", "radii": list(settings.radii), "n_max": settings.n,
-                      "looks": test.looks.tolist(), "alpha_spent": test.look_alpha.tolist()}
+        sequential = {"method": "sequential", "radii": list(settings.radii), "n_max": settings.n, **test.design()}
     return SmoothingConfig(
         kind=settings.kind, model=model_name, dataset=dataset_name, mode=settings.mode, sigma=settings.sigma,
         n0=settings.n0, n=settings.n, alpha=settings.alpha, n_images=n_images, skip=skip, seed=settings.seed,

@@ -7,49 +7,58 @@ n0 selection draws, the smoothed classifier is certified at radius r exactly
 when p_A > Φ(r/σ), so each grid radius is a test of p_A against a threshold,
 and most images settle every test long before n draws.
 
-Method (Clopper–Pearson bounds union-bounded over a fixed schedule of looks):
+Method (a betting confidence sequence for p_A, checked at a fixed schedule of looks):
 
-- Looks. The estimation draws of an image are examined at the cumulative
-  counts n_1 < n_2 < ... < n_K = n_max: n_k = round(first_look · growth^(k−1))
-  while below n_max, then n_max. The schedule is fixed before any draw.
-- α-spending. Look k spends α_k of the error budget, half of it on each side:
-  α_K = α/2 at the final look, where the borderline images are decided, and
-  α_k = α / (2(K − 1)) at each earlier look (α_1 = α when K = 1). Σ_k α_k = α.
-- Bounds. At look k with s_k successes (draws returning ĉ) among n_k, the
-  one-sided Clopper–Pearson bounds at level α_k/2 each,
-  L_k = Beta⁻¹(α_k/2; s_k, n_k − s_k + 1) and U_k = Beta⁻¹(1 − α_k/2; s_k + 1, n_k − s_k),
-  and the running intersection [max_{j≤k} L_j, min_{j≤k} U_j] is reported.
-- Guarantee. Each interval misses p_A with probability at most α_k, so by the
-  union bound P(∃k: p_A ∉ [L_k, U_k]) ≤ Σ α_k = α: the intervals form a
-  confidence sequence, valid at every look simultaneously and therefore at the
-  data-dependent look where the image stops. On that event every decision at
-  every look and radius is right at once: a radius is certified only if
-  p_A > Φ(r/σ), declared not certifiable only if p_A < Φ(r/σ). Hence the
-  probability of any wrong certificate (or wrong refusal) for an image is at
-  most α, as with CERTIFY at level α. The radius σ·Φ⁻¹(L) of the running
-  lower bound at the stop is a valid certificate too (at least the largest
-  certified grid radius). Conditional on ĉ the estimation draws are fresh
-  i.i.d. Bernoulli(p_A), since the n0 selection draws are a separate stream.
+- Bets. For a threshold c, a gambler who starts with wealth 1 and stakes a
+  fraction μ ∈ (0, 1] on each draw x ∈ {0, 1} (1: the draw returns ĉ) ends
+  with the wealth
+      lower side (against "p_A ≤ c"):  W⁺_μ(c) = (1 + μ(1 − c)/c)^S · (1 − μ)^F,
+      upper side (against "p_A ≥ c"):  W⁻_μ(c) = (1 − μ)^S · (1 + μc/(1 − c))^F,
+  after S successes and F failures. Under p_A = c every draw multiplies the
+  wealth by 1 in expectation, so W(p_A) is a non-negative martingale, and so
+  is a mixture E(c) = Σ_j w_j W_μj(c) over a fixed grid of stakes with
+  weights Σ w_j = 1 (`LOWER_BETS`, `UPPER_BETS`). W⁺ falls and W⁻ rises with
+  c, so the mixtures are monotone in c.
+- Bounds. At a look with S successes among n draws, the lower bound is
+  L = inf{c : E⁺(c) < 1/α} and the upper bound U = sup{c : E⁻(c) < 1/α}
+  (both by bisection, rounded to the safe side); the running intersection
+  [max L, min U] over the looks is reported.
+- Guarantee. By Ville's inequality P(sup_n E⁺_n(p_A) ≥ 1/α) ≤ α. A radius r is
+  certified only when L > Φ(r/σ), i.e. E⁺(Φ(r/σ)) ≥ 1/α at some look, and if
+  Φ(r/σ) ≥ p_A that implies E⁺(p_A) ≥ 1/α (monotonicity). So the probability
+  that any grid radius is wrongly certified at any look, hence at the
+  data-dependent look where the image stops, is at most α per image: CERTIFY's
+  guarantee, with no price for looking often (no union bound over looks or
+  radii). Symmetrically, a radius is wrongly declared not certifiable (an
+  abstention at that radius, never a wrong certificate) with probability at
+  most α. The radius σ·Φ⁻¹(L) at the stop is a valid certificate as well (at
+  least the largest certified grid radius). Conditional on ĉ the estimation
+  draws are fresh i.i.d. Bernoulli(p_A), since the n0 selection draws are a
+  separate stream.
+- Looks. The draws are examined at the cumulative counts
+  n_k = round(first_look · growth^(k−1)) while below n_max, then n_max, fixed
+  before any draw, so the decisions depend only on the counts at the looks and
+  not on how a batched sampler splits the draws.
 - Decisions. Radius 0 is always on the grid (threshold 1/2: not abstaining).
   A grid radius is decided when L > Φ(r/σ) (certified), U < Φ(r/σ) (not
   certifiable), or when not even all successes up to n_max could lift L above
-  Φ(r/σ) (out of the budget's reach; a deterministic fact, spending no α).
-  An image stops at the first look where every grid radius is decided, or at
-  n_max; radii undecided at n_max are not certified.
+  Φ(r/σ) (out of the budget's reach; a deterministic fact). An image stops at
+  the first look where every grid radius is decided, or at n_max; radii
+  undecided at n_max are not certified.
+- Stakes. The growth rate of W⁺ is largest at μ = (p_A − c)/(1 − c); an image
+  whose every draw is right wants μ = 1, where W⁺ = c^(−S) is the most any bet
+  can win (Clopper–Pearson at a single fixed n needs the same S). Half the
+  weight is on μ = 1, so such an image stops once c^(−S)/2 ≥ 1/α: ln 2 more
+  than the fixed-n test, against ln K for a Clopper–Pearson union bound over K
+  looks. The rest of the weight covers images with some failures.
 
-The union bound over a geometric schedule costs a log K factor in α, a few
-per cent of draws, against sharper betting confidence sequences
-(Waudby-Smith & Ramdas, "Estimating means of bounded random variables by
-betting", JRSS-B 2024), in exchange for exact, auditable bounds and
-decisions that depend only on the counts at a handful of looks, which is what
-a batched sampler wants.
-
-References: Horváth et al., "Boosting randomized smoothing with variance
-reduced classifiers" / adaptive sampling for predetermined radii, ICLR 2022;
-Chen et al., "Input-specific robustness certification for randomized
-smoothing", AAAI 2022; Voráček, "Treatment of statistical estimation problems
-in randomized smoothing for adversarial robustness", NeurIPS 2024 (confidence
-sequences for "is x robust at r").
+References: Waudby-Smith & Ramdas, "Estimating means of bounded random
+variables by betting", JRSS-B 2024 (betting confidence sequences and their
+mixtures); Voráček, "Treatment of statistical estimation problems in
+randomized smoothing for adversarial robustness", NeurIPS 2024 (confidence
+sequences for "is x robust at r"); Horváth et al., adaptive sampling for
+predetermined radii, ICLR 2022; Chen et al., "Input-specific robustness
+certification for randomized smoothing", AAAI 2022.
 
 The state machine (`SequentialTest.start`, `draws_needed`, `observe`) keeps
 per-image arrays so a batched sampler can run many images at different looks:
@@ -60,7 +69,7 @@ count of ĉ when they are in, and retires the image once `done`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +77,7 @@ import numpy as np
 # scipy is imported where it is used, so `import robusteval` stays fast.
 
 DEFAULT_FIRST_LOOK = 100
-DEFAULT_GROWTH = 1.5
+DEFAULT_GROWTH = 1.1  # looks cost no α here, only bookkeeping: a stop overshoots by < 10%
 
 
 def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH) -> np.ndarray:
@@ -89,47 +98,106 @@ def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: floa
     return np.array(looks, dtype=np.int64)
 
 
-def spend_alpha(alpha: float, looks: int) -> np.ndarray:
-    """Error spent at each look: α/2 at the last, the other α/2 equally over the earlier ones (sums to α)."""
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a probability in (0, 1), got {alpha}")
-    if looks < 1:
-        raise ValueError(f"need at least one look, got {looks}")
-    if looks == 1:
-        return np.array([alpha])
-    spent = np.full(looks, alpha / (2 * (looks - 1)))
-    spent[-1] = alpha / 2
-    return spent
+@dataclass(frozen=True)
+class BettingMixture:
+    """A fixed grid of stakes μ_j ∈ (0, 1] with weights w_j (Σ w_j = 1), for one side of the bounds."""
+
+    stakes: tuple[float, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.stakes) != len(self.weights) or not self.stakes:
+            raise ValueError("need one weight per stake")
+        if any(not 0 < m <= 1 for m in self.stakes) or any(w <= 0 for w in self.weights):
+            raise ValueError("stakes must lie in (0, 1] and weights be > 0")
+        if abs(sum(self.weights) - 1) > 1e-12:
+            raise ValueError(f"weights must sum to 1, got {sum(self.weights)}")
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"stakes": list(self.stakes), "weights": list(self.weights)}
 
 
-def clopper_pearson(successes: np.ndarray, draws: np.ndarray, alpha_side: np.ndarray | float
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """One-sided Clopper–Pearson lower and upper bounds, each missing with probability ≤ alpha_side.
+def _shared(first: tuple[float, float], rest: tuple[float, ...]) -> BettingMixture:
+    """`first` = (stake, weight); the remaining weight shared equally by `rest`."""
+    stake, weight = first
+    share = (1 - weight) / len(rest)
+    return BettingMixture((stake, *rest), (weight, *([share] * len(rest))))
 
-    Element-wise over arrays: L = Beta⁻¹(a; s, n − s + 1) (0 when s = 0) and
-    U = Beta⁻¹(1 − a; s + 1, n − s) (1 when s = n).
+
+# Lower side: half on μ = 1 (every draw right: the most any bet wins), the rest for images with failures.
+LOWER_BETS = _shared((1.0, 0.5), (0.999, 0.99, 0.97, 0.93, 0.85, 0.7, 0.5, 0.3, 0.15, 0.05))
+# Upper side: the best stake (c − p_A)/c is small near the high thresholds, so the grid reaches down.
+UPPER_BETS = BettingMixture((0.5, 0.3, 0.15, 0.07, 0.03, 0.015, 0.007, 0.003, 0.0015, 0.0007), (0.1,) * 10)
+
+
+def log_wealth(bets: BettingMixture, successes: np.ndarray, failures: np.ndarray, c: np.ndarray,
+               side: str) -> np.ndarray:
+    """log E(c) of the mixture on the `side` ("lower": against p_A ≤ c; "upper": against p_A ≥ c), element-wise.
+
+    Lower: Σ_j w_j (1 + μ_j(1 − c)/c)^S (1 − μ_j)^F; upper: Σ_j w_j (1 − μ_j)^S (1 + μ_j c/(1 − c))^F.
     """
-    from scipy.stats import beta
+    mu = np.asarray(bets.stakes)
+    s, f, c = np.broadcast_arrays(np.asarray(successes, np.float64), np.asarray(failures, np.float64),
+                                  np.asarray(c, np.float64))
+    s, f, c = s[..., None], f[..., None], c[..., None]
+    win, lose = (s, f) if side == "lower" else (f, s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        odds = (1 - c) / c if side == "lower" else c / (1 - c)
+        # (1 − μ)^0 is 1 even at μ = 1; a single loss at μ = 1 loses everything.
+        losing = np.where(lose > 0, lose * np.log1p(-mu), 0.0)
+        terms = np.log(np.asarray(bets.weights)) + win * np.log1p(mu * odds) + losing
+        top = terms.max(axis=-1)
+        safe_top = np.where(np.isfinite(top), top, 0.0)
+        return safe_top + np.log(np.exp(terms - safe_top[..., None]).sum(axis=-1))
 
+
+def betting_bounds(successes: np.ndarray, draws: np.ndarray, alpha: float, iterations: int = 48,
+                   lower_bets: BettingMixture = LOWER_BETS, upper_bets: BettingMixture = UPPER_BETS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The betting bounds L = inf{c: E⁺(c) < 1/α} and U = sup{c: E⁻(c) < 1/α}, element-wise.
+
+    Bisection on c (E⁺ falls and E⁻ rises with c); each bound is the end of
+    the final bracket on the safe side (the lower bound never above the exact
+    one, the upper never below), within 2^−48 of it; c stays inside (0, 1).
+    """
     s = np.asarray(successes, dtype=np.float64)
     n = np.asarray(draws, dtype=np.float64)
-    a = np.broadcast_to(np.asarray(alpha_side, dtype=np.float64), np.broadcast_shapes(s.shape, n.shape))
+    s, n = np.broadcast_arrays(s, n)
     if np.any(n < 1) or np.any(s < 0) or np.any(s > n):
         raise ValueError("need 0 <= successes <= draws and draws >= 1")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lower = np.where(s > 0, beta.ppf(a, np.maximum(s, 1), n - s + 1), 0.0)
-        upper = np.where(s < n, beta.ppf(1 - a, s + 1, np.maximum(n - s, 1)), 1.0)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be a probability in (0, 1), got {alpha}")
+    level = math.log(1 / alpha)
+    f = n - s
+
+    def bisect(rejected: Callable[[np.ndarray], np.ndarray], rejected_side_low: bool) -> np.ndarray:
+        low, high = np.zeros_like(s), np.ones_like(s)
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            hit = rejected(mid)
+            # Lower bound: c is rejected (E⁺ ≥ 1/α) below L; upper bound: rejected above U.
+            low, high = (np.where(hit, mid, low), np.where(hit, high, mid)) if rejected_side_low else \
+                (np.where(hit, low, mid), np.where(hit, mid, high))
+        return low if rejected_side_low else high
+
+    lower = bisect(lambda c: log_wealth(lower_bets, s, f, c, "lower") >= level, True)
+    upper = bisect(lambda c: log_wealth(upper_bets, s, f, c, "upper") >= level, False)
     return lower, upper
 
 
 @dataclass
 class SequentialState:
-    """Per-image progress: looks done, cumulative successes, running bounds, and whether it stopped."""
+    """Per-image progress: looks done, cumulative successes, the grid's decisions and bounds so far, and whether
+    it stopped."""
 
     looks_done: np.ndarray  # int64: looks passed (0 before the first)
     successes: np.ndarray  # int64: draws returning ĉ, at the last look passed
-    lower: np.ndarray  # float64: running max of the lower bounds (0 before the first look)
-    upper: np.ndarray  # float64: running min of the upper bounds (1 before the first look)
+    # Running max / min of the bounds over the looks that decided a radius and the stopping look (the bisection
+    # costs more than the decisions, which need the wealth at the thresholds only); 0 and 1 before.
+    lower: np.ndarray  # float64
+    upper: np.ndarray  # float64
+    certified: np.ndarray  # bool (images, radii): E⁺(Φ(r/σ)) ≥ 1/α at some look
+    refuted: np.ndarray  # bool (images, radii): E⁻(Φ(r/σ)) ≥ 1/α at some look (not certifiable)
     done: np.ndarray  # bool
 
 
@@ -153,16 +221,19 @@ class SequentialOutcome:
 class SequentialTest:
     """The sequential decision of every grid radius for images with a Bernoulli(p_A) stream each.
 
-    radii: the grid (≥ 0; radius 0 is added); the design (looks, α per look,
+    radii: the grid (≥ 0; radius 0 is added); the design (looks, stakes,
     thresholds Φ(r/σ)) is fixed at construction, before any draw.
     """
 
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, n_max: int,
-                 first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH):
+                 first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
+                 lower_bets: BettingMixture = LOWER_BETS, upper_bets: BettingMixture = UPPER_BETS):
         from scipy.stats import norm
 
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite noise level > 0, got {sigma}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be a probability in (0, 1), got {alpha}")
         grid = sorted({0.0, *(float(r) for r in radii)})
         if any(not math.isfinite(r) or r < 0 for r in grid):
             raise ValueError(f"radii must be finite and >= 0, got {list(radii)}")
@@ -171,18 +242,26 @@ class SequentialTest:
         self.radii = np.array(grid)
         self.thresholds = norm.cdf(self.radii / self.sigma)
         self.looks = look_schedule(n_max, first_look, growth)
-        self.look_alpha = spend_alpha(alpha, len(self.looks))
         self.n_max = int(n_max)
+        self.lower_bets, self.upper_bets = lower_bets, upper_bets
+
+    def design(self) -> dict[str, object]:
+        """What fixes the decisions besides σ, α, the radii and n_max: the looks and the stakes (for config.json)."""
+        return {"looks": self.looks.tolist(), "confidence_sequence": "betting",
+                "bets": {"lower": self.lower_bets.as_dict(), "upper": self.upper_bets.as_dict()}}
 
     def bounds(self, successes: np.ndarray, look: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-        """The Clopper–Pearson bounds of look `look` (0-based) with `successes` among its draws."""
-        look = np.asarray(look)
-        return clopper_pearson(successes, self.looks[look], self.look_alpha[look] / 2)
+        """The betting bounds at look `look` (0-based) with `successes` among its draws."""
+        return betting_bounds(successes, self.looks[np.asarray(look)], self.alpha, lower_bets=self.lower_bets,
+                              upper_bets=self.upper_bets)
 
     def start(self, images: int) -> SequentialState:
+        grid = (images, len(self.radii))
         return SequentialState(
             looks_done=np.zeros(images, dtype=np.int64), successes=np.zeros(images, dtype=np.int64),
-            lower=np.zeros(images), upper=np.ones(images), done=np.zeros(images, dtype=bool),
+            lower=np.zeros(images), upper=np.ones(images),
+            certified=np.zeros(grid, dtype=bool), refuted=np.zeros(grid, dtype=bool),
+            done=np.zeros(images, dtype=bool),
         )
 
     def draws_done(self, state: SequentialState) -> np.ndarray:
@@ -214,35 +293,37 @@ class SequentialTest:
         gained = successes - before
         if np.any(gained < 0) or np.any(gained > self.looks[look] - self.draws_done(state)[images]):
             raise ValueError("cumulative successes must grow by at most the draws since the previous look")
-        lower, upper = self.bounds(successes, look)
-        state.lower[images] = np.maximum(state.lower[images], lower)
-        state.upper[images] = np.minimum(state.upper[images], upper)
+        draws, t = self.looks[look][:, None], self.thresholds[None, :]
+        level = math.log(1 / self.alpha)
+        wins = successes[:, None]
+        certified = state.certified[images] | (log_wealth(self.lower_bets, wins, draws - wins, t, "lower") >= level)
+        refuted = state.refuted[images] | (log_wealth(self.upper_bets, wins, draws - wins, t, "upper") >= level)
+        news = (certified != state.certified[images]).any(axis=1) | (refuted != state.refuted[images]).any(axis=1)
+        state.certified[images], state.refuted[images] = certified, refuted
         state.successes[images] = successes
         state.looks_done[images] = look + 1
         state.done[images] = self._settled(state, images)
+        bounded = news | state.done[images]
+        if bounded.any():
+            chosen = images[bounded]
+            lower, upper = self.bounds(successes[bounded], look[bounded])
+            state.lower[chosen] = np.maximum(state.lower[chosen], lower)
+            state.upper[chosen] = np.minimum(state.upper[chosen], upper)
 
     def _settled(self, state: SequentialState, images: np.ndarray) -> np.ndarray:
-        from scipy.stats import binom
-
         looks_done = state.looks_done[images]  # ≥ 1 here
-        lower = state.lower[images][:, None]
-        upper = state.upper[images][:, None]
-        t = self.thresholds[None, :]
-        undecided = ~((lower > t) | (upper < t))
+        undecided = ~(state.certified[images] | state.refuted[images])
         settled = (looks_done >= len(self.looks)) | ~undecided.any(axis=1)
         # The rest are settled when their lowest undecided threshold t (hence every higher one) is out of the
-        # budget's reach: no later look j shows L_j > t even if all draws until then succeed. By the
-        # Clopper–Pearson duality L_j(s, n_j) > t exactly when P(Bin(n_j, t) >= s) < a_j.
+        # budget's reach: even if every draw up to n_max succeeds, E⁺(t) stays below 1/α (it only grows with
+        # successes, so n_max is where it is largest).
         open_ = np.flatnonzero(~settled)
         if open_.size:
-            lowest = self.thresholds[np.argmax(undecided[open_], axis=1)][:, None]
-            future = np.arange(len(self.looks))[None, :]
-            later = future >= looks_done[open_][:, None]
-            drawn = self.looks[looks_done[open_] - 1][:, None]
-            best = state.successes[images][open_][:, None] + self.looks[None, :] - drawn
-            tail = binom.sf(best - 1, self.looks[None, :], lowest)
-            reachable = later & (tail < self.look_alpha[None, :] / 2)
-            settled[open_] = ~reachable.any(axis=1)
+            lowest = self.thresholds[np.argmax(undecided[open_], axis=1)]
+            drawn = self.looks[looks_done[open_] - 1]
+            successes = state.successes[images][open_]
+            best = log_wealth(self.lower_bets, successes + self.n_max - drawn, drawn - successes, lowest, "lower")
+            settled[open_] = best < math.log(1 / self.alpha)
         return settled
 
     def outcome(self, state: SequentialState, image: int) -> SequentialOutcome:
@@ -250,7 +331,7 @@ class SequentialTest:
         from scipy.stats import norm
 
         lower = float(state.lower[image])
-        certified = tuple(bool(c) for c in lower > self.thresholds)
+        certified = tuple(bool(c) for c in state.certified[image])
         largest = float(self.radii[np.flatnonzero(certified)[-1]]) if certified[0] else None
         radius = float(self.sigma * norm.ppf(lower)) if certified[0] else 0.0
         return SequentialOutcome(
