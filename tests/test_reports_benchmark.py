@@ -60,9 +60,10 @@ def test_joint_models_get_adaptive_attacks_on_their_pipelines(tmp_path):
 def test_sgld_trained_models_get_jems_sgld_purification(tmp_path):
     jobs = _jobs(SUITES["digits"], ["jem", "gmmc", "cdn"], tmp_path)
     k = SUITES["digits"].sgld_steps
-    for model in ("jem", "gmmc"):
+    # Each model refines with its own training chains' step and noise: JEM's are the official refinement's.
+    for model, defense in (("jem", f"sgld:{k}"), ("gmmc", f"sgld:{k}:0.01:0.005:5")):
         sgld = jobs[f"attack-{model}-Linf-autoattack-rand-sgld{k}"].arguments
-        assert (sgld["attack"], sgld["defense"], sgld["gradient"]) == ("autoattack-rand", f"sgld:{k}", "auto")
+        assert (sgld["attack"], sgld["defense"], sgld["gradient"]) == ("autoattack-rand", defense, "auto")
         assert sgld["eps"] == [0.1] and sgld["n"] == SUITES["digits"].n_defense
     assert not any("sgld" in label for label in jobs if "cdn" in label)  # cdn is not trained with SGLD
     assert not any("sgld" in label for label in _jobs(SUITES["digits-ci"], ["jem"], tmp_path))
