@@ -104,6 +104,17 @@ def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
         assert summary[key] == before[name][key]
 
 
+def test_the_command_runs_a_grid_and_writes_its_report(tmp_path):
+    # Through the command line, report step included (a name clash once crashed it after every finished grid).
+    report = tmp_path / "board.html"
+    result = CliRunner().invoke(main, [
+        "benchmark", "--suite", "digits-ci", "--models", "standard", "--out", str(tmp_path / "runs"), "--report",
+        str(report), "--n-attack", "2", "--n-certify", "2", "--n0", "10", "--draws", "40", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert report.is_file() and f"wrote {report}" in result.output
+    assert "--n-attack 2 --n-certify 2 --n0 10 --n 40" in report.read_text()  # the command that made it
+
+
 def test_unknown_suite_is_a_clear_error():
     result = CliRunner().invoke(main, ["benchmark", "--suite", "digit"])
     assert result.exit_code == 2 and "unknown suite 'digit'" in result.output and "digits" in result.output

@@ -157,10 +157,10 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     if not no_report and result.finished:
         target = report_out or (Path("reports/leaderboard.html") if suite.name == "digits"
                                 else result.folder / "report" / "leaderboard.html")
-        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        override_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
         command = (f"robusteval benchmark --suite {suite.name} --out {out}" + (f" --jobs {jobs}" if jobs > 1 else "")
                    + (f" --shard {options['shard']}" if options.get("shard") and rank is None else "")
-                   + (f" {options}" if options else ""))
+                   + (f" {override_flags}" if override_flags else ""))
         runs = load_runs(result.finished)
         report = write_report(runs, target, command=command, title=f"robusteval leaderboard: {suite.name}",
                               notes=[describe(suite, sum(r.summary.get("seconds") or 0 for r in runs))])
