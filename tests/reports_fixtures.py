@@ -75,7 +75,8 @@ def write_zoo_runs(destination: Path) -> Path:
                             gradient="bpda")
         elif model in ("jem", "gmmc"):
             make.attack_run(name(f"{model}-sgld-Linf"), model=model, attack="autoattack-rand", norm="Linf",
-                            defense="sgld:20", clean_correct=31 + k % 4, scale=1.4 * strength, seed=seed + 3, eot=20)
+                            defense="sgld:20" if model == "jem" else "sgld:20:0.01:0.005:5",  # gmmc's own chain step
+                            clean_correct=31 + k % 4, scale=1.4 * strength, seed=seed + 3, eot=20)
         else:
             make.attack_run(name(f"{model}-smooth-Linf"), model=model, attack="autoattack-rand", norm="Linf",
                             defense="smooth:0.25:16", clean_correct=31 + k % 4, scale=1.5 * strength, seed=seed + 3,

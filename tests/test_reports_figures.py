@@ -81,7 +81,7 @@ def test_robustness_svg_has_one_line_and_band_per_system_and_rings_only_where_fl
     assert sorted(re.findall(r'id="band-([^"]+)"', svg)) == sorted(slug(s) for s in systems)
     assert re.findall(r'id="flag-([^"]+)"', svg) == ["toy-joint"]
     for text in ("Robust accuracy vs ε: digits, L∞", "robust accuracy (%)",
-                 "L∞ perturbation budget ε (pixel values in [0, 1])", "sanity flags fired (unreliable)"):
+                 "L∞ perturbation budget ε (pixel values in [0, 1])", "sanity flag raised (see tables)"):
         assert text in svg
     l2 = next(f for f in written.overall if f.name == "robust_digits_L2").svg.read_text()
     assert sorted(re.findall(r'id="curve-([^"]+)"', l2)) == ["gaussian", "standard"]
@@ -297,12 +297,15 @@ def test_every_legend_entry_is_drawn_in_the_plot(zoo):
 def test_pipelines_are_small_multiples_with_shared_axes(zoo):
     fig = next(d.figure for d in zoo["drawn"] if d.name == "robust_digits_Linf")
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["no defense", "+ denoise:0.25", "+ noise:0.25", "+ sgld:20", "+ smooth:0.25:16"]
+    # jem's sgld:20 and gmmc's sgld:20:0.01:0.005:5 (its own chain step) share the sgld:20 panel.
+    assert titles == ["no defense", "+ denoise:0.25", "+ noise:0.25",
+                      "+ sgld:20 (each model's chain step and noise)", "+ smooth:0.25:16"]
     assert len({ax.get_xlim() for ax in fig.axes}) == 1 and len({ax.get_ylim() for ax in fig.axes}) == 1
     attacks = [r for r in zoo["runs"] if r.kind == "attack" and r.summary["norm"] == "Linf"]
     for ax, defense in zip(fig.axes, ["none", "denoise:0.25", "noise:0.25", "sgld:20", "smooth:0.25:16"]):
         curves = {line.get_label() for line in ax.lines if (line.get_gid() or "").startswith("curve-")}
-        assert curves == {r.model for r in attacks if r.defense == defense}
+        assert curves == {r.model for r in attacks if r.defense.startswith(defense)}
+    assert {r.defense for r in attacks if r.defense.startswith("sgld")} == {"sgld:20", "sgld:20:0.01:0.005:5"}
     # The legend lists each model once (plus 3 keys), not every system.
     assert len(fig.legends[0].texts) == len(ZOO) + 3
 

@@ -224,3 +224,19 @@ def test_adversarial_display_shows_the_attack_s_own_figure_and_worst_of_n_where_
     row = adversarial_display(long, "digits", "Linf").iloc[0]
     assert row["ε = 0.1"] == "25.0 [10.0, 50.0]; autoattack alone 50.0; worst-of-N 20.0"
     assert row["ε = 0.2"] == "25.0 [10.0, 50.0]"
+
+
+def test_a_check_an_adaptive_stage_cleared_is_shown_with_its_note(tmp_path):
+    message = ("35 of 40 correctly classified points (87.5%) have a zero input gradient; cause: softmax saturation; "
+               "cleared: the scale-invariant remedies remedy:apgd-dlr attacked every point the attack left standing")
+
+    def cleared(summary):
+        summary["checks"] = [*summary.get("checks", []), {"check": "zero-gradients", "status": "pass",
+                                                           "message": message}]
+        summary["flags"] = []
+
+    run = load_run(copy_run("standard-autoattack-Linf", tmp_path, cleared))
+    assert run.cleared == [f"zero-gradients: {message}"] and run.flags == []
+    row = adversarial_display(adversarial_table([run]), "digits", "Linf").iloc[0]
+    assert row["system"] == "standard"  # cleared, so not marked
+    assert row["flags"] == f"cleared, zero-gradients: {message}"

@@ -30,7 +30,7 @@ REFERENCE_GREY = "#6E6E6E"
 FLAG_EDGE = "#000000"
 
 SIGMA_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
-FLAG_LABEL = "sanity flags fired (unreliable)"
+FLAG_LABEL = "sanity flag raised (see tables)"
 BAND_LABEL = "shaded (or bar): 95% CI"
 _RC = {
     "svg.fonttype": "none",  # text stays text: searchable, small, escaped by the SVG writer

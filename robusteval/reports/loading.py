@@ -96,6 +96,12 @@ class Run:
         """The sanity-check flags the engine raised, one line each."""
         return list(self.summary.get("flags") or [])
 
+    @property
+    def cleared(self) -> list[str]:
+        """Checks that would have flagged and that an adaptive stage cleared (remedies, escalation), one line each."""
+        return [f"{c['check']}: {c['message']}" for c in self.summary.get("checks") or []
+                if c.get("status") == "pass" and ("; cleared:" in c["message"] or "after escalating" in c["message"])]
+
     def robust_accuracy_at(self, eps: float) -> dict[str, Any] | None:
         """The curve point at `eps` (matched to 1e-9), or None when the run did not evaluate it."""
         for point in self.summary.get("curve", []):

@@ -31,7 +31,7 @@ from robusteval.reports.figure_layout import (
 )
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug
-from robusteval.reports.styles import Identity, pipeline_look, pipeline_order
+from robusteval.reports.styles import Identity, pipeline_look, pipeline_order, pipeline_panel
 from robusteval.vocabulary import NORM_SYMBOL
 
 REFERENCE_LABEL = "faint: same model, no defense"
@@ -113,9 +113,18 @@ def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: 
     relevant = [r for r in runs if r.kind == "attack" and r.dataset == dataset and r.summary["norm"] == norm]
     if not relevant:
         raise ValueError(f"no attack runs for data set {dataset!r} and norm {norm!r}")
-    by_defense: dict[str, dict[str, list[Run]]] = {}
+    # Runs of one model with different SGLD chain settings keep panels of their own (their best curve is not one).
+    specs: dict[tuple[str, str], set[str]] = {}
     for run in relevant:
-        by_defense.setdefault(run.defense, {}).setdefault(run.model, []).append(run)
+        specs.setdefault((pipeline_panel(run.defense), run.model), set()).add(run.defense)
+    by_defense: dict[str, dict[str, list[Run]]] = {}
+    joined: set[str] = set()  # panels that hold more than one spec
+    for run in relevant:
+        panel = pipeline_panel(run.defense)
+        panel = panel if len(specs[(panel, run.model)]) == 1 else run.defense
+        if panel != run.defense:
+            joined.add(panel)
+        by_defense.setdefault(panel, {}).setdefault(run.model, []).append(run)
     defenses = sorted(by_defense, key=pipeline_order)
     models = sorted({r.model for r in relevant})
     base = {model: best_known_curve(group) for model, group in by_defense.get("none", {}).items()}
@@ -136,7 +145,8 @@ def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: 
                                       model, defense, alpha=band_alpha(len(by_defense[defense])))
             any_flag |= flagged
         if len(defenses) > 1:
-            ax.set_title("no defense" if defense == "none" else f"+ {_text(defense)}", fontsize=10)
+            title = "no defense" if defense == "none" else f"+ {_text(defense)}"
+            ax.set_title(title + (" (each model's chain step and noise)" if defense in joined else ""), fontsize=10)
         _robust_axes(ax)
     handles = [_identity_handle(identities[m], m) for m in models]
     if not single:

@@ -100,6 +100,14 @@ def pipeline_kind(defense: str) -> str:
     return (defense or "none").split(":", 1)[0]
 
 
+def pipeline_panel(defense: str) -> str:
+    """The panel a pipeline is drawn in: its spec, except that `sgld:K:step:noise:chains` joins `sgld:K` (a
+    model's own chain step and noise are part of its pipeline, as σ is a model's in certification)."""
+    if pipeline_kind(defense) == "sgld":
+        return ":".join(defense.split(":")[:2])
+    return defense or "none"
+
+
 def pipeline_look(defense: str) -> tuple[object, str]:
     """(line style, marker fill style) of an attacked pipeline."""
     return _PIPELINE_LOOK.get(pipeline_kind(defense), _OTHER_PIPELINE)

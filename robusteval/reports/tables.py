@@ -168,11 +168,11 @@ def adversarial_table(runs: Sequence[Run]) -> pd.DataFrame:
                                                if point.get("worst_of_n_robust_accuracy") is not None
                                                else float("nan")),
                 "broken_by": json.dumps(point.get("broken_by") or {}, sort_keys=True),
-                "unreliable": bool(run.flags), "flags": "; ".join(run.flags),
+                "unreliable": bool(run.flags), "flags": "; ".join(run.flags), "cleared": "; ".join(run.cleared),
             })
     columns = ["dataset", "norm", "model", "defense", "system", "attack", "n", "clean_accuracy", "eps",
                "robust_accuracy", "ci_low", "ci_high", "standard_robust_accuracy", "worst_of_n_robust_accuracy",
-               "broken_by", "unreliable", "flags"]
+               "broken_by", "unreliable", "flags", "cleared"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -199,7 +199,9 @@ def adversarial_display(long: pd.DataFrame, dataset: str, norm: str) -> pd.DataF
                     abs(point["worst_of_n_robust_accuracy"] - point["robust_accuracy"]) > 1e-12:
                 cell += f"; worst-of-N {percent(point['worst_of_n_robust_accuracy'])}"
             row[f"ε = {format_number(point['eps'])}"] = cell
-        row["flags"] = first["flags"] or ""
+        # A flag a remedy cleared is shown with its note, so the reader sees why there is no flag.
+        cleared = f"cleared, {first['cleared']}" if first.get("cleared") else ""
+        row["flags"] = "; ".join(part for part in (first["flags"], cleared) if part)
         out.append(row)
     frame = pd.DataFrame(out)
     if not frame.empty:
@@ -404,7 +406,7 @@ def write_tables(runs: Sequence[Run], out_dir: str | Path, eps_overrides: dict[s
             title = f"{dataset}, {NORM_SYMBOL[norm]}"
             markdown.append(f"### Robust accuracy (%), {title}\n\n{to_markdown(shown)}")
             latex.append(to_latex(shown, caption=f"Robust accuracy (\\%) with 95\\% intervals, {title}"))
-        note = (f"\n{UNRELIABLE_MARK} unreliable: sanity checks flagged possible gradient masking (see flags).\n"
+        note = (f"\n{UNRELIABLE_MARK} flagged: a sanity check failed; its reason is in the flags column.\n"
                 if adversarial["unreliable"].any() else "")
         write("adversarial.md", "\n".join(markdown) + note)
         write("adversarial.tex", "\n".join(latex))
