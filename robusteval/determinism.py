@@ -28,7 +28,10 @@ def set_deterministic(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # warn_only: an operation without a deterministic kernel (in a third-party attack, say) warns, naming
     # itself, rather than failing a long run; the zoo's own models have none (see AdaptiveAvgPool2d below).
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    # Only on a change: the call imports torch._inductor (1.8 s, most of a short certify call's own time).
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != \
+            (on, on):
+        torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default too

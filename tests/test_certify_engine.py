@@ -1,6 +1,8 @@
 """The certification engine: reproducible per-image noise, batch-size invariance, resume, run files, errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -267,3 +269,14 @@ def test_compiled_base_classifier_counts_like_the_eager_one(digits):
     assert compiled.summary["compile"] is True and eager.summary["compile"] is False
     assert [r["count"] for r in compiled.records] == [r["count"] for r in eager.records]
     assert strip_timing(compiled.records) == strip_timing(eager.records)
+
+
+def test_an_eager_certify_call_does_not_import_the_compiler():
+    # torch.use_deterministic_algorithms imports torch._inductor (about 2 s, most of a short call's time):
+    # leaving the deterministic switch as it is must not call it.
+    script = ("import sys, torch, robusteval\n"
+              "model = robusteval.create_model('standard', dataset='digits')\n"
+              "robusteval.certify(model, 'digits', sigma=0.25, n0=10, n=20, n_images=1, compile=False)\n"
+              "print('torch._inductor' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr

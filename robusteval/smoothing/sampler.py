@@ -88,7 +88,9 @@ class NoiseSource:
     device is where the draws are used (the passes' buffers live there); write()
     fills a tensor on any device with the same values. threads > 1 draws the
     blocks of a write in parallel (each block has its own seed, so the values do
-    not depend on it); the default is torch's CPU threads on the CPU and up to 8
+    not depend on it); the default is one thread when the model runs on the CPU
+    (its own threads already take every core, and a drawing pool beside them
+    cost 1.2-1.5x the whole certify call on cdn: bench_certify) and up to 8
     threads for a GPU, whose passes need far more draws per second.
     """
 
@@ -100,7 +102,7 @@ class NoiseSource:
         self.dtype = dtype
         self.block = noise_block_size(self.input_shape)
         if threads is None:
-            threads = torch.get_num_threads() if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+            threads = 1 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="noise") if self.threads > 1 else None
         self._local = threading.local()  # one generator per drawing thread
