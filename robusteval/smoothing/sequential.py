@@ -21,8 +21,10 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   c, so the mixtures are monotone in c.
 - Bounds. At a look with S successes among n draws, the lower bound is
   L = inf{c : E⁺(c) < 1/α} and the upper bound U = sup{c : E⁻(c) < 1/α}
-  (both by bisection, rounded to the safe side); the running intersection
-  [max L, min U] over the looks is reported.
+  (both by bisection, rounded to the safe side). Decisions need only E at
+  the thresholds; the bounds are computed at the looks that decide a radius
+  and at the last one, and their running intersection [max L, min U] is
+  reported.
 - Guarantee. By Ville's inequality P(sup_n E⁺_n(p_A) ≥ 1/α) ≤ α. A radius r is
   certified only when L > Φ(r/σ), i.e. E⁺(Φ(r/σ)) ≥ 1/α at some look, and if
   Φ(r/σ) ≥ p_A that implies E⁺(p_A) ≥ 1/α (monotonicity). So the probability
