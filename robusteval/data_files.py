@@ -266,29 +266,34 @@ def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDa
                                 f"(the {split} split needs {', '.join(_CIFAR10_SPLIT_FILES[split])}).")
     images, labels = [], []
     for file_name in _CIFAR10_SPLIT_FILES[split]:
-        path = directory / file_name
-        batch = _load_cifar_pickle(path)
-        data, batch_labels = batch.get("data"), batch.get("labels")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-            raise DatasetError(f"{path}: expected 'data' as a uint8 array of shape (n, 3072), got {got}")
-        if batch_labels is None:
-            raise DatasetError(f"{path}: no 'labels' entry (keys: {', '.join(sorted(batch))})")
-        try:
-            label_array = np.asarray(batch_labels)
-        except (TypeError, ValueError) as error:
-            raise DatasetError(f"{path}: 'labels' must be a list of integers: {error}") from error
-        if label_array.size and not np.issubdtype(label_array.dtype, np.integer):
-            raise DatasetError(f"{path}: 'labels' must be integers, got {label_array.dtype}")
-        label_array = label_array.astype(np.int64)
-        if label_array.ndim != 1 or len(label_array) != len(data):
-            raise DatasetError(f"{path}: {label_array.size} labels but {len(data)} images; the counts must be equal")
-        _check_label_range(label_array, len(classes), str(path))
+        data, label_array = _cifar_batch(directory / file_name, "labels", len(classes))
         images.append(data)
         labels.append(label_array)
     x = np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
     y = np.concatenate(labels)
     return ImageDataset("cifar10", split, torch.from_numpy(x), torch.from_numpy(y), classes)
+
+
+def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR pickle's uint8 `data` (n, 3072) and its n integer labels under `label_key`, checked."""
+    batch = _load_cifar_pickle(path)
+    data, batch_labels = batch.get("data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: expected 'data' as a uint8 array of shape (n, 3072), got {got}")
+    if batch_labels is None:
+        raise DatasetError(f"{path}: no '{label_key}' entry (keys: {', '.join(sorted(batch))})")
+    try:
+        label_array = np.asarray(batch_labels)
+    except (TypeError, ValueError) as error:
+        raise DatasetError(f"{path}: '{label_key}' must be a list of integers: {error}") from error
+    if label_array.size and not np.issubdtype(label_array.dtype, np.integer):
+        raise DatasetError(f"{path}: '{label_key}' must be integers, got {label_array.dtype}")
+    label_array = label_array.astype(np.int64)
+    if label_array.ndim != 1 or len(label_array) != len(data):
+        raise DatasetError(f"{path}: {label_array.size} labels but {len(data)} images; the counts must be equal")
+    _check_label_range(label_array, num_classes, str(path))
+    return data, label_array
 
 
 # --- CIFAR-100 python pickles ------------------------------------------------------------------
@@ -318,20 +323,7 @@ def load_cifar100(split: str = "test", root: str | Path | None = None) -> ImageD
     path = directory / split
     if not path.is_file():
         raise FileNotFoundError(f"cifar100: {split} missing in {directory} (expected train, test and meta).")
-    batch = _load_cifar_pickle(path)
-    data, labels = batch.get("data"), batch.get("fine_labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DatasetError(f"{path}: expected 'data' as a uint8 array of shape (n, 3072), got {got}")
-    if labels is None:
-        raise DatasetError(f"{path}: no 'fine_labels' entry (keys: {', '.join(sorted(batch))})")
-    label_array = np.asarray(labels)
-    if label_array.ndim != 1 or len(label_array) != len(data) or (
-            label_array.size and not np.issubdtype(label_array.dtype, np.integer)):
-        raise DatasetError(f"{path}: expected {len(data)} integer 'fine_labels', got {label_array.dtype} "
-                           f"{label_array.shape}")
-    label_array = label_array.astype(np.int64)
-    _check_label_range(label_array, 100, str(path))
+    data, label_array = _cifar_batch(path, "fine_labels", 100)
     x = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
     return ImageDataset("cifar100", split, torch.from_numpy(x), torch.from_numpy(label_array), classes)
 
