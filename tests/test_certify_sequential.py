@@ -40,12 +40,19 @@ def tolerated_failures(streams: int, alpha: float) -> int:
 
 def test_look_schedule_is_geometric_and_ends_at_n_max():
     assert look_schedule(1000, 100, 2.0).tolist() == [100, 200, 400, 800, 1000]
+    # 3% apart but at least min_step draws: +10 while 3% is less, then geometric.
+    assert look_schedule(1000, 100, 1.03, 10).tolist()[:3] == [100, 110, 120]
+    looks = look_schedule(100_000, 100, 1.03, 10)
+    assert all(b == max(round(1.03 * a), a + 10) for a, b in zip(looks[:-2], looks[1:-1]))
+    assert looks[-1] == 100_000 and looks[-2] < 100_000 <= max(round(1.03 * looks[-2]), looks[-2] + 10)
+    assert look_schedule(1000, 100, 2.0, 300).tolist() == [100, 400, 800, 1000]
     assert look_schedule(800, 100, 2.0).tolist() == [100, 200, 400, 800]
     assert look_schedule(50, 100, 2.0).tolist() == [50]
-    assert look_schedule(1000, 10, 1.5).tolist()[:5] == [10, 15, 22, 34, 51]  # rounded, never repeated
+    assert look_schedule(1000, 10, 1.5, 1).tolist()[:5] == [10, 15, 22, 33, 50]  # rounded, never repeated
     looks = look_schedule(100_000)
     assert looks[0] == 100 and looks[-1] == 100_000 and np.all(np.diff(looks) > 0)
-    for bad in [dict(n_max=0), dict(n_max=10, first_look=0), dict(n_max=10, growth=1.0)]:
+    for bad in [dict(n_max=0), dict(n_max=10, first_look=0), dict(n_max=10, growth=1.0),
+                dict(n_max=10, min_step=0)]:
         with pytest.raises(ValueError):
             look_schedule(**bad)
 
@@ -143,12 +150,12 @@ def test_certain_image_stops_at_the_first_look_whose_bet_clears_the_largest_radi
     radii = [0.25, 0.5, 0.75]
     test = SequentialTest(sigma, radii, alpha, n_max)
     looks = test.looks.tolist()
-    assert looks[:4] == [100, 110, 121, 133] and looks[-1] == n_max and np.all(np.diff(looks) > 0)
+    assert looks[:4] == [100, 110, 120, 130] and looks[-1] == n_max and np.all(np.diff(looks) > 0)
     target = norm.cdf(0.75 / sigma)
     # Independently: the first look where the mixture's wealth at Φ(0.75/σ) after n_k successes reaches 1/α.
     first = next(k for k, n in enumerate(looks) if wealth(LOWER_BETS, n, 0, target, "lower") >= 1 / alpha)
     # Bracketed by theory: no bet beats the fixed-n Clopper–Pearson count; the all-in half alone needs ln(2/α).
-    assert math.log(1 / alpha) / -math.log(target) <= looks[first] <= math.log(2 / alpha) / -math.log(target) * 1.1
+    assert math.log(1 / alpha) / -math.log(target) <= looks[first] <= math.log(2 / alpha) / -math.log(target) * 1.03
     assert looks[first] < 6_000  # p = 1 certifies r = 0.75 at σ = 0.25 after ~5,500 draws, not 100,000
     state = simulate(test, 1.0, 5)
     assert np.all(test.draws_done(state) == looks[first])

@@ -37,9 +37,9 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   least the largest certified grid radius). Conditional on ĉ the estimation
   draws are fresh i.i.d. Bernoulli(p_A), since the n0 selection draws are a
   separate stream.
-- Looks. The draws are examined at the cumulative counts
-  n_k = round(first_look · growth^(k−1)) while below n_max, then n_max, fixed
-  before any draw, so the decisions depend only on the counts at the looks and
+- Looks. The draws are examined at the cumulative counts n_1 = first_look,
+  n_(k+1) = max(round(growth · n_k), n_k + min_step) while below n_max, then
+  n_max (every 3%, at least 10 draws apart, by default), fixed before any draw, so the decisions depend only on the counts at the looks and
   not on how a batched sampler splits the draws.
 - Decisions. Radius 0 is always on the grid (threshold 1/2: not abstaining).
   A grid radius is decided when L > Φ(r/σ) (certified), U < Φ(r/σ) (not
@@ -79,24 +79,28 @@ import numpy as np
 # scipy is imported where it is used, so `import robusteval` stays fast.
 
 DEFAULT_FIRST_LOOK = 100
-DEFAULT_GROWTH = 1.1  # looks cost no α here, only bookkeeping: a stop overshoots by < 10%
+# Looks cost no α here, only bookkeeping, and a stop overshoots its look by up to the growth: 3% (against 10%,
+# which cost the digits models 4-5% more draws in all, measured by simulation on their CERTIFY counts).
+DEFAULT_GROWTH = 1.03
+# ...but never fewer new draws than this per look, so an image's rows in a pass stay worth the bookkeeping.
+DEFAULT_MIN_STEP = 10
 
 
-def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH) -> np.ndarray:
-    """Cumulative draw counts at the looks: round(first_look · growth^k) while below n_max, then n_max."""
+def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
+                  min_step: int = DEFAULT_MIN_STEP) -> np.ndarray:
+    """Cumulative draw counts at the looks: each the previous one times `growth` (rounded) but at least
+    `min_step` more, starting at `first_look`; the last is n_max."""
     if n_max < 1:
         raise ValueError(f"n_max must be at least 1 draw, got {n_max}")
     if first_look < 1:
         raise ValueError(f"first_look must be at least 1 draw, got {first_look}")
     if not (math.isfinite(growth) and growth > 1):
         raise ValueError(f"growth must be a finite factor > 1, got {growth}")
-    looks: list[int] = []
-    size = float(first_look)
-    while round(size) < n_max:
-        if not looks or round(size) > looks[-1]:
-            looks.append(int(round(size)))
-        size *= growth
-    looks.append(int(n_max))
+    if min_step < 1:
+        raise ValueError(f"min_step must be at least 1 draw, got {min_step}")
+    looks = [min(int(first_look), int(n_max))]
+    while looks[-1] < n_max:
+        looks.append(min(int(n_max), max(int(round(looks[-1] * growth)), looks[-1] + int(min_step))))
     return np.array(looks, dtype=np.int64)
 
 
@@ -229,7 +233,8 @@ class SequentialTest:
 
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, n_max: int,
                  first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
-                 lower_bets: BettingMixture = LOWER_BETS, upper_bets: BettingMixture = UPPER_BETS):
+                 min_step: int = DEFAULT_MIN_STEP, lower_bets: BettingMixture = LOWER_BETS,
+                 upper_bets: BettingMixture = UPPER_BETS):
         from scipy.stats import norm
 
         if not (math.isfinite(sigma) and sigma > 0):
@@ -243,7 +248,7 @@ class SequentialTest:
         self.alpha = float(alpha)
         self.radii = np.array(grid)
         self.thresholds = norm.cdf(self.radii / self.sigma)
-        self.looks = look_schedule(n_max, first_look, growth)
+        self.looks = look_schedule(n_max, first_look, growth, min_step)
         self.n_max = int(n_max)
         self.lower_bets, self.upper_bets = lower_bets, upper_bets
 
