@@ -12,10 +12,10 @@ expected wall time on G devices from the measured compute per shard and the fixe
 
     time(G) ≈ fixed + compute(1 process) / G,  fixed = time(N ranks) − max compute of a shard
 
-Usage (takes a few minutes on 2 cores; nothing else should run):
+Usage (about 25 minutes on 2 cores with the default 3 repeats; nothing else should run):
 
-    python benchmarks/bench_scale.py                 # both workloads, 2 ranks
-    python benchmarks/bench_scale.py --only certify --ranks 2
+    python benchmarks/bench_scale.py                 # both workloads, 2 ranks, 3 timed pairs each (median)
+    python benchmarks/bench_scale.py --only certify --ranks 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,10 +84,11 @@ def _shard_compute(merged: Path, ranks: int) -> list[float]:
                              .read_text())["seconds"]) for i in range(1, ranks + 1)]
 
 
-def bench(name: str, ranks: int, folder: Path, attack_points: int) -> None:
+def bench(name: str, ranks: int, folder: Path, attack_points: int, repeat: int) -> float:
+    """One timed pair (single process, then the sharded launch); returns the throughput ratio."""
     arguments = WORKLOADS[name] + (["--points", str(attack_points)] if name == "attack" else [])
-    single = folder / f"{name}-single"
-    sharded = folder / f"{name}-sharded"
+    single = folder / f"{name}-single-{repeat}"
+    sharded = folder / f"{name}-sharded-{repeat}"
     t_single = _timed([sys.executable, "-m", "robusteval", *arguments, "--out", str(single)], folder)
     t_sharded = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                         str(ranks), "-m", "robusteval", *arguments, "--out", str(sharded)], folder)
@@ -100,9 +102,10 @@ def bench(name: str, ranks: int, folder: Path, attack_points: int) -> None:
     print(f"{'':8s} compute: 1 process {compute_single:.1f} s, shards "
           f"{', '.join(f'{s:.1f}' for s in shards)} s; fixed cost (start-up, gather, merge) {fixed:.1f} s")
     expected = ", ".join(f"G={g}: {fixed + compute_single / g:.1f} s" for g in (1, 2, 4, 8, 16))
-    print(f"{'':8s} expected wall time on G devices: {expected}")
+    print(f"{'':8s} expected wall time on G devices: {expected}", flush=True)
     if not same:
         raise SystemExit(f"{name}: the merged run differs from the single-process run")
+    return ratio
 
 
 def main() -> None:
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--attack-points", type=int, default=400,
                         help="points of the attack run (400; the fixed costs, start-up and the run's model checks "
                              "on its first points, weigh more on shorter runs: 200 gave 1.63x)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed pairs per workload (3): two processes on two cores leave no core for the "
+                             "machine's own work, so one pair can be off by ±5%%; the median is the figure")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,11 @@ def main() -> None:
     started = time.perf_counter()
     try:
         for name in [args.only] if args.only else list(WORKLOADS):
-            bench(name, args.ranks, folder, args.attack_points)
+            ratios = sorted(bench(name, args.ranks, folder, args.attack_points, r) for r in range(args.repeats))
+            if len(ratios) > 1:
+                print(f"{name:8s} median of {len(ratios)}: {statistics.median(ratios):.2f}x "
+                      f"(efficiency {statistics.median(ratios) / args.ranks:.0%}; "
+                      f"range {ratios[0]:.2f}x to {ratios[-1]:.2f}x)", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
