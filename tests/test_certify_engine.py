@@ -104,6 +104,27 @@ def test_noise_stream_is_standard_normal_blockwise_and_phases_are_independent():
         assert abs(correlation) < 0.04  # 5 standard errors for 16,000 pairs
 
 
+def test_part_used_blocks_of_many_images_are_drawn_once(monkeypatch):
+    """The sequential sampler leaves a block part-used for every image of its pack; each is drawn once, not once
+    per slice, and the values are those of one whole write."""
+    source = NoiseSource(seed=3, input_shape=(1, 4, 4), device=torch.device("cpu"), dtype=torch.float32)
+    phase = Phase(ESTIMATION, 1000)
+    fills = []
+    original = source._fill
+    monkeypatch.setattr(source, "_fill", lambda out, *key: (fills.append(key), original(out, *key)))
+    images = range(12)  # more than a pass leaves part-used in CERTIFY's sampler
+    slices = {i: torch.empty(1000, 1, 4, 4) for i in images}
+    for start in range(0, 1000, 40):  # rounds of 40 draws, the images interleaved as in a pass
+        for i in images:
+            source.write(slices[i][start:start + 40], i, phase, start, start + 40)
+    assert sorted(fills) == sorted((i, ESTIMATION, 0) for i in images)
+    assert not source._partial  # a block goes once its last rows are taken
+    for i in images:
+        whole = torch.empty(1000, 1, 4, 4)
+        source.write(whole, i, phase, 0, 1000)
+        assert torch.equal(slices[i], whole)
+
+
 def test_resume_after_a_kill_continues_from_the_last_complete_batch(digits, tmp_path):
     options = dict(n_images=8, batch_size=100, n0=20, n=180)  # 2 passes per image, one image per record batch
     uninterrupted = certify_linear(digits, out=tmp_path / "full", **options)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -51,6 +52,9 @@ SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
 NOISE_BLOCK_DRAWS = 1000
 # Keep one block at most this many values (4 Mi floats = 16 MiB), whatever the image size.
 NOISE_BLOCK_VALUES = 1 << 22
+# Part-used blocks kept for the next write, in values (64 Mi floats = 256 MiB): the sequential sampler leaves one
+# per image of its pack part-used, and a block drawn again for each slice would cost up to 1000/rows times.
+PARTIAL_BLOCK_VALUES = 1 << 26
 # "auto" compile: time a few warm eager passes, project the eager time still to come, and compile only when it
 # is twice what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores
 # (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included). A GPU compile is
@@ -108,8 +112,9 @@ class NoiseSource:
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="noise") if self.threads > 1 else None
         self._local = threading.local()  # one generator per drawing thread
-        # Blocks a write used only in part (on the CPU): a later write starts with their rest.
+        # Blocks a write used only in part (on the CPU), least recently used first: a later write takes their rest.
         self._partial: dict[tuple[int, int, int], Tensor] = {}
+        self._partial_capacity = max(4, PARTIAL_BLOCK_VALUES // (self.block * math.prod(self.input_shape)))
         self._partial_lock = threading.Lock()
 
     def __del__(self) -> None:
@@ -135,15 +140,17 @@ class NoiseSource:
         else:  # the CPU definition, copied (passes stage their noise on the CPU and avoid this per-block copy)
             out.copy_(torch.empty(out.shape, dtype=out.dtype).normal_(generator=generator))
 
-    def _partial_block(self, key: tuple[int, int, int], rows: int) -> Tensor:
+    def _partial_block(self, key: tuple[int, int, int], rows: int, last_use: bool) -> Tensor:
+        """The block `key` (drawn once, then kept until `last_use`: the write that takes its last rows)."""
         with self._partial_lock:
-            cached = self._partial.get(key)
+            cached = self._partial.pop(key, None)
         if cached is None:
             cached = torch.empty((rows, *self.input_shape), dtype=self.dtype)
             self._fill(cached, *key)
+        if not last_use:
             with self._partial_lock:
-                self._partial[key] = cached
-                while len(self._partial) > 4:  # a pass leaves at most two blocks part-used
+                self._partial[key] = cached  # now the most recently used
+                while len(self._partial) > self._partial_capacity:
                     del self._partial[next(iter(self._partial))]
         return cached
 
@@ -167,7 +174,8 @@ class NoiseSource:
                 if lo == 0 and hi == size:
                     self._fill(out[at : at + size], index, phase.stream, block)
                 else:
-                    out[at : at + hi - lo].copy_(self._partial_block((index, phase.stream, block), size)[lo:hi])
+                    block_values = self._partial_block((index, phase.stream, block), size, last_use=hi == size)
+                    out[at : at + hi - lo].copy_(block_values[lo:hi])
 
         if self._pool is None or len(pieces) == 1:
             for piece in pieces:
