@@ -12,7 +12,7 @@ expected wall time on G devices from the measured compute per shard and the fixe
 
     time(G) ≈ fixed + compute(1 process) / G,  fixed = time(N ranks) − max compute of a shard
 
-Usage (about 25 minutes on 2 cores with the default 3 repeats; nothing else should run):
+Usage (about 30 minutes on 2 cores with the default 3 repeats; nothing else should run):
 
     python benchmarks/bench_scale.py                 # both workloads, 2 ranks, 3 timed pairs each (median)
     python benchmarks/bench_scale.py --only certify --ranks 2 --repeats 1
@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMES = {"seconds", "batch_seconds"}
 
 WORKLOADS = {
-    # 100 digits images, Cohen et al.'s n0 = 100 and n = 10,000 at σ = 0.25 (the gaussian baseline's σ).
+    # 200 digits images (about as long as the attack run: torchrun's own ~3 s of launcher start-up and
+    # shutdown weigh the same), Cohen et al.'s n0 = 100 and n = 10,000 at σ = 0.25 (the gaussian baseline's σ).
     "certify": ["certify", "--model", "gaussian", "--sigma", "0.25", "--n0", "100", "--draws", "10000",
-                "--n-images", "100", "--batch-size", "2000", "--no-compile", "--quiet"],
+                "--n-images", "200", "--batch-size", "2000", "--no-compile", "--quiet"],
     # AutoAttack (standard) at the digits headline ε on --attack-points points (400: 8 batches of 50, 4 per rank).
     "attack": ["run", "--model", "standard", "--attack", "autoattack", "--eps", "0.1", "--batch-size", "50",
                "--quiet"],
@@ -89,9 +90,14 @@ def bench(name: str, ranks: int, folder: Path, attack_points: int, repeat: int) 
     arguments = WORKLOADS[name] + (["--points", str(attack_points)] if name == "attack" else [])
     single = folder / f"{name}-single-{repeat}"
     sharded = folder / f"{name}-sharded-{repeat}"
-    t_single = _timed([sys.executable, "-m", "robusteval", *arguments, "--out", str(single)], folder)
-    t_sharded = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                        str(ranks), "-m", "robusteval", *arguments, "--out", str(sharded)], folder)
+    one = [sys.executable, "-m", "robusteval", *arguments, "--out", str(single)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+              "-m", "robusteval", *arguments, "--out", str(sharded)]
+    # Alternate which goes first, so a machine slowing down or speeding up over minutes favours neither.
+    if repeat % 2 == 0:
+        t_single, t_sharded = _timed(one, folder), _timed(launch, folder)
+    else:
+        t_sharded, t_single = _timed(launch, folder), _timed(one, folder)
     same = _identical(single, sharded)
     compute_single = float(json.loads((single / "summary.json").read_text())["seconds"])
     shards = _shard_compute(sharded, ranks)
