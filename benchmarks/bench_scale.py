@@ -86,7 +86,7 @@ def _shard_compute(merged: Path, ranks: int) -> list[float]:
 
 
 def bench(name: str, ranks: int, folder: Path, attack_points: int, repeat: int) -> float:
-    """One timed pair (single process, then the sharded launch); returns the throughput ratio."""
+    """One timed pair (the single process and the sharded launch, in turn first); returns the throughput ratio."""
     arguments = WORKLOADS[name] + (["--points", str(attack_points)] if name == "attack" else [])
     single = folder / f"{name}-single-{repeat}"
     sharded = folder / f"{name}-sharded-{repeat}"
@@ -124,7 +124,7 @@ def main() -> None:
                              "on its first points, weigh more on shorter runs: 200 gave 1.63x)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed pairs per workload (3): two processes on two cores leave no core for the "
-                             "machine's own work, so one pair can be off by ±5%%; the median is the figure")
+                             "machine's own work, so one pair can be off by up to 10%%; the median is the figure")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,9 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   separate stream.
 - Looks. The draws are examined at the cumulative counts n_1 = first_look,
   n_(k+1) = max(round(growth · n_k), n_k + min_step) while below n_max, then
-  n_max (every 3%, at least 10 draws apart, by default), fixed before any draw, so the decisions depend only on the counts at the looks and
-  not on how a batched sampler splits the draws.
+  n_max (by default every 3%, at least 10 draws apart), fixed before any
+  draw, so the decisions depend only on the counts at the looks and not on
+  how a batched sampler splits the draws.
 - Decisions. Radius 0 is always on the grid (threshold 1/2: not abstaining).
   A grid radius is decided when L > Φ(r/σ) (certified), U < Φ(r/σ) (not
   certifiable), or when not even all successes up to n_max could lift L above
