@@ -259,7 +259,7 @@ def test_auto_compile_decides_from_timed_eager_passes():
 def test_the_compile_payoff_is_per_device_kind():
     from robusteval.smoothing import sampler
 
-    # The CPU threshold is the measured one of before (3 × a 15 s warm-up); a GPU compile takes longer.
+    # The CPU threshold is twice the prior 15 s warm-up (compiling's break-even); a GPU compile takes longer.
     assert sampler.compile_payoff_seconds("cpu") == pytest.approx(30.0)
     assert sampler.compile_payoff_seconds("cuda") == pytest.approx(60.0)
     assert sampler.compile_payoff_seconds("mps") == sampler.compile_payoff_seconds("cpu")

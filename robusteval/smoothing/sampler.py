@@ -57,7 +57,8 @@ NOISE_BLOCK_VALUES = 1 << 22
 PARTIAL_BLOCK_VALUES = 1 << 26
 # "auto" compile: time a few warm eager passes, project the eager time still to come, and compile only when it
 # is twice what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores
-# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included). A GPU compile is
+# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included, in a warm process; a fresh
+# process with empty compile caches took 25-30 s for the digits CNN, so the prior errs low). A GPU compile is
 # slower (about 30 s for a small network: an estimate; DEVICE_CHECK_COMPILE=1 benchmarks/device_check.sh
 # measures it).
 TIMED_EAGER_PASSES = 3
