@@ -78,6 +78,7 @@ class SmoothingConfig:
     looks: list[int] | None = None
     confidence_sequence: str | None = None  # "betting"; runs before it was recorded used Clopper–Pearson looks
     bets: dict[str, Any] | None = None
+    futility: dict[str, float] | None = None  # {"chance": δ, "alpha": γ}; absent: radii were never given up
     alpha_spent: list[float] | None = None  # the Clopper–Pearson design's α per look (older runs)
     checkpoint: str | None = None
     model_dir: str | None = None
@@ -85,7 +86,7 @@ class SmoothingConfig:
     model_config: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets", "futility",
                                            "alpha_spent", "checkpoint", "model_dir", *_COMPANIONS)
 
     def to_json(self) -> dict[str, Any]:

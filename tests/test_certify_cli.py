@@ -77,6 +77,13 @@ def test_certify_sequential_method(tmp_path):
     assert summary["forward_passes"] == sum(r["draws"] for r in records) + 4 * 20
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "sequential" and config["looks"][-1] == 600
+    assert config["futility"] == {"chance": 0.02, "alpha": 0.05}
+    # --futility 0 draws until decided: a different design, so a different run configuration.
+    drawing_on = runner.invoke(main, [*args[:-1], str(tmp_path / "seq0"), "--futility", "0"])
+    assert drawing_on.exit_code == 0, drawing_on.output
+    assert "futility" not in json.loads((tmp_path / "seq0" / "config.json").read_text())
+    bad_futility = runner.invoke(main, [*args[:-1], str(tmp_path / "seq1"), "--futility", "1"])
+    assert bad_futility.exit_code == 2 and "futility must be a chance in [0, 1)" in bad_futility.stderr
     # CERTIFY's run configurations do not mention the method, so their run directories are unchanged.
     cohen = runner.invoke(main, ["certify", *SMALL, "--n0", "20", "--n", "100", "--out", str(tmp_path / "c")])
     assert cohen.exit_code == 0, cohen.output

@@ -180,7 +180,8 @@ def test_radius_beyond_the_budget_does_not_keep_a_certain_image_running():
 def test_image_at_a_threshold_runs_until_the_budget_cannot_decide_it():
     sigma, alpha, n_max = 0.25, 0.001, 20_000
     threshold = norm.cdf(0.5 / sigma)
-    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=n_max)
+    # Without giving up (the confidence sequence alone); giving up is tested below.
+    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=n_max, futility=0)
     state = simulate(test, threshold, 300, seed=3)
     draws = test.draws_done(state)
     # Stopping before the budget runs out needs a test at the true p_A to reject: probability ≤ α per side.
@@ -198,6 +199,74 @@ def test_image_at_a_threshold_runs_until_the_budget_cannot_decide_it():
     # ... whereas images far from every threshold stop early.
     far = simulate(test, 0.93, 500, seed=4)
     assert np.median(test.draws_done(far)) <= 1500
+
+
+def run_streams(test: SequentialTest, cumulative: np.ndarray):
+    """Run fixed Bernoulli streams (cumulative success counts, one row per image) through the state machine, so
+    that two designs see the same draws."""
+    state = test.start(cumulative.shape[0])
+    while not state.done.all():
+        active = np.flatnonzero(~state.done)
+        reached = test.draws_done(state)[active] + test.draws_needed(state)[active]
+        test.observe(state, active, cumulative[active, reached - 1])
+    return state
+
+
+def test_giving_up_stops_images_below_a_threshold_early_and_loses_almost_no_certificate():
+    sigma, alpha, n_max, streams = 0.25, 0.001, 10_000, 1000
+    on = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max)
+    off = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max, futility=0)
+    threshold = norm.cdf(0.5 / sigma)
+    rng = np.random.default_rng(6)
+    for p in [0.97, threshold, 0.98, 0.982, 0.984]:
+        cumulative = np.cumsum(rng.random((streams, n_max)) < p, axis=1)
+        given_up, kept_on = run_streams(on, cumulative), run_streams(off, cumulative)
+        # Same draws: giving up only ever ends an image sooner, so it never certifies what drawing on would not.
+        assert not (given_up.certified & ~kept_on.certified).any()
+        lost = int((kept_on.certified & ~given_up.certified).any(axis=1).sum())
+        # The guarantee: lost with probability at most γ + δ; the design loses far fewer (0-1 in 1,000 here).
+        assert lost <= tolerated_failures(streams, on.futility + on.futility_alpha)
+        assert lost <= 0.01 * streams, (p, lost)
+        draws_on, draws_off = on.draws_done(given_up).mean(), off.draws_done(kept_on).mean()
+        assert draws_on <= draws_off
+        if p <= threshold:  # r = 0.5 cannot be certified: most of the budget was spent to learn it
+            assert draws_on <= 0.6 * draws_off, (p, draws_on, draws_off)
+    assert on.design()["futility"] == {"chance": 0.02, "alpha": 0.05} and "futility" not in off.design()
+
+
+def test_a_radius_is_given_up_when_its_chance_at_the_upper_bound_falls_below_the_futility():
+    """Every look of every stream, against an independent computation of the rule.
+
+    F_c (the most failures a certificate at n_max allows) by scanning failure counts with the reference
+    wealth; U_γ from the upper betting bound at level γ; the chance that the draws left add at most F_c − F
+    failures is the binomial CDF at 1 − U_γ.
+    """
+    sigma, alpha, n_max = 0.25, 0.001, 3000
+    test = SequentialTest(sigma, [0.5], alpha, n_max)
+    threshold = norm.cdf(0.5 / sigma)
+    scanned = [max(f for f in range(n_max + 1)
+                   if log_wealth_reference(LOWER_BETS, n_max - f, f, c, "lower") >= math.log(1 / alpha))
+               for c in (0.5, threshold)]
+    assert test.most_failures.tolist() == scanned
+    most = scanned[1]
+    rng = np.random.default_rng(7)
+    cumulative = np.cumsum(rng.random((60, n_max)) < np.repeat([0.97, 0.975, 0.98], 20)[:, None], axis=1)
+    state = test.start(60)
+    given_up = 0
+    while not state.done.all():
+        active = np.flatnonzero(~state.done)
+        reached = test.draws_done(state)[active] + test.draws_needed(state)[active]
+        successes = cumulative[active, reached - 1]
+        test.observe(state, active, successes)
+        for image, n, s in zip(active, reached, successes):
+            if state.certified[image].all() or state.refuted[image, 1] or n == n_max or n - s > most:
+                continue  # decided, or at the budget, or out of reach: not the rule under test
+            upper = betting_bounds(np.array([s]), np.array([n]), test.futility_alpha)[1][0]
+            chance = binom.cdf(most - (n - s), n_max - n, 1 - upper)
+            if abs(chance - test.futility) > 1e-6:
+                assert state.done[image] == (chance < test.futility), (n, s, chance)
+            given_up += int(state.done[image])
+    assert given_up >= 20  # most images at p_A ≤ Φ(2) are given up before n_max
 
 
 def test_no_radius_above_the_exact_one_is_certified_beyond_the_alpha_rate():
@@ -263,7 +332,12 @@ def test_state_machine_steps_look_by_look():
     abstaining = simulate(test, 0.3, 2)
     result = test.outcome(abstaining, 0)
     assert result.abstain and result.radius == 0.0 and result.largest_certified_radius is None
-    assert result.pA_upper < 0.5 and result.draws < 1000
+    # Given up at the first look (a 1/2 majority by 1,000 draws is out of sight at 32/100) ...
+    assert result.draws == 100 and result.successes == 32 and result.pA_upper > 0.5
+    # ... which without giving up takes until the upper bound falls below 1/2.
+    drawing_on = SequentialTest(0.5, [0.5], 0.01, n_max=1000, first_look=100, growth=2.0, futility=0)
+    result = drawing_on.outcome(simulate(drawing_on, 0.3, 2), 0)
+    assert result.abstain and result.pA_upper < 0.5 and result.draws < 1000
 
 
 def test_bad_designs_are_rejected():
@@ -275,5 +349,8 @@ def test_bad_designs_are_rejected():
         SequentialTest(0.25, [0.25], 0.0, 1000)
     with pytest.raises(ValueError, match="n_max"):
         SequentialTest(0.25, [0.25], 0.001, 0)
+    for bad in [dict(futility=1.0), dict(futility=-0.1), dict(futility_alpha=0.0)]:
+        with pytest.raises(ValueError, match="futility"):
+            SequentialTest(0.25, [0.25], 0.001, 1000, **bad)
     assert SequentialTest(0.25, [0.5, 0.25, 0.5], 0.001, 1000).radii.tolist() == [0.0, 0.25, 0.5]
     assert math.isclose(SequentialTest(0.25, [], 0.001, 1000).thresholds[0], 0.5)

@@ -162,6 +162,10 @@ def test_method_options_are_checked(digits):
         sequential_linear(digits, radii=[])
     with pytest.raises(ValueError, match="n_max"):
         sequential_linear(digits, n_max=0)
+    with pytest.raises(ValueError, match="futility"):
+        sequential_linear(digits, futility=1.5)
+    with pytest.raises(ValueError, match="sequential"):
+        robusteval.certify(linear_digits_model(), digits, sigma=0.5, futility=0.02, n_images=1)
     with pytest.raises(ValueError, match="certification method"):
         sequential_linear(digits, method="seq")
     with pytest.raises(ValueError, match="predict"):

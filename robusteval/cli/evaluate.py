@@ -148,12 +148,13 @@ def _smoothing_options(function):
 def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int | None, n0: int,
                            seed: int, out: Path | None, resume: bool, quiet: bool, as_json: bool, wait: bool,
                            method: str = "cohen", radii: list[float] | None = None, n_max: int | None = None,
+                           futility: float | None = None,
                            **params: object) -> None:
     from robusteval.smoothing.engine import SmoothingSettings, certify_settings, prepare_smoothing
 
     if kind == "certify":
         settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
-                                    radii=radii, n_max=n_max)
+                                    radii=radii, n_max=n_max, futility=futility)
     else:
         settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
@@ -203,6 +204,9 @@ def echo_smoothing_summary(summary: dict, path: Path) -> None:
               help="Sequential method: the radius grid, comma-separated (default 0.25,0.5,0.75,1.0).")
 @click.option("--n-max", type=int, default=None,
               help="Sequential method: at most this many estimation draws per image (default 100,000).")
+@click.option("--futility", type=float, default=None, metavar="CHANCE",
+              help="Sequential method: give a radius up once its chance to be certified by --n-max is below CHANCE "
+                   "even at p_A's upper 95%% bound (default 0.02; 0: draw until decided or --n-max).")
 def certify_command(**params: object) -> None:
     """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY, or sequential on a radius grid);
     writes a run directory."""

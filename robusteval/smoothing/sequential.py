@@ -45,9 +45,24 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
 - Decisions. Radius 0 is always on the grid (threshold 1/2: not abstaining).
   A grid radius is decided when L > Φ(r/σ) (certified), U < Φ(r/σ) (not
   certifiable), or when not even all successes up to n_max could lift L above
-  Φ(r/σ) (out of the budget's reach; a deterministic fact). An image stops at
-  the first look where every grid radius is decided, or at n_max; radii
-  undecided at n_max are not certified.
+  Φ(r/σ) (out of the budget's reach; a deterministic fact), or when it is
+  given up (below). An image stops at the first look where every grid radius
+  is decided, or at n_max; radii undecided at n_max are not certified.
+- Giving up (stopping for futility, by conditional power as in stochastically
+  curtailed trials). A certificate at threshold c by n_max allows at most
+  F_c failures among the n_max draws (the most for which E⁺(c) ≥ 1/α at
+  n_max). With F failures among n draws so far, the chance that the
+  remaining n_max − n draws add at most F_c − F failures is increasing in
+  p_A and falls below δ (`futility`, 2%) for p_A below some p*. The lowest
+  undecided radius, and with it every higher one, is given up when the
+  betting upper bound at level γ (`futility_alpha`, 5%) is below p*, i.e.
+  E⁻_γ(p*) ≥ 1/γ. Giving up never certifies anything, so the α guarantee
+  above is untouched; what it can cost is power: by Ville's inequality, with
+  probability at least 1 − γ per image every radius given up had, at the
+  true p_A, less than δ chance of being certified at n_max. Images whose p_A
+  sits near or below a threshold stop long before n_max instead of drawing
+  to the budget to learn what was already all but sure. `futility=0` turns
+  it off (images then stop only as above).
 - Stakes. The growth rate of W⁺ is largest at μ = (p_A − c)/(1 − c); an image
   whose every draw is right wants μ = 1, where W⁺ = c^(−S) is the most any bet
   can win (Clopper–Pearson at a single fixed n needs the same S). Half the
@@ -61,7 +76,9 @@ mixtures); Voráček, "Treatment of statistical estimation problems in
 randomized smoothing for adversarial robustness", NeurIPS 2024 (confidence
 sequences for "is x robust at r"); Horváth et al., adaptive sampling for
 predetermined radii, ICLR 2022; Chen et al., "Input-specific robustness
-certification for randomized smoothing", AAAI 2022.
+certification for randomized smoothing", AAAI 2022; Lan, Simon & Halperin,
+"Stochastically curtailed tests in long-term clinical trials", Sequential
+Analysis 1982 (stopping for futility by conditional power).
 
 The state machine (`SequentialTest.start`, `draws_needed`, `observe`) keeps
 per-image arrays so a batched sampler can run many images at different looks:
@@ -85,6 +102,11 @@ DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 1.03
 # ...but never fewer new draws than this per look, so an image's rows in a pass stay worth the bookkeeping.
 DEFAULT_MIN_STEP = 10
+# Give a radius up when its chance to be certified by n_max is below 2% even at p_A's upper 95% bound. Chosen on
+# simulations of the digits models' CERTIFY counts (the same Bernoulli streams for every design): 11% (cdn) and 27%
+# (gaussian) fewer draws, certified accuracy unchanged at every grid radius; 5% / 10% saved 2-4% more.
+DEFAULT_FUTILITY = 0.02
+DEFAULT_FUTILITY_ALPHA = 0.05
 
 
 def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
@@ -235,13 +257,18 @@ class SequentialTest:
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, n_max: int,
                  first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
                  min_step: int = DEFAULT_MIN_STEP, lower_bets: BettingMixture = LOWER_BETS,
-                 upper_bets: BettingMixture = UPPER_BETS):
+                 upper_bets: BettingMixture = UPPER_BETS, futility: float = DEFAULT_FUTILITY,
+                 futility_alpha: float = DEFAULT_FUTILITY_ALPHA):
         from scipy.stats import norm
 
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite noise level > 0, got {sigma}")
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be a probability in (0, 1), got {alpha}")
+        if not 0.0 <= futility < 1.0:
+            raise ValueError(f"futility must be a chance in [0, 1) (0: never give up), got {futility}")
+        if not 0.0 < futility_alpha < 1.0:
+            raise ValueError(f"futility_alpha must be a probability in (0, 1), got {futility_alpha}")
         grid = sorted({0.0, *(float(r) for r in radii)})
         if any(not math.isfinite(r) or r < 0 for r in grid):
             raise ValueError(f"radii must be finite and >= 0, got {list(radii)}")
@@ -252,11 +279,33 @@ class SequentialTest:
         self.looks = look_schedule(n_max, first_look, growth, min_step)
         self.n_max = int(n_max)
         self.lower_bets, self.upper_bets = lower_bets, upper_bets
+        self.futility, self.futility_alpha = float(futility), float(futility_alpha)
+        self.most_failures = np.array([self._most_failures(c) for c in self.thresholds])
+
+    def _most_failures(self, threshold: float) -> int:
+        """The most failures among n_max draws that still certify `threshold` at n_max (−1: none can).
+
+        E⁺ falls with every failure that replaces a success, so the certifiable failure counts are 0..F.
+        """
+        level = math.log(1 / self.alpha)
+
+        def certifies(failures: int) -> bool:
+            return bool(log_wealth(self.lower_bets, self.n_max - failures, failures, threshold, "lower") >= level)
+
+        if not certifies(0):
+            return -1
+        low, high = 0, self.n_max + 1  # certifies(low), not certifies(high) (n_max + 1: past every count)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if certifies(middle) else (low, middle)
+        return low
 
     def design(self) -> dict[str, object]:
-        """What fixes the decisions besides σ, α, the radii and n_max: the looks and the stakes (for config.json)."""
+        """What fixes the decisions besides σ, α, the radii and n_max: the looks, the stakes and the giving up
+        (for config.json; no `futility` key when it is off, as in runs from before it)."""
+        futility = {"futility": {"chance": self.futility, "alpha": self.futility_alpha}} if self.futility else {}
         return {"looks": self.looks.tolist(), "confidence_sequence": "betting",
-                "bets": {"lower": self.lower_bets.as_dict(), "upper": self.upper_bets.as_dict()}}
+                "bets": {"lower": self.lower_bets.as_dict(), "upper": self.upper_bets.as_dict()}, **futility}
 
     def bounds(self, successes: np.ndarray, look: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """The betting bounds at look `look` (0-based) with `successes` among its draws."""
@@ -322,17 +371,34 @@ class SequentialTest:
         looks_done = state.looks_done[images]  # ≥ 1 here
         undecided = ~(state.certified[images] | state.refuted[images])
         settled = (looks_done >= len(self.looks)) | ~undecided.any(axis=1)
-        # The rest are settled when their lowest undecided threshold t (hence every higher one) is out of the
-        # budget's reach: even if every draw up to n_max succeeds, E⁺(t) stays below 1/α (it only grows with
-        # successes, so n_max is where it is largest).
+        # The rest are settled when their lowest undecided threshold (hence every higher one) is out of the budget's
+        # reach, or given up.
         open_ = np.flatnonzero(~settled)
         if open_.size:
-            lowest = self.thresholds[np.argmax(undecided[open_], axis=1)]
             drawn = self.looks[looks_done[open_] - 1]
             successes = state.successes[images][open_]
-            best = log_wealth(self.lower_bets, successes + self.n_max - drawn, drawn - successes, lowest, "lower")
-            settled[open_] = best < math.log(1 / self.alpha)
+            allowed = self.most_failures[np.argmax(undecided[open_], axis=1)]
+            settled[open_] = ((drawn - successes) > allowed) | self._given_up(successes, drawn, allowed)
         return settled
+
+    def _given_up(self, successes: np.ndarray, drawn: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Whether p_A is below p* with confidence 1 − γ, where at p* the draws left add at most
+        `allowed` − failures failures with chance δ (the module docstring's "Giving up")."""
+        from scipy.stats import beta
+
+        failures, left = drawn - successes, self.n_max - drawn
+        spare = allowed - failures  # more failures the certificate can still take
+        # Only where some but not every outcome of the draws left certifies: otherwise nothing to give up.
+        open_ = (spare >= 0) & (spare < left)
+        given_up = np.zeros(successes.shape, dtype=bool)
+        if not self.futility or not open_.any():
+            return given_up
+        spare, left = spare[open_], left[open_]
+        # P(Binomial(left, q) ≤ spare) = 1 − I_q(spare + 1, left − spare): it equals δ at this failure rate q*.
+        p_star = 1.0 - beta.ppf(1.0 - self.futility, spare + 1, left - spare)
+        wealth = log_wealth(self.upper_bets, successes[open_], failures[open_], p_star, "upper")
+        given_up[open_] = wealth >= math.log(1 / self.futility_alpha)
+        return given_up
 
     def outcome(self, state: SequentialState, image: int) -> SequentialOutcome:
         """The decisions for one image (certified grid radii, radius, bounds, draws)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from robusteval.errors import UsageError
 from robusteval.smoothing.sampler import ESTIMATION, PREDICTION, SELECTION, Phase
-from robusteval.smoothing.sequential import SequentialTest
+from robusteval.smoothing.sequential import DEFAULT_FUTILITY, SequentialTest
 from robusteval.vocabulary import CERTIFY_METHODS, SMOOTHING_KINDS, SMOOTHING_MODES
 
 DEFAULT_SEQUENTIAL_RADII = (0.25, 0.5, 0.75, 1.0)
@@ -30,9 +30,11 @@ class SmoothingSettings:
     n0: int = 0
     mode: str = "direct"
     seed: int = 0
-    # method "sequential": n is the budget n_max and radii the grid every image is decided on.
+    # method "sequential": n is the budget n_max, radii the grid every image is decided on, and futility the chance
+    # to be certified by n_max below which a radius is given up (0: never).
     method: str = "cohen"
     radii: tuple[float, ...] = ()
+    futility: float = DEFAULT_FUTILITY
 
     def __post_init__(self) -> None:
         from robusteval.names import resolve_name
@@ -64,6 +66,8 @@ class SmoothingSettings:
             raise UsageError(f"radii must be a non-empty grid of finite radii > 0, got {list(self.radii)}")
         if list(self.radii) != sorted(set(self.radii)):
             raise UsageError(f"radii must be increasing and distinct, got {list(self.radii)}")
+        if not 0 <= self.futility < 1:
+            raise UsageError(f"futility must be a chance in [0, 1) (0: never give up a radius), got {self.futility}")
 
     @property
     def phases(self) -> list[Phase]:
@@ -73,18 +77,20 @@ class SmoothingSettings:
 
     def sequential_test(self) -> SequentialTest:
         """The sequential test of the grid (method "sequential"), fixed before any draw."""
-        return SequentialTest(self.sigma, self.radii, self.alpha, self.n)
+        return SequentialTest(self.sigma, self.radii, self.alpha, self.n, futility=self.futility)
 
 
 def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode: str, seed: int, method: str,
-                     radii: Sequence[float] | None, n_max: int | None) -> SmoothingSettings:
-    """The settings of a certify run from the options of either method (n is CERTIFY's, n_max and radii the
-    sequential method's; giving one to the other method is an error rather than silently ignored)."""
+                     radii: Sequence[float] | None, n_max: int | None,
+                     futility: float | None = None) -> SmoothingSettings:
+    """The settings of a certify run from the options of either method (n is CERTIFY's, n_max, radii and futility
+    the sequential method's; giving one to the other method is an error rather than silently ignored)."""
     from robusteval.names import resolve_name
 
     if resolve_name(method, CERTIFY_METHODS, "certification method") == "cohen":
-        if n_max is not None or radii is not None:
-            raise UsageError("n_max and radii belong to the sequential method; CERTIFY (method 'cohen') uses n")
+        if n_max is not None or radii is not None or futility is not None:
+            raise UsageError("n_max, radii and futility belong to the sequential method; CERTIFY (method 'cohen') "
+                             "uses n")
         return SmoothingSettings("certify", sigma=sigma, n=10_000 if n is None else n, alpha=alpha, n0=n0,
                                  mode=mode, seed=seed)
     if n is not None:
@@ -93,4 +99,5 @@ def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode
     if budget < 1:
         raise UsageError(f"n_max must be at least 1 estimation draw, got {budget}")
     return SmoothingSettings("certify", sigma=sigma, n=budget, alpha=alpha, n0=n0, mode=mode, seed=seed,
-                             method="sequential", radii=DEFAULT_SEQUENTIAL_RADII if radii is None else tuple(radii))
+                             method="sequential", radii=DEFAULT_SEQUENTIAL_RADII if radii is None else tuple(radii),
+                             futility=DEFAULT_FUTILITY if futility is None else futility)
