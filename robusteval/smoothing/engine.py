@@ -98,7 +98,11 @@ def model_dtype(model: JointModel) -> torch.dtype:
 # Inductor's freezing folds the weights into the compiled graph as constants (pre-packed for oneDNN on
 # CPU): median forward throughput at batch 1,000 on 2 cores +6% for ResNet-18, +2% for the digits CNN
 # (interleaved timings). Sound here because the weights never change during a run.
-COMPILE_OPTIONS = {"freezing": True}
+# vec_isa_ok: the first compile on a machine otherwise builds and loads a test program for each vector
+# instruction set /proc/cpuinfo lists (11-13 s of a 20-23 s first compile of the digits CNN on 2 cores);
+# trusting cpuinfo, as TORCHINDUCTOR_VEC_ISA_OK=1 does, leaves 7-8 s. A toolchain that cannot build them
+# fails the compile, and an automatic compile then goes on eagerly (BaseClassifierRunner).
+COMPILE_OPTIONS = {"freezing": True, "cpp.vec_isa_ok": True}
 
 
 def _base_classifier(

@@ -56,13 +56,13 @@ NOISE_BLOCK_VALUES = 1 << 22
 # per image of its pack part-used, and a block drawn again for each slice would cost up to 1000/rows times.
 PARTIAL_BLOCK_VALUES = 1 << 26
 # "auto" compile: time a few warm eager passes, project the eager time still to come, and compile only when it
-# is twice what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores
-# (benchmarks/RESULTS.md: 8 s for the digits CNN, 15 s for ResNet-18, compile included, in a warm process; a fresh
-# process with empty compile caches took 25-30 s for the digits CNN, so the prior errs low). A GPU compile is
-# slower (about 30 s for a small network: an estimate; DEVICE_CHECK_COMPILE=1 benchmarks/device_check.sh
-# measures it).
+# is twice what compiling is expected to cost. The prior is from measured warm-ups on 2 CPU cores: the digits
+# CNN costs ~12 s in a fresh process with empty compile caches (inductor's import and compile, without its
+# instruction-set probe: engine.COMPILE_OPTIONS), a few seconds once the caches are warm; ResNet-18 ~15 s
+# (benchmarks/RESULTS.md). A GPU compile is slower (about 30 s for a small network: an estimate;
+# DEVICE_CHECK_COMPILE=1 benchmarks/device_check.sh measures it).
 TIMED_EAGER_PASSES = 3
-COMPILE_WARMUP_SECONDS = {"cpu": 15.0, "cuda": 30.0}
+COMPILE_WARMUP_SECONDS = {"cpu": 12.0, "cuda": 30.0}
 # Compiling pays when eager time still to come exceeds speed-up/(speed-up − 1) × warm-up; the digits CNN and
 # ResNet-18 compile to 2-2.4× eager on the CPU (bench_certify), so break-even is near 2× the warm-up.
 COMPILE_PAYOFF_FACTOR = 2.0
@@ -199,7 +199,10 @@ class BaseClassifierRunner:
     more than compile_payoff_seconds(device_type). Once compiled it
     times the compiled passes the same way and goes back to eager if they are
     not faster (a model the compiler cannot speed up costs the warm-up once,
-    not the rest of the run). `timing` holds what was measured.
+    not the rest of the run), and goes on eagerly, with a warning, when
+    compiling fails (no C++ compiler, a toolchain without the CPU's vector
+    instructions): auto is a speed choice, not a reason to stop a run.
+    compile=True raises instead. `timing` holds what was measured.
     make_compiled builds the compiled classifier; it is only called when needed.
     clock: the timer (a parameter so that tests can drive the decision).
     """
@@ -249,11 +252,21 @@ class BaseClassifierRunner:
 
     def _compiled_pass(self, noisy: Tensor) -> Tensor:
         """An auto-compiled pass while it is being timed: the first one compiles, the next are compared to eager."""
+        if not self._compiled_times:
+            try:
+                predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
+            except Exception as error:  # noqa: BLE001 - any compiler failure; the eager pass re-raises model errors
+                logger.warning("compiling the base classifier failed (%s: %s); going on eagerly",
+                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self._compiled = None
+                self.policy = False
+                return self.eager(noisy)
+            self._compiled_times.append(seconds)
+            self.timing["compile_warmup_seconds"] = seconds
+            return predictions
         predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
         self._compiled_times.append(seconds)
-        if len(self._compiled_times) == 1:
-            self.timing["compile_warmup_seconds"] = seconds
-        elif len(self._compiled_times) > TIMED_EAGER_PASSES:
+        if len(self._compiled_times) > TIMED_EAGER_PASSES:
             pass_seconds = float(np.median(self._compiled_times[1:]))
             self.timing["compiled_pass_seconds"] = pass_seconds
             if pass_seconds >= self.timing["eager_pass_seconds"]:
