@@ -86,8 +86,8 @@ class SmoothingConfig:
     model_config: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets", "futility",
-                                           "alpha_spent", "checkpoint", "model_dir", *_COMPANIONS)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
+                                           "futility", "alpha_spent", "checkpoint", "model_dir", *_COMPANIONS)
 
     def to_json(self) -> dict[str, Any]:
         # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.
