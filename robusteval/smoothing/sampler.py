@@ -252,21 +252,21 @@ class BaseClassifierRunner:
 
     def _compiled_pass(self, noisy: Tensor) -> Tensor:
         """An auto-compiled pass while it is being timed: the first one compiles, the next are compared to eager."""
-        if not self._compiled_times:
-            try:
-                predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
-            except Exception as error:  # noqa: BLE001 - any compiler failure; the eager pass re-raises model errors
-                logger.warning("compiling the base classifier failed (%s: %s); going on eagerly",
-                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-                self._compiled = None
-                self.policy = False
-                return self.eager(noisy)
-            self._compiled_times.append(seconds)
-            self.timing["compile_warmup_seconds"] = seconds
-            return predictions
-        predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
+        try:
+            predictions, seconds = self._timed(self._compiled, noisy)  # type: ignore[arg-type]
+        except Exception as error:  # noqa: BLE001 - any compiler failure; the eager pass re-raises model errors
+            if self._compiled_times:  # it compiled and ran: not a compiler failure
+                raise
+            first_line = (str(error).splitlines() or [""])[0]
+            logger.warning("compiling the base classifier failed (%s: %s); going on eagerly", type(error).__name__,
+                           first_line)
+            self._compiled = None
+            self.policy = False
+            return self.eager(noisy)
         self._compiled_times.append(seconds)
-        if len(self._compiled_times) > TIMED_EAGER_PASSES:
+        if len(self._compiled_times) == 1:
+            self.timing["compile_warmup_seconds"] = seconds
+        elif len(self._compiled_times) > TIMED_EAGER_PASSES:
             pass_seconds = float(np.median(self._compiled_times[1:]))
             self.timing["compiled_pass_seconds"] = pass_seconds
             if pass_seconds >= self.timing["eager_pass_seconds"]:
