@@ -40,7 +40,7 @@ import torch
 
 import robusteval
 from robusteval.attacks.seeds import attack_seed
-from robusteval.model_zoo.registry import resolve_device
+from robusteval.core.devices import resolve_device
 
 
 def _timed(function):

@@ -53,10 +53,10 @@ import torch
 from torch import Tensor, nn
 
 import robusteval
-from robusteval.smoothing.engine import COMPILE_OPTIONS
+from robusteval.core.devices import resolve_device
+from robusteval.core.interface import JointModel, trusted_inputs
 from robusteval.smoothing.decisions import certify_decision
-from robusteval.interface import JointModel, trusted_inputs
-from robusteval.model_zoo.registry import resolve_device
+from robusteval.smoothing.engine import COMPILE_OPTIONS
 
 
 @dataclass
@@ -138,7 +138,9 @@ class NoisyLogits(nn.Module):
 
 def art_certify(model: JointModel, x: Tensor, sigma: float, n0: int, n: int, alpha: float,
                 batch: int) -> list[tuple[int | None, float]]:
-    from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
+    from art.estimators.certification.randomized_smoothing import (
+        PyTorchRandomizedSmoothing,
+    )
 
     smoothed = PyTorchRandomizedSmoothing(
         model=NoisyLogits(model, sigma), loss=nn.CrossEntropyLoss(), input_shape=model.input_shape,

@@ -36,11 +36,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robusteval.errors import UsageError
-from robusteval.checkpoints import atomic_write_json
+import torch
+
+from robusteval.attacks.evaluate import evaluate_attack
+from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.devices import resolve_device
+from robusteval.core.errors import UsageError
+from robusteval.core.names import resolve_name
+from robusteval.core.vocabulary import (
+    NORM_SYMBOL,
+    SGLD_NOISE,
+    SGLD_STEP,
+    SMOOTHING_MODES,
+    DefenseSpec,
+)
+from robusteval.data import default_eps
+from robusteval.generative.denoising import evaluate_denoising
+from robusteval.jobs import JobOptions
+from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.reports.paths import slug
-from robusteval.sharding import Shard
-from robusteval.vocabulary import SMOOTHING_MODES
+from robusteval.runs.shards import Shard
+from robusteval.smoothing.engine import certify
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +91,9 @@ class Suite:
         return dataclasses.asdict(self)
 
 
+# What runs one grid entry of each kind.
+EVALUATORS: dict[str, Callable[..., Any]] = {"attack": evaluate_attack, "certify": certify,
+                                             "denoise": evaluate_denoising}
 SUITES: dict[str, Suite] = {
     "digits": Suite(
         name="digits", dataset="digits",
@@ -97,7 +116,7 @@ SUITES: dict[str, Suite] = {
 
 
 @dataclass(frozen=True)
-class Job:
+class GridRun:
     """One evaluation of the grid: its kind, model, arguments and run directory."""
 
     kind: str  # attack, certify or denoise
@@ -127,15 +146,11 @@ class BenchmarkResult:
 
 
 def resolve_suite(name: str) -> Suite:
-    from robusteval.names import resolve_name
-
     return SUITES[resolve_name(name, SUITES, "suite")]
 
 
 def suite_models(suite: Suite, patterns: Sequence[str] = ("*",)) -> list[str]:
     """Registered models with shipped weights for the suite's data set, matching any pattern."""
-    from robusteval.model_zoo.registry import list_models, model_card
-
     models = []
     for name in list_models():
         if not any(fnmatch.fnmatch(name, p) for p in patterns):
@@ -147,18 +162,16 @@ def suite_models(suite: Suite, patterns: Sequence[str] = ("*",)) -> list[str]:
     return models
 
 
-def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> list[Job]:
+def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> list[GridRun]:
     """The suite's jobs for these models, longest first; `options` (JobOptions) go to every job."""
-    from robusteval.model_zoo.registry import model_card
-
-    jobs: list[Job] = []
+    jobs: list[GridRun] = []
     for model in models:
         card = model_card(model)
         can_denoise = "denoise" in card.capabilities
         for norm, eps in suite.eps.items():
             arguments = {"attack": "autoattack", "norm": norm, "eps": eps, "n": suite.n_attack, "defense": "none",
                          "large_eps_check": suite.large_eps_check}
-            jobs.append(Job("attack", model, suite.dataset, arguments,
+            jobs.append(GridRun("attack", model, suite.dataset, arguments,
                             folder / f"attack-{slug(model)}-{norm}-autoattack",
                             cost=suite.n_attack * (len(eps) if eps else 5)))
         if suite.defenses and card.family == "joint" and suite.n_defense > 0:
@@ -169,19 +182,19 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> l
                     arguments = {"attack": "autoattack", "norm": norm, "eps": eps, "n": suite.n_defense,
                                  "defense": f"denoise:{s}", "gradient": "auto",
                                  "large_eps_check": suite.large_eps_check}
-                    jobs.append(Job("attack", model, suite.dataset, arguments,
+                    jobs.append(GridRun("attack", model, suite.dataset, arguments,
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-denoise{s}",
                                     cost=suite.n_defense * len(eps) * 8))
                 arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_defense,
                              "defense": f"noise:{s}", "large_eps_check": suite.large_eps_check}
-                jobs.append(Job("attack", model, suite.dataset, arguments,
+                jobs.append(GridRun("attack", model, suite.dataset, arguments,
                                 folder / f"attack-{slug(model)}-{norm}-autoattack-rand-noise{s}",
                                 cost=suite.n_defense * len(eps) * 1.5))
                 if model in suite.sgld_models and "energy" in card.capabilities:
                     defense = sgld_defense(card.recipe, suite.sgld_steps)
                     arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_defense,
                                  "defense": defense, "gradient": "auto", "large_eps_check": suite.large_eps_check}
-                    jobs.append(Job("attack", model, suite.dataset, arguments,
+                    jobs.append(GridRun("attack", model, suite.dataset, arguments,
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-rand-sgld{suite.sgld_steps}",
                                     cost=suite.n_defense * len(eps) * 4 * suite.sgld_steps))
         own_sigma = card.recipe.get("sigma")
@@ -193,11 +206,11 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> l
                              "n_images": suite.n_certify}
                 # Relative to an attack's cost of one point at one ε (measured on jdm, the slowest model).
                 cost = suite.n_certify * (suite.n0 + suite.n) / 5_000 * (2 if mode == "denoised" else 1)
-                jobs.append(Job("certify", model, suite.dataset, arguments,
+                jobs.append(GridRun("certify", model, suite.dataset, arguments,
                                 folder / f"certify-{slug(model)}-{mode}-s{sigma:g}", cost=cost))
         if can_denoise:
             arguments = {"sigmas": list(suite.denoise_sigmas), "n_images": suite.denoise_images}
-            jobs.append(Job("denoise", model, suite.dataset, arguments, folder / f"denoise-{slug(model)}",
+            jobs.append(GridRun("denoise", model, suite.dataset, arguments, folder / f"denoise-{slug(model)}",
                             cost=1.0))
     return sorted((dataclasses.replace(job, options=dict(options)) for job in jobs), key=lambda j: -j.cost)
 
@@ -206,22 +219,19 @@ def sgld_defense(recipe: dict[str, Any], steps: int) -> str:
     """`sgld:K` with the step and noise of the model's own training chains: JEM's are the official refinement's;
     GMMC's chains step 0.01, and JEM's 0.25 on GMMC's energy took its images off the data (clean accuracy 45%
     against 90% with its own step, 20 digits points)."""
-    from robusteval.vocabulary import SGLD_NOISE, SGLD_STEP, DefenseSpec
-
     spec = DefenseSpec("sgld", steps=steps, step_size=float(recipe.get("sgld_step_size", SGLD_STEP)),
                        noise=float(recipe.get("sgld_noise", SGLD_NOISE)))
     return str(spec)
 
 
-def describe(suite: Suite, run_seconds: float | None = None) -> str:
+def describe_suite(suite: Suite, run_seconds: float | None = None) -> str:
     """The grid's sizes in one paragraph, for the report: small samples must be read with their intervals.
 
     run_seconds: the runs' own wall times summed (each run records it, so a resumed grid still counts them).
     """
-    from scipy.stats import norm as normal
-
-    from robusteval.data import default_eps
-    from robusteval.vocabulary import NORM_SYMBOL
+    from scipy.stats import (
+        norm as normal,  # deferred: scipy.stats costs ~0.6 s to import
+    )
 
     def grid(eps_by_norm: dict[str, Any]) -> str:
         parts = []
@@ -245,25 +255,15 @@ def describe(suite: Suite, run_seconds: float | None = None) -> str:
     return " ".join(text)
 
 
-def run_job(job: Job) -> tuple[str, float]:
+def run_job(job: GridRun) -> tuple[str, float]:
     """Run one job in this process (single-threaded torch on the CPU); returns its run directory and wall seconds."""
-    import torch
-
-    from robusteval.model_zoo.registry import resolve_device
-
     if resolve_device(job.options.get("device") or "auto").type == "cpu":
         # Jobs run side by side, one per core; on a GPU the host threads feed the device instead.
         torch.set_num_threads(1)
     start = time.perf_counter()
-    if job.kind == "attack":
-        from robusteval.attacks.evaluate import evaluate_attack as evaluate
-    elif job.kind == "certify":
-        from robusteval.smoothing.engine import certify as evaluate
-    elif job.kind == "denoise":
-        from robusteval.denoising import evaluate_denoising as evaluate
-    else:
+    if job.kind not in EVALUATORS:
         raise ValueError(f"unknown job kind {job.kind!r}")
-    evaluate(job.model, job.dataset, out=job.out, **job.arguments, **job.options)
+    EVALUATORS[job.kind](job.model, job.dataset, out=job.out, **job.arguments, **job.options)
     return str(job.out), round(time.perf_counter() - start, 1)
 
 
@@ -303,7 +303,7 @@ def run_benchmark(
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    def finished(job: Job, outcome: tuple[str, float] | BaseException) -> None:
+    def finished(job: GridRun, outcome: tuple[str, float] | BaseException) -> None:
         if isinstance(outcome, BaseException):
             result.failed[job.label] = f"{type(outcome).__name__}: {outcome}"
             say(f"FAILED {job.label}: {outcome}")
@@ -324,7 +324,7 @@ def run_benchmark(
     return result
 
 
-def spread_devices(work: list[Job], jobs: int, device: Any, gpus: int | None = None) -> list[Job]:
+def spread_devices(work: list[GridRun], jobs: int, device: Any, gpus: int | None = None) -> list[GridRun]:
     """With several processes and the default device, job i runs on cuda:(i mod G) of the G visible GPUs."""
     if gpus is None:
         import torch
@@ -338,8 +338,6 @@ def spread_devices(work: list[Job], jobs: int, device: Any, gpus: int | None = N
 
 def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:
     """The suite on the data set the options name (popped from them); other weights are refused."""
-    from robusteval.jobs import JobOptions
-
     shared = JobOptions.of(options.pop("dataset", suite.dataset), options)
     if shared.checkpoint is not None or shared.model_dir is not None:
         raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint and model_dir apply to one model")
@@ -348,7 +346,7 @@ def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:
     return dataclasses.replace(suite, dataset=shared.dataset)
 
 
-def _run_jobs(work: list[Job], jobs: int, finished: Callable[[Job, Any], None], say: Callable[[str], None]) -> None:
+def _run_jobs(work: list[GridRun], jobs: int, finished: Callable[[GridRun, Any], None], say: Callable[[str], None]) -> None:
     """Run the jobs in this process (jobs=1) or in `jobs` fresh processes; report each outcome to `finished`."""
     if jobs == 1:
         for job in work:

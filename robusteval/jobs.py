@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval.core.determinism import set_deterministic
+from robusteval.core.devices import resolve_device
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel, validate_images
+from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, load_dataset
-from robusteval.determinism import set_deterministic
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel, validate_images
-from robusteval.job_checks import check_data_fits_model
+from robusteval.model_zoo.factory import create_model
 from robusteval.runs import RunDirectory, config_id, default_run_dir
-from robusteval.sharding import Shard, with_shard
+from robusteval.runs.shards import Shard, with_shard
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class JobOptions:
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
-    # "I/N": shard I of N of the run (robusteval.sharding); run, certify, predict and benchmark take it.
+    # "I/N": shard I of N of the run (robusteval.runs.shards); run, certify, predict and benchmark take it.
     shard: str | Shard | None = _option(None, CliFlag(
         "--shard", "Run only shard I of N (I/N, e.g. 2/4): a contiguous part of the images cut at whole batches; "
                    "`robusteval merge` joins the shards into the unsharded run. benchmark: part I of N of the "
@@ -166,8 +168,6 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     `limit`: how many leading test images the job needs at most (None: all), so only those are read.
     `shardable`: the job can run one shard of its images (`options.shard`); other jobs refuse a shard.
     """
-    from robusteval.model_zoo.registry import create_model, resolve_device
-
     if options.shard is not None and not shardable:
         raise UsageError("--shard applies to run, certify, predict and benchmark only")
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built

@@ -12,14 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack_fixtures import SHAPE, Rounded, TinyEnergy, linear_problem, saturated_linear_problem
+from attack_fixtures import (
+    SHAPE,
+    Rounded,
+    TinyEnergy,
+    linear_problem,
+    saturated_linear_problem,
+)
 
 import robusteval
 from robusteval.attacks import sanity
 from robusteval.attacks.defenses import DeployedPipeline
 from robusteval.attacks.verification import BALL_TOLERANCE
-from robusteval.interface import trusted_inputs
-from robusteval.vocabulary import parse_defense
+from robusteval.core.interface import trusted_inputs
+from robusteval.core.vocabulary import parse_defense
 
 TESTS = Path(__file__).parent
 

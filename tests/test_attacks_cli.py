@@ -16,7 +16,7 @@ from attack_fixtures import clopper_pearson
 from click.testing import CliRunner
 
 from robusteval.cli import main
-from robusteval.model_zoo.registry import model_card
+from robusteval.model_zoo.factory import model_card
 
 RESUME_ARGS = ["run", "--model", "standard", "--attack", "apgd-ce", "--eps", "0.05,0.1", "--n", "40",
                "--batch-size", "5", "--device", "cpu", "--seed", "3", "--quiet"]

@@ -12,9 +12,9 @@ import robusteval
 from robusteval.attacks import batch, resume, verification
 from robusteval.attacks.catalog import AttackComponent, BuiltAttack
 from robusteval.attacks.defenses import DeployedPipeline
-from robusteval.vocabulary import parse_defense
-from robusteval.interface import CapabilityError
-from robusteval.names import UnknownNameError
+from robusteval.core.interface import CapabilityError
+from robusteval.core.names import UnknownNameError
+from robusteval.core.vocabulary import parse_defense
 
 REQUIRED_SUMMARY_KEYS = {"kind", "model", "dataset", "n", "attack", "norm", "defense", "clean_accuracy", "curve",
                          "flags", "seconds"}

@@ -8,8 +8,8 @@ from attack_fixtures import SHAPE, GaussianTweedie, linear_problem
 
 import robusteval
 from robusteval.attacks.defenses import DeployedPipeline
-from robusteval.vocabulary import parse_defense
 from robusteval.attacks.verification import BALL_TOLERANCE
+from robusteval.core.vocabulary import parse_defense
 
 LINF_EPS = [0.01, 0.03, 0.05, 0.08, 0.1]
 L2_EPS = [0.1, 0.3, 0.5, 0.8, 1.0]

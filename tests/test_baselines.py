@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import robusteval
-from robusteval.quality import psnr
+from robusteval.generative.quality import psnr
 from robusteval.training import accuracy
 
 FLOORS = {

@@ -11,11 +11,11 @@ from scipy.stats import kstest
 from torch import nn
 
 import robusteval
+from robusteval.core.interface import CapabilityError
+from robusteval.data import load_dataset
+from robusteval.runs import SAMPLES_FILE, SUMMARY_FILE, RunConfigMismatch
 from robusteval.smoothing.engine import SmoothingSettings
 from robusteval.smoothing.sampler import ESTIMATION, SELECTION, NoiseSource, Phase
-from robusteval.data import load_dataset
-from robusteval.interface import CapabilityError
-from robusteval.runs import SAMPLES_FILE, SUMMARY_FILE, RunConfigMismatch
 
 SUMMARY_KEYS = {"kind", "model", "dataset", "mode", "sigma", "n0", "n", "alpha", "n_images", "certified_accuracy",
                 "acr", "abstain_rate", "seconds"}

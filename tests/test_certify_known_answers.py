@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import robusteval
-from robusteval.interface import JointModel
+from robusteval.core.interface import JointModel
 
 SIGMA = 0.25
 SHAPE = (1, 2, 2)

@@ -11,7 +11,13 @@ import pytest
 from scipy.stats import beta, binom, norm
 
 from robusteval.smoothing.sequential import (
-    LOWER_BETS, UPPER_BETS, BettingMixture, SequentialTest, betting_bounds, log_wealth, look_schedule,
+    LOWER_BETS,
+    UPPER_BETS,
+    BettingMixture,
+    SequentialTest,
+    betting_bounds,
+    log_wealth,
+    look_schedule,
 )
 
 

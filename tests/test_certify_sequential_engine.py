@@ -5,15 +5,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import binom, norm
+from test_certify_engine import (
+    CountingModule,
+    Interrupted,
+    linear_digits_model,
+    strip_timing,
+)
+from test_certify_known_answers import SHAPE, SIGMA, linear_problem
 
 import robusteval
-from robusteval.smoothing.engine import SmoothingSettings
 from robusteval.data import load_dataset
 from robusteval.runs import SAMPLES_FILE, SUMMARY_FILE, RunConfigMismatch
-from test_certify_engine import CountingModule, Interrupted, linear_digits_model, strip_timing
-from test_certify_known_answers import SIGMA, SHAPE, linear_problem
+from robusteval.smoothing.engine import SmoothingSettings
 
 SEQUENTIAL_RECORD_KEYS = {"index", "label", "prediction", "abstain", "radius", "correct", "pA_lower", "pA_upper",
                           "count", "draws", "largest_certified_radius", "top_class", "seconds"}
@@ -175,10 +179,10 @@ def test_method_options_are_checked(digits):
 
 
 def test_reports_keep_sequential_runs_apart_from_certify_runs(digits, tmp_path):
-    from robusteval.reports.check import entries_from_runs
     from robusteval.reports.figures import certified_figure
     from robusteval.reports.html import _what
     from robusteval.reports.loading import load_run
+    from robusteval.reports.regression import entries_from_runs
     from robusteval.reports.styles import model_identities
     from robusteval.reports.tables import certified_table
 
@@ -210,7 +214,11 @@ def test_reports_keep_sequential_runs_apart_from_certify_runs(digits, tmp_path):
 
 def test_sequential_summary_is_a_typed_record(reference):
     """The summary parses into its typed record and writes back unchanged; a broken one is refused."""
-    from robusteval.records import RecordFormatError, SequentialFigures, summary_from_json
+    from robusteval.records import (
+        RecordFormatError,
+        SequentialFigures,
+        summary_from_json,
+    )
 
     record = summary_from_json(reference.summary)
     assert isinstance(record.sequential, SequentialFigures) and record.sequential.n_max == 1500

@@ -8,7 +8,6 @@ the smoothed classifier at ε = 0.9R may change PREDICT's output for at most a
 ε = 1.5R must succeed often, or it would prove nothing.
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import binom

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import robusteval
-from robusteval.interface import CAPABILITIES, CapabilityError, JointModel
+from robusteval.core.interface import CAPABILITIES, CapabilityError, JointModel
 
 WRAPPED = "wrap(plain-module)"
 NAMES = [*robusteval.list_models(), WRAPPED]

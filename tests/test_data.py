@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import robusteval
-from robusteval import data, data_files
+from robusteval import data
+from robusteval.core.names import UnknownNameError
 from robusteval.data import DatasetError, dataset_info, load_dataset, read_idx
-from robusteval.names import UnknownNameError
+from robusteval.data import files as data_files
 
 # --- helpers -----------------------------------------------------------------------------------
 

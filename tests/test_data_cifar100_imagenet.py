@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robusteval import imagenet
-from robusteval.data import DatasetError, dataset_info, load_dataset
+from robusteval.data import DatasetError, dataset_info, imagenet, load_dataset
 
 
 def make_cifar100(directory: Path, n: int = 5) -> dict[str, dict]:
@@ -122,7 +121,7 @@ def test_imagenet_errors_name_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_a_missing_cifar100_directory_is_a_usage_error_the_cli_prints_in_one_line(tmp_path):
-    from robusteval.errors import UsageError
+    from robusteval.core.errors import UsageError
 
     for root in (None, tmp_path / "absent", tmp_path):
         with pytest.raises(UsageError, match=r"cifar100: "):

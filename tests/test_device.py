@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 import robusteval
-from robusteval import determinism
+from robusteval.core import determinism, devices, draws
 from robusteval.data import load_dataset
 from robusteval.jobs import JobOptions, resolve
-from robusteval import draws
-from robusteval.model_zoo import registry
 from robusteval.runs import CONFIG_FILE, RunConfigMismatch, RunDirectory
 from robusteval.smoothing.sampler import ESTIMATION, NoiseSource, Phase, _NoisyPasses
 
@@ -191,7 +189,7 @@ def test_attack_and_denoise_on_cuda_agree_with_the_cpu(digits):
     gpu = robusteval.evaluate_attack("standard", digits, device="cuda", **common).summary()
     assert cpu["clean_accuracy"] == gpu["clean_accuracy"]
     assert abs(cpu["curve"][0]["robust_accuracy"] - gpu["curve"][0]["robust_accuracy"]) <= 2 / 40
-    from robusteval.denoising import evaluate_denoising
+    from robusteval.generative.denoising import evaluate_denoising
 
     cpu_psnr = evaluate_denoising("cdn", digits, sigmas=[0.25], n_images=8, device="cpu")["psnr"]
     gpu_psnr = evaluate_denoising("cdn", digits, sigmas=[0.25], n_images=8, device="cuda")["psnr"]
@@ -232,9 +230,9 @@ def test_cuda_n_becomes_the_current_device_and_a_missing_index_is_one_line(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(str(device)))
-    assert registry.resolve_device("cuda:1") == torch.device("cuda:1") and chosen == ["cuda:1"]
-    with pytest.raises(registry.DeviceUnavailable) as error:
-        registry.resolve_device("cuda:7")
+    assert devices.resolve_device("cuda:1") == torch.device("cuda:1") and chosen == ["cuda:1"]
+    with pytest.raises(devices.DeviceUnavailable) as error:
+        devices.resolve_device("cuda:7")
     assert str(error.value) == "device 'cuda:7' does not exist: this machine has 2 GPU(s), cuda:0..cuda:1"
     assert chosen == ["cuda:1"]  # nothing set for a device that is not there
 
@@ -243,7 +241,7 @@ def test_cuda_n_becomes_the_current_device_and_a_missing_index_is_one_line(monke
 def test_resolving_cuda_n_sets_the_current_device():
     last = torch.cuda.device_count() - 1
     try:
-        registry.resolve_device(f"cuda:{last}")
+        devices.resolve_device(f"cuda:{last}")
         assert torch.cuda.current_device() == last
     finally:
         torch.cuda.set_device(0)
@@ -340,7 +338,7 @@ def test_the_energy_network_on_cuda_agrees_with_the_cpu(name):
 
 # --- work sizes by device ------------------------------------------------------------------------------------
 def test_cpu_sizes_are_unchanged_and_gpu_sizes_are_larger():
-    from robusteval import work_sizes
+    from robusteval.core import work_sizes
 
     assert work_sizes.certify_batch("cpu", (3, 32, 32)) == 1000
     assert work_sizes.stacked_images("cpu") == 4096 and work_sizes.denoise_batch("cpu") == 100
@@ -350,7 +348,7 @@ def test_cpu_sizes_are_unchanged_and_gpu_sizes_are_larger():
 
 
 def test_default_batch_sizes_follow_the_device(digits):
-    from robusteval.denoising import prepare_denoising
+    from robusteval.generative.denoising import prepare_denoising
     from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
 
     settings = SmoothingSettings("certify", sigma=0.5, n=100, alpha=0.01, n0=10)
@@ -393,7 +391,7 @@ def test_threads_write_into_an_inference_tensor_as_one_thread_does():
 @cuda
 @pytest.mark.parametrize("name", ["standard", "pgd-at", "gaussian", "cdn", "dmae", "jem", "egc", "jdm", "gmmc"])
 def test_every_recipe_trains_on_cuda(name, tmp_path):
-    from robusteval.train_model import train_model
+    from robusteval.model_zoo.train_model import train_model
 
     result = train_model(name, epochs=1, seed=0, out=tmp_path / f"{name}.safetensors", progress=False,
                          device="cuda")

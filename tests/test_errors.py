@@ -6,13 +6,13 @@ import pytest
 from click.testing import CliRunner
 
 from robusteval import cli
-from robusteval.checkpoints import CheckpointError
+from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.errors import MissingFileError, UsageError
+from robusteval.core.interface import CapabilityError
+from robusteval.core.names import UnknownNameError
 from robusteval.data import DatasetError, load_dataset
-from robusteval.errors import MissingFileError, UsageError
-from robusteval.interface import CapabilityError
-from robusteval.names import UnknownNameError
-from robusteval.reports.check import BaselineError
 from robusteval.reports.loading import RunFormatError
+from robusteval.reports.regression import BaselineError
 from robusteval.runs import RunConfigMismatch
 
 

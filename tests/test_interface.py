@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import robusteval
-from robusteval.interface import (
+from robusteval.core.interface import (
     RANGE_TOLERANCE,
     CapabilityError,
     JointModel,

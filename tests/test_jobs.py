@@ -13,13 +13,13 @@ from click.testing import CliRunner
 import robusteval
 from robusteval import cli
 from robusteval.attacks.evaluate import prepare_attack
-from robusteval.benchmark import run_benchmark, SUITES
-from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
-from robusteval.denoising import evaluate_denoising, prepare_denoising
-from robusteval.errors import UsageError
-from robusteval.generation import counterfactual, sample
+from robusteval.benchmark import SUITES, run_benchmark
+from robusteval.core.errors import UsageError
+from robusteval.generative.denoising import evaluate_denoising, prepare_denoising
+from robusteval.generative.generation import counterfactual, sample
 from robusteval.jobs import JobOptions
 from robusteval.runs import PROVENANCE_KEY, config_id
+from robusteval.smoothing.engine import SmoothingSettings, prepare_smoothing
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(JobOptions)]
 EVALUATION_COMMANDS = ("run", "certify", "predict", "denoise", "sample", "counterfactual", "benchmark")

@@ -31,8 +31,8 @@ from click.testing import CliRunner
 from torch import Tensor
 
 import robusteval
-from robusteval.checkpoints import CheckpointError, UnsafePickleError
 from robusteval.cli import main
+from robusteval.core.checkpoints import CheckpointError, UnsafePickleError
 from robusteval.data import dataset_info
 from robusteval.model_zoo.official.cifar_resnet import CifarResNet
 from robusteval.model_zoo.official.cohen import build_cohen
@@ -706,7 +706,7 @@ def test_model_cards_describe_the_official_architectures() -> None:
 
 
 def test_robusteval_own_weights_keep_the_re_implementation_on_paper_data_sets(tmp_path: Path) -> None:
-    from robusteval.checkpoints import save_safetensors
+    from robusteval.core.checkpoints import save_safetensors
     from robusteval.model_zoo.jem import JEM
 
     own = robusteval.create_model("jem", dataset="cifar10", pretrained=False, official=False)

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from robusteval.checkpoints import CheckpointError
+from robusteval.core.checkpoints import CheckpointError
 from robusteval.data import DatasetInfo
-from dataclasses import replace
-
 from robusteval.model_zoo.official.guided_unet import (
     ConfigInferenceError,
     UNetConfig,
@@ -27,7 +26,11 @@ from robusteval.model_zoo.official.guided_unet import (
     parameter_count,
 )
 from robusteval.model_zoo.official.jdm import JointDiffusionUNet, build_jdm, load_jdm
-from robusteval.model_zoo.official.schedule import DiscreteSchedule, jdm_linear_betas, space_timesteps
+from robusteval.model_zoo.official.schedule import (
+    DiscreteSchedule,
+    jdm_linear_betas,
+    space_timesteps,
+)
 
 CIFAR_LIKE = DatasetInfo("cifar10", 10, (3, 32, 32), tuple(str(i) for i in range(10)))
 SMALL = DatasetInfo("small", 10, (3, 16, 16), tuple(str(i) for i in range(10)))
@@ -535,7 +538,11 @@ def _check_jdm_full_size_counts():
 # --- egc ------------------------------------------------------------------------------------------
 
 from robusteval.model_zoo.official.egc import build_egc, load_egc  # noqa: E402
-from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config  # noqa: E402
+from robusteval.model_zoo.official.egc_unet import (  # noqa: E402
+    EBMUNetModel,
+    EGCOptions,
+    infer_egc_config,
+)
 from robusteval.model_zoo.official.kl_autoencoder import (  # noqa: E402
     AutoencoderConfig,
     AutoencoderKL,
@@ -813,7 +820,7 @@ def test_jdm_attacks_through_its_denoiser_and_denoised_certification_finish(tmp_
     path, _ = save_jdm(tmp_path, ONE_LEVEL)
     model = load_jdm(SMALL, path)
     x = images(4, size=16)
-    from robusteval.interface import trusted_inputs
+    from robusteval.core.interface import trusted_inputs
 
     with torch.no_grad(), trusted_inputs():  # as the pipeline: the denoised image may leave [0, 1]
         y = model.logits(model.denoise(x, 0.25)).argmax(1)  # labels the deployed pipeline gets right

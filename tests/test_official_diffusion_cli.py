@@ -28,9 +28,9 @@ from test_official_diffusion import (
 )
 
 import robusteval
-from robusteval.checkpoints import CheckpointError
 from robusteval.cli import main
-from robusteval.interface import trusted_inputs
+from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.interface import trusted_inputs
 from robusteval.model_zoo.official.egc import OfficialEGC
 from robusteval.model_zoo.official.guided_unet import UNetConfig
 from robusteval.model_zoo.official.jdm import OfficialJointDiffusion

@@ -14,7 +14,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from robusteval.quality import auroc, best_blur_psnr, gaussian_blur, pixel_shuffled, psnr
+from robusteval.generative.quality import (
+    auroc,
+    best_blur_psnr,
+    gaussian_blur,
+    pixel_shuffled,
+    psnr,
+)
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import robusteval
-from robusteval.checkpoints import CheckpointError, sha256_of
+from robusteval.core import devices
+from robusteval.core.checkpoints import CheckpointError, sha256_of
+from robusteval.core.names import UnknownNameError
 from robusteval.model_zoo import registry
-from robusteval.names import UnknownNameError
 
 BASELINES = {"standard", "gaussian", "gaussian-s0.12", "gaussian-s0.5", "pgd-at", "dncnn+standard"}
 
@@ -82,8 +83,8 @@ def test_create_model_honours_the_device(digits_batch: torch.Tensor) -> None:
     # The meta device proves the argument reaches every parameter, without needing a GPU.
     meta = robusteval.create_model("standard", pretrained=False, device=torch.device("meta"))
     assert all(p.device.type == "meta" for p in meta.parameters())
-    assert registry.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert registry.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert devices.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert devices.resolve_device(torch.device("cpu")) == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             robusteval.create_model("standard", device="cuda")
@@ -95,8 +96,8 @@ def test_device_names_that_do_not_exist_here_are_one_clear_error(name: str) -> N
         pytest.skip("this machine has MPS")
     if name == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
-    with pytest.raises(registry.DeviceUnavailable, match=rf"device '{name}'") as caught:
-        registry.resolve_device(name)
+    with pytest.raises(devices.DeviceUnavailable, match=rf"device '{name}'") as caught:
+        devices.resolve_device(name)
     assert "\n" not in str(caught.value)
     assert isinstance(caught.value, ValueError)  # the command line prints it in one line, exit 2
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from robusteval.benchmark import SUITES, describe, plan, run_benchmark
+from robusteval.benchmark import SUITES, describe_suite, plan, run_benchmark
 from robusteval.cli import main
-from robusteval.model_zoo.registry import list_models, model_card
+from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.reports.loading import load_runs
 
 
@@ -121,7 +121,7 @@ def test_unknown_suite_is_a_clear_error():
 
 
 def test_the_report_states_the_grid_sizes():
-    text = describe(SUITES["digits"], run_seconds=1800)
+    text = describe_suite(SUITES["digits"], run_seconds=1800)
     suite = SUITES["digits"]
     for fact in (f"AutoAttack on {suite.n_attack} points", f"on {suite.n_defense} points",
                  f"Certification of {suite.n_certify} images", f"n0 = {suite.n0}", f"n = {suite.n:,}",
@@ -129,7 +129,7 @@ def test_the_report_states_the_grid_sizes():
         assert fact in text
     # α^(1/n) is the Clopper-Pearson bound when every draw is correct: Φ⁻¹(0.001^(1/2000)) = 2.70.
     assert "largest certifiable radius is 2.70σ" in text
-    assert "Adaptive" not in describe(SUITES["digits-ci"])  # the CI grid runs no adaptive attacks
+    assert "Adaptive" not in describe_suite(SUITES["digits-ci"])  # the CI grid runs no adaptive attacks
 
 
 def test_committed_baseline_covers_exactly_the_digits_ci_plan(tmp_path):

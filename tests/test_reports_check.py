@@ -12,7 +12,8 @@ from reports_fixtures import copy_all, copy_run
 from scipy.stats import fisher_exact
 
 from robusteval.cli import main
-from robusteval.reports.check import (
+from robusteval.reports.loading import load_runs
+from robusteval.reports.regression import (
     BASELINE_FORMAT,
     BaselineError,
     Count,
@@ -22,7 +23,6 @@ from robusteval.reports.check import (
     p_value_lower,
     write_baseline,
 )
-from robusteval.reports.loading import load_runs
 
 CERTIFY = "gaussian-certify-0.5"
 ATTACK = "standard-autoattack-L2"

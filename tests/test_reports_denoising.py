@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.data import load_dataset
-from robusteval.denoising import evaluate_denoising
-from robusteval.interface import CapabilityError, JointModel
+from robusteval.generative.denoising import evaluate_denoising
 from robusteval.reports.loading import load_run
 
 

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
+from reports_fixtures import (
+    FIXTURE_RUNS,
+    ZOO_BASELINES,
+    ZOO_JOINT,
+    copy_run,
+    fixture_summary,
+    write_zoo_runs,
+)
 from scipy.stats import norm as gaussian
-from reports_fixtures import FIXTURE_RUNS, ZOO_BASELINES, ZOO_JOINT, copy_run, fixture_summary, write_zoo_runs
 
-from robusteval.smoothing.decisions import lower_confidence_bound
 from robusteval.reports.figures import (
     IDENTITIES_FILE,
     certified_curve,
@@ -37,6 +43,7 @@ from robusteval.reports.styles import (
     identity_for_slot,
     model_identities,
 )
+from robusteval.smoothing.decisions import lower_confidence_bound
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 import robusteval
-from robusteval.checkpoints import CheckpointError
-from robusteval.interface import CapabilityError
+from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.interface import CapabilityError
+from robusteval.core.names import UnknownNameError
 from robusteval.model_zoo import robustbench_zoo
 from robusteval.model_zoo.robustbench_zoo import create_robustbench_model
-from robusteval.names import UnknownNameError
 
 NAME = "Ding2020MMA"
 

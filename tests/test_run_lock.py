@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from robusteval.run_lock import LOCK_FILE, RunDirectoryBusy, RunLock, describe_holder
 from robusteval.runs import SAMPLES_FILE, RunDirectory, RunRecordsInvalid
+from robusteval.runs.lock import LOCK_FILE, RunDirectoryBusy, RunLock, describe_holder
 
 CONFIG = {"kind": "test", "n": 6, "batch_size": 3}
 
 HOLDER = """
 import sys, time
-from robusteval.run_lock import RunLock
+from robusteval.runs.lock import RunLock
 lock = RunLock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))

@@ -135,9 +135,9 @@ def test_a_digits_model_on_28x28_images_is_an_error_naming_both_shapes(npz_files
 
 def test_denoising_checks_the_image_shape_too(npz_files, tmp_path):
     import robusteval
+    from robusteval.core.preflight import DataModelMismatch
     from robusteval.data import load_npz
-    from robusteval.denoising import evaluate_denoising
-    from robusteval.job_checks import DataModelMismatch
+    from robusteval.generative.denoising import evaluate_denoising
 
     model = robusteval.create_model("cdn", device="cpu")
     with pytest.raises(DataModelMismatch, match="1×8×8.*1×28×28"):
@@ -304,7 +304,7 @@ def test_certify_accepts_allow_unsafe_pickle_as_its_error_advises(tmp_path):
 
 def test_seconds_of_a_resumed_denoise_run_count_every_process(tmp_path):
     import robusteval
-    from robusteval.denoising import evaluate_denoising
+    from robusteval.generative.denoising import evaluate_denoising
 
     digits = load_digits("test")
     model = robusteval.create_model("cdn", device="cpu")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from robusteval.run_lock import LOCK_FILE
 from robusteval.runs import (
     CONFIG_FILE,
     SAMPLES_FILE,
@@ -18,6 +17,7 @@ from robusteval.runs import (
     default_run_dir,
     read_run,
 )
+from robusteval.runs.lock import LOCK_FILE
 
 CONFIG = {"command": "run", "model": "standard", "attack": "pgd", "eps": [0.05, 0.1], "seed": 0, "batch_size": 3}
 

@@ -19,12 +19,13 @@ from attack_fixtures import saturated_linear_problem
 
 from robusteval.attacks.evaluate import evaluate_attack
 from robusteval.attacks.resume import adversarial_file_name
-from robusteval.benchmark import Job as BenchmarkJob
+from robusteval.benchmark import GridRun
 from robusteval.benchmark import spread_devices
-from robusteval.errors import UsageError
-from robusteval.reports.check import entries_from_runs
+from robusteval.core.errors import UsageError
 from robusteval.reports.loading import load_runs
-from robusteval.sharding import MergeRefused, Shard, merge
+from robusteval.reports.regression import entries_from_runs
+from robusteval.runs.shards import MergeRefused, Shard
+from robusteval.scale.merge import merge
 from robusteval.smoothing.engine import certify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,7 +294,7 @@ def test_readme_job_array_example_runs_as_printed(tmp_path):
 
 # --- benchmark ---------------------------------------------------------------------------------
 def test_benchmark_jobs_spread_over_gpus_and_shards_split_the_run_list(tmp_path):
-    work = [BenchmarkJob("certify", f"m{i}", "digits", {}, tmp_path / f"r{i}", cost=10 - i) for i in range(5)]
+    work = [GridRun("certify", f"m{i}", "digits", {}, tmp_path / f"r{i}", cost=10 - i) for i in range(5)]
     spread = spread_devices(work, jobs=2, device="auto", gpus=2)
     assert [job.options["device"] for job in spread] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     assert spread_devices(work, jobs=2, device="cpu", gpus=2) == work  # an explicit device is kept

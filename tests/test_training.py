@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import robusteval
-from robusteval.checkpoints import sha256_of
 from robusteval.cli import main
+from robusteval.core.checkpoints import sha256_of
 
 ARGS = ["train", "--model", "standard", "--epochs", "2", "--quiet"]
 
@@ -97,7 +97,7 @@ def test_train_help_explains_every_option() -> None:
 
 
 def test_saving_the_same_weights_gives_the_same_bytes(tmp_path: Path) -> None:
-    from robusteval.checkpoints import save_safetensors
+    from robusteval.core.checkpoints import save_safetensors
 
     model = robusteval.create_model("standard")
     metadata = {"model": "standard", "dataset": "digits", "note": "order matters to the hash"}
@@ -117,7 +117,7 @@ def test_retraining_a_shipped_model_lands_within_the_stated_tolerance_of_its_rec
     """The reproduction promise (README): the same bytes on the machine class that made the weights,
     elsewhere the recorded test accuracy within REPRODUCTION_TOLERANCE."""
     from robusteval.model_zoo.registry import WEIGHTS_DIR
-    from robusteval.train_model import REPRODUCTION_TOLERANCE
+    from robusteval.model_zoo.train_model import REPRODUCTION_TOLERANCE
 
     record = json.loads((WEIGHTS_DIR / "standard-digits.json").read_text())
     argv = shlex.split(record["command"])

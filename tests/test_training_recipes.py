@@ -14,7 +14,12 @@ from click.testing import CliRunner
 
 import robusteval
 from robusteval.cli import main
-from robusteval.model_zoo.baselines import CNNClassifier, GaussianRecipe, train_gaussian, train_standard
+from robusteval.model_zoo.baselines import (
+    CNNClassifier,
+    GaussianRecipe,
+    train_gaussian,
+    train_standard,
+)
 from robusteval.model_zoo.cdn import CDNRecipe
 from robusteval.model_zoo.gmmc import GMMC_RECIPE, GMMCRecipe
 from robusteval.model_zoo.registry import WEIGHTS_DIR, register_model
@@ -157,13 +162,13 @@ def test_the_training_helpers_import_nothing_above_them() -> None:
     files = sorted((PACKAGE / "training").glob("*.py"))
     assert {f.name for f in files} >= {"__init__.py", "context.py", "loops.py", "recipes.py", "sgld.py"}
     for path in files:
-        above = {m for m in _imported_modules(path) if m.startswith(("robusteval.model_zoo", "robusteval.train_model"))}
+        above = {m for m in _imported_modules(path) if m.startswith(("robusteval.model_zoo", "robusteval.model_zoo.train_model"))}
         assert not above, f"{path.name} imports {sorted(above)}"
 
 
 def test_the_zoo_never_imports_the_train_command() -> None:
     for path in sorted((PACKAGE / "model_zoo").glob("*.py")):
-        assert not any(m.startswith("robusteval.train_model") for m in _imported_modules(path)), path.name
+        assert not any(m.startswith("robusteval.model_zoo.train_model") for m in _imported_modules(path)), path.name
 
 
 def test_importing_the_zoo_does_not_load_the_train_command() -> None:
@@ -171,8 +176,8 @@ def test_importing_the_zoo_does_not_load_the_train_command() -> None:
         "import sys, robusteval.model_zoo, robusteval.training.loops\n"
         "import robusteval\n"
         "robusteval.create_model('cdn')\n"
-        "assert 'robusteval.train_model' not in sys.modules, 'the zoo imported the train command'\n"
-        "import robusteval.train_model\n"
+        "assert 'robusteval.model_zoo.train_model' not in sys.modules, 'the zoo imported the train command'\n"
+        "import robusteval.model_zoo.train_model\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -182,7 +187,7 @@ def test_importing_the_zoo_does_not_load_the_train_command() -> None:
 def test_an_override_is_trained_with_and_recorded_so_the_command_replays_it(tmp_path: Path) -> None:
     import shlex
 
-    from robusteval.train_model import train_model
+    from robusteval.model_zoo.train_model import train_model
 
     result = train_model("gaussian", epochs=1, out=tmp_path / "g.safetensors", progress=False, options={"sigma": 0.3})
     assert result.record["recipe"] == {"sigma": 0.3}
@@ -193,7 +198,7 @@ def test_an_override_is_trained_with_and_recorded_so_the_command_replays_it(tmp_
     assert replayed.exit_code == 0, replayed.output
     assert replay.read_bytes() == result.weights.read_bytes()
     # A list option is written without spaces, so the recorded command stays one shell word per option.
-    from robusteval.train_model import _option_text
+    from robusteval.model_zoo.train_model import _option_text
 
     assert _option_text([0.0, 0.5]) == "[0.0,0.5]" and _option_text("joint") == "joint"
 
@@ -205,7 +210,11 @@ def test_the_diffusion_style_loop_ends_on_the_moving_average_of_its_weights() ->
 
     from robusteval.data import ImageDataset
     from robusteval.training import TrainContext
-    from robusteval.training.loops import DiffusionLosses, FigureNames, train_diffusion_style
+    from robusteval.training.loops import (
+        DiffusionLosses,
+        FigureNames,
+        train_diffusion_style,
+    )
 
     data = robusteval.load_dataset("digits", split="train")
     subset = ImageDataset(data.name, "train", data.x[:32], data.y[:32], data.classes)  # one batch per epoch

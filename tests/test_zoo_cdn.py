@@ -6,11 +6,6 @@ import functools
 
 import pytest
 import torch
-
-import robusteval
-from robusteval.data import ImageDataset
-from robusteval.model_zoo.cdn import SIGMA_MIN, CDNRecipe, ClassificationDenoisingNetwork, train_cdn
-from robusteval.training import TrainContext
 from zoo_floors import (
     assert_denoise_works_under_inference_mode,
     assert_denoiser_gradient_is_exact,
@@ -21,6 +16,16 @@ from zoo_floors import (
     digits_test_split,
     energy_aurocs,
 )
+
+import robusteval
+from robusteval.data import ImageDataset
+from robusteval.model_zoo.cdn import (
+    SIGMA_MIN,
+    CDNRecipe,
+    ClassificationDenoisingNetwork,
+    train_cdn,
+)
+from robusteval.training import TrainContext
 
 
 @functools.cache

@@ -6,13 +6,20 @@ import functools
 
 import pytest
 import torch
+from zoo_floors import clean_accuracy, denoise_figures, digits_test_split
 
 import robusteval
+from robusteval.core.interface import CapabilityError
 from robusteval.data import ImageDataset, dataset_info
-from robusteval.interface import CapabilityError
-from robusteval.model_zoo.dmae import DMAE, DMAE_RECIPE, Patches, consistency_loss, random_keep, train_dmae
+from robusteval.model_zoo.dmae import (
+    DMAE,
+    DMAE_RECIPE,
+    Patches,
+    consistency_loss,
+    random_keep,
+    train_dmae,
+)
 from robusteval.training import TrainContext
-from zoo_floors import clean_accuracy, denoise_figures, digits_test_split
 
 
 @functools.cache

@@ -9,12 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import robusteval
-from robusteval.data import ImageDataset
-from robusteval.model_zoo import diffusion
-from robusteval.model_zoo.egc import EGCRecipe, EnergyClassifierGenerator, train_egc
-from robusteval.training import TrainContext
 from zoo_floors import (
     assert_denoise_works_under_inference_mode,
     assert_denoiser_gradient_is_exact,
@@ -26,6 +20,12 @@ from zoo_floors import (
     digits_test_split,
     energy_aurocs,
 )
+
+import robusteval
+from robusteval.data import ImageDataset
+from robusteval.model_zoo import diffusion
+from robusteval.model_zoo.egc import EGCRecipe, EnergyClassifierGenerator, train_egc
+from robusteval.training import TrainContext
 
 
 @functools.cache

@@ -6,13 +6,24 @@ import functools
 
 import pytest
 import torch
+from zoo_floors import (
+    clean_accuracy,
+    conditional_sample_confidence,
+    digits_test_split,
+    energy_aurocs,
+)
 
 import robusteval
+from robusteval.core.interface import CapabilityError
 from robusteval.data import ImageDataset, dataset_info
-from robusteval.interface import CapabilityError
-from robusteval.model_zoo.gmmc import GMMC, GMMC_RECIPE, gmmc_objective, max_mahalanobis_centres, train_gmmc
+from robusteval.model_zoo.gmmc import (
+    GMMC,
+    GMMC_RECIPE,
+    gmmc_objective,
+    max_mahalanobis_centres,
+    train_gmmc,
+)
 from robusteval.training import TrainContext
-from zoo_floors import clean_accuracy, conditional_sample_confidence, digits_test_split, energy_aurocs
 
 
 @functools.cache

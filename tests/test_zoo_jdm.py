@@ -7,12 +7,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-
-import robusteval
-from robusteval.data import ImageDataset
-from robusteval.model_zoo import diffusion
-from robusteval.model_zoo.jdm import JointDiffusionModel, train_jdm
-from robusteval.training import DiffusionRecipe, TrainContext
 from zoo_floors import (
     clean_accuracy,
     conditional_sample_confidence,
@@ -20,6 +14,12 @@ from zoo_floors import (
     digits_test_split,
     standard,
 )
+
+import robusteval
+from robusteval.data import ImageDataset
+from robusteval.model_zoo import diffusion
+from robusteval.model_zoo.jdm import JointDiffusionModel, train_jdm
+from robusteval.training import DiffusionRecipe, TrainContext
 
 
 @functools.cache

@@ -6,12 +6,6 @@ import functools
 
 import pytest
 import torch
-
-import robusteval
-from robusteval.data import ImageDataset, dataset_info
-from robusteval.interface import CapabilityError
-from robusteval.model_zoo.jem import JEM, JEM_RECIPE, train_jem
-from robusteval.training import TrainContext
 from zoo_floors import (
     assert_softmax_is_the_energy_ratio,
     clean_accuracy,
@@ -19,6 +13,12 @@ from zoo_floors import (
     digits_test_split,
     energy_aurocs,
 )
+
+import robusteval
+from robusteval.core.interface import CapabilityError
+from robusteval.data import ImageDataset, dataset_info
+from robusteval.model_zoo.jem import JEM, JEM_RECIPE, train_jem
+from robusteval.training import TrainContext
 
 
 @functools.cache

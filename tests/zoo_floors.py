@@ -12,9 +12,9 @@ import math
 import torch
 
 import robusteval
-from robusteval import quality
+from robusteval.core.interface import JointModel
 from robusteval.data import ImageDataset
-from robusteval.interface import JointModel
+from robusteval.generative import quality
 
 NOISE_SEED = 0
 

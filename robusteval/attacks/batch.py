@@ -26,25 +26,47 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from robusteval.attacks import sanity
-from robusteval.attacks.catalog import AUTOATTACK_TARGETS, AttackComponent, build_attack, default_steps, seed_torch
+from robusteval.attacks.catalog import (
+    AUTOATTACK_TARGETS,
+    AttackComponent,
+    build_attack,
+    default_steps,
+    seed_torch,
+)
 from robusteval.attacks.defenses import DeployedPipeline, Expectation
+from robusteval.attacks.plan import AttackPlan
 from robusteval.attacks.progress import AttackProgress
+from robusteval.attacks.remedies import (
+    SQUARE_QUERIES,
+    gradient_free_escalation,
+    saturation_remedies,
+)
 from robusteval.attacks.resume import BatchState
-from robusteval.attacks.remedies import SQUARE_QUERIES, gradient_free_escalation, saturation_remedies
-from robusteval.attacks.seeds import CLEAN, GRADIENT, LARGE_EPS_BATCH_OFFSET, MINIMIZE, RECHECK, REMEDY, VERIFY, \
-    WORST_OF_N, attack_seed, derive_seed
-from robusteval.attacks.verification import perturbation_norm, project_to_ball, verify_adversarial
-from robusteval.model_zoo.registry import device_label
+from robusteval.attacks.seeds import (
+    CLEAN,
+    GRADIENT,
+    LARGE_EPS_BATCH_OFFSET,
+    MINIMIZE,
+    RECHECK,
+    REMEDY,
+    VERIFY,
+    WORST_OF_N,
+    attack_seed,
+    derive_seed,
+)
+from robusteval.attacks.verification import (
+    perturbation_norm,
+    project_to_ball,
+    verify_adversarial,
+)
+from robusteval.core.devices import device_label
 from robusteval.records import AttackSample, EpsOutcome
-
-if TYPE_CHECKING:
-    from robusteval.attacks.engine import AttackJob
 
 
 @dataclass
@@ -72,11 +94,11 @@ class _Targets:
 class BatchAttacker:
     """Attacks batches for one job with its deployed pipelines (one per gradient variant)."""
 
-    def __init__(self, job: AttackJob, pipelines: dict[str, DeployedPipeline], scale: int = 1):
+    def __init__(self, job: AttackPlan, pipelines: dict[str, DeployedPipeline], scale: int = 1):
         self.job = job
         self.pipelines = pipelines
         self.primary = pipelines[job.variants[0]]
-        # The large-ε check's escalation multiplies the EOT draws and steps by `scale` (robusteval.attacks.run_checks).
+        # The large-ε check's escalation multiplies the EOT draws and steps by `scale` (robusteval.attacks.reliability).
         self.scale = scale
 
     @property

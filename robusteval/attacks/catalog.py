@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
-from robusteval.errors import UsageError
-from robusteval.names import resolve_name
-from robusteval.vocabulary import NORMS
+from robusteval.core.errors import UsageError
+from robusteval.core.names import resolve_name
+from robusteval.core.vocabulary import NORMS
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def _apgd_schedule(attack: Any, steps: int) -> None:
     attack.size_decr = max(int(0.03 * steps), 1)
 
 
-def _quietly(build: Callable[[], Any]) -> Any:
+def quietly(build: Callable[[], Any]) -> Any:
+    """`build()` with what it prints to stdout sent to the debug log instead."""
     # torchattacks prints (to stdout) when a model has no parameters to read the device from.
     with contextlib.redirect_stdout(io.StringIO()) as captured:
         made = build()
@@ -212,7 +214,7 @@ def build_attack(
 def _build_torchattack(spec: AttackSpec, attacked: nn.Module, expected: nn.Module, *, norm: str, eps: float,
                        num_classes: int, device: torch.device, eot: int, steps: int | None,
                        step_size: float | None) -> BuiltAttack:
-    import torchattacks
+    import torchattacks  # deferred: importing torchattacks costs ~0.8 s
 
     name = spec.name
     if name == "apgd-dlr" and num_classes < MIN_CLASSES_DLR:
@@ -225,33 +227,33 @@ def _build_torchattack(spec: AttackSpec, attacked: nn.Module, expected: nn.Modul
     target_classes = min(AUTOATTACK_TARGETS, num_classes - 1) + 1
     model = attacked if spec.native_eot else expected
     if name == "fgsm":
-        attack = _quietly(lambda: torchattacks.FGSM(model, eps=eps))
+        attack = quietly(lambda: torchattacks.FGSM(model, eps=eps))
     elif name == "pgd":
-        attack = _quietly(lambda: torchattacks.PGD(model, eps=eps,
+        attack = quietly(lambda: torchattacks.PGD(model, eps=eps,
                                                    alpha=step_size if step_size is not None else eps / 4,
                                                    steps=steps or 10, random_start=True))
     elif name == "pgd-l2":
-        attack = _quietly(lambda: torchattacks.PGDL2(model, eps=eps,
+        attack = quietly(lambda: torchattacks.PGDL2(model, eps=eps,
                                                      alpha=step_size if step_size is not None else 0.2 * eps,
                                                      steps=steps or 10, random_start=True))
     elif name == "eot-pgd":
-        attack = _quietly(lambda: torchattacks.EOTPGD(model, eps=eps,
+        attack = quietly(lambda: torchattacks.EOTPGD(model, eps=eps,
                                                       alpha=step_size if step_size is not None else eps / 4,
                                                       steps=steps or 10, eot_iter=eot, random_start=True))
     elif name == "cw-l2":
-        attack = _quietly(lambda: torchattacks.CW(model, c=1, kappa=0, steps=steps or 50,
+        attack = quietly(lambda: torchattacks.CW(model, c=1, kappa=0, steps=steps or 50,
                                                   lr=step_size if step_size is not None else 0.01))
     elif name in ("apgd-ce", "apgd-dlr"):
-        attack = _quietly(lambda: torchattacks.APGD(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
+        attack = quietly(lambda: torchattacks.APGD(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
                                                     loss="ce" if name == "apgd-ce" else "dlr", eot_iter=eot, rho=0.75))
     elif name == "apgd-t":
-        attack = _quietly(lambda: torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
+        attack = quietly(lambda: torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
                                                      eot_iter=eot, rho=0.75, n_classes=target_classes))
     elif name == "fab-t":
-        attack = _quietly(lambda: torchattacks.FAB(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
+        attack = quietly(lambda: torchattacks.FAB(model, norm=norm, eps=eps, steps=steps or 100, n_restarts=1,
                                                    multi_targeted=True, n_classes=target_classes))
     elif name == "square":
-        attack = _quietly(lambda: torchattacks.Square(model, norm=norm, eps=eps, n_queries=steps or 5000,
+        attack = quietly(lambda: torchattacks.Square(model, norm=norm, eps=eps, n_queries=steps or 5000,
                                                       n_restarts=1, p_init=0.8, loss="margin", resc_schedule=True))
     else:  # pragma: no cover - every catalog entry is handled above
         raise AssertionError(f"no builder for attack {name}")
@@ -268,8 +270,6 @@ def _build_torchattack(spec: AttackSpec, attacked: nn.Module, expected: nn.Modul
 
 def _build_autoattack(spec: AttackSpec, attacked: nn.Module, expected: nn.Module, *, norm: str, eps: float,
                       num_classes: int, device: torch.device, eot: int, steps: int | None) -> BuiltAttack:
-    from pyautoattack import AutoAttack
-
     version = "standard" if spec.name == "autoattack" else "rand"
     suite = AutoAttack(attacked, norm=norm, eps=eps, version=version, seed=0, device=device)
     suite.logger = logging.getLogger("auto-attack")

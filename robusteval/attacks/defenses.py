@@ -1,6 +1,6 @@
 """The deployed pipeline: what an attack sees and what decides a prediction.
 
-Defenses (the `--defense` string, parsed by `robusteval.vocabulary.parse_defense`):
+Defenses (the `--defense` string, parsed by `robusteval.core.vocabulary.parse_defense`):
 
 - `none`: logits(x, 0).
 - `denoise:S`: purify with the model's own denoise(x, S), then classify the
@@ -18,7 +18,7 @@ Defenses (the `--defense` string, parsed by `robusteval.vocabulary.parse_defense
   x ← x − step·∇ₓE(x) + noise·n (E = −logsumexp f for JEM; no clamping, as
   in the official code), and the logits of the refined copies are averaged.
   Defaults step 0.25, noise 0.005, 5 chains: the official 1, 0.01 and 0.03
-  on its [−1, 1] scale (see `robusteval.vocabulary`). Randomized.
+  on its [−1, 1] scale (see `robusteval.core.vocabulary`). Randomized.
 
 Gradients through a denoiser or the SGLD chain (`gradient`): `full`
 backpropagates through it exactly (Tweedie denoisers and SGLD differentiate
@@ -39,10 +39,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from robusteval import work_sizes
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel, trusted_inputs
-from robusteval.vocabulary import SGLD_START_NOISE, DefenseSpec
+from robusteval.core import work_sizes
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
+from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec
 
 DECISION_DRAWS = 100
 
@@ -63,8 +63,6 @@ def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> Non
     """Raise CapabilityError when the defense needs what the model lacks (a denoiser, an energy for SGLD)."""
     needed = {"denoise": "denoise", "sgld": "energy"}.get(defense.kind)
     if needed is not None and needed not in model.capabilities:
-        from robusteval.interface import CapabilityError
-
         raise CapabilityError(model.name, needed, model.capabilities)
 
 

@@ -2,7 +2,7 @@
 
 `AttackJob.run` attacks the points batch by batch (`batch.BatchAttacker`,
 moved to the device one batch at a time), then runs the checks of a finished
-run (`run_checks`) and writes the summary (`results`).
+run (`reliability`) and writes the summary (`results`).
 
 Each batch writes its adversarial examples (one shard, atomically) and then
 appends its records to samples.jsonl; within a batch, the state after each ε
@@ -11,7 +11,7 @@ the last finished (batch, ε). Every random draw is seeded from (seed, batch,
 ε, …) (`seeds`), so a resumed run produces exactly the summary of an
 uninterrupted one.
 
-A shard (`robusteval.sharding`) attacks whole batches of the same plan, so
+A shard (`robusteval.runs.shards`) attacks whole batches of the same plan, so
 its records are the unsharded run's; the checks that attack the run's first
 points again run in the shard holding batch 0, and `ATTACK_MERGER` rebuilds
 the unsharded summary from all records and those checks.
@@ -33,12 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robusteval.determinism import gpu_notes
 from robusteval.attacks import sanity
+from robusteval.attacks import sanity as _sanity
 from robusteval.attacks.batch import BatchAttacker
-from robusteval.attacks.catalog import AttackSpec
+from robusteval.attacks.catalog import AttackSpec, resolve_attack
 from robusteval.attacks.defenses import DECISION_DRAWS, DeployedPipeline
 from robusteval.attacks.progress import AttackProgress
+from robusteval.attacks.reliability import (
+    CheckPlan,
+    ModelChecks,
+    record_checks,
+    run_checks,
+)
+from robusteval.attacks.results import AttackResult, robustness_curve
 from robusteval.attacks.resume import (
     adversarial_file_name,
     load_shard,
@@ -47,16 +54,14 @@ from robusteval.attacks.resume import (
     save_atomically,
     shard_name,
 )
-from robusteval.attacks.results import AttackResult, robustness_curve
-from robusteval.attacks.run_checks import CheckPlan, ModelChecks, record_checks, run_checks
-from robusteval.attacks import sanity as _sanity
-from robusteval.interface import JointModel, trusted_inputs
+from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.determinism import gpu_notes
+from robusteval.core.interface import JointModel, trusted_inputs
+from robusteval.core.vocabulary import parse_defense
 from robusteval.jobs import Job
 from robusteval.records import AttackConfig
-from robusteval.checkpoints import atomic_write_json
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
-from robusteval.sharding import MergeRefused, Shard, ShardRun, describe
-from robusteval.vocabulary import parse_defense
+from robusteval.runs.shards import MergeRefused, Shard, ShardRun, shard_title
 
 logger = logging.getLogger(__name__)
 # In the shard holding batch 0: the checks that ran the model again, for `robusteval merge`.
@@ -189,7 +194,7 @@ class AttackJob(Job):
         batch_wall = 0.0
         bar = AttackProgress(len(self.points), progress, initial=len(records),
                              robust_done=[_robust_count(records, e) for e in range(len(self.eps))],
-                             title=describe("", self.shard).strip())
+                             title=shard_title("", self.shard).strip())
         try:
             for b in self.batches:
                 start, stop = b * self.batch_size, min(self.n, (b + 1) * self.batch_size)
@@ -288,15 +293,13 @@ class _DebugRelay(logging.Handler):
 
 
 class _AttackMerger:
-    """How the shards of an attack run merge (`robusteval.sharding`): the figures and record-based checks from
+    """How the shards of an attack run merge (`robusteval.scale.merge`): the figures and record-based checks from
     all records, the model's checks from the shard that ran them, the adversarial examples concatenated."""
 
     def index_range(self, config: dict[str, Any]) -> range:
         return range(config["n"])
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
-        from robusteval.attacks.catalog import resolve_attack
-
         first = shards[0]
         if MODEL_CHECKS_FILE not in first.files:
             raise MergeRefused(f"{first.source} (shard {first.shard.label}) lacks {MODEL_CHECKS_FILE}; re-run its "

@@ -15,16 +15,21 @@ from typing import Any
 
 import torch
 
-from robusteval.attacks.catalog import AttackSpec, check_norm, resolve_attack, resolve_norm
+from robusteval.attacks.catalog import (
+    AttackSpec,
+    check_norm,
+    resolve_attack,
+    resolve_norm,
+)
 from robusteval.attacks.defenses import DECISION_DRAWS, require_defense_capabilities
 from robusteval.attacks.engine import AttackJob
 from robusteval.attacks.results import AttackResult
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
+from robusteval.core.preflight import check_eps_budget
+from robusteval.core.vocabulary import GRADIENTS, DefenseSpec, parse_defense
 from robusteval.data import default_eps
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
-from robusteval.job_checks import check_eps_budget
 from robusteval.jobs import JobOptions, resolve, split_keywords
-from robusteval.vocabulary import GRADIENTS, DefenseSpec, parse_defense
 
 # Small images attack fastest in large batches (per-call overhead, Square's 5,000 queries per batch);
 # the state is saved after every ε of a batch, so a large batch loses little work to a kill.

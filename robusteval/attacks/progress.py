@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 class AttackProgress:

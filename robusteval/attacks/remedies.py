@@ -28,7 +28,7 @@ from robusteval.attacks.catalog import (
     MIN_CLASSES_DLR,
     MIN_CLASSES_TARGETED_DLR,
     AttackComponent,
-    _quietly,
+    quietly,
     seed_torch,
 )
 
@@ -82,21 +82,21 @@ def _component(name: str, attack: object, device: torch.device) -> AttackCompone
 def saturation_remedies(attacked: nn.Module, *, norm: str, eps: float, num_classes: int, device: torch.device,
                         eot: int, steps: int | None) -> list[AttackComponent]:
     """The scale-invariant attacks against softmax saturation, at one ε (APGD with its published settings)."""
-    import torchattacks
+    import torchattacks  # deferred: importing torchattacks costs ~0.8 s
 
     steps = steps or APGD_STEPS
     components = []
     for label in saturation_remedy_names(num_classes):
         name = label[len(REMEDY_PREFIX):]
         if name == "apgd-dlr":
-            attack = _quietly(lambda: torchattacks.APGD(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
+            attack = quietly(lambda: torchattacks.APGD(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
                                                         loss="dlr", eot_iter=eot, rho=0.75))
         elif name == "apgd-t":
             targets = min(AUTOATTACK_TARGETS, num_classes - 1) + 1
-            attack = _quietly(lambda: torchattacks.APGDT(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
+            attack = quietly(lambda: torchattacks.APGDT(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
                                                          eot_iter=eot, rho=0.75, n_classes=targets))
         else:
-            attack = _quietly(lambda: torchattacks.APGD(RescaledLogits(attacked), norm=norm, eps=eps, steps=steps,
+            attack = quietly(lambda: torchattacks.APGD(RescaledLogits(attacked), norm=norm, eps=eps, steps=steps,
                                                         n_restarts=1, loss="ce", eot_iter=eot, rho=0.75))
         components.append(_component(label, attack, device))
     return components
@@ -105,9 +105,9 @@ def saturation_remedies(attacked: nn.Module, *, norm: str, eps: float, num_class
 def gradient_free_escalation(expected: nn.Module, *, norm: str, eps: float, device: torch.device,
                              queries: int = SQUARE_QUERIES) -> list[AttackComponent]:
     """Square with SQUARE_FACTOR× `queries` (SQUARE_FACTOR restarts of `queries` each), at one ε."""
-    import torchattacks
+    import torchattacks  # deferred: importing torchattacks costs ~0.8 s
 
-    attack = _quietly(lambda: torchattacks.Square(expected, norm=norm, eps=eps, n_queries=queries,
+    attack = quietly(lambda: torchattacks.Square(expected, norm=norm, eps=eps, n_queries=queries,
                                                   n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin",
                                                   resc_schedule=True))
     return [_component(escalation_names()[0], attack, device)]

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robusteval.checkpoints import atomic_write_bytes
-from robusteval.errors import UsageError
+from robusteval.core.atomic_files import atomic_write_bytes
+from robusteval.core.errors import UsageError
 from robusteval.runs import RunDirectory
 
 logger = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pyautoattack import checks as aa_checks
 from torch import Tensor, nn
 
 ZERO_GRADIENT_LIMIT = 0.05
@@ -87,8 +88,6 @@ def autoattack_checks(pipeline: nn.Module, x: Tensor, y: Tensor, *, randomized: 
     through (or around, with BPDA) the gradients a denoiser computes inside
     its forward pass, so a "dynamic" forward is attacked adaptively.
     """
-    from pyautoattack import checks as aa_checks
-
     results: list[Check] = []
     collector = _Collector()
     aa_checks.check_randomized(pipeline, x, y, bs=x.shape[0], logger=collector)
@@ -246,8 +245,6 @@ def square_check(accuracy_after: Mapping[str, Mapping[str, float]]) -> Check:
     `accuracy_after[label]` = {'clean': accuracy before the suite, member: robust accuracy after it, ...},
     in the order the members ran; `label` names the run (its ε, and gradient mode).
     """
-    from pyautoattack import checks as aa_checks
-
     applicable = [label for label, accs in accuracy_after.items() if "square" in accs and len(accs) > 2]
     if not applicable:
         return Check("square-beats-white-box", "n/a", "the attack is not a suite with Square and white-box members")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from robusteval.attacks.defenses import DeployedPipeline
-from robusteval.interface import trusted_inputs
+from robusteval.core.interface import trusted_inputs
 
 BALL_TOLERANCE = 1e-6
 

@@ -1,45 +1,12 @@
 """The `robusteval` command line: parse options, call the job the Python API calls, print.
 
-`main` is the group; its commands live in `zoo` (list, train), `evaluate`
+`main` is the group (`group`); its commands live in `zoo` (list, train), `evaluate`
 (run, certify, predict, denoise, sample, counterfactual) and `reports`
 (report, check, benchmark). `options` holds what commands share, above all
 `job_options`: the flags of `robusteval.jobs.JobOptions`.
 """
 
-from __future__ import annotations
+from robusteval.cli import evaluate, reports, scale, zoo  # noqa: F401 (importing them registers their commands)
+from robusteval.cli.group import main
 
-import logging
-import sys
-
-import click
-
-from robusteval.errors import UsageError
-
-logger = logging.getLogger("robusteval")
-
-
-class FriendlyGroup(click.Group):
-    """Prints a user error (`UsageError`) as one clear line with exit code 2; anything else is a bug and keeps
-    its traceback (exit 1)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except UsageError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="robusteval")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
-    """Evaluate adversarial and certified robustness of (joint generative-discriminative) image classifiers."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-# Importing the command modules registers their commands on `main`.
-from robusteval.cli import evaluate, reports, scale, zoo  # noqa: E402,F401
-
-__all__ = ["evaluate", "main", "reports", "scale", "zoo"]
+__all__ = ["main"]

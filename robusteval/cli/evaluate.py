@@ -6,13 +6,12 @@ Each parses its options, prepares the same job the Python API prepares
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from robusteval.cli import main
-from robusteval.job_checks import check_writable_file
+from robusteval.attacks.evaluate import prepare_attack
+from robusteval.cli.group import main
 from robusteval.cli.options import (
     DIGITS_EPS_HELP,
     RESUME_HELP,
@@ -25,7 +24,22 @@ from robusteval.cli.options import (
     split_job_options,
 )
 from robusteval.cli.scale import run_paths, summary_to_print, torchrun_rank
-from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NORMS, SMOOTHING_MODES
+from robusteval.cli.summaries import print_summary
+from robusteval.core.preflight import check_writable_file
+from robusteval.core.vocabulary import (
+    CERTIFY_METHODS,
+    DEFENSE_FORMS,
+    GRADIENTS,
+    NORMS,
+    SMOOTHING_MODES,
+)
+from robusteval.generative.denoising import prepare_denoising
+from robusteval.generative.generation import counterfactual, sample
+from robusteval.smoothing.engine import (
+    SmoothingSettings,
+    certify_settings,
+    prepare_smoothing,
+)
 
 
 @main.command("run")
@@ -70,8 +84,6 @@ from robusteval.vocabulary import CERTIFY_METHODS, DEFENSE_FORMS, GRADIENTS, NOR
 def run_command(model_name: str, eps_text: str | None, out: Path | None, resume: bool, quiet: bool, as_json: bool,
                 wait: bool, **params: object) -> None:
     """Adversarial robust accuracy over an eps list; writes a resumable run directory."""
-    from robusteval.attacks.evaluate import prepare_attack
-
     settings, options = split_job_options(params)
     rank = torchrun_rank(options)
     job = prepare_attack(model_name, options.pop("dataset"), eps=parse_numbers(eps_text, "--eps", "0.05,0.1"), **settings, **options)
@@ -79,38 +91,7 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
     click.echo(f"run directory: {out}", err=True)
     summary = job.run(out=out, resume=resume, progress=not (quiet or as_json), wait=wait,
                       on_wait=echo_err).summary()
-    summary, out = summary_to_print(summary, out, merged_out, rank)
-    if summary is None:
-        return
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    _echo_attack_summary(summary)
-    click.echo(f"{summary['seconds']:.1f} s; run: {out}")
-
-
-def _echo_attack_summary(summary: dict) -> None:
-    click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
-               f"{summary['norm']}, defense {summary['defense']}"
-               + (f", gradient {summary['gradient']}" if summary["defense"].startswith(("denoise", "sgld")) else "")
-               + (f", EOT {summary['eot']}" if summary["eot"] > 1 else "")
-               + f": clean accuracy {summary['clean_accuracy']:.3f}")
-    rows = [(f"{p['eps']:g}", f"{p['robust_accuracy']:.3f}", f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
-             _optional(p.get("standard_robust_accuracy")), _optional(p.get("worst_of_n_robust_accuracy")),
-             ", ".join(f"{k} {v}" for k, v in p["broken_by"].items()) or "-") for p in summary["curve"]]
-    echo_table(("eps", "robust acc", "95% CI", f"{summary['attack']} alone", "worst-of-N", "broken by"), rows)
-    for note in summary["notes"]:
-        click.echo(f"note: {note}")
-    if summary["flags"]:
-        click.echo("flags (the numbers may overestimate robustness):")
-        for flag in summary["flags"]:
-            click.echo(f"  - {flag}")
-    else:
-        click.echo("flags: none")
-
-
-def _optional(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    print_summary(*summary_to_print(summary, out, merged_out, rank), as_json)
 
 
 # --- certify / predict (randomized smoothing) -----------------------------------------------
@@ -150,8 +131,6 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
                            method: str = "cohen", radii: list[float] | None = None, n_max: int | None = None,
                            futility: float | None = None,
                            **params: object) -> None:
-    from robusteval.smoothing.engine import SmoothingSettings, certify_settings, prepare_smoothing
-
     if kind == "certify":
         settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
                                     radii=radii, n_max=n_max, futility=futility)
@@ -165,32 +144,7 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
         verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
         click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
         summary = job.run(run_dir, progress=not quiet).summary
-    summary, out = summary_to_print(summary, out, merged_out, rank)
-    if summary is None:
-        return
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    echo_smoothing_summary(summary, out)
-
-
-def echo_smoothing_summary(summary: dict, path: Path) -> None:
-    kind = summary["kind"]
-    click.echo(f"run: {path}")
-    if kind == "certify":
-        curve = ", ".join(f"r={p['radius']:g}: {p['accuracy']:.3f}" for p in summary["certified_accuracy"])
-        click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}): "
-                   f"{curve}")
-        click.echo(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
-                   f"{summary['seconds']:.1f} s")
-        if summary.get("method") == "sequential":
-            draws = summary["draws_per_image"]
-            click.echo(f"draws per image: mean {draws['mean']:.0f}, median {draws['median']:.0f}, max {draws['max']} "
-                       f"(n_max {summary['n_max']}); {summary['forward_passes']} forward passes in all")
-    else:
-        click.echo(f"smoothed accuracy {summary['accuracy']:.3f}, abstain rate {summary['abstain_rate']:.3f} "
-                   f"({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}), "
-                   f"{summary['seconds']:.1f} s")
+    print_summary(*summary_to_print(summary, out, merged_out, rank), as_json)
 
 
 @main.command("certify")
@@ -239,8 +193,6 @@ def predict_command(**params: object) -> None:
 def denoise_command(model_name: str, sigmas: str, out: Path | None, resume: bool, wait: bool,
                     **params: object) -> None:
     """PSNR of the model's denoiser on noisy test images, per noise level; writes a run directory."""
-    from robusteval.denoising import prepare_denoising
-
     levels = parse_numbers(sigmas, "--sigmas", "0.12,0.25")
     settings, options = split_job_options(params)
     job = prepare_denoising(model_name, options.pop("dataset"), sigmas=levels, **settings, **options)
@@ -270,8 +222,6 @@ def sample_command(model_name: str, **params: object) -> None:
     classes (or, for unconditional samples, in its own top class). --dataset
     names the data set the model was trained on.
     """
-    from robusteval.generation import sample
-
     check_writable_file(params["out"], "image file")
     settings, options = split_job_options(params)
     result = sample(model_name, options.pop("dataset"), **settings, **options)
@@ -303,8 +253,6 @@ def counterfactual_command(model_name: str, **params: object) -> None:
     `standard` baseline where it has shipped weights for the data set, else
     the model's own classifier (then not an independent judge).
     """
-    from robusteval.generation import counterfactual
-
     check_writable_file(params["out"], "image file")
     settings, options = split_job_options(params)
     result = counterfactual(model_name, options.pop("dataset"), **settings, **options)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
+from robusteval.core.vocabulary import NORMS
 from robusteval.data import DATASETS
 from robusteval.jobs import JobOptions
-from robusteval.vocabulary import NORMS
+
 
 def numbers(values: tuple[float, ...] | list[float]) -> str:
     return ",".join(f"{v:g}" for v in values)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from robusteval.cli import main
+from robusteval.benchmark import describe_suite, resolve_suite, run_benchmark
+from robusteval.cli.group import main
 from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_numbers
 from robusteval.cli.scale import torchrun_rank
-from robusteval.vocabulary import NORMS, REPORT_FORMATS
-
+from robusteval.core.preflight import check_writable_directory, check_writable_file
+from robusteval.core.vocabulary import NORMS, REPORT_FORMATS
+from robusteval.reports.loading import load_runs
+from robusteval.reports.regression import (
+    compare,
+    entries_from_runs,
+    format_result,
+    load_baseline,
+    write_baseline,
+)
+from robusteval.reports.report import write_report
+from robusteval.scale.ranks import wait_for_ranks
 
 # --- report / check (reports and the CI gate) ------------------------------------------------
 # A folder for robustbench's model_info files; one leaderboard file for the others.
@@ -49,11 +62,6 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
 def report_command(runs: tuple[Path, ...], out: Path | None, fmt: str, eps: tuple[str, ...], radii: str | None,
                    title: str) -> None:
     """Figures, tables and a leaderboard from run directories (or folders of them, e.g. runs/)."""
-    import shlex
-
-    from robusteval.reports.loading import load_runs
-    from robusteval.reports.report import write_report
-
     loaded = load_runs(runs)
     target = out or Path(_REPORT_DEFAULT_OUT[fmt])
     # The command that regenerates this report, from the parsed options (sys.argv is not ours under a runner).
@@ -72,7 +80,7 @@ def report_command(runs: tuple[Path, ...], out: Path | None, fmt: str, eps: tupl
 @main.command("check")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Baseline JSON (robusteval-baseline/1; see robusteval.reports.check).")
+              help="Baseline JSON (robusteval-baseline/1; see robusteval.reports.regression).")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Level of each one-sided test for a drop.")
 @click.option("--update", is_flag=True, help="Rewrite the baseline from these runs (atomically) instead of checking.")
@@ -81,13 +89,8 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
 
     Exit 2 when the comparison is not possible: a missing entry on either side or a changed configuration.
     """
-    from robusteval.reports.check import compare, entries_from_runs, format_result, load_baseline, write_baseline
-    from robusteval.reports.loading import load_runs
-
     loaded = load_runs(runs)
     if update:
-        from robusteval.job_checks import check_writable_file
-
         check_writable_file(baseline, "baseline file", option="--baseline")
         entries = write_baseline(loaded, baseline)
         figures = sum(len(e.figures) for e in entries.values())
@@ -127,14 +130,6 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     The evaluation options (--device, --data-dir, ...) go to every run of the grid; --dataset replaces the
     suite's data set.
     """
-    import dataclasses
-
-    from robusteval.benchmark import describe, resolve_suite, run_benchmark
-    from robusteval.reports.loading import load_runs
-    from robusteval.reports.report import write_report
-
-    from robusteval.job_checks import check_writable_directory
-
     check_writable_directory(out, "run folder")
     suite = resolve_suite(suite_name)
     overrides = {k: v for k, v in (("n_attack", n_attack), ("n_defense", n_defense), ("n_certify", n_certify),
@@ -147,8 +142,6 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     click.echo(f"suite {suite.name}: {len(result.finished)} runs finished, {len(result.failed)} failed, "
                f"{result.seconds:.0f} s; parameters and timings in {result.folder / 'benchmark.json'}")
     if rank is not None:
-        from robusteval.sharding import wait_for_ranks
-
         # Rank 0 reports every finished run of the suite it can see (all of them on one machine or a shared
         # filesystem; otherwise copy the run folders together and run `robusteval report`).
         if not wait_for_ranks():
@@ -163,7 +156,7 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
                    + (f" {override_flags}" if override_flags else ""))
         runs = load_runs(result.finished)
         report = write_report(runs, target, command=command, title=f"robusteval leaderboard: {suite.name}",
-                              notes=[describe(suite, sum(r.summary.get("seconds") or 0 for r in runs))])
+                              notes=[describe_suite(suite, sum(r.summary.get("seconds") or 0 for r in runs))])
         click.echo(f"wrote {report.main}")
     if result.failed:
         for label, error in sorted(result.failed.items()):

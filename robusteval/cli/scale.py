@@ -1,16 +1,17 @@
-"""Scale-out on the command line: `robusteval merge`, and torchrun ranks running shards (`robusteval.sharding`)."""
+"""Scale-out on the command line: `robusteval merge`, and torchrun ranks running shards (`robusteval.scale`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from robusteval.cli import main
-from robusteval.errors import UsageError
-from robusteval.sharding import Rank, gather_to_rank0, launched_rank, merge
+from robusteval.cli.group import main
+from robusteval.cli.summaries import print_summary
+from robusteval.core.errors import UsageError
+from robusteval.scale.merge import merge
+from robusteval.scale.ranks import Rank, gather_to_rank0, launched_rank
 
 
 def torchrun_rank(options: dict[str, Any]) -> Rank | None:
@@ -70,15 +71,7 @@ def merge_command(shards: tuple[Path, ...], out: Path, as_json: bool) -> None:
 
     Refuses shards of different configurations, overlapping or missing shards, and unfinished shards.
     """
-    from robusteval.cli.evaluate import _echo_attack_summary, echo_smoothing_summary
-
     merged = merge(shards, out)
-    summary = merged.summary
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    click.echo(f"merged {len(shards)} shards ({len(merged.records)} records) into {out}")
-    if summary["kind"] == "attack":
-        _echo_attack_summary(summary)
-    else:
-        echo_smoothing_summary(summary, out)
+    if not as_json:
+        click.echo(f"merged {len(shards)} shards ({len(merged.records)} records) into {out}")
+    print_summary(merged.summary, out, as_json)

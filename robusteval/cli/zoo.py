@@ -7,8 +7,13 @@ from pathlib import Path
 
 import click
 
-from robusteval.cli import main
+from robusteval.attacks.catalog import ATTACKS
+from robusteval.cli.group import main
 from robusteval.cli.options import echo_table
+from robusteval.core.preflight import check_writable_file
+from robusteval.data import DATASETS
+from robusteval.model_zoo.factory import list_models, model_card
+from robusteval.model_zoo.train_model import train_model
 
 
 # --- list ------------------------------------------------------------------------------------
@@ -22,8 +27,6 @@ def list_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model cards as JSON.")
 def list_models_command(pattern: str, as_json: bool) -> None:
     """The model zoo: name, family, capabilities and shipped weights."""
-    from robusteval.model_zoo.registry import list_models, model_card
-
     cards = [model_card(name) for name in list_models(pattern)]
     if as_json:
         click.echo(json.dumps([card.as_dict() for card in cards], indent=2))
@@ -40,8 +43,6 @@ def list_models_command(pattern: str, as_json: bool) -> None:
 @list_group.command("datasets")
 def list_datasets_command() -> None:
     """Data sets that can be loaded (from local files; nothing is downloaded)."""
-    from robusteval.data import DATASETS
-
     rows = [(info.name, str(info.num_classes), "×".join(map(str, info.input_shape)), getattr(info, "source", ""))
             for info in DATASETS.values()]
     echo_table(("dataset", "classes", "shape", "source"), rows)
@@ -52,8 +53,6 @@ def list_datasets_command() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
 def list_attacks_command(as_json: bool) -> None:
     """Attacks and suites for `robusteval run --attack`: norms, source and published defaults."""
-    from robusteval.attacks.catalog import ATTACKS
-
     if as_json:
         click.echo(json.dumps([{"name": s.name, "norms": list(s.norms), "source": s.source,
                                 "description": s.description, "defaults": s.defaults, "members": list(s.members),
@@ -86,9 +85,6 @@ def train_command(model_name: str, dataset: str, data_dir: Path | None, epochs: 
                   options: tuple[str, ...], device: str, quiet: bool) -> None:
     """Train a model with its recipe (deterministically: one CPU thread, or deterministic GPU algorithms) and
     write its weights and card record."""
-    from robusteval.job_checks import check_writable_file
-    from robusteval.train_model import train_model
-
     if out is not None:
         check_writable_file(out, "weights file")  # before training, not after it
     result = train_model(model_name, dataset=dataset, epochs=epochs, seed=seed, out=out, progress=not quiet,

@@ -1,6 +1,14 @@
-"""The model zoo: importing this package registers every model."""
+"""The model zoo: the digits models, the papers' official architectures and RobustBench's zoo.
 
-from robusteval.model_zoo import baselines  # noqa: F401
-from robusteval.model_zoo import cdn, egc, jdm  # noqa: F401
-from robusteval.model_zoo import dmae, gmmc, jem  # noqa: F401
-from robusteval.model_zoo import cohen  # noqa: F401
+Importing this package registers every model (`factory` imports each zoo module).
+"""
+
+from robusteval.model_zoo.factory import (
+    create_model,
+    get_entry,
+    list_models,
+    model_card,
+)
+from robusteval.model_zoo.registry import register_model
+
+__all__ = ["create_model", "get_entry", "list_models", "model_card", "register_model"]

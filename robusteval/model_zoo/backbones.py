@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from robusteval.determinism import AdaptiveAvgPool2d
+from robusteval.core.determinism import AdaptiveAvgPool2d
 
 
 class SmallCNN(nn.Module):

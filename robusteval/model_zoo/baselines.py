@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
+from robusteval.core.interface import JointModel
+from robusteval.data import DatasetInfo, ImageDataset, dataset_info
 from robusteval.model_zoo.backbones import DnCNN, SmallCNN
-from robusteval.model_zoo.registry import register_model
+from robusteval.model_zoo.registry import (
+    load_shipped_weights,
+    register_model,
+    registered,
+)
 from robusteval.training import Recipe, TrainContext
 
 BATCH_SIZE = 64
@@ -154,9 +158,9 @@ def train_pgd_at(model: CNNClassifier, data: ImageDataset, ctx: TrainContext) ->
 
 def train_dncnn(model: DenoisedClassifier, data: ImageDataset, ctx: TrainContext) -> dict[str, float]:
     """Keep the shipped `standard` classifier; train the denoiser alone with MSE over σ ∈ U[0, σ_max]."""
-    from robusteval.model_zoo.registry import create_model
-
-    standard = create_model("standard", dataset=data.name)
+    entry, info = registered("standard"), dataset_info(data.name)  # `standard` is registered above, in this module
+    standard = entry.build(info)
+    load_shipped_weights(standard, entry.card, info)
     model.classifier.load_state_dict(standard.net.state_dict())
     model.classifier.requires_grad_(False)
     sigma_max = ctx.recipe_as(DenoiserRecipe).sigma_max

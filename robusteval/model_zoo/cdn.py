@@ -29,13 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
 from robusteval.model_zoo.diffusion import input_gradient
 from robusteval.model_zoo.noise_nets import ConditionedEnergyNet
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import DiffusionRecipe, TrainContext
-from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
+from robusteval.training.loops import (
+    DiffusionLosses,
+    DiffusionObjective,
+    FigureNames,
+    train_diffusion_style,
+)
 
 SIGMA_MIN = 0.01
 SIGMA_MAX = 1.0

@@ -9,8 +9,8 @@ train: cross-entropy on x + N(0, σ²) without clipping.
 
 from __future__ import annotations
 
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.interface import JointModel
 from robusteval.model_zoo.baselines import GaussianRecipe, train_gaussian
 from robusteval.model_zoo.official.cohen import build_cohen
 from robusteval.model_zoo.registry import register_model

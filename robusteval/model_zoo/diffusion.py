@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from robusteval import draws
+from robusteval.core import draws
 
 # Internal scale: x' = PIXEL_SCALE·x − 1, so pixel noise σ is PIXEL_SCALE·σ inside.
 PIXEL_SCALE = 2.0

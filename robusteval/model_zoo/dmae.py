@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import Recipe, TrainContext
 

@@ -24,13 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import ConditionedEnergyNet
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import DiffusionRecipe, TrainContext
-from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
+from robusteval.training.loops import (
+    DiffusionLosses,
+    DiffusionObjective,
+    FigureNames,
+    train_diffusion_style,
+)
 
 
 class EnergyClassifierGenerator(JointModel):

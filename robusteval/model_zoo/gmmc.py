@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
 from robusteval.model_zoo.jem import EnergyCNN
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import SGLDRecipe, TrainContext
@@ -171,21 +171,7 @@ def train_gmmc(model: GMMC, data: ImageDataset, ctx: TrainContext) -> dict[str, 
     return train_sgld_style(model, model.phi, data, ctx, recipe, objective, f"gmmc ({recipe.mode})")
 
 
-GMMC_RECIPE = GMMCRecipe(
-    mode="joint",
-    discriminative_fraction=1 / 3,
-    batch_size=64,
-    lr=1e-3,
-    warmup_steps=200,
-    beta=1.0,
-    sgld_steps=20,
-    sgld_step_size=0.01,
-    sgld_noise=0.005,
-    buffer_size=1000,
-    reinit=0.05,
-    data_noise=0.015,
-    energy_reg=0.01,
-)
+GMMC_RECIPE = GMMCRecipe(lr=1e-3, sgld_step_size=0.01)  # what differs from the SGLD loop's defaults
 
 
 @register_model(

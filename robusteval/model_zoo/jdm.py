@@ -22,14 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
 from robusteval.model_zoo import diffusion
 from robusteval.model_zoo.noise_nets import NoiseEmbedding
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import DiffusionRecipe, TrainContext
-from robusteval.training.loops import DiffusionLosses, DiffusionObjective, FigureNames, train_diffusion_style
+from robusteval.training.loops import (
+    DiffusionLosses,
+    DiffusionObjective,
+    FigureNames,
+    train_diffusion_style,
+)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.determinism import AdaptiveAvgPool2d
-
+from robusteval.core.determinism import AdaptiveAvgPool2d
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
-from robusteval.interface import JointModel
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import SGLDRecipe, TrainContext
 from robusteval.training.loops import EnergyLosses, EnergyObjective, train_sgld_style
@@ -124,18 +123,7 @@ def train_jem(model: JEM, data: ImageDataset, ctx: TrainContext) -> dict[str, fl
     return train_sgld_style(model, model.net, data, ctx, recipe, objective, "jem")
 
 
-JEM_RECIPE = SGLDRecipe(
-    batch_size=64,
-    lr=2e-3,
-    warmup_steps=200,
-    sgld_steps=20,
-    sgld_step_size=0.25,
-    sgld_noise=0.005,
-    buffer_size=1000,
-    reinit=0.05,
-    data_noise=0.015,
-    energy_reg=0.01,
-)
+JEM_RECIPE = SGLDRecipe()  # the SGLD loop's defaults are JEM's recipe at this scale
 
 
 @register_model(

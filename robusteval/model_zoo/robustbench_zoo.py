@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
-from robusteval.interface import JointModel, wrap
-from robusteval.names import UnknownNameError, resolve_name
+from robusteval.core.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.core.interface import JointModel, wrap
+from robusteval.core.names import UnknownNameError, resolve_name
 
 # RobustBench's data sets: number of classes and input shape.
 DATASETS: dict[str, tuple[int, tuple[int, int, int]]] = {
@@ -87,11 +87,17 @@ def robustbench_models(dataset: str = "cifar10", threat_model: str = "Linf") -> 
 
 def _zoo(dataset: str, threat_model: str) -> tuple[Any, dict[str, dict[str, Any]]]:
     """Resolve (dataset, threat model) to RobustBench's enums and its dict of model entries."""
-    from robusteval import autoattack_alias
+    from robusteval.core import (
+        autoattack_alias,  # deferred: installed right before robustbench is imported
+    )
 
     autoattack_alias.install()  # robustbench imports `autoattack`
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset
+    from robustbench.model_zoo import (
+        model_dicts,  # deferred: robustbench is imported only for robustbench:<Name> models
+    )
+    from robustbench.model_zoo.enums import (
+        BenchmarkDataset,  # deferred: robustbench is imported only for robustbench:<Name> models
+    )
 
     by_name = {d.value: d for d in BenchmarkDataset}
     if dataset.lower() not in by_name:
@@ -172,7 +178,7 @@ def create_robustbench_model(
 
 def _build_architecture(name: str, entry: dict[str, Any], dataset: str, threat: str, num_classes: int) -> nn.Module:
     """The untrained architecture, built the way robustbench.utils.load_model builds it, offline."""
-    import timm
+    import timm  # deferred: timm costs ~4 s to import
 
     # RobustBench's own rule: when timm registers this model, load_model uses timm.
     timm_name = f"{name.lower().replace('-', '_')}_{dataset}_{threat.lower()}"

@@ -19,10 +19,10 @@ from scipy.stats import norm as gaussian
 from robusteval.reports.figure_layout import (
     REFERENCE_GREY,
     SIGMA_LINESTYLES,
-    _finish,
-    _identity_handle,
-    _panels,
-    _styled,
+    finish,
+    identity_handle,
+    panels,
+    styled,
 )
 from robusteval.reports.loading import Run, certified_accuracy_from_records, same_number
 from robusteval.reports.paths import slug
@@ -165,7 +165,7 @@ def _images(runs: Sequence[Run]) -> str:
     return ", ".join(map(str, sorted({int(r.summary["n_images"]) for r in runs})))
 
 
-@_styled
+@styled
 def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Identity]) -> Figure:
     """Certified accuracy vs radius, a panel per σ (shared axes): a line per model and mode."""
     relevant = _certify_runs(runs, dataset)
@@ -174,7 +174,7 @@ def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Id
     models = sorted({r.model for r in relevant})
     modes = {r.smoothing_mode for r in relevant}
     single = len(models) == 1 and len(modes) == 1 and len(sigmas) == 1
-    fig, axes = _panels(len(sigmas), legend=not single)
+    fig, axes = panels(len(sigmas), legend=not single)
     for ax, sigma in zip(axes, sigmas):
         mine = [r for r in relevant if same_number(r.summary["sigma"], sigma)]
         for run in sorted(mine, key=lambda r: (r.model, _mode_order(r.smoothing_mode))):
@@ -185,7 +185,7 @@ def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Id
         if len(sigmas) > 1:
             ax.set_title(f"σ = {format_number(sigma)}", fontsize=10)
         _certified_axes(ax, radii)
-    handles = [] if single else [_identity_handle(identities[m], m) for m in models]
+    handles = [] if single else [identity_handle(identities[m], m) for m in models]
     if not single:
         handles += _mode_handles(modes)
     if not single:
@@ -193,12 +193,12 @@ def certified_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Id
                               label=_cap_label([_cap(r) for r in relevant])))
     subject = f"{models[0]} ({next(iter(modes))}): c" if single else "C"
     which = f"σ = {format_number(sigmas[0])}" if single else "per σ"
-    _finish(fig, axes, f"{subject}ertified accuracy vs radius, {dataset}, {which} ({_images(relevant)} images)",
+    finish(fig, axes, f"{subject}ertified accuracy vs radius, {dataset}, {which} ({_images(relevant)} images)",
             _RADIUS_LABEL, "certified accuracy (%)", handles, [h.get_label() for h in handles])
     return fig
 
 
-@_styled
+@styled
 def certified_envelope_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Identity]) -> Figure:
     """Each model's certified accuracy at its best σ at every radius (envelope over σ), direct and denoised."""
     relevant = _certify_runs(runs, dataset)
@@ -206,7 +206,7 @@ def certified_envelope_figure(runs: Sequence[Run], dataset: str, identities: dic
     groups = _certify_groups(relevant)
     models = sorted({model for model, _ in groups})
     modes = {mode for _, mode in groups}
-    fig, axes = _panels(1, legend=True)
+    fig, axes = panels(1, legend=True)
     ax = axes[0]
     for (name, mode), group in groups.items():
         envelope = np.max([certified_curve(r, radii) for r in group], axis=0)
@@ -214,14 +214,14 @@ def certified_envelope_figure(runs: Sequence[Run], dataset: str, identities: dic
     caps = [_cap(r) for r in relevant]
     _mark_caps(ax, caps, label_sigma=len({c[0] for c in caps}) > 1)
     _certified_axes(ax, radii)
-    handles = [_identity_handle(identities[m], m) for m in models] + _mode_handles(modes)
+    handles = [identity_handle(identities[m], m) for m in models] + _mode_handles(modes)
     handles.append(Line2D([], [], color=REFERENCE_GREY, linestyle=(0, (1, 2)), linewidth=1.1, label=_cap_label(caps)))
-    _finish(fig, axes, f"Certified accuracy vs radius, {dataset} (envelope over σ, {_images(relevant)} images)",
+    finish(fig, axes, f"Certified accuracy vs radius, {dataset} (envelope over σ, {_images(relevant)} images)",
             _RADIUS_LABEL, "certified accuracy (%)", handles, [h.get_label() for h in handles])
     return fig
 
 
-@_styled
+@styled
 def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identity: Identity) -> Figure:
     """One model's certified curves, a panel per mode: a line per σ and the envelope over σ.
 
@@ -233,7 +233,7 @@ def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identi
     sigmas = sorted({round(float(r.summary["sigma"]), 9) for r in relevant})
     dashes = {s: SIGMA_LINESTYLES[i % len(SIGMA_LINESTYLES)] for i, s in enumerate(sigmas)}
     single = len(relevant) == 1
-    fig, axes = _panels(len(groups), legend=not single)
+    fig, axes = panels(len(groups), legend=not single)
     handles = []
     for ax, ((_, mode), group) in zip(axes, groups.items()):
         curves = [certified_curve(r, radii) for r in group]
@@ -266,6 +266,6 @@ def model_certified_figure(runs: Sequence[Run], model: str, dataset: str, identi
     only = ""
     if len(groups) == 1:
         only = f" ({relevant[0].smoothing_mode}" + (f", σ = {format_number(sigmas[0])})" if single else ")")
-    _finish(fig, axes, f"{model}{only}: certified accuracy vs radius, {dataset} ({_images(relevant)} images)",
+    finish(fig, axes, f"{model}{only}: certified accuracy vs radius, {dataset} ({_images(relevant)} images)",
             _RADIUS_LABEL, "certified accuracy (%)", handles, [h.get_label() for h in handles])
     return fig

@@ -7,20 +7,20 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from robusteval.reports.figure_layout import REFERENCE_GREY, _finish, _panels, _styled
+from robusteval.reports.figure_layout import REFERENCE_GREY, finish, panels, styled
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug
 from robusteval.reports.styles import Identity
 
 
 # --- denoising -------------------------------------------------------------------------------
-@_styled
+@styled
 def psnr_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Identity]) -> Figure:
     """PSNR of each model's denoiser vs σ, with the noisy input's PSNR as reference."""
     relevant = sorted((r for r in runs if r.kind == "denoise" and r.dataset == dataset), key=lambda r: r.model)
     if not relevant:
         raise ValueError(f"no denoise runs for data set {dataset!r}")
-    fig, axes = _panels(1, legend=True)
+    fig, axes = panels(1, legend=True)
     ax = axes[0]
     handles = []
     for run in relevant:
@@ -41,6 +41,6 @@ def psnr_figure(runs: Sequence[Run], dataset: str, identities: dict[str, Identit
     noisy.set_gid("reference-noisy-input")
     handles.append(noisy)
     ax.set_xlim(left=0)
-    _finish(fig, axes, f"Denoising: PSNR vs noise level, {dataset}", "noise level σ (std, pixel values in [0, 1])",
+    finish(fig, axes, f"Denoising: PSNR vs noise level, {dataset}", "noise level σ (std, pixel values in [0, 1])",
             "PSNR (dB)", handles, [h.get_label() for h in handles])
     return fig

@@ -1,9 +1,9 @@
 """Figure layout and house style shared by every report figure.
 
-Panels sharing both axes with the legend outside on the right (`_panels`,
-`_finish`), the legend handles for a model's identity, the 95% band and the
+Panels sharing both axes with the legend outside on the right (`panels`,
+`finish`), the legend handles for a model's identity, the 95% band and the
 sanity-flag ring, the matplotlib settings every figure is drawn and written
-under (`_styled`, `save_figure`), and the colours and labels they share.
+under (`styled`, `save_figure`), and the colours and labels they share.
 
 Every model keeps one identity (colour and marker, `robusteval.reports.styles`)
 in every figure; legends sit outside the plotting area, on the right, and list
@@ -43,7 +43,7 @@ _RC = {
 _PANEL_W, _PANEL_H, _SINGLE_W, _SINGLE_H, _LEGEND_W, _TITLE_H = 3.5, 2.9, 6.4, 4.2, 2.4, 0.9
 
 
-def _styled(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+def styled(draw: Callable[..., Figure]) -> Callable[..., Figure]:
     """Build the figure under the house style: fonts, grid and the like are read when artists are made."""
 
     @functools.wraps(draw)
@@ -54,13 +54,13 @@ def _styled(draw: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
-def _text(value: str) -> str:
+def literal_text(value: str) -> str:
     """A user string shown literally (a '$' would otherwise start matplotlib's mathtext)."""
     return value.replace("$", r"\$")
 
 
 # --- layout ----------------------------------------------------------------------------------
-def _panels(count: int, legend: bool) -> tuple[Figure, list]:
+def panels(count: int, legend: bool) -> tuple[Figure, list]:
     """A figure with `count` panels sharing both axes (up to 3 per row), room on the right for a legend."""
     ncols = min(count, 3)
     nrows = math.ceil(count / ncols)
@@ -82,8 +82,9 @@ def _panels(count: int, legend: bool) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _finish(fig: Figure, axes: list, title: str, xlabel: str, ylabel: str, handles: list, labels: list[str]) -> None:
-    fig.suptitle(_text(title), fontsize=11)
+def finish(fig: Figure, axes: list, title: str, xlabel: str, ylabel: str, handles: list, labels: list[str]) -> None:
+    """Title, axis labels and the shared legend of a panel figure."""
+    fig.suptitle(literal_text(title), fontsize=11)
     if len(axes) == 1:
         axes[0].set_xlabel(xlabel)
         axes[0].set_ylabel(ylabel)
@@ -94,23 +95,26 @@ def _finish(fig: Figure, axes: list, title: str, xlabel: str, ylabel: str, handl
         # Outside on the right (the figure was widened for it): the legend never hides data.
         rows_fit = max(8, int(fig.get_figheight() / 0.21))
         # Long labels wrap: a wide legend would take its width from the plotting area.
-        labels = [textwrap.fill(_text(label), 34, subsequent_indent="  ") for label in labels]
+        labels = [textwrap.fill(literal_text(label), 34, subsequent_indent="  ") for label in labels]
         columns = math.ceil(len(handles) / rows_fit)
         fig.set_figwidth(fig.get_figwidth() + (columns - 1) * _LEGEND_W)  # a second column widens the figure
         fig.legend(handles, labels, loc="outside right center", frameon=False, ncols=columns, handlelength=2.6)
 
 
-def _identity_handle(identity: Identity, label: str) -> Line2D:
+def identity_handle(identity: Identity, label: str) -> Line2D:
+    """The legend entry of one model's line."""
     return Line2D([], [], color=identity.color, marker=identity.marker, linestyle="-", linewidth=1.8,
                   markersize=6, label=label)
 
 
-def _flag_handle() -> Line2D:
+def flag_handle() -> Line2D:
+    """The legend entry of the ring marking a flagged point."""
     return Line2D([], [], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
                   markeredgecolor=FLAG_EDGE, markeredgewidth=1.4, label=FLAG_LABEL)
 
 
-def _band_handle() -> Patch:
+def band_handle() -> Patch:
+    """The legend entry of the grey reference band."""
     return Patch(facecolor=REFERENCE_GREY, alpha=0.25, linewidth=0, label=BAND_LABEL)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from robusteval.core.vocabulary import NORM_SYMBOL, NORMS
 from robusteval.reports.certified_figures import (
     certified_curve,
     certified_envelope_figure,
@@ -60,7 +61,6 @@ from robusteval.reports.robust_figures import (
     robustness_figure,
 )
 from robusteval.reports.styles import Identity, model_identities, write_identities
-from robusteval.vocabulary import NORM_SYMBOL, NORMS
 
 __all__ = [
     "BAND_LABEL", "FLAG_EDGE", "FLAG_LABEL", "IDENTITIES_FILE", "REFERENCE_GREY", "REFERENCE_LABEL",

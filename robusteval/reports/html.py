@@ -22,12 +22,19 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from robusteval.checkpoints import atomic_write_bytes
+from robusteval.core.atomic_files import atomic_write_bytes
+from robusteval.core.names import UnknownNameError
+from robusteval.core.vocabulary import NORM_SYMBOL, norm_order
+from robusteval.model_zoo.factory import model_card
 from robusteval.reports.figures import FigureFile, FigureSet
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug
-from robusteval.reports.tables import TableSet, adversarial_display, certified_display, format_number
-from robusteval.vocabulary import NORM_SYMBOL, norm_order
+from robusteval.reports.tables import (
+    TableSet,
+    adversarial_display,
+    certified_display,
+    format_number,
+)
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _PROLOG = re.compile(r"<\?xml.*?\?>|<!DOCTYPE.*?>|<!--.*?-->|<metadata>.*?</metadata>", re.S)
@@ -82,9 +89,6 @@ def _figure_context(figure: FigureFile, out_dir: Path, index: int, section: str 
 
 def _card(model: str, dataset_names: Sequence[str]) -> tuple[list[tuple[str, str]] | None, str]:
     """The model card as (field, text) pairs, or None and a note for a model that is not registered."""
-    from robusteval.model_zoo.registry import model_card
-    from robusteval.names import UnknownNameError
-
     if model.startswith("robustbench:"):
         return None, "A RobustBench model-zoo architecture (weights from a local model directory); no robusteval card."
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
 
-from robusteval.checkpoints import atomic_write_bytes
+from robusteval.core.atomic_files import atomic_write_bytes
 
 
 def _as_hwc(image: Tensor):
@@ -18,9 +19,7 @@ def _as_hwc(image: Tensor):
 
 
 def _save(figure, out: str | Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib costs ~1 s to import
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -31,10 +30,10 @@ def _save(figure, out: str | Path) -> Path:
 
 
 def _new_figure(rows: int, cols: int, cell: float):
-    import matplotlib
+    import matplotlib  # deferred: matplotlib costs ~1 s to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib costs ~1 s to import
 
     figure, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
     for axis in axes.flat:

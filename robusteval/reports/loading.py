@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robusteval.errors import MissingFileError, UsageError
+from robusteval.core.errors import MissingFileError, UsageError
+from robusteval.core.vocabulary import RUN_KINDS
 from robusteval.records import RecordFormatError, Summary, summary_from_json
-from robusteval.runs import CONFIG_FILE, PROVENANCE_KEY, SUMMARY_FILE, RunFileDamaged, read_run
-from robusteval.vocabulary import RUN_KINDS
+from robusteval.runs import (
+    CONFIG_FILE,
+    PROVENANCE_KEY,
+    SUMMARY_FILE,
+    RunFileDamaged,
+    read_run,
+)
 
 # The kinds a report shows (predict runs have no figure of their own).
 KINDS = tuple(kind for kind in RUN_KINDS if kind != "predict")

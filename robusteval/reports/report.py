@@ -19,16 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from robusteval.checkpoints import atomic_write_bytes
-from robusteval.errors import UsageError
-from robusteval.job_checks import check_writable_directory, check_writable_file, make_directory
+from robusteval.core.atomic_files import atomic_write_bytes
+from robusteval.core.errors import UsageError
+from robusteval.core.preflight import (
+    check_writable_directory,
+    check_writable_file,
+    make_directory,
+)
+from robusteval.core.vocabulary import REPORT_FORMATS
 from robusteval.reports.figures import FigureSet, write_figures
 from robusteval.reports.html import render_html, write_html
 from robusteval.reports.loading import Run
 from robusteval.reports.robustbench import write_robustbench
 from robusteval.reports.tables import TableSet, write_tables
-from robusteval.vocabulary import REPORT_FORMATS
-
 
 
 @dataclass

@@ -15,24 +15,29 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from robusteval.core.vocabulary import NORM_SYMBOL
 from robusteval.reports.figure_layout import (
     BAND_LABEL,
     FLAG_EDGE,
     FLAG_LABEL,
     REFERENCE_GREY,
     SIGMA_LINESTYLES,
-    _band_handle,
-    _finish,
-    _flag_handle,
-    _identity_handle,
-    _panels,
-    _styled,
-    _text,
+    band_handle,
+    finish,
+    flag_handle,
+    identity_handle,
+    panels,
+    styled,
+    literal_text,
 )
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug
-from robusteval.reports.styles import Identity, pipeline_look, pipeline_order, pipeline_panel
-from robusteval.vocabulary import NORM_SYMBOL
+from robusteval.reports.styles import (
+    Identity,
+    pipeline_look,
+    pipeline_order,
+    pipeline_panel,
+)
 
 REFERENCE_LABEL = "faint: same model, no defense"
 
@@ -103,7 +108,7 @@ def _eps_label(norm: str) -> str:
     return f"{NORM_SYMBOL[norm]} perturbation budget ε (pixel values in [0, 1])"
 
 
-@_styled
+@styled
 def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: dict[str, Identity]) -> Figure:
     """Robust accuracy vs ε for one data set and norm.
 
@@ -129,7 +134,7 @@ def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: 
     models = sorted({r.model for r in relevant})
     base = {model: best_known_curve(group) for model, group in by_defense.get("none", {}).items()}
     single = len(defenses) == 1 and len(models) == 1
-    fig, axes = _panels(len(defenses), legend=not single)
+    fig, axes = panels(len(defenses), legend=not single)
     any_flag = any_reference = False
     for ax, defense in zip(axes, defenses):
         for model in sorted(by_defense[defense]):
@@ -145,27 +150,27 @@ def robustness_figure(runs: Sequence[Run], dataset: str, norm: str, identities: 
                                       model, defense, alpha=band_alpha(len(by_defense[defense])))
             any_flag |= flagged
         if len(defenses) > 1:
-            title = "no defense" if defense == "none" else f"+ {_text(defense)}"
+            title = "no defense" if defense == "none" else f"+ {literal_text(defense)}"
             ax.set_title(title + (" (each model's chain step and noise)" if defense in joined else ""), fontsize=10)
         _robust_axes(ax)
-    handles = [_identity_handle(identities[m], m) for m in models]
+    handles = [identity_handle(identities[m], m) for m in models]
     if not single:
-        handles.append(_band_handle())
+        handles.append(band_handle())
     if any_reference:
         handles.append(Line2D([], [], color=REFERENCE_GREY, linewidth=1.0, alpha=0.5, label=REFERENCE_LABEL))
     if any_flag:
-        handles.append(_flag_handle())
+        handles.append(flag_handle())
     if single and len(handles) == 1:
         handles = []  # one model: its name is in the title
     n = sorted({int(r.summary["n"]) for r in relevant})
     subject = f"{models[0]}: r" if single else "R"
-    _finish(fig, axes, f"{subject}obust accuracy vs ε: {dataset}, {NORM_SYMBOL[norm]} "
+    finish(fig, axes, f"{subject}obust accuracy vs ε: {dataset}, {NORM_SYMBOL[norm]} "
                        f"(best attack per ε, n = {', '.join(map(str, n))}, 95% CI)",
             _eps_label(norm), "robust accuracy (%)", handles, [h.get_label() for h in handles])
     return fig
 
 
-@_styled
+@styled
 def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm: str, identity: Identity) -> Figure:
     """One model's attack runs (every attack and defense) for a data set and norm, each with its band.
 
@@ -179,7 +184,7 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
         raise ValueError(f"no attack runs of {model!r} for data set {dataset!r} and norm {norm!r}")
     # One run without flags: a single plot, no legend; the title says what it is.
     single = len(relevant) == 1 and not relevant[0].flags
-    fig, axes = _panels(1, legend=not single)
+    fig, axes = panels(1, legend=not single)
     ax = axes[0]
     handles, any_flag, seen = [], False, {}
     for run in relevant:
@@ -195,13 +200,13 @@ def model_robustness_figure(runs: Sequence[Run], model: str, dataset: str, norm:
                                      run.defense, dashes, band_alpha(len(relevant)))
         any_flag |= flagged
         handles.append(line)
-    handles.append(_band_handle())
+    handles.append(band_handle())
     if any_flag:
-        handles.append(_flag_handle())
+        handles.append(flag_handle())
     what = "95% CI"
     if single:
         handles, what = [], f"{handles[0].get_label()}, 95% CI"
     _robust_axes(ax)
-    _finish(fig, axes, f"{model}: robust accuracy vs ε, {dataset}, {NORM_SYMBOL[norm]} ({what})",
+    finish(fig, axes, f"{model}: robust accuracy vs ε, {dataset}, {NORM_SYMBOL[norm]} ({what})",
             _eps_label(norm), "robust accuracy (%)", handles, [h.get_label() for h in handles])
     return fig

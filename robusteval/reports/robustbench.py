@@ -30,10 +30,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robusteval.checkpoints import atomic_write_json
+from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.names import UnknownNameError
+from robusteval.core.vocabulary import parse_defense
+from robusteval.data import dataset_info
+from robusteval.model_zoo.factory import get_entry
 from robusteval.reports.loading import Run
-from robusteval.reports.tables import format_number, headline_eps, is_autoattack, own_robust_accuracy
-from robusteval.vocabulary import parse_defense
+from robusteval.reports.tables import (
+    format_number,
+    headline_eps,
+    is_autoattack,
+    own_robust_accuracy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +68,6 @@ def forward_passes(defense: str) -> int:
 
 
 def _card_fields(model: str, dataset: str) -> dict[str, Any]:
-    from robusteval.data import dataset_info
-    from robusteval.model_zoo.registry import get_entry
-    from robusteval.names import UnknownNameError
-
     try:
         entry = get_entry(model)
     except UnknownNameError:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from robusteval.checkpoints import atomic_write_bytes
+from robusteval.core.atomic_files import atomic_write_bytes
 
 PALETTE = (
     "#0072B2",  # blue (Okabe-Ito)

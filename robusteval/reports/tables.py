@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from robusteval.core.vocabulary import NORM_SYMBOL, NORMS, norm_order
 from robusteval.data import dataset_budgets
 from robusteval.reports.loading import Run
-from robusteval.vocabulary import NORM_SYMBOL, NORMS, norm_order
 
 UNRELIABLE_MARK = "†"
 _NUMERIC_CELL = re.compile(r"^(–|\d[\d.]*)(\s|$)")

@@ -1,5 +1,12 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019), batched across images and noise draws."""
 
+from robusteval.smoothing.decisions import (
+    average_certified_radius,
+    certified_accuracy_curve,
+    certify_decision,
+    lower_confidence_bound,
+    predict_decision,
+)
 from robusteval.smoothing.engine import (
     SmoothingJob,
     SmoothingResult,
@@ -7,13 +14,6 @@ from robusteval.smoothing.engine import (
     certify,
     predict,
     prepare_smoothing,
-)
-from robusteval.smoothing.decisions import (
-    average_certified_radius,
-    certified_accuracy_curve,
-    certify_decision,
-    lower_confidence_bound,
-    predict_decision,
 )
 
 __all__ = [

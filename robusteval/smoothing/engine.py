@@ -26,6 +26,28 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from robusteval.core import work_sizes
+from robusteval.core.determinism import gpu_notes, is_deterministic
+from robusteval.core.devices import device_label
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import (
+    CapabilityError,
+    JointModel,
+    trusted_inputs,
+    validate_images,
+)
+from robusteval.data import ImageDataset
+from robusteval.jobs import Job, JobOptions, Resolved, resolve
+from robusteval.model_zoo.factory import list_models, model_card
+from robusteval.records import (
+    CertifySample,
+    PredictSample,
+    RadiusPoint,
+    SmoothingConfig,
+    SmoothingSummary,
+)
+from robusteval.runs import RunDirectory
+from robusteval.runs.shards import ShardRun, shard_title
 from robusteval.smoothing import decisions
 from robusteval.smoothing.sampler import (
     NOISE_SCHEME,
@@ -36,19 +58,13 @@ from robusteval.smoothing.sampler import (
     count_classes,
     noise_block_size,
 )
-from robusteval.smoothing.settings import SmoothingSettings, certify_settings
-from robusteval.smoothing.sequential_results import sequential_figures, sequential_forward_passes, sequential_record
+from robusteval.smoothing.sequential_results import (
+    sequential_figures,
+    sequential_forward_passes,
+    sequential_record,
+)
 from robusteval.smoothing.sequential_sampler import SequentialImage, count_sequentially
-from robusteval import work_sizes
-from robusteval.determinism import gpu_notes, is_deterministic
-from robusteval.model_zoo.registry import device_label
-from robusteval.data import ImageDataset
-from robusteval.errors import UsageError
-from robusteval.jobs import Job, JobOptions, Resolved, resolve
-from robusteval.interface import CapabilityError, JointModel, trusted_inputs, validate_images
-from robusteval.records import CertifySample, PredictSample, RadiusPoint, SmoothingConfig, SmoothingSummary
-from robusteval.runs import RunDirectory
-from robusteval.sharding import ShardRun, describe
+from robusteval.smoothing.settings import SmoothingSettings, certify_settings
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +247,7 @@ class SmoothingJob(Job):
     def _run(self, run_dir: RunDirectory | None, progress: bool) -> SmoothingResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
         bar = tqdm(total=self.n_images, initial=len(records), disable=not progress, unit="img",
-                   desc=describe(self.settings.kind, self.shard), leave=False)
+                   desc=shard_title(self.settings.kind, self.shard), leave=False)
         try:
             compiled = self._count(records, run_dir, bar)
         finally:
@@ -340,8 +356,6 @@ def require_capabilities(model: JointModel, mode: str) -> None:
 
 def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
     """Gaussian-augmentation baselines are meant to be smoothed at their training σ."""
-    from robusteval.model_zoo.registry import list_models, model_card
-
     if model.name not in list_models():
         return
     trained = model_card(model.name).recipe.get("sigma")
@@ -429,7 +443,7 @@ def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n
 
 
 class _SmoothingMerger:
-    """How the shards of a certify or predict run merge (`robusteval.sharding`): the summary from all records."""
+    """How the shards of a certify or predict run merge (`robusteval.scale.merge`): the summary from all records."""
 
     def index_range(self, config: dict[str, Any]) -> range:
         return range(config["skip"], config["skip"] + config["n_images"])

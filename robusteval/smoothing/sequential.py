@@ -259,7 +259,7 @@ class SequentialTest:
                  min_step: int = DEFAULT_MIN_STEP, lower_bets: BettingMixture = LOWER_BETS,
                  upper_bets: BettingMixture = UPPER_BETS, futility: float = DEFAULT_FUTILITY,
                  futility_alpha: float = DEFAULT_FUTILITY_ALPHA):
-        from scipy.stats import norm
+        from scipy.stats import norm  # deferred: scipy.stats costs ~0.6 s to import
 
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite noise level > 0, got {sigma}")
@@ -384,7 +384,7 @@ class SequentialTest:
     def _given_up(self, successes: np.ndarray, drawn: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """Whether p_A is below p* with confidence 1 − γ, where at p* the draws left add at most
         `allowed` − failures failures with chance δ (the module docstring's "Giving up")."""
-        from scipy.stats import beta
+        from scipy.stats import beta  # deferred: scipy.stats costs ~0.6 s to import
 
         failures, left = drawn - successes, self.n_max - drawn
         spare = allowed - failures  # more failures the certificate can still take
@@ -402,7 +402,7 @@ class SequentialTest:
 
     def outcome(self, state: SequentialState, image: int) -> SequentialOutcome:
         """The decisions for one image (certified grid radii, radius, bounds, draws)."""
-        from scipy.stats import norm
+        from scipy.stats import norm  # deferred: scipy.stats costs ~0.6 s to import
 
         lower = float(state.lower[image])
         certified = tuple(bool(c) for c in state.certified[image])

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from robusteval.smoothing.sampler import ESTIMATION, SELECTION, BaseClassifierRunner, NoiseSource, Phase
+from robusteval.smoothing.sampler import (
+    ESTIMATION,
+    SELECTION,
+    BaseClassifierRunner,
+    NoiseSource,
+    Phase,
+)
 from robusteval.smoothing.sequential import SequentialOutcome, SequentialTest
 
 # The count table has one row per image in the pack; keep it at most this many entries.

@@ -10,10 +10,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
+from robusteval.core.names import resolve_name
+from robusteval.core.vocabulary import CERTIFY_METHODS, SMOOTHING_KINDS, SMOOTHING_MODES
 from robusteval.smoothing.sampler import ESTIMATION, PREDICTION, SELECTION, Phase
 from robusteval.smoothing.sequential import DEFAULT_FUTILITY, SequentialTest
-from robusteval.vocabulary import CERTIFY_METHODS, SMOOTHING_KINDS, SMOOTHING_MODES
 
 DEFAULT_SEQUENTIAL_RADII = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_N_MAX = 100_000
@@ -37,8 +38,6 @@ class SmoothingSettings:
     futility: float = DEFAULT_FUTILITY
 
     def __post_init__(self) -> None:
-        from robusteval.names import resolve_name
-
         object.__setattr__(self, "kind", resolve_name(self.kind, SMOOTHING_KINDS, "smoothing kind"))
         object.__setattr__(self, "mode", resolve_name(self.mode, SMOOTHING_MODES, "smoothing mode"))
         object.__setattr__(self, "method", resolve_name(self.method, CERTIFY_METHODS, "certification method"))
@@ -85,8 +84,6 @@ def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode
                      futility: float | None = None) -> SmoothingSettings:
     """The settings of a certify run from the options of either method (n is CERTIFY's, n_max, radii and futility
     the sequential method's; giving one to the other method is an error rather than silently ignored)."""
-    from robusteval.names import resolve_name
-
     if resolve_name(method, CERTIFY_METHODS, "certification method") == "cohen":
         if n_max is not None or radii is not None or futility is not None:
             raise UsageError("n_max, radii and futility belong to the sequential method; CERTIFY (method 'cohen') "

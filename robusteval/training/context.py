@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from robusteval import draws
+from robusteval.core import draws
+from robusteval.core.interface import JointModel
 from robusteval.data import ImageDataset
-from robusteval.interface import JointModel
 from robusteval.training.recipes import Recipe
 
 R = TypeVar("R", bound=Recipe)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 from robusteval.training.sgld import SGLDConfig
 
 R = TypeVar("R", bound="Recipe")

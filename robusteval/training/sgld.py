@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robusteval import draws
+from robusteval.core import draws
 
 EnergyFn = Callable[[Tensor], Tensor]
 

@@ -56,23 +56,23 @@ DEFECTS = (
         ("tests/test_attacks_engine.py::test_randomized_decision_is_the_majority_of_fresh_draws",),
     ),
     Defect(
-        "auroc-one", "AUROC always returns 1", "robusteval/quality.py",
+        "auroc-one", "AUROC always returns 1", "robusteval/generative/quality.py",
         "    pos = positive_scores.flatten().double().view(-1, 1)", "    return 1.0\n    pos = None",
         ("tests/test_quality.py",),
     ),
     Defect(
-        "identity-blur", "the Gaussian blur returns its input", "robusteval/quality.py",
+        "identity-blur", "the Gaussian blur returns its input", "robusteval/generative/quality.py",
         "    if width <= 0:\n        return x.clone()", "    if True:\n        return x.clone()",
         ("tests/test_quality.py",),
     ),
     Defect(
-        "shuffle-identity", "pixel shuffling keeps every pixel in place", "robusteval/quality.py",
+        "shuffle-identity", "pixel shuffling keeps every pixel in place", "robusteval/generative/quality.py",
         "    order = torch.argsort(torch.rand(flat.shape, generator=generator), dim=1)",
         "    order = torch.arange(flat.shape[1]).expand(flat.shape[0], -1)",
         ("tests/test_quality.py",),
     ),
     Defect(
-        "resume-recomputes", "a run directory is never resumed: every run starts afresh", "robusteval/runs.py",
+        "resume-recomputes", "a run directory is never resumed: every run starts afresh", "robusteval/runs/directory.py",
         "if config_path.exists() and resume:", "if False:",
         ("tests/test_attacks_cli.py::test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary",
          "tests/test_attacks_engine.py::test_run_directory_holds_config_records_summary_and_resumes_a_finished_run",

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,9 @@ class OfficialArchitecture:
 
 
 def _jem() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import jem
+    from robusteval.model_zoo.official import (
+        jem,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="jem", datasets=jem.DATASETS, repository="https://github.com/wgrathwohl/JEM",
@@ -75,7 +76,9 @@ def _jem() -> OfficialArchitecture:
 
 
 def _gmmc() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import gmmc
+    from robusteval.model_zoo.official import (
+        gmmc,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="gmmc", datasets=gmmc.DATASETS, repository="https://github.com/sndnyang/GMMC",
@@ -97,7 +100,9 @@ def _gmmc() -> OfficialArchitecture:
 
 
 def _dmae() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import dmae_vit
+    from robusteval.model_zoo.official import (
+        dmae_vit,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="dmae", datasets=dmae_vit.DATASETS, repository="https://github.com/quanlin-wu/dmae",
@@ -127,7 +132,9 @@ def _dmae() -> OfficialArchitecture:
 
 
 def _cohen() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import cohen
+    from robusteval.model_zoo.official import (
+        cohen,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="cohen", datasets=cohen.DATASETS, repository="https://github.com/locuslab/smoothing",
@@ -143,7 +150,9 @@ def _cohen() -> OfficialArchitecture:
 
 
 def _jdm() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import jdm
+    from robusteval.model_zoo.official import (
+        jdm,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="jdm", datasets=jdm.DATASETS, repository=jdm.REPOSITORY, architecture=jdm.ARCHITECTURE,
@@ -154,7 +163,9 @@ def _jdm() -> OfficialArchitecture:
 
 
 def _egc() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import egc
+    from robusteval.model_zoo.official import (
+        egc,  # deferred: each official architecture loads with its file
+    )
 
     return OfficialArchitecture(
         model="egc", datasets=egc.DATASETS, repository=egc.REPOSITORY, architecture=egc.ARCHITECTURE,

@@ -16,7 +16,7 @@ import re
 
 from torch import Tensor, nn
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 
 class BasicBlock(nn.Module):

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from robusteval.checkpoints import CheckpointError, match_state_dict
+from robusteval.core.checkpoints import BATCHNORM_STEPS, CheckpointError, load_into
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
 from robusteval.model_zoo.official.cifar_resnet import CifarResNet, cifar_resnet_size
 from robusteval.model_zoo.official.common import (
     official_state_dict,
@@ -77,7 +77,11 @@ class CohenClassifier(JointModel):
 
 
 def _torchvision_resnet(depth_key: tuple[bool, tuple[int, ...]], num_classes: int) -> nn.Module:
-    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    from torchvision.models.resnet import (  # deferred: torchvision costs seconds to import
+        BasicBlock,
+        Bottleneck,
+        ResNet,
+    )
 
     bottleneck, layers = depth_key
     return ResNet(Bottleneck if bottleneck else BasicBlock, list(layers), num_classes=num_classes)
@@ -128,9 +132,9 @@ def load_cohen(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = 
         # Not sizable: name the keys that differ from the published configuration (built without memory).
         with torch.device("meta"):
             published = build_cohen(info)
-        match_state_dict(published.net, state, str(path), FORMAT)
+        load_into(published.net, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     model = CohenClassifier(info, net, mean, std)
-    match_state_dict(model.net, state, str(path), FORMAT)
+    load_into(model.net, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     return model
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robusteval.checkpoints import CheckpointError, read_torch_file
+from robusteval.core.checkpoints import CheckpointError, read_torch_file
+from robusteval.core.errors import UsageError
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
 
 
 def read_official_file(path: str | Path, allow_unsafe_pickle: bool, expected_format: str) -> dict[str, Any]:

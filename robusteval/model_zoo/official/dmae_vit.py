@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from robusteval.checkpoints import match_state_dict
+from robusteval.core.checkpoints import BATCHNORM_STEPS, load_into
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.interface import JointModel
 from robusteval.model_zoo.official.common import (
     official_state_dict,
     read_official_file,
@@ -73,7 +73,9 @@ class _ScheduleOnCPU(TorchFunctionMode):
 def vision_transformer(embed_dim: int, depth: int, num_heads: int, patch_size: int, num_classes: int,
                        img_size: int = 224, mlp_ratio: float = 4.0, global_pool: bool = True) -> nn.Module:
     """timm's ViT configured as models_vit.py's constructors (no download, random weights)."""
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import (
+        VisionTransformer,  # deferred: timm costs ~4 s to import
+    )
 
     with _ScheduleOnCPU():
         return VisionTransformer(
@@ -140,7 +142,7 @@ def load_dmae(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     if not all(key in state for key in backbone):
         with torch.device("meta"):
             published = build_dmae(info)
-        match_state_dict(published.vit, state, str(path), FORMAT)
+        load_into(published.vit, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     embed_dim = int(state["cls_token"].shape[-1])
     patch = int(state["patch_embed.proj.weight"].shape[-1])
     depth = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"^blocks\.(\d+)\.", key)))
@@ -158,5 +160,5 @@ def load_dmae(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     vit = vision_transformer(embed_dim, depth, _num_heads(embed_dim, args), patch, classes, img_size=grid * patch,
                              mlp_ratio=mlp_ratio, global_pool=global_pool)
     model = DMAEClassifier(info, vit, mean, std)
-    match_state_dict(model.vit, state, str(path), FORMAT)
+    load_into(model.vit, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     return model

@@ -34,11 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.core.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
-from robusteval.model_zoo.official.egc_unet import EBMUNetModel, EGCOptions, infer_egc_config
+from robusteval.model_zoo.official.egc_unet import (
+    EBMUNetModel,
+    EGCOptions,
+    infer_egc_config,
+)
 from robusteval.model_zoo.official.guided_unet import UNetConfig, read_model_config
 from robusteval.model_zoo.official.kl_autoencoder import (
     AutoencoderConfig,
@@ -46,7 +50,11 @@ from robusteval.model_zoo.official.kl_autoencoder import (
     autoencoder_state,
     infer_autoencoder_config,
 )
-from robusteval.model_zoo.official.schedule import DiscreteSchedule, linear_betas, space_timesteps
+from robusteval.model_zoo.official.schedule import (
+    DiscreteSchedule,
+    linear_betas,
+    space_timesteps,
+)
 
 # The official commands (run_imagenet_egc_*.sh): linear β 0.00085 … 0.012 over 1,000 steps;
 # sampling: DDIM, 100 steps, classifier scale 6; latents scaled by 0.18215.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 from robusteval.model_zoo.official.guided_unet import (
     ConfigInferenceError,
     ContextBlock,

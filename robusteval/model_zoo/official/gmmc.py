@@ -18,10 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from robusteval.checkpoints import CheckpointError, PickledLDALayer, match_state_dict
+from robusteval.core.checkpoints import (
+    BATCHNORM_STEPS,
+    CheckpointError,
+    PickledLDALayer,
+    load_into,
+)
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
 from robusteval.model_zoo.official.common import (
     official_state_dict,
     read_official_file,
@@ -126,7 +131,7 @@ def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     if "f.layer1.0.conv1.weight" not in state:
         with torch.device("meta"):
             published = OfficialGMMC(info)
-        match_state_dict(published, state, str(path), FORMAT)
+        load_into(published, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     depth, widen_factor, linear_outputs = wrn_size(state)
     if linear_outputs is not None:
         raise CheckpointError(f"checkpoint {path} has f.linear.* (JEM's Wide ResNet); GMMC's has none. Is it a JEM "
@@ -146,7 +151,7 @@ def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     else:
         raise CheckpointError(f"checkpoint {path}: 'margin' is a {type(margin).__name__}; expected {FORMAT}")
     model = OfficialGMMC(info, depth, widen_factor, centers)
-    match_state_dict(model, state, str(path), FORMAT)
+    load_into(model, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     buffer = loaded.get("replay_buffer")
     if (isinstance(buffer, (list, tuple)) and len(buffer) == 2 and all(isinstance(b, Tensor) for b in buffer)
             and tuple(buffer[0].shape[1:]) == model.input_shape and buffer[1].shape == buffer[0].shape[:1]):

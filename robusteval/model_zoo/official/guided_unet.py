@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.checkpoints import CheckpointError
-from robusteval.errors import UsageError
+from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.errors import UsageError
 
 
 class ConfigInferenceError(CheckpointError):

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.core.checkpoints import CheckpointError, load_into, read_state_dict
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
 from robusteval.model_zoo.official.guided_unet import (
     AttentionBlock,
     ConfigInferenceError,
@@ -45,7 +45,12 @@ from robusteval.model_zoo.official.guided_unet import (
     infer_unet_layout,
     read_model_config,
 )
-from robusteval.model_zoo.official.schedule import DiscreteSchedule, cosine_betas, jdm_linear_betas, space_timesteps
+from robusteval.model_zoo.official.schedule import (
+    DiscreteSchedule,
+    cosine_betas,
+    jdm_linear_betas,
+    space_timesteps,
+)
 
 # What the state dict cannot tell defaults to the official CIFAR-10 command
 # (README of KamilDeja/joint_diffusion): 128 channels, 3 residual blocks,

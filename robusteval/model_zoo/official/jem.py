@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from robusteval.checkpoints import match_state_dict
+from robusteval.core.checkpoints import BATCHNORM_STEPS, load_into
+from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
-from robusteval.interface import JointModel
 from robusteval.model_zoo.official.common import (
     official_state_dict,
     read_official_file,
@@ -112,11 +112,11 @@ def load_jem(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = Fa
         # Not sizable: name the keys that differ from the published configuration (built without memory).
         with torch.device("meta"):
             published = OfficialJEM(info)
-        match_state_dict(published, state, str(path), FORMAT)
+        load_into(published, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     require_classes(path, "class_output", int(state["class_output.weight"].shape[0]), info)
     depth, widen_factor, linear_outputs = wrn_size(state)
     model = OfficialJEM(info, depth, widen_factor, linear_outputs)
-    match_state_dict(model, state, str(path), FORMAT)
+    load_into(model, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     buffer = loaded.get("replay_buffer")
     if isinstance(buffer, Tensor) and buffer.dim() == 4 and tuple(buffer.shape[1:]) == model.input_shape:
         model.replay_buffer = (buffer.float() * 0.5 + 0.5).clamp(0.0, 1.0)

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.model_zoo.official.guided_unet import ConfigInferenceError, block_indices
+from robusteval.model_zoo.official.guided_unet import (
+    ConfigInferenceError,
+    block_indices,
+)
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -17,7 +17,7 @@ import re
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 LEAK = 0.2
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from robusteval.record_json import to_json_dict as _json
-
+from robusteval.records.encoding import to_json_dict as _json
 
 # The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
 _COMPANIONS = ("vae", "model_config")

@@ -15,11 +15,15 @@ from typing import Any
 
 import torch
 
-from robusteval.checkpoints import atomic_write_json, save_safetensors
+from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.checkpoints import save_safetensors
+from robusteval.core.determinism import set_deterministic
+from robusteval.core.devices import resolve_device
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import JointModel
 from robusteval.data import load_dataset
-from robusteval.errors import UsageError
-from robusteval.interface import JointModel
-from robusteval.model_zoo.registry import WEIGHTS_DIR, create_model, get_entry
+from robusteval.model_zoo.factory import create_model, get_entry
+from robusteval.model_zoo.registry import WEIGHTS_DIR
 from robusteval.training import TrainContext, accuracy
 
 # How far a retraining elsewhere may land from a record's test accuracy (10 of the 500 digits test images);
@@ -65,9 +69,6 @@ def train_model(
     single-threaded (one reduction order); on a GPU it runs with deterministic
     algorithms and no TF32.
     """
-    from robusteval.determinism import set_deterministic
-    from robusteval.model_zoo.registry import resolve_device
-
     device = resolve_device(device)
     entry = get_entry(name)
     card = entry.card

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robusteval import work_sizes
-from robusteval.errors import UsageError
-from robusteval.interface import CapabilityError, JointModel
+from robusteval.core import work_sizes
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
 from robusteval.runs import RunDirectory

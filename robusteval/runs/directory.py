@@ -26,10 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from robusteval.checkpoints import atomic_write_json
-from robusteval.errors import MissingFileError, NotADirectoryUsageError, UsageError
-from robusteval.job_checks import make_directory
-from robusteval.run_lock import RunLock
+from robusteval.core.atomic_files import atomic_write_bytes, atomic_write_json
+from robusteval.core.errors import MissingFileError, NotADirectoryUsageError, UsageError
+from robusteval.core.preflight import make_directory
+from robusteval.runs.lock import RunLock
 
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -219,8 +219,6 @@ class RunDirectory:
         return complete
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        from robusteval.checkpoints import atomic_write_bytes
-
         atomic_write_bytes(self.path / SAMPLES_FILE, b"".join(_encode(r) for r in records))
 
     def check_records(self, indices: range, in_order: bool = False,

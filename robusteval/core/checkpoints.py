@@ -12,19 +12,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import re
 import struct
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
-from robusteval.errors import UsageError
+from robusteval.core.atomic_files import atomic_write_bytes
+from robusteval.core.errors import UsageError
 
 
 class CheckpointError(UsageError, RuntimeError):
@@ -39,41 +40,8 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the permissions open() would, so shared runs stay readable.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> str:
     """Save the model's state dict as safetensors (atomically); return its sha256."""
-    from safetensors.torch import save
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, _metadata_in_given_order(save(state, metadata=metadata), metadata))
     return sha256_of(path)
@@ -121,8 +89,6 @@ def read_state_dict(
                 f"`robusteval train` or restore it from the repository."
             )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
@@ -155,7 +121,6 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -164,28 +129,40 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict strictly, explaining any mismatch with the architecture."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+# BatchNorm's step counter: files from before torch 0.4.1 lack it, and inference never reads it.
+BATCHNORM_STEPS = ("num_batches_tracked",)
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_format: str | None = None,
+              optional: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module` strictly; a mismatch names the first differing keys and shapes.
+
+    The message says what the file is not: `expected_format` (an official file's layout) or else the
+    architecture of `module`. Keys of `module` whose last name is in `optional` may be absent from the file
+    (BatchNorm's step counter, which files from before torch 0.4.1 lack and which inference never reads);
+    they keep the module's value.
+    """
+    own = module.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if k.rsplit(".", 1)[-1] not in optional)
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {tuple(state[k].shape)} vs architecture {tuple(own[k].shape)}"
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"({len(unexpected)} in all)")
         if wrong_shape:
             parts.append(f"shape mismatches {wrong_shape[:5]}")
-        raise CheckpointError(
-            f"checkpoint {source} does not match the architecture of {type(model).__name__}: " + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=True)
+        what = (f"is not {expected_format}" if expected_format is not None
+                else f"does not match the architecture of {type(module).__name__}")
+        raise CheckpointError(f"checkpoint {source} {what}: " + "; ".join(parts))
+    module.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)
 
 
 # --- the papers' own .pt files ---------------------------------------------------------------------
@@ -266,34 +243,3 @@ def read_torch_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
         ) from None
     except Exception as error:
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
-
-
-def match_state_dict(
-    module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_format: str,
-    optional: tuple[str, ...] = ("num_batches_tracked",),
-) -> None:
-    """Load `state` into `module` strictly; a mismatch names the expected format and the first differing keys.
-
-    Keys of `module` whose last name is in `optional` may be absent from the
-    file (BatchNorm's step counter, which files from before torch 0.4.1 lack
-    and which inference never reads); they keep the module's value.
-    """
-    own = module.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if k.rsplit(".", 1)[-1] not in optional)
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [
-        f"{k}: file {tuple(state[k].shape)} vs architecture {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                         f"({len(unexpected)} in all)")
-        if wrong_shape:
-            parts.append(f"shape mismatches {wrong_shape[:5]}")
-        raise CheckpointError(f"checkpoint {source} is not {expected_format}: " + "; ".join(parts))
-    module.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)

@@ -16,7 +16,7 @@ Sources:
   is that folder or its parent.
 - ``cifar100``: the python pickles of ``cifar-100-python/`` (fine labels).
 - ``imagenet``: the validation images in the ImageFolder layout, resized and
-  centre-cropped as RobustBench does, in a fixed order (see `robusteval.imagenet`).
+  centre-cropped as RobustBench does, in a fixed order (see `robusteval.data.imagenet`).
 - any path ending in ``.npz`` holding arrays ``x`` and ``y`` (see `load_npz`).
 
 Malformed files are a `DatasetError` (a ValueError) naming the file and what
@@ -31,38 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robusteval.data_files import (
-    CIFAR10_FOLDER,
-    CIFAR100_FOLDER,
-    _TORCHVISION_FOLDERS,
-    _npz_info,
+from robusteval.core.names import resolve_name
+from robusteval.data.files import (
+    TORCHVISION_FOLDERS,
     load_cifar10,
     load_cifar100,
     load_idx_dataset,
     load_npz,
-    read_idx,
+    npz_info,
 )
-from robusteval.data_registry import (
+from robusteval.data.registry import (
     DATASETS,
-    FASHION_MNIST_DEFAULT_DIR,
-    SPLITS,
-    Budgets,
-    DatasetError,
     DatasetInfo,
     ImageDataset,
-    _check_split,
-    dataset_budgets,
-    default_eps,
+    check_split,
 )
-
-# The descriptions live in `data_registry`, the file readers in `data_files`; their public names stay importable
-# from here.
-__all__ = [
-    "CIFAR10_FOLDER", "CIFAR100_FOLDER", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE",
-    "FASHION_MNIST_DEFAULT_DIR", "SPLITS", "Budgets", "DatasetError", "DatasetInfo", "ImageDataset",
-    "dataset_budgets", "dataset_info", "default_eps", "load_cifar10", "load_cifar100", "load_dataset",
-    "load_digits", "load_idx_dataset", "load_npz", "read_idx",
-]
 
 # The embedded default: scikit-learn's digits, split once with this seed.
 DIGITS_SPLIT_SEED = 0
@@ -79,10 +62,8 @@ def dataset_info(name: str | Path) -> DatasetInfo:
     For a path ending in `.npz` the file is read (x's header and y) so that a
     model can be built for it; the rules are those of `load_npz`.
     """
-    from robusteval.names import resolve_name
-
     if _is_npz(name):
-        return _npz_info(Path(name))
+        return npz_info(Path(name))
     return DATASETS[resolve_name(str(name), DATASETS, "dataset")]
 
 
@@ -92,10 +73,14 @@ def load_digits(split: str = "test") -> ImageDataset:
     The split is `train_test_split(test_size=500, stratify=y, random_state=0)`:
     500 test images, 1,297 training images, the same on every machine.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import (
+        load_digits as sklearn_digits,  # deferred: scikit-learn costs ~2 s to import
+    )
+    from sklearn.model_selection import (
+        train_test_split,  # deferred: scikit-learn costs ~2 s to import
+    )
 
-    _check_split(split)
+    check_split(split)
     bunch = sklearn_digits()
     images = bunch.images.astype(np.float32) / 16.0
     labels = bunch.target.astype(np.int64)
@@ -125,7 +110,9 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     if str(name).lower() == "imagenet":  # decoded image by image, so only the first `limit` are read
-        from robusteval.imagenet import load_imagenet
+        from robusteval.data.imagenet import (
+            load_imagenet,  # deferred: it imports torchvision
+        )
 
         return load_imagenet(split, root, limit)
     return _limited(_load_dataset(name, split, root), limit)
@@ -138,15 +125,13 @@ def _limited(dataset: ImageDataset, limit: int | None) -> ImageDataset:
 
 
 def _load_dataset(name: str, split: str, root: str | Path | None) -> ImageDataset:
-    from robusteval.names import resolve_name
-
-    _check_split(split)
+    check_split(split)
     if _is_npz(name):
         return load_npz(name, split)
     key = resolve_name(str(name), DATASETS, "dataset")
     if key == "digits":
         return load_digits(split)
-    if key in _TORCHVISION_FOLDERS:
+    if key in TORCHVISION_FOLDERS:
         return load_idx_dataset(key, split, root)
     if key == "cifar10":
         return load_cifar10(split, root)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 LOCK_FILE = ".lock"
 

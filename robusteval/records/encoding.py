@@ -1,6 +1,6 @@
 """How a record dataclass becomes JSON: its fields in declaration order, nested records and lists too.
 
-Shared by the run records (`robusteval.records`) and the run configurations (`robusteval.run_configs`).
+Shared by the run records (`robusteval.records`) and the run configurations (`robusteval.records.configs`).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from robusteval.data_files import _not_a_directory
-from robusteval.data_registry import DatasetError, ImageDataset, _check_split
+from robusteval.data.files import not_a_directory
+from robusteval.data.registry import DatasetError, ImageDataset, check_split
 
 RESIZE = 256
 CROP = 224
@@ -55,7 +55,7 @@ def _image_directory(root: str | Path | None) -> Path:
                                 "(ImageFolder layout); nothing is downloaded.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"imagenet: data directory {root} {_not_a_directory(root)}; expected "
+        raise FileNotFoundError(f"imagenet: data directory {root} {not_a_directory(root)}; expected "
                                 f"val/<wnid>/<images> in it.")
     for directory in (root / "val", root):
         if directory.is_dir() and any(_is_wnid(p) for p in directory.iterdir()):
@@ -99,8 +99,8 @@ def image_order(directory: Path) -> list[Path]:
 
 def preprocess(path: Path) -> torch.Tensor:
     """One image as RobustBench's Res256Crop224: (3, 224, 224) float in [0, 1]."""
-    from PIL import Image
-    from torchvision import transforms
+    from PIL import Image  # deferred with torchvision (ImageNet only)
+    from torchvision import transforms  # deferred: torchvision costs seconds to import
 
     transform = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP), transforms.ToTensor()])
     try:
@@ -112,7 +112,7 @@ def preprocess(path: Path) -> torch.Tensor:
 
 def load_imagenet(split: str = "test", root: str | Path | None = None, limit: int | None = None) -> ImageDataset:
     """The first `limit` validation images (all when None) in the fixed order, labelled by wnid."""
-    _check_split(split)
+    check_split(split)
     if split != "test":
         raise ValueError("imagenet: only the validation images (split 'test') are read")
     directory = _image_directory(root)

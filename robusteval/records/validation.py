@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 
 class RecordFormatError(UsageError):

@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robusteval.errors import UsageError
-from robusteval.interface import CapabilityError, JointModel
+from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import CapabilityError, JointModel
+from robusteval.generative.quality import sample_confidence
 from robusteval.jobs import JobOptions, resolve
+from robusteval.model_zoo.factory import create_model
+from robusteval.reports.image_grids import save_counterfactual_grid, save_sample_grid
 
 COLUMNS = 10
 
@@ -59,11 +63,6 @@ def sample(model: JointModel | str, dataset: Any = "digits", *, n: int = 100, cl
     `dataset` names the data set the model was trained on; `options` are the
     `robusteval.jobs.JobOptions` of every evaluation.
     """
-    from robusteval.checkpoints import CheckpointError
-    from robusteval.model_zoo.registry import create_model
-    from robusteval.quality import sample_confidence
-    from robusteval.reports.image_grids import save_sample_grid
-
     resolved = resolve(model, JobOptions.of(dataset, options), load_data=False)
     joint = resolved.model
     if "sample" not in joint.capabilities:
@@ -108,10 +107,6 @@ def counterfactual(model: JointModel | str = "jdm", dataset: Any = "digits", *, 
     judge; captions `self:`). `options` are the `robusteval.jobs.JobOptions` of
     every evaluation.
     """
-    from robusteval.checkpoints import CheckpointError
-    from robusteval.model_zoo.registry import create_model
-    from robusteval.reports.image_grids import save_counterfactual_grid
-
     resolved = resolve(model, JobOptions.of(dataset, options))
     joint, data = resolved.model, resolved.data
     if not callable(getattr(joint, "counterfactual", None)):

@@ -19,16 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from robusteval.data_registry import (
+from robusteval.core.errors import MissingFileError, UsageError
+from robusteval.data.registry import (
     DATASETS,
     FASHION_MNIST_DEFAULT_DIR,
     DatasetError,
     DatasetInfo,
     ImageDataset,
-    _check_split,
+    check_split,
 )
-from robusteval.errors import MissingFileError, UsageError
-
 
 # --- idx (MNIST, Fashion-MNIST) ----------------------------------------------------------------
 
@@ -42,7 +41,7 @@ _IDX_SPLIT_FILES = {
 
 # Folder torchvision uses for each set under its root (root/<folder>/raw); accepted so that an
 # existing torchvision download can be pointed at.
-_TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -88,7 +87,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))  # a writable copy, not a view of the read-only buffer
 
 
-def _not_a_directory(path: Path) -> str:
+def not_a_directory(path: Path) -> str:
     return "is a file, not a directory" if path.exists() else "does not exist"
 
 
@@ -101,7 +100,7 @@ def _find_file(directory: Path, stem: str) -> Path | None:
 
 
 def _idx_directories(name: str, root: Path) -> list[Path]:
-    return [root, root / name, root / "raw", root / _TORCHVISION_FOLDERS[name] / "raw"]
+    return [root, root / name, root / "raw", root / TORCHVISION_FOLDERS[name] / "raw"]
 
 
 def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, Path]:
@@ -123,7 +122,7 @@ def _locate_idx(name: str, split: str, root: str | Path | None) -> tuple[Path, P
     root = Path(root).expanduser()
     if not root.is_dir():
         raise MissingFileError(
-            f"{name}: data directory {root} {_not_a_directory(root)}; expected {wanted} in it.{install_hint}"
+            f"{name}: data directory {root} {not_a_directory(root)}; expected {wanted} in it.{install_hint}"
         )
     searched = _idx_directories(name, root)
     for directory in searched:
@@ -145,9 +144,9 @@ def load_idx_dataset(name: str, split: str = "test", root: str | Path | None = N
 
     Images must be uint8 N×28×28 and labels uint8 N with values below 10.
     """
-    _check_split(split)
-    if name not in _TORCHVISION_FOLDERS:
-        raise UsageError(f"idx data sets are {', '.join(_TORCHVISION_FOLDERS)}; got {name!r}")
+    check_split(split)
+    if name not in TORCHVISION_FOLDERS:
+        raise UsageError(f"idx data sets are {', '.join(TORCHVISION_FOLDERS)}; got {name!r}")
     info = DATASETS[name]
     images_path, labels_path = _locate_idx(name, split, root)
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -232,7 +231,7 @@ def _pickle_directory(name: str, root: str | Path | None, folder: str, meta: str
                                f"({wanted}); nothing is downloaded.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise MissingFileError(f"{name}: data directory {root} {_not_a_directory(root)}; "
+        raise MissingFileError(f"{name}: data directory {root} {not_a_directory(root)}; "
                                f"expected {folder}/ ({wanted}) in it or to be it.")
     for directory in (root, root / folder):
         if (directory / meta).is_file():
@@ -253,7 +252,7 @@ def load_cifar10(split: str = "test", root: str | Path | None = None) -> ImageDa
     from `batches.meta`. Each batch must hold uint8 `data` of shape (n, 3072)
     (red, green, blue planes of 32×32, row-major) and n `labels`.
     """
-    _check_split(split)
+    check_split(split)
     directory = _cifar_directory(root)
     meta_path = directory / _CIFAR10_META
     names = _load_cifar_pickle(meta_path).get("label_names")
@@ -313,7 +312,7 @@ def load_cifar100(split: str = "test", root: str | Path | None = None) -> ImageD
     uint8 `data` (n, 3072) in CIFAR-10's layout and n `fine_labels`; class
     names are `meta`'s `fine_label_names`.
     """
-    _check_split(split)
+    check_split(split)
     directory = _cifar100_directory(root)
     meta_path = directory / _CIFAR100_META
     names = _load_cifar_pickle(meta_path).get("fine_label_names")
@@ -381,7 +380,7 @@ def _npz_classes(y: np.ndarray) -> tuple[str, ...]:
     return tuple(str(i) for i in range(int(y.max()) + 1))
 
 
-def _npz_info(path: Path) -> DatasetInfo:
+def npz_info(path: Path) -> DatasetInfo:
     # Loading the whole file applies exactly load_npz's checks, so a model is never built for a bad file.
     dataset = load_npz(path)
     return DatasetInfo(str(path), dataset.num_classes, dataset.input_shape, dataset.classes,
@@ -402,7 +401,7 @@ def load_npz(path: str | Path, split: str = "test") -> ImageDataset:
       to select anything.
     Loaded with `allow_pickle=False`: an .npz never runs code.
     """
-    _check_split(split)
+    check_split(split)
     path = Path(path).expanduser()
     archive = _npz_open(path)
     with archive:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robusteval.interface import JointModel
+from robusteval.core.interface import JointModel
 
 
 def psnr(estimate: Tensor, clean: Tensor, peak: float = 1.0) -> float:

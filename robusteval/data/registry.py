@@ -1,7 +1,7 @@
 """What each data set is: its description and budgets (`DATASETS`), the `ImageDataset` a loader returns and the
 `DatasetError` a malformed file raises.
 
-The bottom of the data layer: the readers (`robusteval.data_files`) and the entry points
+The bottom of the data layer: the readers (`robusteval.data.files`) and the entry points
 (`robusteval.data`, where every name here stays importable) build on it.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 # Where Debian's `dataset-fashion-mnist` installs the idx files (read at call time,
-# by `data_files`, so tests can patch it there).
+# by `robusteval.data.files`, so tests can patch it there).
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 SPLITS = ("train", "test")
@@ -131,6 +131,6 @@ def default_eps(dataset: str, norm: str) -> tuple[float, ...]:
     return grid
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise UsageError(f"split must be 'train' or 'test', got {split!r}")

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from robusteval.attacks import sanity
+from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec, seed_torch
+from robusteval.attacks.plan import AttackPlan
 from robusteval.attacks.progress import AttackProgress
 from robusteval.attacks.remedies import escalation_names, saturation_remedy_names
 from robusteval.attacks.seeds import CHECKS, LARGE_EPS_BATCH_OFFSET, derive_seed
-
-if TYPE_CHECKING:
-    from robusteval.attacks.batch import BatchAttacker
-    from robusteval.attacks.engine import AttackJob
 
 LARGE_EPS_SUBSET = 100
 ESCALATION_DOUBLINGS = 3
@@ -57,7 +55,7 @@ class ModelChecks:
                    int(data["num_classes"]), bool(data["randomized"]))
 
 
-def run_checks(job: AttackJob, attacker: BatchAttacker, records: list[dict[str, Any]], notes: set[str],
+def run_checks(job: AttackPlan, attacker: BatchAttacker, records: list[dict[str, Any]], notes: set[str],
                progress: bool = False, with_model: bool = True) -> tuple[list[sanity.Check], ModelChecks | None]:
     """Every check of a finished run, and the model's part of them (None when `with_model` is False)."""
     model = model_checks(job, attacker, notes, progress) if with_model else None
@@ -65,7 +63,7 @@ def run_checks(job: AttackJob, attacker: BatchAttacker, records: list[dict[str, 
     return record_checks(plan, records, model), model
 
 
-def model_checks(job: AttackJob, attacker: BatchAttacker, notes: set[str], progress: bool = False) -> ModelChecks:
+def model_checks(job: AttackPlan, attacker: BatchAttacker, notes: set[str], progress: bool = False) -> ModelChecks:
     """The checks that attack or query the model again (each seeded on its own, so any process computes them)."""
     primary = attacker.primary
     first = slice(0, min(job.n, job.batch_size, CHECK_POINTS))
@@ -96,7 +94,7 @@ class CheckPlan:
     randomized: bool
 
     @classmethod
-    def of(cls, job: AttackJob, num_classes: int, randomized: bool) -> CheckPlan:
+    def of(cls, job: AttackPlan, num_classes: int, randomized: bool) -> CheckPlan:
         return cls(job.spec, list(job.variants), job.n, list(job.eps), job.norm, job.masking_checks,
                    job.large_eps_check, num_classes, randomized)
 
@@ -153,7 +151,7 @@ def _decision_counts(plan: CheckPlan, correct: list[dict[str, Any]]) -> dict[flo
     return counts
 
 
-def component_order(job: AttackJob | CheckPlan) -> list[str]:
+def component_order(job: AttackPlan | CheckPlan) -> list[str]:
     """The labels of the components in the order they run (per gradient variant)."""
     members = list(job.spec.members) if job.spec.is_suite else [job.spec.name]
     if len(job.variants) == 1:
@@ -161,7 +159,7 @@ def component_order(job: AttackJob | CheckPlan) -> list[str]:
     return [f"{m}[{mode}]" for mode in job.variants for m in members]
 
 
-def _accuracy_after(job: AttackJob | CheckPlan, order: list[str], broken_by: dict[float, dict[str, int]],
+def _accuracy_after(job: AttackPlan | CheckPlan, order: list[str], broken_by: dict[float, dict[str, int]],
                     correct: int) -> dict[str, dict[str, float]]:
     """Robust accuracy after each member, in the order they ran (per gradient variant), as AutoAttack tracks it."""
     accuracy_after: dict[str, dict[str, float]] = {}
@@ -179,12 +177,10 @@ def _accuracy_after(job: AttackJob | CheckPlan, order: list[str], broken_by: dic
     return accuracy_after
 
 
-def large_eps_result(job: AttackJob, attacker: BatchAttacker, notes: set[str],
+def large_eps_result(job: AttackPlan, attacker: BatchAttacker, notes: set[str],
                      progress: bool = False) -> dict[str, Any]:
     """The attack once more at a very large ε on the first points (a gradient-masking check), escalated while
     more than 2% survive: EOT draws and steps doubled per round, at most ESCALATION_DOUBLINGS rounds."""
-    from robusteval.attacks.batch import BatchAttacker
-
     eps = sanity.large_eps(job.norm, tuple(job.x.shape[1:]))
     subset = min(job.n, LARGE_EPS_SUBSET)
     standing = _survivors(attacker, list(range(subset)), LARGE_EPS_BATCH_OFFSET, eps, notes, progress)

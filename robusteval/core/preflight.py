@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 
 class OutputNotWritable(UsageError):

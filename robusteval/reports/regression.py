@@ -66,8 +66,8 @@ from typing import Any
 
 from scipy.stats import fisher_exact
 
-from robusteval.checkpoints import atomic_write_json
-from robusteval.errors import MissingFileError, UsageError
+from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.errors import MissingFileError, UsageError
 from robusteval.reports.loading import Run
 from robusteval.reports.tables import format_number
 

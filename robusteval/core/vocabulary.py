@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from robusteval.errors import UsageError
-from robusteval.names import resolve_name
+from robusteval.core.errors import UsageError
+from robusteval.core.names import resolve_name
 
 # Threat models, in the order tables and figures show them (pixel scale [0, 1]).
 NORMS = ("Linf", "L2")

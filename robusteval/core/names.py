@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 
 class UnknownNameError(KeyError, UsageError):

@@ -18,12 +18,11 @@ so older run directories and the committed reports load unchanged:
   and draws_per_image {mean, median, max} (its n is n_max).
 - ``predict`` (`robusteval predict`): as certify without n0 and the curve,
   with accuracy.
-- ``denoise`` (`robusteval.denoising`): model, dataset, n_images, seed,
+- ``denoise`` (`robusteval.generative.denoising`): model, dataset, n_images, seed,
   psnr [{sigma, psnr, psnr_noisy}], seconds.
 
-This module sits on the bottom layer: it imports nothing of robusteval but
-its checks (`record_checks`, with the error type), its JSON helper (`record_json`), its
-configurations (`run_configs`, re-exported) and the vocabulary.
+This module imports nothing of robusteval but its package's checks (`validation`, with the
+error type), JSON helper (`encoding`) and configurations (`configs`), and the vocabulary.
 """
 
 from __future__ import annotations
@@ -32,7 +31,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from robusteval.record_checks import (  # noqa: F401 (RecordFormatError: part of this module's interface)
+from robusteval.core.vocabulary import NORMS, RUN_KINDS
+from robusteval.records.configs import AttackConfig, DenoiseConfig, SmoothingConfig  # noqa: F401
+from robusteval.records.encoding import plain as _plain
+from robusteval.records.encoding import to_json_dict as _json
+from robusteval.records.validation import (  # noqa: F401 (RecordFormatError: part of this module's interface)
     RecordFormatError,
     check_count,
     check_fraction,
@@ -40,11 +43,6 @@ from robusteval.record_checks import (  # noqa: F401 (RecordFormatError: part of
     fail,
     require,
 )
-from robusteval.record_json import plain as _plain
-from robusteval.record_json import to_json_dict as _json
-# The configurations live in run_configs; re-exported here, the one place to import run records from.
-from robusteval.run_configs import AttackConfig, DenoiseConfig, SmoothingConfig  # noqa: F401
-from robusteval.vocabulary import NORMS, RUN_KINDS
 
 
 # --- per-sample records -------------------------------------------------------------------------------
@@ -68,8 +66,16 @@ class EpsOutcome:
         return _json(self)
 
 
+class _DeviceRecorded:
+    """A sample record whose `device` (where it was computed) is left out of its JSON when unknown, as in
+    records made before devices were recorded."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
+
+
 @dataclass(frozen=True)
-class AttackSample:
+class AttackSample(_DeviceRecorded):
     """One line of an attack run's samples.jsonl."""
 
     index: int
@@ -84,12 +90,9 @@ class AttackSample:
     gradient_cause: dict[str, str | None] | None = None
     device: str | None = None  # where its batch ran (cpu, cuda:0, ...); absent in records made before
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
-
 
 @dataclass(frozen=True)
-class CertifySample:
+class CertifySample(_DeviceRecorded):
     """One line of a certify run's samples.jsonl (prediction None: abstained)."""
 
     index: int
@@ -104,9 +107,6 @@ class CertifySample:
     seconds: float
     device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
-
 
 # kw_only: its fields follow CertifySample's defaulted `device`.
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +120,7 @@ class SequentialCertifySample(CertifySample):
 
 
 @dataclass(frozen=True)
-class PredictSample:
+class PredictSample(_DeviceRecorded):
     """One line of a predict run's samples.jsonl."""
 
     index: int
@@ -133,9 +133,6 @@ class PredictSample:
     p_value: float
     seconds: float
     device: str | None = None  # where it was counted (cpu, cuda:0, ...); absent in records made before
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in _json(self).items() if v is not None or k != "device"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from robusteval.errors import UsageError
+from robusteval.core.errors import UsageError
 
 CAPABILITIES = frozenset({"logits", "denoise", "energy", "sample"})
 
