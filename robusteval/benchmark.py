@@ -229,9 +229,8 @@ def describe_suite(suite: Suite, run_seconds: float | None = None) -> str:
 
     run_seconds: the runs' own wall times summed (each run records it, so a resumed grid still counts them).
     """
-    from scipy.stats import (
-        norm as normal,  # deferred: scipy.stats costs ~0.6 s to import
-    )
+    # deferred: scipy.stats costs ~0.6 s to import
+    from scipy.stats import norm as normal
 
     def grid(eps_by_norm: dict[str, Any]) -> str:
         parts = []

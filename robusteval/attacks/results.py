@@ -58,9 +58,8 @@ def robustness_curve(records: list[dict[str, Any]], eps: list[float]) -> list[Cu
     Besides the worst case over every stage: the attack's own figure (records without `standard_broken`
     predate the remedy stages: there it is `broken`), and worst-of-N when the records carry `worst_broken`.
     """
-    from statsmodels.stats.proportion import (
-        proportion_confint,  # deferred: statsmodels costs ~0.8 s to import
-    )
+    # deferred: statsmodels costs ~0.8 s to import
+    from statsmodels.stats.proportion import proportion_confint
 
     n = len(records)
     correct = [r for r in records if r["correct"]]

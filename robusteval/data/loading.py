@@ -73,12 +73,9 @@ def load_digits(split: str = "test") -> ImageDataset:
     The split is `train_test_split(test_size=500, stratify=y, random_state=0)`:
     500 test images, 1,297 training images, the same on every machine.
     """
-    from sklearn.datasets import (
-        load_digits as sklearn_digits,  # deferred: scikit-learn costs ~2 s to import
-    )
-    from sklearn.model_selection import (
-        train_test_split,  # deferred: scikit-learn costs ~2 s to import
-    )
+    # deferred: scikit-learn costs ~2 s to import
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
 
     check_split(split)
     bunch = sklearn_digits()
@@ -110,9 +107,8 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     if str(name).lower() == "imagenet":  # decoded image by image, so only the first `limit` are read
-        from robusteval.data.imagenet import (
-            load_imagenet,  # deferred: it imports torchvision
-        )
+        # deferred: it imports torchvision
+        from robusteval.data.imagenet import load_imagenet
 
         return load_imagenet(split, root, limit)
     return _limited(_load_dataset(name, split, root), limit)

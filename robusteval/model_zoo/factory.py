@@ -90,9 +90,8 @@ def create_model(
     """
     target = resolve_device(device)
     if name.startswith("robustbench:"):
-        from robusteval.model_zoo.robustbench_zoo import (
-            create_robustbench_model,  # deferred: it imports robustbench
-        )
+        # deferred: it imports robustbench
+        from robusteval.model_zoo.robustbench_zoo import create_robustbench_model
 
         return create_robustbench_model(
             name.split(":", 1)[1], dataset=dataset, threat_model=threat_model, model_dir=model_dir,

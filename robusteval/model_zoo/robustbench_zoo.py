@@ -87,17 +87,13 @@ def robustbench_models(dataset: str = "cifar10", threat_model: str = "Linf") -> 
 
 def _zoo(dataset: str, threat_model: str) -> tuple[Any, dict[str, dict[str, Any]]]:
     """Resolve (dataset, threat model) to RobustBench's enums and its dict of model entries."""
-    from robusteval.core import (
-        autoattack_alias,  # deferred: installed right before robustbench is imported
-    )
+    # deferred: installed right before robustbench is imported
+    from robusteval.core import autoattack_alias
 
     autoattack_alias.install()  # robustbench imports `autoattack`
-    from robustbench.model_zoo import (
-        model_dicts,  # deferred: robustbench is imported only for robustbench:<Name> models
-    )
-    from robustbench.model_zoo.enums import (
-        BenchmarkDataset,  # deferred: robustbench is imported only for robustbench:<Name> models
-    )
+    # deferred: robustbench is imported only for robustbench:<Name> models
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset
 
     by_name = {d.value: d for d in BenchmarkDataset}
     if dataset.lower() not in by_name:

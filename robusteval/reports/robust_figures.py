@@ -26,9 +26,9 @@ from robusteval.reports.figure_layout import (
     finish,
     flag_handle,
     identity_handle,
+    literal_text,
     panels,
     styled,
-    literal_text,
 )
 from robusteval.reports.loading import Run
 from robusteval.reports.paths import slug

@@ -37,9 +37,8 @@ def lower_confidence_bound(count: int, n: int, alpha: float) -> float:
 
     That is the lower end of the two-sided (1 − 2α) exact interval.
     """
-    from statsmodels.stats.proportion import (
-        proportion_confint,  # deferred: statsmodels costs ~0.8 s to import
-    )
+    # deferred: statsmodels costs ~0.8 s to import
+    from statsmodels.stats.proportion import proportion_confint
 
     _check_alpha(alpha)
     if n <= 0 or not 0 <= count <= n:

@@ -52,9 +52,8 @@ class OfficialArchitecture:
 
 
 def _jem() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        jem,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import jem
 
     return OfficialArchitecture(
         model="jem", datasets=jem.DATASETS, repository="https://github.com/wgrathwohl/JEM",
@@ -76,9 +75,8 @@ def _jem() -> OfficialArchitecture:
 
 
 def _gmmc() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        gmmc,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import gmmc
 
     return OfficialArchitecture(
         model="gmmc", datasets=gmmc.DATASETS, repository="https://github.com/sndnyang/GMMC",
@@ -100,9 +98,8 @@ def _gmmc() -> OfficialArchitecture:
 
 
 def _dmae() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        dmae_vit,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import dmae_vit
 
     return OfficialArchitecture(
         model="dmae", datasets=dmae_vit.DATASETS, repository="https://github.com/quanlin-wu/dmae",
@@ -132,9 +129,8 @@ def _dmae() -> OfficialArchitecture:
 
 
 def _cohen() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        cohen,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import cohen
 
     return OfficialArchitecture(
         model="cohen", datasets=cohen.DATASETS, repository="https://github.com/locuslab/smoothing",
@@ -150,9 +146,8 @@ def _cohen() -> OfficialArchitecture:
 
 
 def _jdm() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        jdm,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import jdm
 
     return OfficialArchitecture(
         model="jdm", datasets=jdm.DATASETS, repository=jdm.REPOSITORY, architecture=jdm.ARCHITECTURE,
@@ -163,9 +158,8 @@ def _jdm() -> OfficialArchitecture:
 
 
 def _egc() -> OfficialArchitecture:
-    from robusteval.model_zoo.official import (
-        egc,  # deferred: each official architecture loads with its file
-    )
+    # deferred: each official architecture loads with its file
+    from robusteval.model_zoo.official import egc
 
     return OfficialArchitecture(
         model="egc", datasets=egc.DATASETS, repository=egc.REPOSITORY, architecture=egc.ARCHITECTURE,

@@ -73,9 +73,8 @@ class _ScheduleOnCPU(TorchFunctionMode):
 def vision_transformer(embed_dim: int, depth: int, num_heads: int, patch_size: int, num_classes: int,
                        img_size: int = 224, mlp_ratio: float = 4.0, global_pool: bool = True) -> nn.Module:
     """timm's ViT configured as models_vit.py's constructors (no download, random weights)."""
-    from timm.models.vision_transformer import (
-        VisionTransformer,  # deferred: timm costs ~4 s to import
-    )
+    # deferred: timm costs ~4 s to import
+    from timm.models.vision_transformer import VisionTransformer
 
     with _ScheduleOnCPU():
         return VisionTransformer(
