@@ -3,6 +3,8 @@ left off. Positions are read from the bar after each update: no timing."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 import robusteval
@@ -16,7 +18,7 @@ EPS = [0.05, 0.1, 0.15]
 class _Recording(AttackProgress):
     """The engine's bar, remembering where it stood after every update."""
 
-    bars: list[_Recording] = []
+    bars: ClassVar[list[_Recording]] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,7 +51,8 @@ def standard():
 
 
 def _run(model, out=None, **keywords):
-    options = dict(attack="pgd", eps=EPS, n=30, batch_size=30, device="cpu", seed=4, large_eps_check=False)
+    options = {"attack": "pgd", "eps": EPS, "n": 30, "batch_size": 30, "device": "cpu", "seed": 4,
+               "large_eps_check": False}
     return robusteval.evaluate_attack(model, "digits", out=out, progress=True, **(options | keywords))
 
 

@@ -55,12 +55,12 @@ from robusteval.attacks.resume import (
 from robusteval.attacks.settings import ResolvedAttackSettings
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
-from robusteval.core.interface import JointModel, trusted_inputs
+from robusteval.core.interface import trusted_inputs
 from robusteval.core.vocabulary import DefenseSpec
 from robusteval.jobs import Job, Resolved
 from robusteval.records import AttackConfig
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
-from robusteval.runs.shards import MergeRefused, Shard, ShardRun, shard_title
+from robusteval.runs.shards import MergeRefused, ShardRun, shard_title
 
 logger = logging.getLogger(__name__)
 # In the shard holding batch 0: the checks that ran the model again, for `robusteval merge`.

@@ -27,8 +27,16 @@ from robusteval.core.interface import JointModel
 from robusteval.core.preflight import check_eps_budget
 from robusteval.core.vocabulary import parse_defense
 from robusteval.data import default_eps
-from robusteval.jobs import JobOptions, Resolved, resolve, split_keywords
+from robusteval.jobs import (
+    JobOptions,
+    Resolved,
+    resolve,
+    shows_keywords,
+    split_keywords,
+)
 
+
+@shows_keywords(AttackSettings)
 def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords: Any) -> AttackJob:
     """Resolve and validate an attack evaluation without running it (keywords: see `evaluate_attack`)."""
     own, options = split_keywords(keywords, AttackSettings)
@@ -67,6 +75,7 @@ def resolve_settings(settings: AttackSettings, resolved: Resolved) -> ResolvedAt
         decision_draws=int(settings.decision_draws))
 
 
+@shows_keywords(AttackSettings)
 def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: str | Path | None = None,
                     resume: bool = True, progress: bool = False, **keywords: Any) -> AttackResult:
     """Adversarial robust accuracy of `model` (with its `defense` in the loop) over an ε list.
