@@ -83,8 +83,8 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     `model`: a JointModel (see `robusteval.wrap`) or a registered name.
     `dataset`: a data set name, an .npz path, an ImageDataset, or a pair (x, y) of
     [0, 1] images (N, C, H, W) and integer labels; the first `n` points are used.
-    Keywords: the `AttackSettings` and the `robusteval.jobs.JobOptions` (data_dir,
-    checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device) of every evaluation.
+    Keywords: the `AttackSettings` and the `robusteval.jobs.JobOptions` of every
+    evaluation (all listed at the end, with their defaults).
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
     'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or

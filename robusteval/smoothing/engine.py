@@ -426,8 +426,7 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     (image, draw) pairs per forward pass), compile (True / False / None for
     "when it pays off"); out (a run directory, resumed when it holds the same
     configuration; None: in memory), resume (True), progress (False); and the
-    `robusteval.jobs.JobOptions` of every evaluation (data_dir, checkpoint,
-    model_dir, allow_unsafe_pickle, vae, model_config, device).
+    `robusteval.jobs.JobOptions` of every evaluation (all listed at the end).
     """
     return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
                    futility=futility, **keywords)
