@@ -11,18 +11,21 @@ evaluation. An engine then builds a `Job`: a frozen configuration, its hash
 and default run directory, and `run()`.
 
 To add an option to every evaluation command and API entry point, add a
-field to `JobOptions` (with its `cli` metadata); read it where it acts.
+field to `JobOptions` (with its `cli` metadata); read it where it acts. The
+entry points' signatures and docstrings list it by themselves (`shows_keywords`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -257,3 +260,53 @@ class Job:
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False) -> Any:
         raise NotImplementedError
+
+
+# --- signatures that show every keyword --------------------------------------------------------------------
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def keyword_parameters(source: Callable[..., Any] | type) -> list[inspect.Parameter]:
+    """The keywords a source takes: a dataclass's fields (with their defaults), or a function's keyword-only
+    parameters."""
+    if dataclasses.is_dataclass(source):
+        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_field_default(f),
+                                  annotation=f.type) for f in dataclasses.fields(source) if f.init]
+    return [p for p in inspect.signature(source).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return inspect.Parameter.empty
+
+
+def shows_keywords(*sources: Callable[..., Any] | type, without: Sequence[str] = ()) -> Callable[[_Function], _Function]:
+    """Decorate an entry point that passes `**keywords` on: its signature (what help(), inspect.signature and
+    editors show) lists every keyword it accepts instead, and its docstring ends with them and their defaults.
+
+    The keywords are the function's own parameters, then those of each of `sources` (`keyword_parameters`),
+    then the `JobOptions` fields, each once; `without` names keywords the entry point refuses although a
+    source has them. Only the documentation changes: the keywords are still checked where they are used, so an
+    option still lives in one place.
+    """
+    def decorate(function: _Function) -> _Function:
+        own = inspect.signature(function)
+        parameters = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        names = {p.name for p in parameters} | set(without)
+        added = []
+        for parameter in [p for source in (*sources, JobOptions) for p in keyword_parameters(source)]:
+            if parameter.name not in names:
+                names.add(parameter.name)
+                added.append(parameter)
+        function.__signature__ = own.replace(parameters=parameters + added)  # type: ignore[attr-defined]
+        listed = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
+                           for p in added)
+        function.__doc__ = (inspect.cleandoc(function.__doc__ or "") + "\n\nEvery other keyword it takes, with its "
+                            "default (generated from the settings and `robusteval.jobs.JobOptions`):\n"
+                            + textwrap.fill(listed, 100, initial_indent="    ", subsequent_indent="    "))
+        return function
+
+    return decorate

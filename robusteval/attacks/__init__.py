@@ -2,8 +2,9 @@
 
 from robusteval.attacks.catalog import ATTACKS, AttackSpec, resolve_attack
 from robusteval.attacks.engine import AttackJob
-from robusteval.attacks.evaluate import AttackSettings, evaluate_attack, prepare_attack
+from robusteval.attacks.evaluate import evaluate_attack, prepare_attack
 from robusteval.attacks.results import AttackResult
+from robusteval.attacks.settings import AttackSettings, ResolvedAttackSettings
 from robusteval.attacks.verification import verify_adversarial
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "AttackResult",
     "AttackSettings",
     "AttackSpec",
+    "ResolvedAttackSettings",
     "evaluate_attack",
     "prepare_attack",
     "resolve_attack",

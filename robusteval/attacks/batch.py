@@ -84,6 +84,7 @@ class _Targets:
     b: int
     e: int
     eps: float
+    n_eps: int  # how many ε the batch is attacked at (for the progress bar's share of the work done)
     x: Tensor
     y: Tensor
     correct: Tensor
@@ -133,7 +134,8 @@ class BatchAttacker:
         state = (saved or self._fresh_state(b, x, y, x_cpu)).to(self.job.device)
         notes = set(state.notes)
         correct = state.clean_prediction == y
-        targets = _Targets(b, 0, 0.0, x, y, correct, correct)
+        targets = _Targets(b, 0, 0.0, len(eps_list), x, y, correct, correct)
+        progress.advance(x.shape[0], state.finished_eps / len(eps_list))  # a resumed batch: its finished ε
         for e, eps in enumerate(eps_list):
             if e < state.finished_eps:
                 continue  # finished before the previous call was killed
@@ -142,6 +144,7 @@ class BatchAttacker:
             self._recheck(state, targets)
             self._attack_at(state, targets, notes, progress)
             self._record_eps(state, targets)
+            progress.advance(x.shape[0], (e + 1) / len(eps_list))
             progress.postfix(e, correct, state.broken, 0)
             if partial is not None and e + 1 < len(eps_list):
                 state.notes = sorted(notes)
@@ -219,6 +222,9 @@ class BatchAttacker:
                 self._describe(progress, state, t, label, idx)
                 seed = None if component.minimization else attack_seed(job.seed, t.b, t.e, v)
                 won = self._run_component(state, t, component, idx, v, c, seed)
+                # This ε's share of the batch, split evenly over the variants and their components.
+                done = (v + (c + 1) / len(built.components)) / len(job.variants)
+                progress.advance(t.x.shape[0], (t.e + done) / t.n_eps)
                 targets[won] = False
                 state.standard[won] = True
                 for i in won.tolist():

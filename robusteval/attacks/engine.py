@@ -26,18 +26,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from robusteval.attacks import sanity
-from robusteval.attacks import sanity as _sanity
 from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec, resolve_attack
-from robusteval.attacks.defenses import DECISION_DRAWS, DeployedPipeline
+from robusteval.attacks.defenses import DeployedPipeline
 from robusteval.attacks.progress import AttackProgress
 from robusteval.attacks.reliability import (
     CheckPlan,
@@ -45,7 +43,7 @@ from robusteval.attacks.reliability import (
     record_checks,
     run_checks,
 )
-from robusteval.attacks.results import AttackResult, robustness_curve
+from robusteval.attacks.results import AttackResult
 from robusteval.attacks.resume import (
     adversarial_file_name,
     load_shard,
@@ -54,14 +52,15 @@ from robusteval.attacks.resume import (
     save_atomically,
     shard_name,
 )
+from robusteval.attacks.settings import ResolvedAttackSettings
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
-from robusteval.core.interface import JointModel, trusted_inputs
-from robusteval.core.vocabulary import parse_defense
-from robusteval.jobs import Job
+from robusteval.core.interface import trusted_inputs
+from robusteval.core.vocabulary import DefenseSpec
+from robusteval.jobs import Job, Resolved
 from robusteval.records import AttackConfig
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
-from robusteval.runs.shards import MergeRefused, Shard, ShardRun, shard_title
+from robusteval.runs.shards import MergeRefused, ShardRun, shard_title
 
 logger = logging.getLogger(__name__)
 # In the shard holding batch 0: the checks that ran the model again, for `robusteval merge`.
@@ -69,36 +68,90 @@ MODEL_CHECKS_FILE = "model_checks.json"
 
 
 class AttackJob(Job):
-    """A prepared attack evaluation; `config` (frozen) is what identifies it on disk."""
+    """A prepared attack evaluation: the resolved model and data, and the resolved settings it runs with.
 
-    def __init__(self, model: JointModel, x: Tensor, y: Tensor, *, model_name: str, dataset_name: str,
-                 spec: AttackSpec, norm: str, eps: list[float], defense: str, gradient: str, eot: int,
-                 steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
-                 large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True,
-                 companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None,
-                 decision_draws: int = DECISION_DRAWS):
-        self.model, self.x, self.y = model, x, y
-        self.spec, self.norm, self.eps = spec, norm, eps
-        self.defense = parse_defense(defense)
-        self.gradient, self.eot, self.steps, self.step_size = gradient, eot, steps, step_size
-        self.seed, self.batch_size, self.device = seed, batch_size, device
-        self.large_eps_check, self.masking_checks = large_eps_check, masking_checks
-        self.decision_draws = decision_draws
-        self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
+    `config` (frozen) is what identifies it on disk. The fields of `AttackPlan` (what the batch attacker and
+    the run checks read) are the settings', read through.
+    """
+
+    def __init__(self, resolved: Resolved, settings: ResolvedAttackSettings):
+        self.settings = settings
+        self.model, self.device = resolved.model, resolved.device
+        data = resolved.data
+        self.x = data.x[: settings.n].detach().to(torch.float32).cpu()
+        self.y = data.y[: settings.n].detach().to(torch.long).cpu()
+        checkpoint = resolved.options.checkpoint
         self._freeze(AttackConfig(
-            model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
-            n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
-            gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-            decision_draws=decision_draws, large_eps_check=large_eps_check,
-            masking_checks=masking_checks,
+            model=resolved.model_name, checkpoint=str(checkpoint) if checkpoint is not None else None,
+            model_fingerprint=_fingerprint(self.model), dataset=data.name, n=settings.n, attack=settings.spec.name,
+            norm=settings.norm, eps=list(settings.eps), defense=str(settings.defense), gradient=settings.gradient,
+            eot=settings.eot, steps=settings.steps, step_size=settings.step_size, seed=settings.seed,
+            batch_size=settings.batch_size, decision_draws=settings.decision_draws,
+            large_eps_check=settings.large_eps_check, masking_checks=settings.masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
-            **{k: str(v) for k, v in (companions or {}).items()},
-        ).to_json(), shard)
+            **{k: str(v) for k, v in resolved.options.official_files().items()},
+        ).to_json(), resolved.options.shard)
         # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
-        total = math.ceil(self.n / batch_size)
-        self.batches = self.shard.batches(total) if self.shard is not None else range(total)
-        self.name_parts = (model_name, dataset_name, spec.name, norm) + (
-            (str(self.defense),) if self.defense.kind != "none" else ())
+        self.batches = self.shard.batches(self.n_batches) if self.shard is not None else range(self.n_batches)
+        self.name_parts = (resolved.model_name, data.name, settings.spec.name, settings.norm) + (
+            (str(settings.defense),) if settings.defense.kind != "none" else ())
+
+    # --- the settings, as `AttackPlan` names them -----------------------------------------------------
+    @property
+    def spec(self) -> AttackSpec:
+        return self.settings.spec
+
+    @property
+    def norm(self) -> str:
+        return self.settings.norm
+
+    @property
+    def eps(self) -> list[float]:
+        return list(self.settings.eps)
+
+    @property
+    def defense(self) -> DefenseSpec:
+        return self.settings.defense
+
+    @property
+    def gradient(self) -> str:
+        return self.settings.gradient
+
+    @property
+    def variants(self) -> list[str]:
+        return self.settings.variants
+
+    @property
+    def eot(self) -> int:
+        return self.settings.eot
+
+    @property
+    def steps(self) -> int | None:
+        return self.settings.steps
+
+    @property
+    def step_size(self) -> float | None:
+        return self.settings.step_size
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def large_eps_check(self) -> bool:
+        return self.settings.large_eps_check
+
+    @property
+    def masking_checks(self) -> bool:
+        return self.settings.masking_checks
+
+    @property
+    def decision_draws(self) -> int:
+        return self.settings.decision_draws
 
     @property
     def n(self) -> int:
@@ -177,7 +230,8 @@ class AttackJob(Job):
         # this call's work outside the batches (loading, checks): the time of all processes, not the last one's.
         batches = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records}.values())
         overhead = time.perf_counter() - started - batch_wall
-        result = self._result(records, checks, large, sorted(notes), seconds=round(batches + overhead, 3))
+        result = AttackResult.of_run(self.config, records, checks, large, sorted(notes) + gpu_notes(self.device),
+                                     seconds=round(batches + overhead, 3))
         result.adversarial, result.records = merged, records
         result.run_dir = run_dir.path if run_dir is not None else None
         if run_dir is not None:
@@ -229,17 +283,6 @@ class AttackJob(Job):
             run_dir.artifact(shard_name(b)).unlink(missing_ok=True)
             # Left behind when a kill came between a batch's records and the removal of its partial state.
             run_dir.artifact(partial_name(b)).unlink(missing_ok=True)
-
-    def _result(self, records: list[dict[str, Any]], checks: list[sanity.Check], large: dict[str, Any] | None,
-                notes: list[str], seconds: float) -> AttackResult:
-        n = len(records)
-        return AttackResult(
-            model=self.config["model"], dataset=self.config["dataset"], n=n, attack=self.spec.name, norm=self.norm,
-            defense=str(self.defense), clean_accuracy=sum(1 for r in records if r["correct"]) / n,
-            curve=robustness_curve(records, self.eps), flags=sanity.flags_of(checks), seconds=seconds,
-            gradient=self.gradient, eot=self.eot, seed=self.seed, batch_size=self.batch_size,
-            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes + gpu_notes(self.device),
-        )
 
     def _finished(self, run_dir: RunDirectory, records: list[dict[str, Any]]) -> AttackResult | None:
         """The result of a run directory that is already complete (None when its files are not all there)."""
@@ -312,16 +355,9 @@ class _AttackMerger:
                          model.randomized)
         checks = record_checks(plan, records, model)
         summaries = [AttackResult.from_summary(s.summary or {}) for s in shards]
-        result = AttackResult(
-            model=config["model"], dataset=config["dataset"], n=len(records), attack=config["attack"],
-            norm=config["norm"], defense=config["defense"],
-            clean_accuracy=sum(1 for r in records if r["correct"]) / len(records),
-            curve=robustness_curve(records, eps), flags=_sanity.flags_of(checks),
-            seconds=round(sum(s.seconds or 0.0 for s in summaries), 3), gradient=config["gradient"],
-            eot=config["eot"], seed=config["seed"], batch_size=config["batch_size"],
-            checks=[c.as_dict() for c in checks], large_eps=model.large,
-            notes=sorted(set().union(*(s.notes for s in summaries))),
-        )
+        result = AttackResult.of_run(config, records, checks, model.large,
+                                     sorted(set().union(*(s.notes for s in summaries))),
+                                     seconds=round(sum(s.seconds or 0.0 for s in summaries), 3))
         return result.summary()
 
     def files(self, config: dict[str, Any], shards: list[ShardRun]) -> dict[str, bytes]:

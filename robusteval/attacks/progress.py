@@ -1,4 +1,8 @@
-"""The attack engine's progress bar: points done, the current batch, ε and component, and the robust share so far."""
+"""The attack engine's progress bar: points done, the current batch, ε and component, and the robust share so far.
+
+The bar counts points; within a batch it moves as the work of each ε, and of each attack component at that ε,
+finishes (`advance`), so a run of one large batch does not sit at 0% until its end.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ class AttackProgress:
                         disable=not enabled)
         self.enabled = enabled
         self.seen = initial  # points of finished batches (tqdm keeps no count when disabled)
+        self.position = initial  # where the bar stands: `seen` plus the finished share of the batch under attack
         self.robust_done = robust_done if robust_done is not None else [0] * n_eps
         self.title = title  # e.g. "shard 2/4": which part of a sharded run this bar shows
 
@@ -29,12 +34,21 @@ class AttackProgress:
         robust = self.robust_done[e] + int((correct & ~broken).sum())
         self.bar.set_postfix(left=left, robust=f"{robust / max(seen, 1):.1%}")
 
+    def advance(self, points: int, share: float) -> None:
+        """`share` (0 to 1) of the work on the batch of `points` under attack is done; the bar never moves back."""
+        self._move_to(self.seen + int(points * min(max(share, 0.0), 1.0)))
+
     def finished(self, points: int, robust: list[int] | None = None) -> None:
         """A batch of `points` is done; `robust` counts its robust points per ε."""
         for e, count in enumerate(robust or []):
             self.robust_done[e] += count
         self.seen += points
-        self.bar.update(points)
+        self._move_to(self.seen)
+
+    def _move_to(self, position: int) -> None:
+        if position > self.position:
+            self.bar.update(position - self.position)
+            self.position = position
 
     def close(self) -> None:
         self.bar.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from robusteval.attacks import sanity
 from robusteval.records import AttackSummary, CurvePoint
 
 
@@ -40,6 +42,21 @@ class AttackResult(AttackSummary):
             if math.isclose(point.eps, eps, rel_tol=0, abs_tol=1e-12):
                 return point.robust_accuracy
         raise KeyError(f"eps {eps} is not on the curve (have {self.eps})")
+
+    @classmethod
+    def of_run(cls, config: Mapping[str, Any], records: list[dict[str, Any]], checks: Sequence[sanity.Check],
+               large_eps: dict[str, Any] | None, notes: list[str], seconds: float) -> AttackResult:
+        """The figures of a run with configuration `config` (its config.json) from all its records, the checks
+        that ran on it, the large-ε check's result and the run's notes and seconds."""
+        eps = list(config["eps"])
+        return cls(
+            model=config["model"], dataset=config["dataset"], n=len(records), attack=config["attack"],
+            norm=config["norm"], defense=config["defense"],
+            clean_accuracy=sum(1 for r in records if r["correct"]) / len(records),
+            curve=robustness_curve(records, eps), flags=sanity.flags_of(checks), seconds=seconds,
+            gradient=config["gradient"], eot=config["eot"], seed=config["seed"], batch_size=config["batch_size"],
+            checks=[c.as_dict() for c in checks], large_eps=large_eps, notes=notes,
+        )
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> AttackResult:

@@ -31,7 +31,7 @@ from torch import Tensor
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel
-from robusteval.jobs import Job, JobOptions, Resolved, resolve
+from robusteval.jobs import Job, JobOptions, Resolved, resolve, shows_keywords
 from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
 from robusteval.runs import RunDirectory
 
@@ -124,6 +124,7 @@ class DenoiseJob(Job):
                 for i in range(start, stop)]
 
 
+@shows_keywords(without=("shard",))
 def prepare_denoising(model: JointModel | str, dataset: Any = "digits", *,
                       sigmas: Sequence[float] = (0.12, 0.25, 0.5), n_images: int | None = None,
                       batch_size: int | None = None, seed: int = 0, **options: Any) -> DenoiseJob:
@@ -132,6 +133,7 @@ def prepare_denoising(model: JointModel | str, dataset: Any = "digits", *,
                       batch_size=batch_size, seed=seed)
 
 
+@shows_keywords(without=("shard",))
 def evaluate_denoising(
     model: JointModel | str,
     dataset: Any = "digits",

@@ -20,7 +20,7 @@ from robusteval.core.checkpoints import CheckpointError
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.generative.quality import sample_confidence
-from robusteval.jobs import JobOptions, resolve
+from robusteval.jobs import JobOptions, resolve, shows_keywords
 from robusteval.model_zoo.factory import create_model
 from robusteval.reports.image_grids import save_counterfactual_grid, save_sample_grid
 
@@ -56,6 +56,7 @@ def _sample_labels(n: int, num_classes: int, class_index: int | None,
     return None, None
 
 
+@shows_keywords(without=("shard",))
 def sample(model: JointModel | str, dataset: Any = "digits", *, n: int = 100, class_index: int | None = None,
            conditional: bool = True, seed: int = 0, out: str | Path = "samples.png", **options: Any) -> SampleResult:
     """Draw `n` samples (class-conditional rows, one class, or unconditional) and write them as a PNG grid.
@@ -96,6 +97,7 @@ class CounterfactualResult:
     judge: str = "standard"  # who read them: the standard baseline, or the model itself where it has no weights
 
 
+@shows_keywords(without=("shard",))
 def counterfactual(model: JointModel | str = "jdm", dataset: Any = "digits", *, n: int = 10,
                    target: int | None = None, t_start: float | None = None, guidance: float | None = None,
                    seed: int = 0, out: str | Path = "counterfactuals.png", **options: Any) -> CounterfactualResult:

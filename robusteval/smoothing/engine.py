@@ -37,7 +37,7 @@ from robusteval.core.interface import (
     validate_images,
 )
 from robusteval.data import ImageDataset
-from robusteval.jobs import Job, JobOptions, Resolved, resolve
+from robusteval.jobs import Job, JobOptions, Resolved, resolve, shows_keywords
 from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.records import (
     CertifySample,
@@ -363,6 +363,7 @@ def _warn_sigma_mismatch(model: JointModel, sigma: float) -> None:
         logger.warning("model %s was trained with noise sigma %s but is smoothed at sigma %s", model.name, trained, sigma)
 
 
+@shows_keywords()
 def prepare_smoothing(model: JointModel | str, dataset: Any, settings: SmoothingSettings, *,
                       n_images: int | None = None, skip: int = 0, batch_size: int | None = None,
                       compile: bool | None = None, **options: Any) -> SmoothingJob:
@@ -374,6 +375,24 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
+def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int | None,
+            alpha: float = 0.001, mode: str = "direct", seed: int = 0, method: str = "cohen",
+            radii: Sequence[float] | None = None, n_max: int | None = None, futility: float | None = None,
+            out: str | Path | None = None,
+            resume: bool = True, progress: bool = False, **keywords: Any) -> SmoothingResult:
+    """The one body of `certify` and `predict`: settings checked first, then the prepared job run."""
+    if kind == "certify":
+        settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
+                                    radii=radii, n_max=n_max, futility=futility)
+    else:
+        if n_max is not None or radii is not None or futility is not None or method != "cohen":
+            raise UsageError("method, radii, n_max and futility are certify's; predict draws n per image")
+        settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
+                                     seed=seed)
+    return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
+
+
+@shows_keywords(_smooth, prepare_smoothing)
 def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
             sigma: float, n0: int = 100, n: int | None = None, method: str = "cohen",
             radii: Sequence[float] | None = None, n_max: int | None = None, futility: float | None = None,
@@ -407,13 +426,13 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     (image, draw) pairs per forward pass), compile (True / False / None for
     "when it pays off"); out (a run directory, resumed when it holds the same
     configuration; None: in memory), resume (True), progress (False); and the
-    `robusteval.jobs.JobOptions` of every evaluation (data_dir, checkpoint,
-    model_dir, allow_unsafe_pickle, vae, model_config, device).
+    `robusteval.jobs.JobOptions` of every evaluation (all listed at the end).
     """
     return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
                    futility=futility, **keywords)
 
 
+@shows_keywords(_smooth, prepare_smoothing, without=("n0", "method", "radii", "n_max", "futility"))
 def predict(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
             sigma: float, n: int = 1000, **keywords: Any) -> SmoothingResult:
     """PREDICT (Cohen et al. 2019) every image: the smoothed class, or abstain when not significant at α.
@@ -423,23 +442,6 @@ def predict(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     runner_up_count (the top two counts of n draws), p_value and seconds.
     """
     return _smooth("predict", model, dataset, sigma=sigma, n0=0, n=n, **keywords)
-
-
-def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int | None,
-            alpha: float = 0.001, mode: str = "direct", seed: int = 0, method: str = "cohen",
-            radii: Sequence[float] | None = None, n_max: int | None = None, futility: float | None = None,
-            out: str | Path | None = None,
-            resume: bool = True, progress: bool = False, **keywords: Any) -> SmoothingResult:
-    """The one body of `certify` and `predict`: settings checked first, then the prepared job run."""
-    if kind == "certify":
-        settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
-                                    radii=radii, n_max=n_max, futility=futility)
-    else:
-        if n_max is not None or radii is not None or futility is not None or method != "cohen":
-            raise UsageError("method, radii, n_max and futility are certify's; predict draws n per image")
-        settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
-                                     seed=seed)
-    return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
 
 
 class _SmoothingMerger:
