@@ -205,7 +205,7 @@ def echo_smoothing_summary(summary: dict, path: Path) -> None:
 @click.option("--n-max", type=int, default=None,
               help="Sequential method: at most this many estimation draws per image (default 100,000).")
 @click.option("--futility", type=float, default=None, metavar="CHANCE",
-              help="Sequential method: give a radius up once its chance to be certified by --n-max is below CHANCE "
+              help="Sequential method: give a radius up once its chance to be certified at --n-max is below CHANCE "
                    "even at p_A's upper 95%% bound (default 0.02; 0: draw until decided or --n-max).")
 def certify_command(**params: object) -> None:
     """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY, or sequential on a radius grid);

@@ -7,7 +7,8 @@ n0 selection draws, the smoothed classifier is certified at radius r exactly
 when p_A > Φ(r/σ), so each grid radius is a test of p_A against a threshold,
 and most images settle every test long before n draws.
 
-Method (a betting confidence sequence for p_A, checked at a fixed schedule of looks):
+Method (a betting confidence sequence for p_A, checked at a fixed schedule of looks, and in the default
+"spending" design an exact test at n_max that spends what the sequence leaves of α):
 
 - Bets. For a threshold c, a gambler who starts with wealth 1 and stakes a
   fraction μ ∈ (0, 1] on each draw x ∈ {0, 1} (1: the draw returns ĉ) ends
@@ -31,12 +32,36 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   that any grid radius is wrongly certified at any look, hence at the
   data-dependent look where the image stops, is at most α per image: CERTIFY's
   guarantee, with no price for looking often (no union bound over looks or
-  radii). Symmetrically, a radius is wrongly declared not certifiable (an
+  radii). This is the "betting" design; the default spends α differently
+  (below). Symmetrically, a radius is wrongly declared not certifiable (an
   abstention at that radius, never a wrong certificate) with probability at
   most α. The radius σ·Φ⁻¹(L) at the stop is a valid certificate as well (at
   least the largest certified grid radius). Conditional on ĉ the estimation
   draws are fresh i.i.d. Bernoulli(p_A), since the n0 selection draws are a
   separate stream.
+- Spending design (the default). All of α on the betting sequence costs
+  power where CERTIFY is strong: at n_max the mixture allows fewer failures
+  than CERTIFY's Clopper–Pearson test at the same n (r = 0.75, σ = 0.25,
+  n = 10,000: 1 against 3), and images near a threshold lose half their
+  certificates. So the sequence certifies early at a share α_seq of α (5%,
+  `sequence_share`), and at n_max a threshold c is certified with at most
+  a(c) failures, the largest count for which
+      P_c(the sequence certifies c at some look before n_max, or at most
+          a(c) failures among the n_max draws) ≤ α,
+  computed exactly (`exact_final_allowance`: the law of the failure count
+  is propagated from look to look and the mass that certified early taken
+  out). Both events only shrink as p_A falls (more failures on a coupled
+  stream), so certifying c is wrong with probability ≤ α for every p_A ≤ c;
+  a(c) is made non-increasing along the grid, so certifying a radius
+  certifies every smaller one and the guarantee holds for the grid at once.
+  The early certificates cost α only where they do not end within the
+  allowance anyway, so a(c) is CERTIFY's count at r = 0.25, 0.5 and 0.75
+  (σ = 0.25, α = 0.001, n = 10,000). The reported lower bound is the
+  betting bound at α_seq, and at n_max the larger of it and the one-sided
+  Clopper–Pearson bound at α − α_seq: valid at α by a union bound. It is a
+  bound on p_A, not on the grid: at n_max an image certified at r with
+  exactly a(c) failures may report a radius σΦ⁻¹(L) a little below r (the
+  grid decision, largest_certified_radius, is the test above).
 - Looks. The draws are examined at the cumulative counts n_1 = first_look,
   n_(k+1) = max(round(growth · n_k), n_k + min_step) while below n_max, then
   n_max (by default every 3%, at least 10 draws apart), fixed before any
@@ -49,17 +74,23 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   given up (below). An image stops at the first look where every grid radius
   is decided, or at n_max; radii undecided at n_max are not certified.
 - Giving up (stopping for futility, by conditional power as in stochastically
-  curtailed trials). A certificate at threshold c by n_max allows at most
-  F_c failures among the n_max draws (the most for which E⁺(c) ≥ 1/α at
-  n_max). With F failures among n draws so far, the chance that the
-  remaining n_max − n draws add at most F_c − F failures is increasing in
-  p_A and falls below δ (`futility`, 2%) for p_A below some p*. The lowest
+  curtailed trials). A certificate at threshold c at n_max allows at most
+  F_c failures among the n_max draws (a(c) above; in the betting design the
+  most for which E⁺(c) ≥ 1/α at n_max). With F failures among n draws so
+  far, the chance to be certified *at* n_max, that the remaining n_max − n
+  draws add at most F_c − F failures, is increasing in p_A and falls below
+  δ (`futility`, 2%) for p_A below some p*. It is a lower bound on the
+  chance to be certified *by* n_max (an early look can certify too), so
+  the rule gives up a little sooner than one on that chance would; it is
+  the rule, and the one these docs and the option name. The lowest
   undecided radius, and with it every higher one, is given up when the
   betting upper bound at level γ (`futility_alpha`, 5%) is below p*, i.e.
   E⁻_γ(p*) ≥ 1/γ. Giving up never certifies anything, so the α guarantee
   above is untouched; what it can cost is power: by Ville's inequality, with
   probability at least 1 − γ per image every radius given up had, at the
-  true p_A, less than δ chance of being certified at n_max. Images whose p_A
+  true p_A, less than δ chance of being certified at n_max. (Measured on
+  shared streams in the spending design: none of the power kept against
+  CERTIFY is lost to it; tests/test_certify_sequential_power.py.) Images whose p_A
   sits near or below a threshold stop long before n_max instead of drawing
   to the budget to learn what was already all but sure. `futility=0` turns
   it off (images then stop only as above).
@@ -103,7 +134,7 @@ DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 1.03
 # ...but never fewer new draws than this per look, so an image's rows in a pass stay worth the bookkeeping.
 DEFAULT_MIN_STEP = 10
-# Give a radius up when its chance to be certified by n_max is below 2% even at p_A's upper 95% bound. Chosen on
+# Give a radius up when its chance to be certified at n_max is below 2% even at p_A's upper 95% bound. Chosen on
 # simulations of the digits models' CERTIFY counts (the same Bernoulli streams for every design): 11% (cdn) and 27%
 # (gaussian) fewer draws, certified accuracy unchanged at every grid radius; 5% / 10% saved 2-4% more.
 DEFAULT_FUTILITY = 0.02
@@ -311,7 +342,9 @@ class SequentialOutcome:
     pA_upper: float
     certified: tuple[bool, ...]  # per grid radius (radius 0 first)
     largest_certified_radius: float | None  # the largest certified grid radius; None when abstaining
-    radius: float  # σ·Φ⁻¹(pA_lower), 0 when abstaining
+    # σ·Φ⁻¹(pA_lower), 0 when abstaining; in the spending design it may fall a little below
+    # largest_certified_radius for an image certified at n_max by the exact test (module docstring).
+    radius: float
 
     @property
     def abstain(self) -> bool:
