@@ -9,9 +9,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
+from robusteval.interface import JointModel
 from robusteval.smoothing.sequential import (
     SequentialTest, betting_allowances, betting_bounds, exact_final_allowance, log_wealth, LOWER_BETS,
 )
@@ -151,3 +153,39 @@ def test_reported_bound_and_radius_are_those_of_the_split():
         SequentialTest(SIGMA, [0.25], ALPHA, N_MAX, design="clopper")
     with pytest.raises(ValueError, match="sequence_share"):
         SequentialTest(SIGMA, [0.25], ALPHA, N_MAX, sequence_share=1.0)
+
+
+class ExtraColumnLater(JointModel):
+    """Declares two classes but its logits have a third column, which wins from the `switch`-th pass on."""
+
+    capabilities = frozenset({"logits"})
+    name = "extra-column"
+
+    def __init__(self, switch: int):
+        super().__init__()
+        self.num_classes, self.input_shape = 2, (1, 8, 8)
+        self.switch, self.calls = switch, 0
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def _logits(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = torch.zeros((x.shape[0], 3), dtype=x.dtype) * self.scale
+        logits[:, 2 if self.calls >= self.switch else 0] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("method", ["cohen", "sequential"])
+def test_a_class_out_of_range_on_a_later_pass_is_refused_naming_the_model(method):
+    from robusteval.smoothing.engine import certify
+    from robusteval.smoothing.sampler import PredictionOutOfRange
+
+    x, y = torch.rand((6, 1, 8, 8)), torch.zeros(6, dtype=torch.int64)
+    sizes = dict(n=400) if method == "cohen" else dict(n_max=400, radii=[0.25])
+    # Sanity: without the extra column winning, every image is certified as class 0.
+    records = certify(ExtraColumnLater(switch=10**9), (x, y), sigma=0.25, n0=10, method=method, batch_size=100,
+                      compile=False, **sizes).records
+    assert all(r["prediction"] == 0 for r in records)
+    model = ExtraColumnLater(switch=3)
+    with pytest.raises(PredictionOutOfRange, match=r"model 'extra-column'.*from 0 to 2.*below 2"):
+        certify(model, (x, y), sigma=0.25, n0=10, method=method, batch_size=100, compile=False, **sizes)
+    assert model.calls >= 3  # the first passes were valid: it is a later pass that is refused

@@ -30,6 +30,7 @@ from robusteval.smoothing import decisions
 from robusteval.smoothing.sampler import (
     NOISE_SCHEME,
     BaseClassifierRunner,
+    PredictionOutOfRange,
     ChunkCounts,
     Classify,
     NoiseSource,
@@ -279,6 +280,8 @@ class SmoothingJob(Job):
                 else:
                     count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
                                   model.num_classes, noise, batch, chunk_images, on_chunk)
+        except PredictionOutOfRange as error:
+            raise PredictionOutOfRange(f"model {model.name!r} (num_classes {model.num_classes}): {error}") from None
         finally:
             model.train(was_training)
         return runner.compiled

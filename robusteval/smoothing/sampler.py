@@ -69,6 +69,37 @@ COMPILE_PAYOFF_FACTOR = 2.0
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
 
+class PredictionOutOfRange(ValueError):
+    """The base classifier returned a class index outside [0, num_classes) on some pass (a model with more logit
+    columns than classes): its rows are counted nowhere, and the run stops at the next read-back of counts."""
+
+
+class RangeCheck:
+    """Out-of-range predictions of every pass, tracked on the device (no host sync per pass) and raised on read-back.
+
+    route() returns each row's flat count index with out-of-range rows sent to the padding index, so they never
+    add to another image's row; check() raises once any pass had one.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.smallest = torch.zeros((), dtype=torch.int64, device=device)
+        self.largest = torch.zeros((), dtype=torch.int64, device=device)
+
+    def route(self, flat_row_start: Tensor, predictions: Tensor, padding: Tensor | int) -> Tensor:
+        predictions = predictions.to(torch.int64)
+        self.smallest = torch.minimum(self.smallest, predictions.min())
+        self.largest = torch.maximum(self.largest, predictions.max())
+        valid = (predictions >= 0) & (predictions < self.num_classes)
+        return torch.where(valid, flat_row_start + predictions, padding)
+
+    def check(self) -> None:
+        smallest, largest = int(self.smallest), int(self.largest)
+        if smallest < 0 or largest >= self.num_classes:
+            raise PredictionOutOfRange(f"the base classifier returned class indices from {smallest} to {largest}; "
+                                       f"it must return indices below {self.num_classes} on every pass")
+
+
 @dataclass(frozen=True)
 class Phase:
     """`draws` noise draws per input from the stream with id `stream`."""
@@ -324,8 +355,9 @@ def count_classes(
         stop = min(start + votes.batch, votes.total)
         predictions = classify(noisy.fill(start, stop), passes - pass_number - 1)
         if pass_number == 0 and (predictions.shape != (votes.batch,) or int(predictions.max()) >= num_classes):
-            # A model whose logits have more columns than num_classes would be miscounted silently.
-            raise ValueError(f"the base classifier must return {votes.batch} class indices below {num_classes}, "
+            # A model whose logits have more columns than num_classes would be miscounted silently (later passes:
+            # _Votes' range check).
+            raise PredictionOutOfRange(f"the base classifier must return {votes.batch} class indices below {num_classes}, "
                              f"got shape {tuple(predictions.shape)} with maximum {int(predictions.max())}")
         votes.add(start, predictions)
         votes.flush(stop // votes.per_image, on_chunk)
@@ -416,6 +448,7 @@ class _Votes:
         self.counts = torch.zeros((self.ring + 1) * len(phases) * num_classes, dtype=torch.int64, device=device)
         self.ones = torch.ones(batch, dtype=torch.int64, device=device)
         self.offsets = torch.arange(batch, device=device)
+        self.range_check = RangeCheck(num_classes, device)
         self.chunk_start = 0
         self.chunk_clock = time.perf_counter()
 
@@ -428,13 +461,15 @@ class _Votes:
         for boundary in self.boundaries[1:-1]:
             phase_slot += within >= int(boundary)
         slot = torch.where(rows < self.total, position % self.ring, torch.full_like(rows, self.ring))
-        flat = (slot * len(self.phases) + phase_slot) * self.num_classes + predictions.to(torch.int64)
+        row_start = (slot * len(self.phases) + phase_slot) * self.num_classes
+        flat = self.range_check.route(row_start, predictions, self.ring * len(self.phases) * self.num_classes)
         self.counts.scatter_add_(0, flat, self.ones)
 
     def flush(self, finished: int, on_chunk: Callable[[ChunkCounts], None]) -> None:
         """Hand out every chunk whose images are all among the first `finished`, and free their slots."""
         while self.chunk_start < self.count and min(self.chunk_start + self.chunk_images, self.count) <= finished:
             chunk_stop = min(self.chunk_start + self.chunk_images, self.count)
+            self.range_check.check()  # before any count is handed on
             slots = torch.arange(self.chunk_start, chunk_stop, device=self.device) % self.ring
             table = self.counts.view(self.ring + 1, len(self.phases), self.num_classes)
             chunk_counts = table[slots].cpu().numpy()

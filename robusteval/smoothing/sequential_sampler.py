@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from robusteval.smoothing.sampler import ESTIMATION, SELECTION, BaseClassifierRunner, NoiseSource, Phase
+from robusteval.smoothing.sampler import (
+    ESTIMATION, SELECTION, BaseClassifierRunner, NoiseSource, Phase, PredictionOutOfRange, RangeCheck,
+)
 from robusteval.smoothing.sequential import SequentialOutcome, SequentialTest
 
 # The count table has one row per image in the pack; keep it at most this many entries.
@@ -97,6 +99,7 @@ class _Pack:
         counts = torch.zeros((self.slots + 1) * num_classes, dtype=torch.int64, device=self.device)  # last: padding
         self.counts, self.table = counts, counts.view(self.slots + 1, num_classes)
         self.ones = torch.ones(batch_size, dtype=torch.int64, device=self.device)
+        self.range_check = RangeCheck(num_classes, self.device)
         self.buffer = torch.zeros((batch_size, *images.shape[1:]), dtype=noise.dtype, device=self.device)
         self.state = test.start(count)
         self.selection = np.zeros((count, num_classes), dtype=np.int64)
@@ -160,10 +163,11 @@ class _Pack:
         predictions = classify(self.buffer, -(-budget_left // self.batch_size))
         if self.passes == 0 and (predictions.shape != (self.batch_size,)
                                  or int(predictions.max()) >= self.num_classes):
-            raise ValueError(f"the base classifier must return {self.batch_size} class indices below "
+            raise PredictionOutOfRange(f"the base classifier must return {self.batch_size} class indices below "
                              f"{self.num_classes}, got shape {tuple(predictions.shape)} with maximum "
                              f"{int(predictions.max())}")
-        flat = torch.from_numpy(slot_rows).to(self.device) * self.num_classes + predictions.to(torch.int64)
+        row_start = torch.from_numpy(slot_rows).to(self.device) * self.num_classes
+        flat = self.range_check.route(row_start, predictions, self.slots * self.num_classes)  # padding row
         self.counts.scatter_add_(0, flat, self.ones)
         self.passes += 1
 
@@ -171,6 +175,7 @@ class _Pack:
         """Images whose round is complete: read their counts back, decide, and let the stopped ones leave."""
         if not complete:
             return
+        self.range_check.check()  # every pass so far, before any count is read
         rows_back = torch.as_tensor(self.slot_of[complete], device=self.device)
         round_counts = self.table[rows_back].cpu().numpy()
         self.table[rows_back] = 0
