@@ -34,6 +34,7 @@ intervals for both.
     python benchmarks/bench_certify.py                   # the full benchmark
     python benchmarks/bench_certify.py --n-images 5 --resnet-images 1   # a quick check
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --sequential-radii 0.25,0.5,0.75 --skip-art
+    python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --simulate-designs 2000   # designs only
 """
 
 from __future__ import annotations
@@ -248,6 +249,47 @@ def compare_sequential(model: JointModel, x: Tensor, y: Tensor, sigma: float, ra
             "certify_forward_passes": cohen_passes, "draws_per_image": draws, "certified_accuracy": rows}
 
 
+def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigma: float, radii: list[float],
+                     alpha: float, n_max: int, n0: int, replicates: int = 3, seed: int = 0) -> list[dict]:
+    """Forward passes and certified accuracy of sequential designs against CERTIFY at n = n_max, simulated.
+
+    Each image's p_A is drawn from the posterior Beta(k + 1, n_pilot − k + 1) of its pilot count k (CERTIFY's
+    count of ĉ among n_pilot draws), `replicates` times; every design and CERTIFY see the same Bernoulli stream
+    (binomial increments between the looks, which all designs share).
+    """
+    from scipy.stats import binom
+    from robusteval.smoothing.sequential import SequentialTest
+
+    rng = np.random.default_rng(seed)
+    p = rng.beta(np.tile(counts, replicates) + 1, n_pilot - np.tile(counts, replicates) + 1)
+    right = np.tile(correct, replicates)
+    designs = {"spending (5% of alpha early)": dict(design="spending"),
+               "spending, 10% early": dict(design="spending", sequence_share=0.1),
+               "spending, 25% early": dict(design="spending", sequence_share=0.25),
+               "betting (all of alpha early)": dict(design="betting")}
+    tests = {name: SequentialTest(sigma, radii, alpha, n_max, **options) for name, options in designs.items()}
+    looks = next(iter(tests.values())).looks
+    failures = np.cumsum(rng.binomial(np.diff(np.concatenate([[0], looks]))[None, :], 1 - p[:, None]), axis=1)
+    thresholds = next(iter(tests.values())).thresholds
+    allowed = [int(np.flatnonzero(binom.cdf(np.arange(n_max + 1), n_max, 1 - c) <= alpha).max(initial=-1))
+               for c in thresholds]
+    certify = [float((right & (failures[:, -1] <= a)).mean()) for a in allowed]
+    rows = [{"design": "CERTIFY n = n_max", "passes_ratio": 1.0, "certified": certify}]
+    for name, test in tests.items():
+        state = test.start(len(p))
+        for look, draws in enumerate(looks):
+            active = np.flatnonzero(~state.done)
+            if active.size:
+                test.observe(state, active, draws - failures[active, look])
+        passes = test.draws_done(state).sum() + n0 * len(p)
+        rows.append({"design": name, "passes_ratio": float(len(p) * (n0 + n_max) / passes),
+                     "certified": [float((right & state.certified[:, k]).mean()) for k in range(len(thresholds))]})
+    for row in rows:
+        figures = ", ".join(f"r={r:g}: {c:.3f}" for r, c in zip([0.0, *radii], row["certified"]))
+        click.echo(f"  {row['design']:<30} {row['passes_ratio']:5.2f}x fewer passes; certified {figures}")
+    return rows
+
+
 def report_whole_call(name: str, sigma: float, args: dict, loop: Timing | None) -> dict:
     """Time the whole call and print it beside the per-image loop's time."""
     whole = whole_call(name, sigma, args)
@@ -353,11 +395,14 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
               help="Also time one certify call as a user runs it (auto compile, warm-up included, fresh process).")
 @click.option("--sequential-radii", default=None,
               help="Also run the sequential method with n_max = n on this radius grid (e.g. 0.25,0.5,0.75).")
+@click.option("--simulate-designs", "pilot_n", type=int, default=None, metavar="PILOT_N",
+              help="Only simulate the sequential designs: CERTIFY with n = PILOT_N gives each image's p_A posterior, "
+                   "then shared Bernoulli streams give forward passes and certified accuracy against CERTIFY at n.")
 @click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
          skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
-         whole_call_child: str | None) -> None:
+         pilot_n: int | None, whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
     if whole_call_child is not None:
         run_whole_call_child(json.loads(whole_call_child))
@@ -366,6 +411,16 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
         torch.set_num_threads(threads)
     target = resolve_device(device)
     radii = [float(r) for r in sequential_radii.split(",") if r.strip()] if sequential_radii else []
+    if pilot_n is not None:
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            label, model, x, y = build_model(name, n_images, resnet_images, target)
+            pilot = robusteval.certify(model, (x, y), sigma=sigma, n0=n0, n=pilot_n, alpha=alpha,
+                                       batch_size=batch_size, device=model.device)
+            counts = np.array([r["count"] for r in pilot.records])
+            correct = np.array([r["top_class"] == r["label"] for r in pilot.records])
+            click.echo(f"== {label}: {len(x)} images, p_A posteriors from n = {pilot_n}, simulated at n_max = {n} ==")
+            simulate_designs(counts, correct, pilot_n, sigma, radii or [0.25, 0.5, 0.75], alpha, n, n0)
+        return
     args = {"n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "loop_batch": loop_batch,
             "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
             "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
