@@ -31,6 +31,7 @@ from robusteval.smoothing.sampler import (
     NOISE_SCHEME,
     BaseClassifierRunner,
     PredictionOutOfRange,
+    library_bound_share,
     ChunkCounts,
     Classify,
     NoiseSource,
@@ -117,9 +118,11 @@ def _base_classifier(
         def classify(noisy: Tensor) -> Tensor:
             return model.logits(noisy, sigma_rows).argmax(1)
 
+        # The probe times on the host clock, which is the device's only on a CPU.
+        probe = (lambda noisy: library_bound_share(model, classify, noisy)) if device.type == "cpu" else None
         return BaseClassifierRunner(
             classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile,
-            device_type=device.type)
+            device_type=device.type, probe=probe)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)

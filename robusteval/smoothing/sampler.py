@@ -66,6 +66,11 @@ COMPILE_WARMUP_SECONDS = {"cpu": 12.0, "cuda": 30.0}
 # Compiling pays when eager time still to come exceeds speed-up/(speed-up − 1) × warm-up; the digits CNN and
 # ResNet-18 compile to 2-2.4× eager on the CPU (bench_certify), so break-even is near 2× the warm-up.
 COMPILE_PAYOFF_FACTOR = 2.0
+# ...of the part of a pass the compiler can speed up at all: matrix products in nn.Linear modules call the same BLAS
+# kernels compiled or eager, so a probe pass measures their share first, and the eager time to come counts without
+# it. The digits CDN (an MLP) spends 65% of a pass there and compiles to 0.9-1.0x eager (bench_certify): it used to
+# pay an ~11 s compile on a first run to find that out.
+LIBRARY_BOUND_MODULES: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear,)
 NOISE_SCHEME = "torch-normal-blocks-v1"
 
 
@@ -112,6 +117,36 @@ def compile_payoff_seconds(device_type: str) -> float:
     """Eager seconds still to run above which compiling pays off on this kind of device."""
     kind = device_type if device_type in COMPILE_WARMUP_SECONDS else "cpu"
     return COMPILE_PAYOFF_FACTOR * COMPILE_WARMUP_SECONDS[kind]
+
+
+def library_bound_share(model: torch.nn.Module, classify: Callable[[Tensor], Tensor], noisy: Tensor,
+                        clock: Callable[[], float] = time.perf_counter) -> float:
+    """The share of one eager pass of `classify` spent inside `model`'s LIBRARY_BOUND_MODULES (0 without any).
+
+    Timed with forward hooks on those modules (no profiler: its start-up costs seconds), on a CPU pass, where the
+    host clock is the device's.
+    """
+    modules = [m for m in model.modules() if isinstance(m, LIBRARY_BOUND_MODULES)]
+    if not modules:
+        return 0.0
+    inside = [0.0]
+    started: dict[int, float] = {}
+
+    def enter(module: torch.nn.Module, _inputs: Any) -> None:
+        started[id(module)] = clock()
+
+    def leave(module: torch.nn.Module, _inputs: Any, _output: Any) -> None:
+        inside[0] += clock() - started.pop(id(module))
+
+    handles = [m.register_forward_pre_hook(enter) for m in modules] + [m.register_forward_hook(leave) for m in modules]
+    try:
+        begun = clock()
+        classify(noisy)
+        total = clock() - begun
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(1.0, inside[0] / total) if total > 0 else 0.0
 
 
 def noise_block_size(input_shape: Sequence[int]) -> int:
@@ -226,8 +261,10 @@ class BaseClassifierRunner:
     compile: True (compile before the first pass), False (never) or None
     ("auto"). Auto measures instead of guessing: after one warm-up pass it
     times TIMED_EAGER_PASSES eager passes, projects the eager time of the
-    passes still to run from their median, and compiles only when that is
-    more than compile_payoff_seconds(device_type). Once compiled it
+    passes still to run from their median, and compiles only when that,
+    less the share `probe` (if given) measures in library-bound modules
+    (`library_bound_share`), is more than compile_payoff_seconds(device_type).
+    Once compiled it
     times the compiled passes the same way and goes back to eager if they are
     not faster (a model the compiler cannot speed up costs the warm-up once,
     not the rest of the run), and goes on eagerly, with a warning, when
@@ -239,13 +276,15 @@ class BaseClassifierRunner:
     """
 
     def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
-                 clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu"):
+                 clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu",
+                 probe: Callable[[Tensor], float] | None = None):
         self.eager = eager
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
         self.payoff_seconds = compile_payoff_seconds(device_type)
         self._compiled: Classify | None = None
         self._clock = clock
+        self._probe = probe
         self._eager_times: list[float] = []
         self._compiled_times: list[float] = []
         self.timing: dict[str, float] = {}
@@ -275,6 +314,10 @@ class BaseClassifierRunner:
             pass_seconds = float(np.median(self._eager_times[1:]))
             projected = pass_seconds * passes_left
             self.timing.update(eager_pass_seconds=pass_seconds, projected_eager_seconds=projected)
+            if projected > self.payoff_seconds and self._probe is not None:
+                # Only worth a probe pass where compiling is otherwise chosen.
+                self.timing["library_bound_share"] = share = float(self._probe(noisy))
+                projected *= 1.0 - share
             if projected > self.payoff_seconds:
                 self._compiled = self._make_compiled()  # type: ignore[misc]
             logger.info("eager pass %.4f s, %d passes left, about %.0f s eager: %s", pass_seconds, passes_left,
