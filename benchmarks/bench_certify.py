@@ -35,6 +35,7 @@ intervals for both.
     python benchmarks/bench_certify.py --n-images 5 --resnet-images 1   # a quick check
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --sequential-radii 0.25,0.5,0.75 --skip-art
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --simulate-designs 2000   # designs only
+    python benchmarks/bench_certify.py --models digits,cdn --efficiency 50,300   # forward-only / whole call
 """
 
 from __future__ import annotations
@@ -290,6 +291,30 @@ def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigm
     return rows
 
 
+def report_efficiency(name: str, label: str, model: JointModel, sigma: float, args: dict,
+                      counts: list[int]) -> list[dict]:
+    """Certify at its limit: the time the same forward passes alone take (eager, on one fixed batch) over the whole
+    call's time (a fresh process, automatic compile, warm-up included), with empty and with warm compile caches."""
+    batch, per_image = args["batch_size"], args["n0"] + args["n"]
+    step = lambda images: model.logits(images, sigma).argmax(1)  # noqa: E731
+    eager = forward_throughput(step, model.input_shape, batch, model.device)
+    rows = []
+    for count in counts:
+        passes = -(-count * per_image // batch)
+        forward_only = passes * batch / eager
+        whole = whole_call(name, sigma, {**args, "n_images": count})
+        row = {"model": name, "images": count, "forward_only_seconds": forward_only,
+               "cold": {**whole, "efficiency": forward_only / whole["seconds"]}}
+        row["cold"].pop("warm_caches")
+        row["warm"] = {**whole["warm_caches"], "efficiency": forward_only / whole["warm_caches"]["seconds"]}
+        rows.append(row)
+        click.echo(f"{label} at {count} images: forward passes alone {forward_only:.1f} s (eager "
+                   f"{eager:.0f} samples/s); whole call {whole['seconds']:.1f} s (compile={whole['compile']}) with "
+                   f"empty compile caches: efficiency {row['cold']['efficiency']:.2f}; "
+                   f"{row['warm']['seconds']:.1f} s with warm caches: {row['warm']['efficiency']:.2f}")
+    return rows
+
+
 def report_whole_call(name: str, sigma: float, args: dict, loop: Timing | None) -> dict:
     """Time the whole call and print it beside the per-image loop's time."""
     whole = whole_call(name, sigma, args)
@@ -398,11 +423,13 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
 @click.option("--simulate-designs", "pilot_n", type=int, default=None, metavar="PILOT_N",
               help="Only simulate the sequential designs: CERTIFY with n = PILOT_N gives each image's p_A posterior, "
                    "then shared Bernoulli streams give forward passes and certified accuracy against CERTIFY at n.")
+@click.option("--efficiency", default=None, metavar="N1,N2,...",
+              help="Only measure efficiency (forward-pass-only time / whole-call time) at these image counts.")
 @click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
          skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
-         pilot_n: int | None, whole_call_child: str | None) -> None:
+         pilot_n: int | None, efficiency: str | None, whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
     if whole_call_child is not None:
         run_whole_call_child(json.loads(whole_call_child))
@@ -411,6 +438,20 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
         torch.set_num_threads(threads)
     target = resolve_device(device)
     radii = [float(r) for r in sequential_radii.split(",") if r.strip()] if sequential_radii else []
+    args = {"n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "loop_batch": loop_batch,
+            "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
+            "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
+            "threads": threads}
+    if efficiency is not None:
+        counts = [int(c) for c in efficiency.split(",") if c.strip()]
+        rows = []
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            label, model, _, _ = build_model(name, max(counts), resnet_images, target)
+            rows += report_efficiency(name, label, model, sigma, args, counts)
+        if json_out:
+            with open(json_out, "w") as handle:
+                json.dump(rows, handle, indent=2)
+        return
     if pilot_n is not None:
         for name in [m.strip() for m in models.split(",") if m.strip()]:
             label, model, x, y = build_model(name, n_images, resnet_images, target)
@@ -421,10 +462,6 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
             click.echo(f"== {label}: {len(x)} images, p_A posteriors from n = {pilot_n}, simulated at n_max = {n} ==")
             simulate_designs(counts, correct, pilot_n, sigma, radii or [0.25, 0.5, 0.75], alpha, n, n0)
         return
-    args = {"n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "loop_batch": loop_batch,
-            "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
-            "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
-            "threads": threads}
     results = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         label, model, x, y = build_model(name, n_images, resnet_images, target)
