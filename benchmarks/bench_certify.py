@@ -264,10 +264,10 @@ def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigm
     rng = np.random.default_rng(seed)
     p = rng.beta(np.tile(counts, replicates) + 1, n_pilot - np.tile(counts, replicates) + 1)
     right = np.tile(correct, replicates)
-    designs = {"spending (5% of alpha early)": dict(design="spending"),
-               "spending, 10% early": dict(design="spending", sequence_share=0.1),
-               "spending, 25% early": dict(design="spending", sequence_share=0.25),
-               "betting (all of alpha early)": dict(design="betting")}
+    designs = {"spending (5% of alpha early)": {"design": "spending"},
+               "spending, 10% early": {"design": "spending", "sequence_share": 0.1},
+               "spending, 25% early": {"design": "spending", "sequence_share": 0.25},
+               "betting (all of alpha early)": {"design": "betting"}}
     tests = {name: SequentialTest(sigma, radii, alpha, n_max, **options) for name, options in designs.items()}
     looks = next(iter(tests.values())).looks
     failures = np.cumsum(rng.binomial(np.diff(np.concatenate([[0], looks]))[None, :], 1 - p[:, None]), axis=1)

@@ -15,7 +15,12 @@ from scipy.stats import binom, norm
 
 from robusteval.interface import JointModel
 from robusteval.smoothing.sequential import (
-    SequentialTest, betting_allowances, betting_bounds, exact_final_allowance, log_wealth, LOWER_BETS,
+    LOWER_BETS,
+    SequentialTest,
+    betting_allowances,
+    betting_bounds,
+    exact_final_allowance,
+    log_wealth,
 )
 
 
@@ -180,7 +185,7 @@ def test_a_class_out_of_range_on_a_later_pass_is_refused_naming_the_model(method
     from robusteval.smoothing.sampler import PredictionOutOfRange
 
     x, y = torch.rand((6, 1, 8, 8)), torch.zeros(6, dtype=torch.int64)
-    sizes = dict(n=400) if method == "cohen" else dict(n_max=400, radii=[0.25])
+    sizes = {"n": 400} if method == "cohen" else {"n_max": 400, "radii": [0.25]}
     # Sanity: without the extra column winning, every image is certified as class 0.
     records = certify(ExtraColumnLater(switch=10**9), (x, y), sigma=0.25, n0=10, method=method, batch_size=100,
                       compile=False, **sizes).records

@@ -400,8 +400,9 @@ def count_classes(
         if pass_number == 0 and (predictions.shape != (votes.batch,) or int(predictions.max()) >= num_classes):
             # A model whose logits have more columns than num_classes would be miscounted silently (later passes:
             # _Votes' range check).
-            raise PredictionOutOfRange(f"the base classifier must return {votes.batch} class indices below {num_classes}, "
-                             f"got shape {tuple(predictions.shape)} with maximum {int(predictions.max())}")
+            raise PredictionOutOfRange(f"the base classifier must return {votes.batch} class indices below "
+                                       f"{num_classes}, got shape {tuple(predictions.shape)} with maximum "
+                                       f"{int(predictions.max())}")
         votes.add(start, predictions)
         votes.flush(stop // votes.per_image, on_chunk)
 

@@ -293,7 +293,8 @@ def exact_final_allowance(looks: np.ndarray, early: np.ndarray, threshold: float
     early[k]: the most failures at look k that certify early (−1: none). The chance is computed exactly by
     propagating the law of the failure count from look to look (scipy's binomial law, FFT convolution) and taking
     out the mass that certifies early. Every certificate comes from that event and it only shrinks as p_A falls, so
-    certifying at n_max with at most F failures (or earlier) is wrong with probability ≤ α for every p_A ≤ threshold.
+    certifying at n_max with at most F failures (or earlier) is wrong with probability ≤ α for every
+    p_A ≤ threshold.
     """
     from scipy.stats import binom
 

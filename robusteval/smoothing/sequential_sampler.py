@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from robusteval.smoothing.sampler import (
-    ESTIMATION, SELECTION, BaseClassifierRunner, NoiseSource, Phase, PredictionOutOfRange, RangeCheck,
+    ESTIMATION,
+    SELECTION,
+    BaseClassifierRunner,
+    NoiseSource,
+    Phase,
+    PredictionOutOfRange,
+    RangeCheck,
 )
 from robusteval.smoothing.sequential import SequentialOutcome, SequentialTest
 

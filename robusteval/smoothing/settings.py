@@ -92,8 +92,8 @@ def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode
 
     if resolve_name(method, CERTIFY_METHODS, "certification method") == "cohen":
         if n_max is not None or radii is not None or futility is not None or design is not None:
-            raise UsageError("n_max, radii, futility and design belong to the sequential method; CERTIFY (method 'cohen') "
-                             "uses n")
+            raise UsageError("n_max, radii, futility and design belong to the sequential method; CERTIFY "
+                             "(method 'cohen') uses n")
         return SmoothingSettings("certify", sigma=sigma, n=10_000 if n is None else n, alpha=alpha, n0=n0,
                                  mode=mode, seed=seed)
     if n is not None:
