@@ -36,6 +36,7 @@ intervals for both.
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --sequential-radii 0.25,0.5,0.75 --skip-art
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --simulate-designs 2000   # designs only
     python benchmarks/bench_certify.py --models digits,cdn --efficiency 50,300   # forward-only / whole call
+    python benchmarks/bench_certify.py --power-grid 4000   # sequential designs vs CERTIFY near the thresholds
 """
 
 from __future__ import annotations
@@ -250,6 +251,43 @@ def compare_sequential(model: JointModel, x: Tensor, y: Tensor, sigma: float, ra
             "certify_forward_passes": cohen_passes, "draws_per_image": draws, "certified_accuracy": rows}
 
 
+def power_grid(sigma: float, alpha: float, n_max: int, streams: int, radii: list[float],
+               rates: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> list[dict]:
+    """Certification rate of each sequential design against CERTIFY at n = n_max on shared Bernoulli streams, at
+    the p_A where CERTIFY certifies each of `rates` (the band the power goal covers)."""
+    from scipy.optimize import brentq
+    from scipy.stats import binom, norm
+
+    from robusteval.smoothing.sequential import SequentialTest
+
+    rows = []
+    for radius in radii:
+        threshold = norm.cdf(radius / sigma)
+        failures = np.arange(n_max + 1)
+        allowed = int(failures[binom.cdf(failures, n_max, 1 - threshold) <= alpha].max())
+        tests = {design: SequentialTest(sigma, [radius], alpha, n_max, design=design)
+                 for design in ("spending", "betting")}
+        for rate in rates:
+            p = brentq(lambda q, a=allowed, r=rate: binom.cdf(a, n_max, 1 - q) - r, 0.5, 1 - 1e-12)
+            rng = np.random.default_rng(int(1e6 * p))
+            steps = np.diff(np.concatenate([[0], tests["spending"].looks]))
+            cumulative = np.cumsum(rng.binomial(np.broadcast_to(steps, (streams, steps.size)), 1 - p), axis=1)
+            row = {"radius": radius, "pA": p, "certify": float((cumulative[:, -1] <= allowed).mean())}
+            for design, test in tests.items():
+                state = test.start(streams)
+                for look, draws in enumerate(test.looks):
+                    active = np.flatnonzero(~state.done)
+                    if active.size:
+                        test.observe(state, active, draws - cumulative[active, look])
+                row[design] = float(state.certified[:, 1].mean())
+                row[f"{design}_draws"] = float(test.draws_done(state).mean())
+            rows.append(row)
+            click.echo(f"  r = {radius:g}, p_A = {p:.5f}: CERTIFY {row['certify']:.3f}, spending {row['spending']:.3f} "
+                       f"({row['spending'] / row['certify']:.3f}x, mean draws {row['spending_draws']:.0f}), betting "
+                       f"{row['betting']:.3f} ({row['betting'] / row['certify']:.3f}x, {row['betting_draws']:.0f})")
+    return rows
+
+
 def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigma: float, radii: list[float],
                      alpha: float, n_max: int, n0: int, replicates: int = 3, seed: int = 0) -> list[dict]:
     """Forward passes and certified accuracy of sequential designs against CERTIFY at n = n_max, simulated.
@@ -259,6 +297,7 @@ def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigm
     (binomial increments between the looks, which all designs share).
     """
     from scipy.stats import binom
+
     from robusteval.smoothing.sequential import SequentialTest
 
     rng = np.random.default_rng(seed)
@@ -423,13 +462,16 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
 @click.option("--simulate-designs", "pilot_n", type=int, default=None, metavar="PILOT_N",
               help="Only simulate the sequential designs: CERTIFY with n = PILOT_N gives each image's p_A posterior, "
                    "then shared Bernoulli streams give forward passes and certified accuracy against CERTIFY at n.")
+@click.option("--power-grid", "power_streams", type=int, default=None, metavar="STREAMS",
+              help="Only simulate power against CERTIFY at n on STREAMS shared Bernoulli streams per case, across "
+                   "the band where CERTIFY certifies 5-95% (radii: --sequential-radii, default 0.25,0.5,0.75).")
 @click.option("--efficiency", default=None, metavar="N1,N2,...",
               help="Only measure efficiency (forward-pass-only time / whole-call time) at these image counts.")
 @click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
          skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
-         pilot_n: int | None, efficiency: str | None, whole_call_child: str | None) -> None:
+         pilot_n: int | None, power_streams: int | None, efficiency: str | None, whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
     if whole_call_child is not None:
         run_whole_call_child(json.loads(whole_call_child))
@@ -442,6 +484,10 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
             "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
             "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
             "threads": threads}
+    if power_streams is not None:
+        click.echo(f"== power on shared streams: sigma {sigma}, alpha {alpha}, n_max {n}, {power_streams} streams ==")
+        power_grid(sigma, alpha, n, power_streams, radii or [0.25, 0.5, 0.75])
+        return
     if efficiency is not None:
         counts = [int(c) for c in efficiency.split(",") if c.strip()]
         rows = []
