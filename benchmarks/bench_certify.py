@@ -34,6 +34,9 @@ intervals for both.
     python benchmarks/bench_certify.py                   # the full benchmark
     python benchmarks/bench_certify.py --n-images 5 --resnet-images 1   # a quick check
     python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --sequential-radii 0.25,0.5,0.75 --skip-art
+    python benchmarks/bench_certify.py --models digits,cdn --n-images 500 --simulate-designs 2000   # designs only
+    python benchmarks/bench_certify.py --models digits,cdn --efficiency 50,300   # forward-only / whole call
+    python benchmarks/bench_certify.py --power-grid 4000   # sequential designs vs CERTIFY near the thresholds
 """
 
 from __future__ import annotations
@@ -250,6 +253,109 @@ def compare_sequential(model: JointModel, x: Tensor, y: Tensor, sigma: float, ra
             "certify_forward_passes": cohen_passes, "draws_per_image": draws, "certified_accuracy": rows}
 
 
+def power_grid(sigma: float, alpha: float, n_max: int, streams: int, radii: list[float],
+               rates: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> list[dict]:
+    """Certification rate of each sequential design against CERTIFY at n = n_max on shared Bernoulli streams, at
+    the p_A where CERTIFY certifies each of `rates` (the band the power goal covers)."""
+    from scipy.optimize import brentq
+    from scipy.stats import binom, norm
+
+    from robusteval.smoothing.sequential import SequentialTest
+
+    rows = []
+    for radius in radii:
+        threshold = norm.cdf(radius / sigma)
+        failures = np.arange(n_max + 1)
+        allowed = int(failures[binom.cdf(failures, n_max, 1 - threshold) <= alpha].max())
+        tests = {design: SequentialTest(sigma, [radius], alpha, n_max, design=design)
+                 for design in ("spending", "betting")}
+        for rate in rates:
+            p = brentq(lambda q, a=allowed, r=rate: binom.cdf(a, n_max, 1 - q) - r, 0.5, 1 - 1e-12)
+            rng = np.random.default_rng(int(1e6 * p))
+            steps = np.diff(np.concatenate([[0], tests["spending"].looks]))
+            cumulative = np.cumsum(rng.binomial(np.broadcast_to(steps, (streams, steps.size)), 1 - p), axis=1)
+            row = {"radius": radius, "pA": p, "certify": float((cumulative[:, -1] <= allowed).mean())}
+            for design, test in tests.items():
+                state = test.start(streams)
+                for look, draws in enumerate(test.looks):
+                    active = np.flatnonzero(~state.done)
+                    if active.size:
+                        test.observe(state, active, draws - cumulative[active, look])
+                row[design] = float(state.certified[:, 1].mean())
+                row[f"{design}_draws"] = float(test.draws_done(state).mean())
+            rows.append(row)
+            click.echo(f"  r = {radius:g}, p_A = {p:.5f}: CERTIFY {row['certify']:.3f}, spending {row['spending']:.3f} "
+                       f"({row['spending'] / row['certify']:.3f}x, mean draws {row['spending_draws']:.0f}), betting "
+                       f"{row['betting']:.3f} ({row['betting'] / row['certify']:.3f}x, {row['betting_draws']:.0f})")
+    return rows
+
+
+def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigma: float, radii: list[float],
+                     alpha: float, n_max: int, n0: int, replicates: int = 3, seed: int = 0) -> list[dict]:
+    """Forward passes and certified accuracy of sequential designs against CERTIFY at n = n_max, simulated.
+
+    Each image's p_A is drawn from the posterior Beta(k + 1, n_pilot − k + 1) of its pilot count k (CERTIFY's
+    count of ĉ among n_pilot draws), `replicates` times; every design and CERTIFY see the same Bernoulli stream
+    (binomial increments between the looks, which all designs share).
+    """
+    from scipy.stats import binom
+
+    from robusteval.smoothing.sequential import SequentialTest
+
+    rng = np.random.default_rng(seed)
+    p = rng.beta(np.tile(counts, replicates) + 1, n_pilot - np.tile(counts, replicates) + 1)
+    right = np.tile(correct, replicates)
+    designs = {"spending (5% of alpha early)": {"design": "spending"},
+               "spending, 10% early": {"design": "spending", "sequence_share": 0.1},
+               "spending, 25% early": {"design": "spending", "sequence_share": 0.25},
+               "betting (all of alpha early)": {"design": "betting"}}
+    tests = {name: SequentialTest(sigma, radii, alpha, n_max, **options) for name, options in designs.items()}
+    looks = next(iter(tests.values())).looks
+    failures = np.cumsum(rng.binomial(np.diff(np.concatenate([[0], looks]))[None, :], 1 - p[:, None]), axis=1)
+    thresholds = next(iter(tests.values())).thresholds
+    allowed = [int(np.flatnonzero(binom.cdf(np.arange(n_max + 1), n_max, 1 - c) <= alpha).max(initial=-1))
+               for c in thresholds]
+    certify = [float((right & (failures[:, -1] <= a)).mean()) for a in allowed]
+    rows = [{"design": "CERTIFY n = n_max", "passes_ratio": 1.0, "certified": certify}]
+    for name, test in tests.items():
+        state = test.start(len(p))
+        for look, draws in enumerate(looks):
+            active = np.flatnonzero(~state.done)
+            if active.size:
+                test.observe(state, active, draws - failures[active, look])
+        passes = test.draws_done(state).sum() + n0 * len(p)
+        rows.append({"design": name, "passes_ratio": float(len(p) * (n0 + n_max) / passes),
+                     "certified": [float((right & state.certified[:, k]).mean()) for k in range(len(thresholds))]})
+    for row in rows:
+        figures = ", ".join(f"r={r:g}: {c:.3f}" for r, c in zip([0.0, *radii], row["certified"]))
+        click.echo(f"  {row['design']:<30} {row['passes_ratio']:5.2f}x fewer passes; certified {figures}")
+    return rows
+
+
+def report_efficiency(name: str, label: str, model: JointModel, sigma: float, args: dict,
+                      counts: list[int]) -> list[dict]:
+    """Certify at its limit: the time the same forward passes alone take (eager, on one fixed batch) over the whole
+    call's time (a fresh process, automatic compile, warm-up included), with empty and with warm compile caches."""
+    batch, per_image = args["batch_size"], args["n0"] + args["n"]
+    step = lambda images: model.logits(images, sigma).argmax(1)  # noqa: E731
+    eager = forward_throughput(step, model.input_shape, batch, model.device)
+    rows = []
+    for count in counts:
+        passes = -(-count * per_image // batch)
+        forward_only = passes * batch / eager
+        whole = whole_call(name, sigma, {**args, "n_images": count})
+        row = {"model": name, "images": count, "forward_only_seconds": forward_only,
+               "cold": {**whole, "efficiency": forward_only / whole["seconds"]}}
+        row["cold"].pop("warm_caches")
+        row["warm"] = {**whole["warm_caches"], "efficiency": forward_only / whole["warm_caches"]["seconds"]}
+        rows.append(row)
+        click.echo(f"{label} at {count} images: forward passes alone {forward_only:.1f} s (eager "
+                   f"{eager:.0f} samples/s); whole call {whole['seconds']:.1f} s (compile={whole['compile']}) with "
+                   f"empty compile caches: efficiency {row['cold']['efficiency']:.2f}; "
+                   f"{row['warm']['seconds']:.1f} s with warm caches: {row['warm']['efficiency']:.2f}")
+    return rows
+
+
 def report_whole_call(name: str, sigma: float, args: dict, loop: Timing | None) -> dict:
     """Time the whole call and print it beside the per-image loop's time."""
     whole = whole_call(name, sigma, args)
@@ -355,11 +461,19 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
               help="Also time one certify call as a user runs it (auto compile, warm-up included, fresh process).")
 @click.option("--sequential-radii", default=None,
               help="Also run the sequential method with n_max = n on this radius grid (e.g. 0.25,0.5,0.75).")
+@click.option("--simulate-designs", "pilot_n", type=int, default=None, metavar="PILOT_N",
+              help="Only simulate the sequential designs: CERTIFY with n = PILOT_N gives each image's p_A posterior, "
+                   "then shared Bernoulli streams give forward passes and certified accuracy against CERTIFY at n.")
+@click.option("--power-grid", "power_streams", type=int, default=None, metavar="STREAMS",
+              help="Only simulate power against CERTIFY at n on STREAMS shared Bernoulli streams per case, across "
+                   "the band where CERTIFY certifies 5-95% (radii: --sequential-radii, default 0.25,0.5,0.75).")
+@click.option("--efficiency", default=None, metavar="N1,N2,...",
+              help="Only measure efficiency (forward-pass-only time / whole-call time) at these image counts.")
 @click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
          skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
-         whole_call_child: str | None) -> None:
+         pilot_n: int | None, power_streams: int | None, efficiency: str | None, whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
     if whole_call_child is not None:
         run_whole_call_child(json.loads(whole_call_child))
@@ -372,6 +486,30 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
             "compile": compile_model, "skip_loop": skip_loop, "skip_art": skip_art, "whole_call": whole_call,
             "sequential_radii": radii, "n_images": n_images, "resnet_images": resnet_images, "device": device,
             "threads": threads}
+    if power_streams is not None:
+        click.echo(f"== power on shared streams: sigma {sigma}, alpha {alpha}, n_max {n}, {power_streams} streams ==")
+        power_grid(sigma, alpha, n, power_streams, radii or [0.25, 0.5, 0.75])
+        return
+    if efficiency is not None:
+        counts = [int(c) for c in efficiency.split(",") if c.strip()]
+        rows = []
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            label, model, _, _ = build_model(name, max(counts), resnet_images, target)
+            rows += report_efficiency(name, label, model, sigma, args, counts)
+        if json_out:
+            with open(json_out, "w") as handle:
+                json.dump(rows, handle, indent=2)
+        return
+    if pilot_n is not None:
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            label, model, x, y = build_model(name, n_images, resnet_images, target)
+            pilot = robusteval.certify(model, (x, y), sigma=sigma, n0=n0, n=pilot_n, alpha=alpha,
+                                       batch_size=batch_size, device=model.device)
+            counts = np.array([r["count"] for r in pilot.records])
+            correct = np.array([r["top_class"] == r["label"] for r in pilot.records])
+            click.echo(f"== {label}: {len(x)} images, p_A posteriors from n = {pilot_n}, simulated at n_max = {n} ==")
+            simulate_designs(counts, correct, pilot_n, sigma, radii or [0.25, 0.5, 0.75], alpha, n, n0)
+        return
     results = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         label, model, x, y = build_model(name, n_images, resnet_images, target)

@@ -93,3 +93,19 @@ def test_certify_sequential_method(tmp_path):
     bad = runner.invoke(main, ["certify", *SMALL, "--method", "sequential", "--radii", "0.25,x",
                                "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--radii: expected comma-separated numbers" in bad.output
+
+
+def test_sequential_design_is_chosen_on_the_command_line_and_recorded(tmp_path):
+    runner = CliRunner()
+    configs = {}
+    for design in ("spending", "betting"):
+        out = tmp_path / design
+        args = ["certify", *SMALL, "--method", "sequential", "--radii", "0.25", "--n-max", "300",
+                "--design", design, "--out", str(out), "--json"]
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        configs[design] = json.loads((out / "config.json").read_text())
+    differing = {k for k in configs["spending"] if configs["spending"][k] != configs["betting"].get(k)}
+    assert {"confidence_sequence", "alpha_spent"} <= differing  # the design is part of what identifies the run
+    refused = runner.invoke(main, ["certify", *SMALL, "--design", "betting"])
+    assert refused.exit_code == 2 and "design" in refused.output

@@ -1,4 +1,4 @@
-"""Sequential certification on a radius grid: the betting confidence sequence and the stopping rule.
+"""Sequential certification on a radius grid: the betting confidence sequence and the stopping rule (betting design).
 
 Simulations are of Bernoulli(p_A) streams, the exact law of the estimation
 draws given ĉ; they run the state machine the engine drives.
@@ -19,6 +19,12 @@ from robusteval.smoothing.sequential import (
     log_wealth,
     look_schedule,
 )
+
+
+def betting_test(*args, **options) -> SequentialTest:
+    """The betting design (all of α on the confidence sequence), which these tests pin down; the spending design,
+    the default, is tested in test_certify_sequential_power.py."""
+    return SequentialTest(*args, design="betting", **options)
 
 
 def simulate(test: SequentialTest, p: float | np.ndarray, streams: int, seed: int = 0):
@@ -132,7 +138,7 @@ def test_bounds_invert_the_tests_and_all_successes_match_the_closed_form(n):
 def test_confidence_sequence_covers_p_at_every_look(alpha, p):
     """Each side misses p_A at some look with probability ≤ α (20,000 simulated streams at the design's looks);
     the same check catches Clopper–Pearson at full α at every look."""
-    test = SequentialTest(0.25, [0.25], alpha, n_max=10_000)
+    test = betting_test(0.25, [0.25], alpha, n_max=10_000)
     streams = 20_000
     rng = np.random.default_rng(int(p * 1e4) + int(alpha * 1e4))
     increments = np.diff(np.concatenate([[0], test.looks]))
@@ -154,7 +160,7 @@ def test_confidence_sequence_covers_p_at_every_look(alpha, p):
 def test_certain_image_stops_at_the_first_look_whose_bet_clears_the_largest_radius():
     sigma, alpha, n_max = 0.25, 0.001, 100_000
     radii = [0.25, 0.5, 0.75]
-    test = SequentialTest(sigma, radii, alpha, n_max)
+    test = betting_test(sigma, radii, alpha, n_max)
     looks = test.looks.tolist()
     assert looks[:4] == [100, 110, 120, 130] and looks[-1] == n_max and np.all(np.diff(looks) > 0)
     target = norm.cdf(0.75 / sigma)
@@ -175,9 +181,9 @@ def test_certain_image_stops_at_the_first_look_whose_bet_clears_the_largest_radi
 
 def test_radius_beyond_the_budget_does_not_keep_a_certain_image_running():
     # r = 2 at σ = 0.25 needs p_A > Φ(8): no count below 100,000 draws can show it, so it is decided at once.
-    test = SequentialTest(0.25, [0.25, 0.5, 0.75, 2.0], 0.001, 100_000)
+    test = betting_test(0.25, [0.25, 0.5, 0.75, 2.0], 0.001, 100_000)
     state = simulate(test, 1.0, 3)
-    plain = simulate(SequentialTest(0.25, [0.25, 0.5, 0.75], 0.001, 100_000), 1.0, 3)
+    plain = simulate(betting_test(0.25, [0.25, 0.5, 0.75], 0.001, 100_000), 1.0, 3)
     assert np.all(test.draws_done(state) == test.draws_done(plain)) and test.draws_done(state)[0] < 6_000
     outcome = test.outcome(state, 0)
     assert outcome.certified == (True, True, True, True, False) and outcome.largest_certified_radius == 0.75
@@ -187,7 +193,7 @@ def test_image_at_a_threshold_runs_until_the_budget_cannot_decide_it():
     sigma, alpha, n_max = 0.25, 0.001, 20_000
     threshold = norm.cdf(0.5 / sigma)
     # Without giving up (the confidence sequence alone); giving up is tested below.
-    test = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max=n_max, futility=0)
+    test = betting_test(sigma, [0.25, 0.5, 0.75], alpha, n_max=n_max, futility=0)
     state = simulate(test, threshold, 300, seed=3)
     draws = test.draws_done(state)
     # Stopping before the budget runs out needs a test at the true p_A to reject: probability ≤ α per side.
@@ -220,8 +226,8 @@ def run_streams(test: SequentialTest, cumulative: np.ndarray):
 
 def test_giving_up_stops_images_below_a_threshold_early_and_loses_almost_no_certificate():
     sigma, alpha, n_max, streams = 0.25, 0.001, 10_000, 1000
-    on = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max)
-    off = SequentialTest(sigma, [0.25, 0.5, 0.75], alpha, n_max, futility=0)
+    on = betting_test(sigma, [0.25, 0.5, 0.75], alpha, n_max)
+    off = betting_test(sigma, [0.25, 0.5, 0.75], alpha, n_max, futility=0)
     threshold = norm.cdf(0.5 / sigma)
     rng = np.random.default_rng(6)
     for p in [0.97, threshold, 0.98, 0.982, 0.984]:
@@ -248,7 +254,7 @@ def test_a_radius_is_given_up_when_its_chance_at_the_upper_bound_falls_below_the
     failures is the binomial CDF at 1 − U_γ.
     """
     sigma, alpha, n_max = 0.25, 0.001, 3000
-    test = SequentialTest(sigma, [0.5], alpha, n_max)
+    test = betting_test(sigma, [0.5], alpha, n_max)
     threshold = norm.cdf(0.5 / sigma)
     scanned = [max(f for f in range(n_max + 1)
                    if log_wealth_reference(LOWER_BETS, n_max - f, f, c, "lower") >= math.log(1 / alpha))
@@ -284,7 +290,7 @@ def test_no_radius_above_the_exact_one_is_certified_beyond_the_alpha_rate():
     """
     sigma, alpha, n_max = 0.5, 0.05, 20_000
     radii = np.array([0.25, 0.5, 0.75, 1.0])
-    test = SequentialTest(sigma, radii, alpha, n_max)
+    test = betting_test(sigma, radii, alpha, n_max)
     per_radius = 4000
     exact = np.repeat(radii, per_radius) * np.tile([0.999, 0.99, 0.98, 0.95], per_radius)
     state = simulate(test, norm.cdf(exact / sigma), len(exact), seed=5)
@@ -300,7 +306,7 @@ def test_no_radius_above_the_exact_one_is_certified_beyond_the_alpha_rate():
     greedy = object.__new__(BettingMixture)
     object.__setattr__(greedy, "stakes", LOWER_BETS.stakes)
     object.__setattr__(greedy, "weights", (1.0,) * len(LOWER_BETS.stakes))
-    naive = SequentialTest(sigma, radii, alpha, n_max, lower_bets=greedy)
+    naive = betting_test(sigma, radii, alpha, n_max, lower_bets=greedy)
     naive_state = simulate(naive, norm.cdf(exact / sigma), len(exact), seed=5)
     assert wrong_certificates(naive, naive_state, exact) > tolerated_failures(len(exact), alpha)
 
@@ -312,7 +318,7 @@ def wrong_certificates(test: SequentialTest, state, exact: np.ndarray) -> int:
 
 
 def test_state_machine_steps_look_by_look():
-    test = SequentialTest(0.5, [0.5], 0.01, n_max=1000, first_look=100, growth=2.0)
+    test = betting_test(0.5, [0.5], 0.01, n_max=1000, first_look=100, growth=2.0)
     assert test.looks.tolist() == [100, 200, 400, 800, 1000]
     state = test.start(3)
     assert test.draws_needed(state).tolist() == [100, 100, 100]
@@ -341,22 +347,22 @@ def test_state_machine_steps_look_by_look():
     # Given up at the first look (a 1/2 majority by 1,000 draws is out of sight at 32/100) ...
     assert result.draws == 100 and result.successes == 32 and result.pA_upper > 0.5
     # ... which without giving up takes until the upper bound falls below 1/2.
-    drawing_on = SequentialTest(0.5, [0.5], 0.01, n_max=1000, first_look=100, growth=2.0, futility=0)
+    drawing_on = betting_test(0.5, [0.5], 0.01, n_max=1000, first_look=100, growth=2.0, futility=0)
     result = drawing_on.outcome(simulate(drawing_on, 0.3, 2), 0)
     assert result.abstain and result.pA_upper < 0.5 and result.draws < 1000
 
 
 def test_bad_designs_are_rejected():
     with pytest.raises(ValueError, match="sigma"):
-        SequentialTest(0.0, [0.25], 0.001, 1000)
+        betting_test(0.0, [0.25], 0.001, 1000)
     with pytest.raises(ValueError, match="radii"):
-        SequentialTest(0.25, [-0.25], 0.001, 1000)
+        betting_test(0.25, [-0.25], 0.001, 1000)
     with pytest.raises(ValueError, match="alpha"):
-        SequentialTest(0.25, [0.25], 0.0, 1000)
+        betting_test(0.25, [0.25], 0.0, 1000)
     with pytest.raises(ValueError, match="n_max"):
-        SequentialTest(0.25, [0.25], 0.001, 0)
+        betting_test(0.25, [0.25], 0.001, 0)
     for bad in [dict(futility=1.0), dict(futility=-0.1), dict(futility_alpha=0.0)]:
         with pytest.raises(ValueError, match="futility"):
-            SequentialTest(0.25, [0.25], 0.001, 1000, **bad)
-    assert SequentialTest(0.25, [0.5, 0.25, 0.5], 0.001, 1000).radii.tolist() == [0.0, 0.25, 0.5]
-    assert math.isclose(SequentialTest(0.25, [], 0.001, 1000).thresholds[0], 0.5)
+            betting_test(0.25, [0.25], 0.001, 1000, **bad)
+    assert betting_test(0.25, [0.5, 0.25, 0.5], 0.001, 1000).radii.tolist() == [0.0, 0.25, 0.5]
+    assert math.isclose(betting_test(0.25, [], 0.001, 1000).thresholds[0], 0.5)

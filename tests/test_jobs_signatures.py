@@ -19,7 +19,7 @@ from robusteval.smoothing import SmoothingSettings, prepare_smoothing
 
 JOB_OPTIONS = [f.name for f in dataclasses.fields(jobs.JobOptions)]
 # What predict refuses although certify takes it (n0 is 0 for predict).
-CERTIFY_ONLY = {"n0", "method", "radii", "n_max", "futility"}
+CERTIFY_ONLY = {"n0", "method", "radii", "n_max", "futility", "design"}
 
 
 def _parameters(function):

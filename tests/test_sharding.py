@@ -19,8 +19,7 @@ from attack_fixtures import saturated_linear_problem
 
 from robusteval.attacks.evaluate import evaluate_attack
 from robusteval.attacks.resume import adversarial_file_name
-from robusteval.benchmark import GridRun
-from robusteval.benchmark import spread_devices
+from robusteval.benchmark import GridRun, spread_devices
 from robusteval.core.errors import UsageError
 from robusteval.reports.loading import load_runs
 from robusteval.reports.regression import entries_from_runs

@@ -40,6 +40,7 @@ from robusteval.smoothing.engine import (
     certify_settings,
     prepare_smoothing,
 )
+from robusteval.smoothing.sequential import SEQUENTIAL_DESIGNS
 
 
 @main.command("run")
@@ -129,11 +130,11 @@ def _smoothing_options(function):
 def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, alpha: float, n: int | None, n0: int,
                            seed: int, out: Path | None, resume: bool, quiet: bool, as_json: bool, wait: bool,
                            method: str = "cohen", radii: list[float] | None = None, n_max: int | None = None,
-                           futility: float | None = None,
+                           futility: float | None = None, design: str | None = None,
                            **params: object) -> None:
     if kind == "certify":
         settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
-                                    radii=radii, n_max=n_max, futility=futility)
+                                    radii=radii, n_max=n_max, futility=futility, design=design)
     else:
         settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
@@ -159,8 +160,11 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
 @click.option("--n-max", type=int, default=None,
               help="Sequential method: at most this many estimation draws per image (default 100,000).")
 @click.option("--futility", type=float, default=None, metavar="CHANCE",
-              help="Sequential method: give a radius up once its chance to be certified by --n-max is below CHANCE "
+              help="Sequential method: give a radius up once its chance to be certified at --n-max is below CHANCE "
                    "even at p_A's upper 95%% bound (default 0.02; 0: draw until decided or --n-max).")
+@click.option("--design", type=click.Choice(SEQUENTIAL_DESIGNS), default=None,
+              help="Sequential method: spending (default; certifies whatever CERTIFY at --n-max would) or betting "
+                   "(the earlier design: fewer draws, fewer certificates near a threshold; resumes its runs).")
 def certify_command(**params: object) -> None:
     """Certified L2 radii by randomized smoothing (Cohen et al. 2019 CERTIFY, or sequential on a radius grid);
     writes a run directory."""

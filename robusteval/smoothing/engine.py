@@ -55,7 +55,9 @@ from robusteval.smoothing.sampler import (
     ChunkCounts,
     Classify,
     NoiseSource,
+    PredictionOutOfRange,
     count_classes,
+    library_bound_share,
     noise_block_size,
 )
 from robusteval.smoothing.sequential_results import (
@@ -132,9 +134,11 @@ def _base_classifier(
         def classify(noisy: Tensor) -> Tensor:
             return model.logits(noisy, sigma_rows).argmax(1)
 
+        # The probe times on the host clock, which is the device's only on a CPU.
+        probe = (lambda noisy: library_bound_share(model, classify, noisy)) if device.type == "cpu" else None
         return BaseClassifierRunner(
             classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile,
-            device_type=device.type)
+            device_type=device.type, probe=probe)
 
     def head(x: Tensor) -> Tensor:
         return model.logits(x, clean_rows).argmax(1)
@@ -295,6 +299,8 @@ class SmoothingJob(Job):
                 else:
                     count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
                                   model.num_classes, noise, batch, chunk_images, on_chunk)
+        except PredictionOutOfRange as error:
+            raise PredictionOutOfRange(f"model {model.name!r} (num_classes {model.num_classes}): {error}") from None
         finally:
             model.train(was_training)
         return runner.compiled
@@ -378,15 +384,15 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
 def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n0: int, n: int | None,
             alpha: float = 0.001, mode: str = "direct", seed: int = 0, method: str = "cohen",
             radii: Sequence[float] | None = None, n_max: int | None = None, futility: float | None = None,
-            out: str | Path | None = None,
+            design: str | None = None, out: str | Path | None = None,
             resume: bool = True, progress: bool = False, **keywords: Any) -> SmoothingResult:
     """The one body of `certify` and `predict`: settings checked first, then the prepared job run."""
     if kind == "certify":
         settings = certify_settings(sigma=sigma, n0=n0, n=n, alpha=alpha, mode=mode, seed=seed, method=method,
-                                    radii=radii, n_max=n_max, futility=futility)
+                                    radii=radii, n_max=n_max, futility=futility, design=design)
     else:
-        if n_max is not None or radii is not None or futility is not None or method != "cohen":
-            raise UsageError("method, radii, n_max and futility are certify's; predict draws n per image")
+        if n_max is not None or radii is not None or futility is not None or design is not None or method != "cohen":
+            raise UsageError("method, radii, n_max, futility and design are certify's; predict draws n per image")
         settings = SmoothingSettings(kind, sigma=sigma, n=1000 if n is None else n, alpha=alpha, n0=n0, mode=mode,
                                      seed=seed)
     return prepare_smoothing(model, dataset, settings, **keywords).run(out=out, resume=resume, progress=progress)
@@ -396,7 +402,7 @@ def _smooth(kind: str, model: JointModel | str, dataset: Any, *, sigma: float, n
 def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
             sigma: float, n0: int = 100, n: int | None = None, method: str = "cohen",
             radii: Sequence[float] | None = None, n_max: int | None = None, futility: float | None = None,
-            **keywords: Any) -> SmoothingResult:
+            design: str | None = None, **keywords: Any) -> SmoothingResult:
     """CERTIFY (Cohen et al. 2019) every image: a prediction or abstention and a certified L2 radius.
 
     model: a JointModel (moved to `device` if given) or a registered model name.
@@ -411,13 +417,16 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     (`robusteval.smoothing.sequential`): after the n0 selection draws, draw in
     rounds until every radius of `radii` (default 0.25, 0.5, 0.75, 1.0) is
     decided, at most n_max (default 100,000) draws, error ≤ α per image over
-    all looks and radii; futility (default 0.02; 0: never) gives a radius up
-    once its chance to be certified by n_max is below it even at p_A's upper
-    95% bound (no wrong certificate, little power lost: see the module). n
-    belongs to "cohen" only, radii, n_max and futility to "sequential" only
-    (giving them to the other method is an error). Its
-    records add pA_upper, draws and largest_certified_radius (None when
-    abstaining); its radius is σ·Φ⁻¹ of the lower bound at the stop. The
+    all looks and radii; design "spending" (default: CERTIFY's power at
+    n_max, early stops on 5% of α) or "betting" (all of α on the betting
+    sequence: earlier stops, fewer certificates near a threshold); futility
+    (default 0.02; 0: never) gives a radius up once its chance to be
+    certified at n_max is below it even at p_A's upper 95% bound (no wrong
+    certificate, little power lost: see the module). n belongs to "cohen"
+    only, radii, n_max, futility and design to "sequential" only (giving them
+    to the other method is an error). Its records add pA_upper, draws and
+    largest_certified_radius (None when abstaining); its radius is σ·Φ⁻¹ of
+    the lower bound at the stop. The
     summary adds grid_certified_accuracy, draws_per_image (mean, median, max)
     and, as for CERTIFY, forward_passes.
 
@@ -429,15 +438,15 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     `robusteval.jobs.JobOptions` of every evaluation (all listed at the end).
     """
     return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
-                   futility=futility, **keywords)
+                   futility=futility, design=design, **keywords)
 
 
-@shows_keywords(_smooth, prepare_smoothing, without=("n0", "method", "radii", "n_max", "futility"))
+@shows_keywords(_smooth, prepare_smoothing, without=("n0", "method", "radii", "n_max", "futility", "design"))
 def predict(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tensor] | str = "digits", *,
             sigma: float, n: int = 1000, **keywords: Any) -> SmoothingResult:
     """PREDICT (Cohen et al. 2019) every image: the smoothed class, or abstain when not significant at α.
 
-    The arguments of `certify` without n0, method, radii, n_max and futility. Records hold index, label,
+    The arguments of `certify` without n0, method, radii, n_max, futility and design. Records hold index, label,
     prediction (None when abstaining), abstain, correct, count and
     runner_up_count (the top two counts of n draws), p_value and seconds.
     """

@@ -66,7 +66,43 @@ COMPILE_WARMUP_SECONDS = {"cpu": 12.0, "cuda": 30.0}
 # Compiling pays when eager time still to come exceeds speed-up/(speed-up − 1) × warm-up; the digits CNN and
 # ResNet-18 compile to 2-2.4× eager on the CPU (bench_certify), so break-even is near 2× the warm-up.
 COMPILE_PAYOFF_FACTOR = 2.0
+# ...of the part of a pass the compiler can speed up at all: matrix products in nn.Linear modules call the same BLAS
+# kernels compiled or eager, so a probe pass measures their share first, and the eager time to come counts without
+# it. The digits CDN (an MLP) spends 65% of a pass there and compiles to 0.9-1.0x eager (bench_certify): it used to
+# pay an ~11 s compile on a first run to find that out.
+LIBRARY_BOUND_MODULES: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear,)
 NOISE_SCHEME = "torch-normal-blocks-v1"
+
+
+class PredictionOutOfRange(ValueError):
+    """The base classifier returned a class index outside [0, num_classes) on some pass (a model with more logit
+    columns than classes): its rows are counted nowhere, and the run stops at the next read-back of counts."""
+
+
+class RangeCheck:
+    """Out-of-range predictions of every pass, tracked on the device (no host sync per pass) and raised on read-back.
+
+    route() returns each row's flat count index with out-of-range rows sent to the padding index, so they never
+    add to another image's row; check() raises once any pass had one.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.smallest = torch.zeros((), dtype=torch.int64, device=device)
+        self.largest = torch.zeros((), dtype=torch.int64, device=device)
+
+    def route(self, flat_row_start: Tensor, predictions: Tensor, padding: Tensor | int) -> Tensor:
+        predictions = predictions.to(torch.int64)
+        self.smallest = torch.minimum(self.smallest, predictions.min())
+        self.largest = torch.maximum(self.largest, predictions.max())
+        valid = (predictions >= 0) & (predictions < self.num_classes)
+        return torch.where(valid, flat_row_start + predictions, padding)
+
+    def check(self) -> None:
+        smallest, largest = int(self.smallest), int(self.largest)
+        if smallest < 0 or largest >= self.num_classes:
+            raise PredictionOutOfRange(f"the base classifier returned class indices from {smallest} to {largest}; "
+                                       f"it must return indices below {self.num_classes} on every pass")
 
 
 @dataclass(frozen=True)
@@ -81,6 +117,36 @@ def compile_payoff_seconds(device_type: str) -> float:
     """Eager seconds still to run above which compiling pays off on this kind of device."""
     kind = device_type if device_type in COMPILE_WARMUP_SECONDS else "cpu"
     return COMPILE_PAYOFF_FACTOR * COMPILE_WARMUP_SECONDS[kind]
+
+
+def library_bound_share(model: torch.nn.Module, classify: Callable[[Tensor], Tensor], noisy: Tensor,
+                        clock: Callable[[], float] = time.perf_counter) -> float:
+    """The share of one eager pass of `classify` spent inside `model`'s LIBRARY_BOUND_MODULES (0 without any).
+
+    Timed with forward hooks on those modules (no profiler: its start-up costs seconds), on a CPU pass, where the
+    host clock is the device's.
+    """
+    modules = [m for m in model.modules() if isinstance(m, LIBRARY_BOUND_MODULES)]
+    if not modules:
+        return 0.0
+    inside = [0.0]
+    started: dict[int, float] = {}
+
+    def enter(module: torch.nn.Module, _inputs: Any) -> None:
+        started[id(module)] = clock()
+
+    def leave(module: torch.nn.Module, _inputs: Any, _output: Any) -> None:
+        inside[0] += clock() - started.pop(id(module))
+
+    handles = [m.register_forward_pre_hook(enter) for m in modules] + [m.register_forward_hook(leave) for m in modules]
+    try:
+        begun = clock()
+        classify(noisy)
+        total = clock() - begun
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(1.0, inside[0] / total) if total > 0 else 0.0
 
 
 def noise_block_size(input_shape: Sequence[int]) -> int:
@@ -195,8 +261,10 @@ class BaseClassifierRunner:
     compile: True (compile before the first pass), False (never) or None
     ("auto"). Auto measures instead of guessing: after one warm-up pass it
     times TIMED_EAGER_PASSES eager passes, projects the eager time of the
-    passes still to run from their median, and compiles only when that is
-    more than compile_payoff_seconds(device_type). Once compiled it
+    passes still to run from their median, and compiles only when that,
+    less the share `probe` (if given) measures in library-bound modules
+    (`library_bound_share`), is more than compile_payoff_seconds(device_type).
+    Once compiled it
     times the compiled passes the same way and goes back to eager if they are
     not faster (a model the compiler cannot speed up costs the warm-up once,
     not the rest of the run), and goes on eagerly, with a warning, when
@@ -208,13 +276,15 @@ class BaseClassifierRunner:
     """
 
     def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
-                 clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu"):
+                 clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu",
+                 probe: Callable[[Tensor], float] | None = None):
         self.eager = eager
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
         self.payoff_seconds = compile_payoff_seconds(device_type)
         self._compiled: Classify | None = None
         self._clock = clock
+        self._probe = probe
         self._eager_times: list[float] = []
         self._compiled_times: list[float] = []
         self.timing: dict[str, float] = {}
@@ -244,6 +314,10 @@ class BaseClassifierRunner:
             pass_seconds = float(np.median(self._eager_times[1:]))
             projected = pass_seconds * passes_left
             self.timing.update(eager_pass_seconds=pass_seconds, projected_eager_seconds=projected)
+            if projected > self.payoff_seconds and self._probe is not None:
+                # Only worth a probe pass where compiling is otherwise chosen.
+                self.timing["library_bound_share"] = share = float(self._probe(noisy))
+                projected *= 1.0 - share
             if projected > self.payoff_seconds:
                 self._compiled = self._make_compiled()  # type: ignore[misc]
             logger.info("eager pass %.4f s, %d passes left, about %.0f s eager: %s", pass_seconds, passes_left,
@@ -324,9 +398,11 @@ def count_classes(
         stop = min(start + votes.batch, votes.total)
         predictions = classify(noisy.fill(start, stop), passes - pass_number - 1)
         if pass_number == 0 and (predictions.shape != (votes.batch,) or int(predictions.max()) >= num_classes):
-            # A model whose logits have more columns than num_classes would be miscounted silently.
-            raise ValueError(f"the base classifier must return {votes.batch} class indices below {num_classes}, "
-                             f"got shape {tuple(predictions.shape)} with maximum {int(predictions.max())}")
+            # A model whose logits have more columns than num_classes would be miscounted silently (later passes:
+            # _Votes' range check).
+            raise PredictionOutOfRange(f"the base classifier must return {votes.batch} class indices below "
+                                       f"{num_classes}, got shape {tuple(predictions.shape)} with maximum "
+                                       f"{int(predictions.max())}")
         votes.add(start, predictions)
         votes.flush(stop // votes.per_image, on_chunk)
 
@@ -416,6 +492,7 @@ class _Votes:
         self.counts = torch.zeros((self.ring + 1) * len(phases) * num_classes, dtype=torch.int64, device=device)
         self.ones = torch.ones(batch, dtype=torch.int64, device=device)
         self.offsets = torch.arange(batch, device=device)
+        self.range_check = RangeCheck(num_classes, device)
         self.chunk_start = 0
         self.chunk_clock = time.perf_counter()
 
@@ -428,13 +505,15 @@ class _Votes:
         for boundary in self.boundaries[1:-1]:
             phase_slot += within >= int(boundary)
         slot = torch.where(rows < self.total, position % self.ring, torch.full_like(rows, self.ring))
-        flat = (slot * len(self.phases) + phase_slot) * self.num_classes + predictions.to(torch.int64)
+        row_start = (slot * len(self.phases) + phase_slot) * self.num_classes
+        flat = self.range_check.route(row_start, predictions, self.ring * len(self.phases) * self.num_classes)
         self.counts.scatter_add_(0, flat, self.ones)
 
     def flush(self, finished: int, on_chunk: Callable[[ChunkCounts], None]) -> None:
         """Hand out every chunk whose images are all among the first `finished`, and free their slots."""
         while self.chunk_start < self.count and min(self.chunk_start + self.chunk_images, self.count) <= finished:
             chunk_stop = min(self.chunk_start + self.chunk_images, self.count)
+            self.range_check.check()  # before any count is handed on
             slots = torch.arange(self.chunk_start, chunk_stop, device=self.device) % self.ring
             table = self.counts.view(self.ring + 1, len(self.phases), self.num_classes)
             chunk_counts = table[slots].cpu().numpy()

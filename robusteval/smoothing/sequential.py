@@ -7,7 +7,8 @@ n0 selection draws, the smoothed classifier is certified at radius r exactly
 when p_A > Φ(r/σ), so each grid radius is a test of p_A against a threshold,
 and most images settle every test long before n draws.
 
-Method (a betting confidence sequence for p_A, checked at a fixed schedule of looks):
+Method (a betting confidence sequence for p_A, checked at a fixed schedule of looks, and in the default
+"spending" design an exact test at n_max that spends what the sequence leaves of α):
 
 - Bets. For a threshold c, a gambler who starts with wealth 1 and stakes a
   fraction μ ∈ (0, 1] on each draw x ∈ {0, 1} (1: the draw returns ĉ) ends
@@ -31,12 +32,36 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   that any grid radius is wrongly certified at any look, hence at the
   data-dependent look where the image stops, is at most α per image: CERTIFY's
   guarantee, with no price for looking often (no union bound over looks or
-  radii). Symmetrically, a radius is wrongly declared not certifiable (an
+  radii). This is the "betting" design; the default spends α differently
+  (below). Symmetrically, a radius is wrongly declared not certifiable (an
   abstention at that radius, never a wrong certificate) with probability at
   most α. The radius σ·Φ⁻¹(L) at the stop is a valid certificate as well (at
   least the largest certified grid radius). Conditional on ĉ the estimation
   draws are fresh i.i.d. Bernoulli(p_A), since the n0 selection draws are a
   separate stream.
+- Spending design (the default). All of α on the betting sequence costs
+  power where CERTIFY is strong: at n_max the mixture allows fewer failures
+  than CERTIFY's Clopper–Pearson test at the same n (r = 0.75, σ = 0.25,
+  n = 10,000: 1 against 3), and images near a threshold lose half their
+  certificates. So the sequence certifies early at a share α_seq of α (5%,
+  `sequence_share`), and at n_max a threshold c is certified with at most
+  a(c) failures, the largest count for which
+      P_c(the sequence certifies c at some look before n_max, or at most
+          a(c) failures among the n_max draws) ≤ α,
+  computed exactly (`exact_final_allowance`: the law of the failure count
+  is propagated from look to look and the mass that certified early taken
+  out). Both events only shrink as p_A falls (more failures on a coupled
+  stream), so certifying c is wrong with probability ≤ α for every p_A ≤ c;
+  a(c) is made non-increasing along the grid, so certifying a radius
+  certifies every smaller one and the guarantee holds for the grid at once.
+  The early certificates cost α only where they do not end within the
+  allowance anyway, so a(c) is CERTIFY's count at r = 0.25, 0.5 and 0.75
+  (σ = 0.25, α = 0.001, n = 10,000). The reported lower bound is the
+  betting bound at α_seq, and at n_max the larger of it and the one-sided
+  Clopper–Pearson bound at α − α_seq: valid at α by a union bound. It is a
+  bound on p_A, not on the grid: at n_max an image certified at r with
+  exactly a(c) failures may report a radius σΦ⁻¹(L) a little below r (the
+  grid decision, largest_certified_radius, is the test above).
 - Looks. The draws are examined at the cumulative counts n_1 = first_look,
   n_(k+1) = max(round(growth · n_k), n_k + min_step) while below n_max, then
   n_max (by default every 3%, at least 10 draws apart), fixed before any
@@ -49,17 +74,23 @@ Method (a betting confidence sequence for p_A, checked at a fixed schedule of lo
   given up (below). An image stops at the first look where every grid radius
   is decided, or at n_max; radii undecided at n_max are not certified.
 - Giving up (stopping for futility, by conditional power as in stochastically
-  curtailed trials). A certificate at threshold c by n_max allows at most
-  F_c failures among the n_max draws (the most for which E⁺(c) ≥ 1/α at
-  n_max). With F failures among n draws so far, the chance that the
-  remaining n_max − n draws add at most F_c − F failures is increasing in
-  p_A and falls below δ (`futility`, 2%) for p_A below some p*. The lowest
+  curtailed trials). A certificate at threshold c at n_max allows at most
+  F_c failures among the n_max draws (a(c) above; in the betting design the
+  most for which E⁺(c) ≥ 1/α at n_max). With F failures among n draws so
+  far, the chance to be certified *at* n_max, that the remaining n_max − n
+  draws add at most F_c − F failures, is increasing in p_A and falls below
+  δ (`futility`, 2%) for p_A below some p*. It is a lower bound on the
+  chance to be certified *by* n_max (an early look can certify too), so
+  the rule gives up a little sooner than one on that chance would; it is
+  the rule, and the one these docs and the option name. The lowest
   undecided radius, and with it every higher one, is given up when the
   betting upper bound at level γ (`futility_alpha`, 5%) is below p*, i.e.
   E⁻_γ(p*) ≥ 1/γ. Giving up never certifies anything, so the α guarantee
   above is untouched; what it can cost is power: by Ville's inequality, with
   probability at least 1 − γ per image every radius given up had, at the
-  true p_A, less than δ chance of being certified at n_max. Images whose p_A
+  true p_A, less than δ chance of being certified at n_max. (Measured on
+  shared streams in the spending design: none of the power kept against
+  CERTIFY is lost to it; tests/test_certify_sequential_power.py.) Images whose p_A
   sits near or below a threshold stop long before n_max instead of drawing
   to the budget to learn what was already all but sure. `futility=0` turns
   it off (images then stop only as above).
@@ -88,6 +119,7 @@ count of ĉ when they are in, and retires the image once `done`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,11 +134,19 @@ DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 1.03
 # ...but never fewer new draws than this per look, so an image's rows in a pass stay worth the bookkeeping.
 DEFAULT_MIN_STEP = 10
-# Give a radius up when its chance to be certified by n_max is below 2% even at p_A's upper 95% bound. Chosen on
+# Give a radius up when its chance to be certified at n_max is below 2% even at p_A's upper 95% bound. Chosen on
 # simulations of the digits models' CERTIFY counts (the same Bernoulli streams for every design): 11% (cdn) and 27%
 # (gaussian) fewer draws, certified accuracy unchanged at every grid radius; 5% / 10% saved 2-4% more.
 DEFAULT_FUTILITY = 0.02
 DEFAULT_FUTILITY_ALPHA = 0.05
+# Designs: "spending" (the default) decides early on a betting sequence at a small share of α and at n_max by an exact
+# test that spends the rest; "betting" (the design before it) spends all of α on the betting sequence.
+SEQUENTIAL_DESIGNS = ("spending", "betting")
+DEFAULT_DESIGN = "spending"
+# The share of α on the betting sequence in the spending design. Its early certificates cost α only where they are
+# not also certified at n_max; at 5% the exact test at n_max keeps CERTIFY's failure allowance at r = 0.25, 0.5 and
+# 0.75 (σ = 0.25, α = 0.001, n_max = 10,000), where 10% loses one failure at r = 0.25 (benchmarks/RESULTS.md).
+DEFAULT_SEQUENCE_SHARE = 0.05
 
 
 def look_schedule(n_max: int, first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
@@ -214,6 +254,69 @@ def betting_bounds(successes: np.ndarray, draws: np.ndarray, alpha: float, itera
     return lower, upper
 
 
+def betting_allowances(looks: np.ndarray, threshold: float, alpha: float, bets: BettingMixture = LOWER_BETS
+                       ) -> np.ndarray:
+    """The most failures at each look for which the lower betting mixture certifies `threshold` at level α
+    (E⁺ ≥ 1/α), −1 where none does. E⁺ falls with each failure in place of a success, so bisection on it."""
+    looks = np.asarray(looks, dtype=np.int64)
+    level = math.log(1 / alpha)
+    low, high = np.full(looks.shape, -1), looks + 1  # certifies at `low` (−1: vacuously), not at `high`
+    while np.any(high - low > 1):
+        middle = (low + high) // 2
+        ok = log_wealth(bets, looks - middle, middle, threshold, "lower") >= level
+        low, high = np.where(ok, middle, low), np.where(ok, high, middle)
+    return low
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_final_allowance(looks: tuple[int, ...], early: tuple[int, ...], threshold: float, alpha: float) -> int:
+    # A run builds its test more than once (config, then counting); the allowance is a fixed function of the design.
+    return exact_final_allowance(np.array(looks), np.array(early), threshold, alpha)
+
+
+def _binomial_step(counts: np.ndarray, draws: int, failure_rate: float) -> np.ndarray:
+    """The law of failures after `draws` more Bernoulli draws, from the law `counts` (indices 0..len − 1, the last
+    an absorbing "more" state)."""
+    from scipy.signal import fftconvolve
+    from scipy.stats import binom
+
+    size = counts.size - 1
+    step = binom.pmf(np.arange(min(draws, size) + 1), draws, failure_rate)
+    moved = np.clip(fftconvolve(counts[:-1], step)[:size], 0.0, None)
+    return np.append(moved, max(0.0, counts.sum() - moved.sum()))
+
+
+def exact_final_allowance(looks: np.ndarray, early: np.ndarray, threshold: float, alpha: float) -> int:
+    """The most failures F among the looks[-1] draws for which "certified early or at most F failures at the end"
+    has probability at most α when p_A = threshold (−1: none).
+
+    early[k]: the most failures at look k that certify early (−1: none). The chance is computed exactly by
+    propagating the law of the failure count from look to look (scipy's binomial law, FFT convolution) and taking
+    out the mass that certifies early. Every certificate comes from that event and it only shrinks as p_A falls, so
+    certifying at n_max with at most F failures (or earlier) is wrong with probability ≤ α for every
+    p_A ≤ threshold.
+    """
+    from scipy.stats import binom
+
+    failure_rate = 1.0 - threshold
+    # No F beyond CERTIFY's (which has no early certificates) can qualify, so count failures up to it.
+    cap = int(binom.ppf(alpha, int(looks[-1]), failure_rate)) + 2
+    counts = np.zeros(cap + 2)
+    counts[0] = 1.0
+    spent, previous = 0.0, 0
+    for draws, allowed in zip(looks[:-1], early[:-1]):
+        counts = _binomial_step(counts, int(draws - previous), failure_rate)
+        previous = int(draws)
+        if allowed >= 0:
+            stop = min(int(allowed), cap) + 1
+            spent += counts[:stop].sum()
+            counts[:stop] = 0.0
+    final = np.cumsum(_binomial_step(counts, int(looks[-1] - previous), failure_rate)[:-1])
+    # A relative margin for the floating-point sums (their error is ~1e−15 of these probabilities).
+    fits = np.flatnonzero(spent + final <= alpha * (1 - 1e-9))
+    return int(fits[-1]) if fits.size else -1
+
+
 @dataclass
 class SequentialState:
     """Per-image progress: looks done, cumulative successes, the grid's decisions and bounds so far, and whether
@@ -240,7 +343,9 @@ class SequentialOutcome:
     pA_upper: float
     certified: tuple[bool, ...]  # per grid radius (radius 0 first)
     largest_certified_radius: float | None  # the largest certified grid radius; None when abstaining
-    radius: float  # σ·Φ⁻¹(pA_lower), 0 when abstaining
+    # σ·Φ⁻¹(pA_lower), 0 when abstaining; in the spending design it may fall a little below
+    # largest_certified_radius for an image certified at n_max by the exact test (module docstring).
+    radius: float
 
     @property
     def abstain(self) -> bool:
@@ -258,7 +363,8 @@ class SequentialTest:
                  first_look: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH,
                  min_step: int = DEFAULT_MIN_STEP, lower_bets: BettingMixture = LOWER_BETS,
                  upper_bets: BettingMixture = UPPER_BETS, futility: float = DEFAULT_FUTILITY,
-                 futility_alpha: float = DEFAULT_FUTILITY_ALPHA):
+                 futility_alpha: float = DEFAULT_FUTILITY_ALPHA, design: str = DEFAULT_DESIGN,
+                 sequence_share: float = DEFAULT_SEQUENCE_SHARE):
         from scipy.stats import norm  # deferred: scipy.stats costs ~0.6 s to import
 
         if not (math.isfinite(sigma) and sigma > 0):
@@ -269,6 +375,10 @@ class SequentialTest:
             raise ValueError(f"futility must be a chance in [0, 1) (0: never give up), got {futility}")
         if not 0.0 < futility_alpha < 1.0:
             raise ValueError(f"futility_alpha must be a probability in (0, 1), got {futility_alpha}")
+        if design not in SEQUENTIAL_DESIGNS:
+            raise ValueError(f"design must be one of {', '.join(SEQUENTIAL_DESIGNS)}, got {design!r}")
+        if not 0.0 < sequence_share < 1.0:
+            raise ValueError(f"sequence_share must be a share of alpha in (0, 1), got {sequence_share}")
         grid = sorted({0.0, *(float(r) for r in radii)})
         if any(not math.isfinite(r) or r < 0 for r in grid):
             raise ValueError(f"radii must be finite and >= 0, got {list(radii)}")
@@ -280,37 +390,58 @@ class SequentialTest:
         self.n_max = int(n_max)
         self.lower_bets, self.upper_bets = lower_bets, upper_bets
         self.futility, self.futility_alpha = float(futility), float(futility_alpha)
+        self.design_name = design
+        # The betting sequence's level: all of α in the betting design, its share in the spending design.
+        self.sequence_alpha = self.alpha * (sequence_share if design == "spending" else 1.0)
+        # The most failures at n_max that certify each threshold there (−1: none). Betting: the mixture at n_max;
+        # spending: the exact test's allowance (at least the mixture's, which alone spends at most its share).
         self.most_failures = np.array([self._most_failures(c) for c in self.thresholds])
+        if design == "spending":
+            # Kept non-increasing along the grid, so certifying a radius certifies every smaller one at n_max as it
+            # does at every earlier look; the per-image guarantee then covers the grid at once (the event that any
+            # radius above the true one is certified is the event for the smallest such radius).
+            self.most_failures = np.minimum.accumulate(self.most_failures)
 
     def _most_failures(self, threshold: float) -> int:
-        """The most failures among n_max draws that still certify `threshold` at n_max (−1: none can).
-
-        E⁺ falls with every failure that replaces a success, so the certifiable failure counts are 0..F.
-        """
-        level = math.log(1 / self.alpha)
-
-        def certifies(failures: int) -> bool:
-            return bool(log_wealth(self.lower_bets, self.n_max - failures, failures, threshold, "lower") >= level)
-
-        if not certifies(0):
-            return -1
-        low, high = 0, self.n_max + 1  # certifies(low), not certifies(high) (n_max + 1: past every count)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if certifies(middle) else (low, middle)
-        return low
+        """The most failures among n_max draws that certify `threshold` at the last look (−1: none can)."""
+        early = betting_allowances(self.looks, threshold, self.sequence_alpha, self.lower_bets)
+        if self.design_name == "betting":
+            return int(early[-1])
+        return max(int(early[-1]), _cached_final_allowance(tuple(self.looks.tolist()), tuple(early.tolist()),
+                                                           float(threshold), self.alpha))
 
     def design(self) -> dict[str, object]:
-        """What fixes the decisions besides σ, α, the radii and n_max: the looks, the stakes and the giving up
-        (for config.json; no `futility` key when it is off, as in runs from before it)."""
+        """What fixes the decisions besides σ, α, the radii and n_max: the looks, the stakes, the split of α and the
+        giving up (for config.json; the betting design writes what runs before the spending design wrote, no
+        `futility` key when it is off, so old run directories resume only under the design they were made with)."""
         futility = {"futility": {"chance": self.futility, "alpha": self.futility_alpha}} if self.futility else {}
-        return {"looks": self.looks.tolist(), "confidence_sequence": "betting",
-                "bets": {"lower": self.lower_bets.as_dict(), "upper": self.upper_bets.as_dict()}, **futility}
+        spending: dict[str, object] = {}
+        if self.design_name == "spending":
+            # (betting sequence, the Clopper–Pearson bound reported at n_max); the exact test's allowances follow.
+            spending = {"alpha_spent": [self.sequence_alpha, self.alpha - self.sequence_alpha]}
+        sequence = "betting" if self.design_name == "betting" else "betting+exact-at-n_max"
+        return {"looks": self.looks.tolist(), "confidence_sequence": sequence,
+                "bets": {"lower": self.lower_bets.as_dict(), "upper": self.upper_bets.as_dict()}, **spending,
+                **futility}
 
     def bounds(self, successes: np.ndarray, look: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-        """The betting bounds at look `look` (0-based) with `successes` among its draws."""
-        return betting_bounds(successes, self.looks[np.asarray(look)], self.alpha, lower_bets=self.lower_bets,
-                              upper_bets=self.upper_bets)
+        """The bounds at look `look` (0-based) with `successes` among its draws: the betting lower bound at the
+        sequence's level (at the last look of the spending design, the larger of it and the one-sided
+        Clopper–Pearson bound at the rest of α: valid at α by a union bound) and the betting upper bound at α."""
+        look = np.asarray(look)
+        lower, _ = betting_bounds(successes, self.looks[look], self.sequence_alpha, lower_bets=self.lower_bets,
+                                  upper_bets=self.upper_bets)
+        _, upper = betting_bounds(successes, self.looks[look], self.alpha, lower_bets=self.lower_bets,
+                                  upper_bets=self.upper_bets)
+        if self.design_name == "spending":
+            from scipy.stats import beta
+
+            last = np.broadcast_to(look == len(self.looks) - 1, np.shape(lower))
+            s = np.broadcast_to(np.asarray(successes, dtype=np.float64), np.shape(lower))
+            with np.errstate(invalid="ignore"):
+                clopper = np.nan_to_num(beta.ppf(self.alpha - self.sequence_alpha, s, self.n_max - s + 1))
+            lower = np.where(last, np.maximum(lower, clopper), lower)
+        return lower, upper
 
     def start(self, images: int) -> SequentialState:
         grid = (images, len(self.radii))
@@ -351,10 +482,14 @@ class SequentialTest:
         if np.any(gained < 0) or np.any(gained > self.looks[look] - self.draws_done(state)[images]):
             raise ValueError("cumulative successes must grow by at most the draws since the previous look")
         draws, t = self.looks[look][:, None], self.thresholds[None, :]
-        level = math.log(1 / self.alpha)
         wins = successes[:, None]
-        certified = state.certified[images] | (log_wealth(self.lower_bets, wins, draws - wins, t, "lower") >= level)
-        refuted = state.refuted[images] | (log_wealth(self.upper_bets, wins, draws - wins, t, "upper") >= level)
+        bet = log_wealth(self.lower_bets, wins, draws - wins, t, "lower") >= math.log(1 / self.sequence_alpha)
+        # At n_max a threshold is certified with at most its allowance of failures (the mixture's, or the exact
+        # test's in the spending design).
+        at_end = (look == len(self.looks) - 1)[:, None] & (draws - wins <= self.most_failures[None, :])
+        certified = state.certified[images] | bet | at_end
+        refuted = state.refuted[images] | (
+            log_wealth(self.upper_bets, wins, draws - wins, t, "upper") >= math.log(1 / self.alpha))
         news = (certified != state.certified[images]).any(axis=1) | (refuted != state.refuted[images]).any(axis=1)
         state.certified[images], state.refuted[images] = certified, refuted
         state.successes[images] = successes

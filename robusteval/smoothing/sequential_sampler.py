@@ -32,6 +32,8 @@ from robusteval.smoothing.sampler import (
     BaseClassifierRunner,
     NoiseSource,
     Phase,
+    PredictionOutOfRange,
+    RangeCheck,
 )
 from robusteval.smoothing.sequential import SequentialOutcome, SequentialTest
 
@@ -75,66 +77,121 @@ def count_sequentially(
     if count == 0:
         return 0
     pack = _Pack(images, indices, sigma, n0, test, num_classes, noise, batch_size)
-    while pack.emitted < count:
+    progress, queue = pack.progress, pack.queue
+    while queue.emitted < count:
         segments = pack.lay_out()
         started = time.perf_counter()
         slot_rows = pack.fill(segments)
         pack.classify(classify, slot_rows)
-        pack.decide([image for image, _ in segments if pack.drawn[image] == pack.round_end[image]])
+        pack.decide([image for image, _ in segments if progress.drawn[image] == progress.round_end[image]])
         # The pass's time, shared by rows.
         elapsed = time.perf_counter() - started
         for image, rows in segments:
-            pack.seconds[image] += elapsed * rows / batch_size
+            progress.seconds[image] += elapsed * rows / batch_size
         pack.emit(on_image)
     return pack.passes
 
 
-class _Pack:
-    """The images being certified, their per-image progress, and the device buffers of one pass."""
+class _PassCounts:
+    """The device side of the passes: the noisy-input buffer and the count table (one row per slot, the last row
+    for padding and out-of-range predictions)."""
 
-    def __init__(self, images: Tensor, indices: Sequence[int], sigma: float, n0: int, test: SequentialTest,
-                 num_classes: int, noise: NoiseSource, batch_size: int):
-        count = int(images.shape[0])
-        self.images, self.indices, self.sigma, self.n0, self.test = images, indices, sigma, n0, test
-        self.num_classes, self.noise, self.batch_size, self.count = num_classes, noise, batch_size, count
-        self.device = noise.device
-        self.selection_phase, self.estimation_phase = Phase(SELECTION, n0), Phase(ESTIMATION, test.n_max)
-        self.slots = max(1, min(count, batch_size, MAX_COUNT_ENTRIES // num_classes))
-        counts = torch.zeros((self.slots + 1) * num_classes, dtype=torch.int64, device=self.device)  # last: padding
-        self.counts, self.table = counts, counts.view(self.slots + 1, num_classes)
+    def __init__(self, image_shape: tuple[int, ...], slots: int, num_classes: int, batch_size: int,
+                 noise: NoiseSource):
+        self.device, self.slots, self.num_classes = noise.device, slots, num_classes
+        counts = torch.zeros((slots + 1) * num_classes, dtype=torch.int64, device=self.device)
+        self.counts, self.table = counts, counts.view(slots + 1, num_classes)
         self.ones = torch.ones(batch_size, dtype=torch.int64, device=self.device)
-        self.buffer = torch.zeros((batch_size, *images.shape[1:]), dtype=noise.dtype, device=self.device)
+        self.buffer = torch.zeros((batch_size, *image_shape), dtype=noise.dtype, device=self.device)
+        self.range_check = RangeCheck(num_classes, self.device)
+
+    def add(self, predictions: Tensor, slot_rows: np.ndarray) -> None:
+        """Count each buffer row's prediction in its slot's row."""
+        row_start = torch.from_numpy(slot_rows).to(self.device) * self.num_classes
+        flat = self.range_check.route(row_start, predictions, self.slots * self.num_classes)  # padding row
+        self.counts.scatter_add_(0, flat, self.ones)
+
+    def take(self, slots: np.ndarray) -> np.ndarray:
+        """The counts of these slots (one device-to-host copy), which are then cleared."""
+        self.range_check.check()  # every pass so far, before any count is read
+        rows_back = torch.as_tensor(slots, device=self.device)
+        counts = self.table[rows_back].cpu().numpy()
+        self.table[rows_back] = 0
+        return counts
+
+
+class _Progress:
+    """Per-image progress: the test's state, the selection counts and ĉ, and where each image's current round of
+    draws stands."""
+
+    def __init__(self, count: int, num_classes: int, test: SequentialTest):
         self.state = test.start(count)
         self.selection = np.zeros((count, num_classes), dtype=np.int64)
         self.top = np.full(count, -1, dtype=np.int64)
         self.selecting = np.zeros(count, dtype=bool)
         self.drawn = np.zeros(count, dtype=np.int64)  # draws so far in the image's current stream
         self.round_end = np.zeros(count, dtype=np.int64)  # its draws at the end of the current round
-        self.slot_of = np.full(count, -1, dtype=np.int64)
         self.seconds = np.zeros(count)
-        self.free_slots = list(range(self.slots - 1, -1, -1))
-        self.members: list[int] = []  # images in the pack, in the order they joined
+
+
+class _Queue:
+    """Which images are in the pack (in the order they joined) and in which count-table slot, which come next, and
+    the finished ones waiting to be handed on in image order."""
+
+    def __init__(self, count: int, slots: int):
+        self.count = count
+        self.slot_of = np.full(count, -1, dtype=np.int64)
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.members: list[int] = []
         self.joined = 0
         self.finished: dict[int, SequentialImage] = {}
         self.emitted = 0
+
+    def join(self) -> int | None:
+        """The next image, given a slot; None when every image joined or no slot is free."""
+        if self.joined >= self.count or not self.free_slots:
+            return None
+        image = self.joined
+        self.joined += 1
+        self.members.append(image)
+        self.slot_of[image] = self.free_slots.pop()
+        return image
+
+    def leave(self, image: int, result: SequentialImage) -> None:
+        self.members.remove(image)
+        self.free_slots.append(int(self.slot_of[image]))
+        self.finished[image] = result
+
+
+class _Pack:
+    """The images being certified: one pass at a time laid out, filled, classified and decided (its state is in
+    `passes` (device), `progress` (per image) and `queue` (membership))."""
+
+    def __init__(self, images: Tensor, indices: Sequence[int], sigma: float, n0: int, test: SequentialTest,
+                 num_classes: int, noise: NoiseSource, batch_size: int):
+        count = int(images.shape[0])
+        self.images, self.indices, self.sigma, self.n0, self.test = images, indices, sigma, n0, test
+        self.num_classes, self.noise, self.batch_size, self.count = num_classes, noise, batch_size, count
+        self.selection_phase, self.estimation_phase = Phase(SELECTION, n0), Phase(ESTIMATION, test.n_max)
+        slots = max(1, min(count, batch_size, MAX_COUNT_ENTRIES // num_classes))
+        self.counting = _PassCounts(tuple(images.shape[1:]), slots, num_classes, batch_size, noise)
+        self.progress = _Progress(count, num_classes, test)
+        self.queue = _Queue(count, slots)
         self.passes = 0
 
     def lay_out(self) -> list[tuple[int, int]]:
         """The (image, rows) segments of the next pass: outstanding draws of the pack, then newcomers."""
+        progress, queue = self.progress, self.queue
         segments: list[tuple[int, int]] = []
         room = self.batch_size
-        for image in self.members:
-            rows = min(int(self.round_end[image] - self.drawn[image]), room)
+        for image in queue.members:
+            rows = min(int(progress.round_end[image] - progress.drawn[image]), room)
             segments.append((image, rows))
             room -= rows
             if room == 0:
                 return segments
-        while room > 0 and self.joined < self.count and self.free_slots:
-            image = self.joined
-            self.joined += 1
-            self.members.append(image)
-            self.slot_of[image] = self.free_slots.pop()
-            self.selecting[image], self.drawn[image], self.round_end[image] = True, 0, self.n0
+        while room > 0 and (image := queue.join()) is not None:
+            progress.selecting[image], progress.drawn[image], progress.round_end[image] = True, 0, self.n0
             rows = min(self.n0, room)
             segments.append((image, rows))
             room -= rows
@@ -142,72 +199,71 @@ class _Pack:
 
     def fill(self, segments: list[tuple[int, int]]) -> np.ndarray:
         """Write the pass's noisy inputs into the buffer; returns the count-table row of every buffer row."""
+        progress, buffer = self.progress, self.counting.buffer
         row = 0
-        slot_rows = np.full(self.batch_size, self.slots, dtype=np.int64)
+        slot_rows = np.full(self.batch_size, self.counting.slots, dtype=np.int64)
         for image, rows in segments:
-            phase = self.selection_phase if self.selecting[image] else self.estimation_phase
-            drawn = int(self.drawn[image])
-            self.noise.write(self.buffer[row : row + rows], self.indices[image], phase, drawn, drawn + rows)
-            clean = self.images[image].to(device=self.device, dtype=self.noise.dtype, non_blocking=True)
-            self.buffer[row : row + rows].mul_(self.sigma).add_(clean)
-            slot_rows[row : row + rows] = self.slot_of[image]
-            self.drawn[image] += rows
+            phase = self.selection_phase if progress.selecting[image] else self.estimation_phase
+            drawn = int(progress.drawn[image])
+            self.noise.write(buffer[row : row + rows], self.indices[image], phase, drawn, drawn + rows)
+            clean = self.images[image].to(device=self.counting.device, dtype=self.noise.dtype, non_blocking=True)
+            buffer[row : row + rows].mul_(self.sigma).add_(clean)
+            slot_rows[row : row + rows] = self.queue.slot_of[image]
+            progress.drawn[image] += rows
             row += rows
         if row < self.batch_size:
-            self.buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
+            buffer[row:].zero_()  # padding: a valid input whose predictions are not counted
         return slot_rows
 
     def classify(self, classify: BaseClassifierRunner, slot_rows: np.ndarray) -> None:
         """Run the base classifier on the buffer and add its predictions to the count table."""
-        members = self.members
+        members, progress = self.queue.members, self.progress
         # The passes left if every image still used its whole budget: an upper bound for the compile decision.
-        budget_left = (int((self.round_end[members] - self.drawn[members]).sum())
-                       + (self.count - self.joined) * (self.n0 + self.test.n_max))
-        predictions = classify(self.buffer, -(-budget_left // self.batch_size))
+        budget_left = (int((progress.round_end[members] - progress.drawn[members]).sum())
+                       + (self.count - self.queue.joined) * (self.n0 + self.test.n_max))
+        predictions = classify(self.counting.buffer, -(-budget_left // self.batch_size))
         if self.passes == 0 and (predictions.shape != (self.batch_size,)
                                  or int(predictions.max()) >= self.num_classes):
-            raise ValueError(f"the base classifier must return {self.batch_size} class indices below "
-                             f"{self.num_classes}, got shape {tuple(predictions.shape)} with maximum "
-                             f"{int(predictions.max())}")
-        flat = torch.from_numpy(slot_rows).to(self.device) * self.num_classes + predictions.to(torch.int64)
-        self.counts.scatter_add_(0, flat, self.ones)
+            raise PredictionOutOfRange(f"the base classifier must return {self.batch_size} class indices below "
+                                       f"{self.num_classes}, got shape {tuple(predictions.shape)} with maximum "
+                                       f"{int(predictions.max())}")
+        self.counting.add(predictions, slot_rows)
         self.passes += 1
 
     def decide(self, complete: list[int]) -> None:
         """Images whose round is complete: read their counts back, decide, and let the stopped ones leave."""
         if not complete:
             return
-        rows_back = torch.as_tensor(self.slot_of[complete], device=self.device)
-        round_counts = self.table[rows_back].cpu().numpy()
-        self.table[rows_back] = 0
+        progress = self.progress
+        round_counts = self.counting.take(self.queue.slot_of[complete])
         observed, successes = [], []
         for image, image_counts in zip(complete, round_counts):
-            if self.selecting[image]:
-                self.selection[image] = image_counts
-                self.top[image] = int(np.argmax(image_counts))  # the lowest class index on ties, as CERTIFY
-                self.selecting[image], self.drawn[image] = False, 0
-                self.round_end[image] = self.test.looks[0]
+            if progress.selecting[image]:
+                progress.selection[image] = image_counts
+                progress.top[image] = int(np.argmax(image_counts))  # the lowest class index on ties, as CERTIFY
+                progress.selecting[image], progress.drawn[image] = False, 0
+                progress.round_end[image] = self.test.looks[0]
             else:
                 observed.append(image)
-                successes.append(int(self.state.successes[image]) + int(image_counts[self.top[image]]))
+                successes.append(int(progress.state.successes[image]) + int(image_counts[progress.top[image]]))
         if observed:
-            self.test.observe(self.state, np.array(observed), np.array(successes))
+            self.test.observe(progress.state, np.array(observed), np.array(successes))
             for image in observed:
                 self._after_look(image)
 
     def _after_look(self, image: int) -> None:
-        if self.state.done[image]:
-            self.members.remove(image)
-            self.free_slots.append(int(self.slot_of[image]))
-            self.finished[image] = SequentialImage(image, self.selection[image], int(self.top[image]),
-                                                   self.test.outcome(self.state, image), 0.0)
+        progress = self.progress
+        if progress.state.done[image]:
+            self.queue.leave(image, SequentialImage(image, progress.selection[image], int(progress.top[image]),
+                                                    self.test.outcome(progress.state, image), 0.0))
         else:
-            self.round_end[image] = self.test.looks[self.state.looks_done[image]]
+            progress.round_end[image] = self.test.looks[progress.state.looks_done[image]]
 
     def emit(self, on_image: Callable[[SequentialImage], None]) -> None:
         """Hand on the finished images that come next in image order, with their share of the wall time."""
-        while self.emitted in self.finished:
-            result = self.finished.pop(self.emitted)
+        queue = self.queue
+        while queue.emitted in queue.finished:
+            result = queue.finished.pop(queue.emitted)
             on_image(SequentialImage(result.position, result.selection_counts, result.top_class, result.outcome,
-                                     float(self.seconds[self.emitted])))
-            self.emitted += 1
+                                     float(self.progress.seconds[queue.emitted])))
+            queue.emitted += 1

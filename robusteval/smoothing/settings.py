@@ -14,7 +14,12 @@ from robusteval.core.errors import UsageError
 from robusteval.core.names import resolve_name
 from robusteval.core.vocabulary import CERTIFY_METHODS, SMOOTHING_KINDS, SMOOTHING_MODES
 from robusteval.smoothing.sampler import ESTIMATION, PREDICTION, SELECTION, Phase
-from robusteval.smoothing.sequential import DEFAULT_FUTILITY, SequentialTest
+from robusteval.smoothing.sequential import (
+    DEFAULT_DESIGN,
+    DEFAULT_FUTILITY,
+    SEQUENTIAL_DESIGNS,
+    SequentialTest,
+)
 
 DEFAULT_SEQUENTIAL_RADII = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_N_MAX = 100_000
@@ -31,11 +36,12 @@ class SmoothingSettings:
     n0: int = 0
     mode: str = "direct"
     seed: int = 0
-    # method "sequential": n is the budget n_max, radii the grid every image is decided on, and futility the chance
-    # to be certified by n_max below which a radius is given up (0: never).
+    # method "sequential": n is the budget n_max, radii the grid every image is decided on, futility the chance to
+    # be certified at n_max below which a radius is given up (0: never), design "spending" or "betting".
     method: str = "cohen"
     radii: tuple[float, ...] = ()
     futility: float = DEFAULT_FUTILITY
+    design: str = DEFAULT_DESIGN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", resolve_name(self.kind, SMOOTHING_KINDS, "smoothing kind"))
@@ -67,6 +73,8 @@ class SmoothingSettings:
             raise UsageError(f"radii must be increasing and distinct, got {list(self.radii)}")
         if not 0 <= self.futility < 1:
             raise UsageError(f"futility must be a chance in [0, 1) (0: never give up a radius), got {self.futility}")
+        if self.design not in SEQUENTIAL_DESIGNS:
+            raise UsageError(f"design must be one of {', '.join(SEQUENTIAL_DESIGNS)}, got {self.design!r}")
 
     @property
     def phases(self) -> list[Phase]:
@@ -76,18 +84,18 @@ class SmoothingSettings:
 
     def sequential_test(self) -> SequentialTest:
         """The sequential test of the grid (method "sequential"), fixed before any draw."""
-        return SequentialTest(self.sigma, self.radii, self.alpha, self.n, futility=self.futility)
+        return SequentialTest(self.sigma, self.radii, self.alpha, self.n, futility=self.futility, design=self.design)
 
 
 def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode: str, seed: int, method: str,
                      radii: Sequence[float] | None, n_max: int | None,
-                     futility: float | None = None) -> SmoothingSettings:
-    """The settings of a certify run from the options of either method (n is CERTIFY's, n_max, radii and futility
-    the sequential method's; giving one to the other method is an error rather than silently ignored)."""
+                     futility: float | None = None, design: str | None = None) -> SmoothingSettings:
+    """The settings of a certify run from the options of either method (n is CERTIFY's, n_max, radii, futility and
+    design the sequential method's; giving one to the other method is an error rather than silently ignored)."""
     if resolve_name(method, CERTIFY_METHODS, "certification method") == "cohen":
-        if n_max is not None or radii is not None or futility is not None:
-            raise UsageError("n_max, radii and futility belong to the sequential method; CERTIFY (method 'cohen') "
-                             "uses n")
+        if n_max is not None or radii is not None or futility is not None or design is not None:
+            raise UsageError("n_max, radii, futility and design belong to the sequential method; CERTIFY "
+                             "(method 'cohen') uses n")
         return SmoothingSettings("certify", sigma=sigma, n=10_000 if n is None else n, alpha=alpha, n0=n0,
                                  mode=mode, seed=seed)
     if n is not None:
@@ -97,4 +105,5 @@ def certify_settings(*, sigma: float, n0: int, n: int | None, alpha: float, mode
         raise UsageError(f"n_max must be at least 1 estimation draw, got {budget}")
     return SmoothingSettings("certify", sigma=sigma, n=budget, alpha=alpha, n0=n0, mode=mode, seed=seed,
                              method="sequential", radii=DEFAULT_SEQUENTIAL_RADII if radii is None else tuple(radii),
-                             futility=DEFAULT_FUTILITY if futility is None else futility)
+                             futility=DEFAULT_FUTILITY if futility is None else futility,
+                             design=DEFAULT_DESIGN if design is None else design)
