@@ -49,7 +49,8 @@ from robusteval.smoothing.engine import (
 @job_options
 @click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
-              help=f"Radii to evaluate (default: the data set's grid; for digits {DIGITS_EPS_HELP}).")
+              help=f"Radii to evaluate, numbers or fractions such as 4/255,8/255 (default: the data set's grid; "
+                   f"for digits {DIGITS_EPS_HELP}).")
 @click.option("--n", "--points", "n", type=int, default=None,
               help="Evaluate the first N test points (default: all). Under torchrun write --points: its own "
                    "parser takes --n for an abbreviation of its options.")

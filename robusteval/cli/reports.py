@@ -11,7 +11,7 @@ import click
 
 from robusteval.benchmark import describe_suite, resolve_suite, run_benchmark
 from robusteval.cli.group import main
-from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_numbers
+from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_number, parse_numbers
 from robusteval.cli.scale import torchrun_rank
 from robusteval.core.preflight import check_writable_directory, check_writable_file
 from robusteval.core.vocabulary import NORMS, REPORT_FORMATS
@@ -40,8 +40,8 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
             raise click.BadParameter(f"expected {' or '.join(f'{n}=EPS' for n in NORMS)}, got {value!r}",
                                      param_hint="--eps")
         try:
-            overrides[norm] = float(eps)
-        except ValueError:
+            overrides[norm] = parse_number(eps)
+        except (ValueError, ZeroDivisionError):
             raise click.BadParameter(f"{eps!r} is not a number", param_hint="--eps") from None
     return overrides
 
@@ -54,7 +54,7 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="html",
               show_default=True, help="Format of the main output.")
 @click.option("--eps", "eps", multiple=True, metavar="NORM=EPS",
-              help="Headline ε of the leaderboard for a norm (repeatable), e.g. --eps Linf=0.1 --eps L2=1.0. "
+              help="Headline ε of the leaderboard for a norm (repeatable), e.g. --eps Linf=8/255 --eps L2=0.5. "
                    "Default: the data set's standard budget.")
 @click.option("--radii", default=None, metavar="R1,R2",
               help=f"Radii of the leaderboard's certified-accuracy columns (default for digits: {DIGITS_RADII_HELP}).")
