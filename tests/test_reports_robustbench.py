@@ -163,3 +163,18 @@ def test_an_autoattack_run_on_a_randomized_pipeline_is_not_robustbench_s(tmp_pat
         summary["checks"] = [{"check": "randomized-without-eot", "status": "flag", "message": "outputs change"}]
     (entry,) = robustbench_entries(load_runs([_edited_run(tmp_path, "aa-random", detected)])).values()
     assert "autoattack_acc" not in entry and "model is randomized" in entry["nonstandard_reason"]
+
+
+def test_reported_is_the_card_s_claim_for_that_data_set_threat_model_and_eps(tmp_path: Path, monkeypatch) -> None:
+    from robusteval.model_zoo import registry
+    from robusteval.model_zoo.claims import Claim, PaperProtocol
+
+    entry = registry.registered("standard")
+    claim = Claim("digits", "Linf", 8 / 255, 0.4123, "Table 9", PaperProtocol("pgd", "standard.pt"))
+    other = Claim("digits", "L2", 8 / 255, 0.9, "Table 9", PaperProtocol("pgd", "standard.pt"))
+    card = dataclasses.replace(entry.card, claims=(other, claim))
+    monkeypatch.setitem(registry._REGISTRY, "standard", dataclasses.replace(entry, card=card))
+    (found,) = robustbench_entries(load_runs([_edited_run(tmp_path, "aa", _only_eps(0.031373))])).values()
+    assert found["reported"] == "41.23"
+    (none,) = robustbench_entries(load_runs([_edited_run(tmp_path, "aa4", _only_eps(4 / 255))])).values()
+    assert none["reported"] == ""  # no claim at 4/255

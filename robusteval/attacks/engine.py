@@ -56,6 +56,7 @@ from robusteval.attacks.resume import (
 )
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
+from robusteval.data.imagenet import order_notes
 from robusteval.core.interface import JointModel, trusted_inputs
 from robusteval.core.vocabulary import parse_defense
 from robusteval.jobs import Job
@@ -238,7 +239,8 @@ class AttackJob(Job):
             defense=str(self.defense), clean_accuracy=sum(1 for r in records if r["correct"]) / n,
             curve=robustness_curve(records, self.eps), flags=sanity.flags_of(checks), seconds=seconds,
             gradient=self.gradient, eot=self.eot, seed=self.seed, batch_size=self.batch_size,
-            checks=[c.as_dict() for c in checks], large_eps=large, notes=notes + gpu_notes(self.device),
+            checks=[c.as_dict() for c in checks], large_eps=large,
+            notes=notes + gpu_notes(self.device) + order_notes(self.config.get("image_order")),
         )
 
     def _finished(self, run_dir: RunDirectory, records: list[dict[str, Any]]) -> AttackResult | None:

@@ -106,6 +106,9 @@ class ImageDataset:
     x: Tensor
     y: Tensor
     classes: tuple[str, ...]
+    # Which fixed order the images were taken in, where that decides the subset (ImageNet: "robustbench" or
+    # "sorted"; see robusteval.data.imagenet); None for data sets read whole in their files' order.
+    order: str | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from robusteval.core import work_sizes
 from robusteval.core.determinism import gpu_notes, is_deterministic
+from robusteval.data.imagenet import order_notes
 from robusteval.core.devices import device_label
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import (
@@ -212,7 +213,8 @@ class SmoothingJob(Job):
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
         self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                                      model.input_shape, {**resolved.options.as_config(), **resolved.recorded()},
+                                      dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
         # shard takes whole batches of this plan (each image's noise depends on its index only).
@@ -253,7 +255,7 @@ class SmoothingJob(Job):
         finally:
             bar.close()
         extra = {"batch_size": self.batch_size, "compile": compiled, "deterministic": is_deterministic()}
-        notes = gpu_notes(self.model.device)
+        notes = gpu_notes(self.model.device) + order_notes(self.config.get("image_order"))
         summary = summarize(self.config, records, {**extra, **({"notes": notes} if notes else {})})
         if run_dir is not None:
             run_dir.write_summary(summary)
