@@ -91,3 +91,27 @@ def test_papers_suite_needs_a_model_dir(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--suite papers needs --model-dir" in result.output
     other = CliRunner().invoke(main, ["benchmark", "--suite", "digits-ci", "--votes", "3", "--out", str(tmp_path)])
     assert other.exit_code == 2 and "apply to --suite papers" in other.output
+
+
+def test_an_empirical_claim_is_measured_with_the_papers_attack_autoattack_and_the_adaptive_worst_case(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_official_checkpoints import jem_file
+
+    import robusteval.papers as papers
+
+    (tmp_path / "released").mkdir()
+    jem_file(tmp_path / "released" / "CIFAR10_MODEL.pt")
+    data = make_cifar10(tmp_path / "data", n=4)
+    claim = Claim("cifar10", "Linf", 8 / 255, 0.9, "a test's claim", PaperProtocol("fgsm", "CIFAR10_MODEL.pt"))
+    monkeypatch.setattr(papers, "paper_claims", lambda: [("jem", claim)])
+    suite = papers.PapersSuite(attack_points=3, steps=2, large_eps_check=False, masking_checks=False)
+    (row,), folder = papers.run_papers(tmp_path / "released", tmp_path / "runs", suite, data_dir=data, device="cpu")
+    assert row.status == "measured", row.status
+    assert row.paper["n"] == row.autoattack["n"] == row.adaptive["n"] == 3
+    # The adaptive figure is the worst case over everything run, so never above AutoAttack's own.
+    assert row.adaptive["value"] <= row.autoattack["value"]
+    assert row.gap["value"] == pytest.approx(0.9 - row.adaptive["value"])
+    fgsm, autoattack = (json.loads((Path(run) / "config.json").read_text()) for run in row.runs)
+    assert (fgsm["attack"], fgsm["eps"], autoattack["attack"], autoattack["steps"]) == (
+        "fgsm", [8 / 255], "autoattack", 2)
+    assert "| jem | cifar10 Linf ε=0.03137 |" in (folder / "papers.md").read_text()
