@@ -106,7 +106,8 @@ def _cohen(dataset: str, sigma: float, radius: float, figure: float, architectur
     return Claim(dataset=dataset, threat_model="L2-certified", budget=radius, robust_accuracy=figure, sigma=sigma,
                  source=_COHEN_README.format("ImageNet" if dataset == "imagenet" else "CIFAR-10", f"{sigma:.2f}",
                                             f"{radius:g}")
-                 + ("; the abstract's 49% at r = 0.5" if (dataset, radius) == ("imagenet", 0.5) else ""),
+                 + {"imagenet": "; the abstract's 49% at r = 0.5" if radius == 0.5 else "",
+                    "cifar10": " (ResNet-110; kept in an HTML comment of the README)"}[dataset],
                  protocol=PaperProtocol(checkpoint=checkpoint, n_images=n_images, skip=skip, **_COHEN_CERTIFY))
 
 
