@@ -137,6 +137,13 @@ class Resolved:
     device: torch.device
     options: JobOptions
 
+    def recorded(self) -> dict[str, str]:
+        """What a run's configuration records besides its settings: the official files' companions, and the
+        image order of a data set whose subset depends on it (ImageNet), each only when there is one."""
+        order = getattr(self.data, "order", None)
+        return {**{k: str(v) for k, v in self.options.official_files().items()},
+                **({"image_order": order} if order is not None else {})}
+
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None) -> ImageDataset:
     """The test split of a data set name or .npz path, an ImageDataset as is, or an (x, y) pair of tensors.

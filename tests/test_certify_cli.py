@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from robusteval.cli import main
@@ -109,3 +110,44 @@ def test_sequential_design_is_chosen_on_the_command_line_and_recorded(tmp_path):
     assert {"confidence_sequence", "alpha_spent"} <= differing  # the design is part of what identifies the run
     refused = runner.invoke(main, ["certify", *SMALL, "--design", "betting"])
     assert refused.exit_code == 2 and "design" in refused.output
+
+
+# === the command as the design names it (issue 28) ================================================
+def test_certify_without_model_certifies_the_zoo_base_classifier_for_sigma(tmp_path):
+    cheap = ["--n-images", "2", "--n0", "10", "--n", "50", "--device", "cpu", "--no-compile", "--quiet"]
+    for sigma, expected in (("0.25", "gaussian"), ("0.5", "gaussian-s0.5"), ("0.1", "gaussian-s0.12")):
+        out = tmp_path / f"s{sigma}"
+        result = CliRunner().invoke(main, ["certify", "--sigma", sigma, *cheap, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"model: {expected} (default" in result.stderr
+        assert f"of {expected}: r=0:" in result.stdout
+        assert json.loads((out / "config.json").read_text())["model"] == expected
+    # σ between two trained levels: the nearest, and the output says so.
+    nearest = CliRunner().invoke(main, ["certify", "--sigma", "0.3", *cheap, "--out", str(tmp_path / "s0.3")])
+    assert nearest.exit_code == 0 and "σ = 0.25, the nearest to --sigma 0.3" in nearest.stderr
+    predict = CliRunner().invoke(main, ["predict", "--sigma", "0.12", "--n-images", "2", "--n", "20",
+                                        "--no-compile", "--quiet", "--out", str(tmp_path / "p")])
+    assert predict.exit_code == 0 and "gaussian-s0.12: smoothed accuracy" in predict.stdout
+
+
+def test_certify_model_all_prints_one_table_of_every_model_with_shipped_weights(tmp_path):
+    from robusteval.model_zoo.factory import shipped_models
+
+    result = CliRunner().invoke(main, ["certify", "--model", "all", "--sigma", "0.25", "--n-images", "1", "--n0",
+                                       "5", "--n", "20", "--no-compile", "--quiet", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = result.stdout.splitlines()
+    assert table[0].startswith("certified accuracy (1 images, σ=0.25, direct")
+    assert [line.split()[0] for line in table[3:]] == shipped_models("digits")
+    assert {p.name for p in tmp_path.iterdir()} == set(shipped_models("digits"))
+    predict = CliRunner().invoke(main, ["predict", "--model", "all", "--sigma", "0.25", "--n-images", "1"])
+    assert predict.exit_code == 2 and "--model all applies to certify" in predict.output
+
+
+@pytest.mark.slow
+def test_the_bare_certify_command_exits_0_and_names_the_model(tmp_path, monkeypatch):
+    """`robusteval certify --sigma 0.25`, typed as is: the design's command (about a minute on 2 cores)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["certify", "--sigma", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "model: gaussian (default" in result.stderr and "of gaussian: r=0:" in result.stdout

@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from robusteval.core.interface import JointModel
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
+from robusteval.core.interface import JointModel
 from robusteval.smoothing.sequential import (
     LOWER_BETS,
     SequentialTest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -126,3 +127,38 @@ def test_a_missing_cifar100_directory_is_a_usage_error_the_cli_prints_in_one_lin
     for root in (None, tmp_path / "absent", tmp_path):
         with pytest.raises(UsageError, match=r"cifar100: "):
             load_dataset("cifar100", root=root)
+
+
+def test_runs_record_the_imagenet_order_and_warn_when_it_is_not_robustbenchs(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import robusteval
+
+    paths = make_imagenet(tmp_path / "imagenet")
+    network = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1000))
+    model = robusteval.wrap(network, num_classes=1000, input_shape=(3, 224, 224))
+    common = {"data_dir": tmp_path / "imagenet", "device": "cpu"}
+    # robustbench's list names files that are not in this folder: every image, sorted, and the runs say so.
+    certified = robusteval.certify(model, "imagenet", sigma=0.25, n0=2, n=4, n_images=2, compile=False,
+                                   out=tmp_path / "certify", **common)
+    attacked = robusteval.evaluate_attack(model, "imagenet", attack="fgsm", eps=[4 / 255], n=2,
+                                          large_eps_check=False, masking_checks=False, out=tmp_path / "attack",
+                                          **common)
+    for run, summary in ((tmp_path / "certify", certified.summary), (tmp_path / "attack", attacked.summary())):
+        assert json.loads((run / "config.json").read_text())["image_order"] == imagenet.SORTED_ORDER
+        assert any("this subset is not RobustBench's" in note for note in summary["notes"])
+    # With every file of its list present, RobustBench's order is used and recorded, and nothing is said.
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(f"{p.parent.name}/{p.name}" for p in paths[:2]) + "\n")
+    real = imagenet.robustbench_helper_file
+    monkeypatch.setattr(imagenet, "robustbench_helper_file",
+                        lambda name: listed if name == "imagenet_test_image_ids.txt" else real(name))
+    again = robusteval.certify(model, "imagenet", sigma=0.25, n0=2, n=4, n_images=2, compile=False,
+                               out=tmp_path / "certify-rb", **common)
+    assert json.loads((tmp_path / "certify-rb" / "config.json").read_text())["image_order"] == "robustbench"
+    assert not again.summary.get("notes")
+    # Other data sets record no order: their configurations (and run directories) are unchanged.
+    digits = robusteval.certify("gaussian", "digits", sigma=0.25, n0=2, n=4, n_images=1, compile=False,
+                                out=tmp_path / "digits")
+    assert "image_order" not in json.loads((tmp_path / "digits" / "config.json").read_text())
+    assert digits.summary["n_images"] == 1

@@ -57,6 +57,7 @@ from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
 from robusteval.core.interface import trusted_inputs
 from robusteval.core.vocabulary import DefenseSpec
+from robusteval.data.imagenet import order_notes
 from robusteval.jobs import Job, Resolved
 from robusteval.records import AttackConfig
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
@@ -89,7 +90,7 @@ class AttackJob(Job):
             batch_size=settings.batch_size, decision_draws=settings.decision_draws,
             large_eps_check=settings.large_eps_check, masking_checks=settings.masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
-            **{k: str(v) for k, v in resolved.options.official_files().items()},
+            **resolved.recorded(),
         ).to_json(), resolved.options.shard)
         # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
         self.batches = self.shard.batches(self.n_batches) if self.shard is not None else range(self.n_batches)
@@ -230,7 +231,8 @@ class AttackJob(Job):
         # this call's work outside the batches (loading, checks): the time of all processes, not the last one's.
         batches = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in records}.values())
         overhead = time.perf_counter() - started - batch_wall
-        result = AttackResult.of_run(self.config, records, checks, large, sorted(notes) + gpu_notes(self.device),
+        notes_of_run = sorted(notes) + gpu_notes(self.device) + order_notes(self.config.get("image_order"))
+        result = AttackResult.of_run(self.config, records, checks, large, notes_of_run,
                                      seconds=round(batches + overhead, 3))
         result.adversarial, result.records = merged, records
         result.run_dir = run_dir.path if run_dir is not None else None

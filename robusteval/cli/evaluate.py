@@ -6,6 +6,7 @@ Each parses its options, prepares the same job the Python API prepares
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -25,6 +26,8 @@ from robusteval.cli.options import (
 )
 from robusteval.cli.scale import run_paths, summary_to_print, torchrun_rank
 from robusteval.cli.summaries import print_summary
+from robusteval.core.errors import UsageError
+from robusteval.core.interface import CapabilityError
 from robusteval.core.preflight import check_writable_file
 from robusteval.core.vocabulary import (
     CERTIFY_METHODS,
@@ -33,9 +36,14 @@ from robusteval.core.vocabulary import (
     NORMS,
     SMOOTHING_MODES,
 )
+from robusteval.data import dataset_budgets
 from robusteval.generative.denoising import prepare_denoising
 from robusteval.generative.generation import counterfactual, sample
+from robusteval.model_zoo.factory import shipped_models, smoothing_base_classifier
+from robusteval.reports.loading import load_runs
+from robusteval.reports.paths import slug
 from robusteval.smoothing.engine import (
+    SmoothingJob,
     SmoothingSettings,
     certify_settings,
     prepare_smoothing,
@@ -50,7 +58,8 @@ from robusteval.smoothing.sequential import SEQUENTIAL_DESIGNS
 @job_options
 @click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")
 @click.option("--eps", "eps_text", default=None, metavar="E1,E2,...",
-              help=f"Radii to evaluate (default: the data set's grid; for digits {DIGITS_EPS_HELP}).")
+              help=f"Radii to evaluate, numbers or fractions such as 4/255,8/255 (default: the data set's grid; "
+                   f"for digits {DIGITS_EPS_HELP}).")
 @click.option("--n", "--points", "n", type=int, default=None,
               help="Evaluate the first N test points (default: all). Under torchrun write --points: its own "
                    "parser takes --n for an abbreviation of its options.")
@@ -99,7 +108,10 @@ def run_command(model_name: str, eps_text: str | None, out: Path | None, resume:
 def _smoothing_options(function):
     """Options shared by `certify` and `predict`."""
     options = [
-        click.option("--model", "model_name", required=True, help="Registered model name (see `robusteval list models`)."),
+        click.option("--model", "model_name", default=None,
+                     help="Registered model name (see `robusteval list models`). Default: the zoo's smoothing base "
+                          "classifier trained nearest to --sigma (gaussian at 0.25, gaussian-s0.12, gaussian-s0.5). "
+                          "certify --model all: every zoo model with shipped weights, then one table."),
         click.option("--sigma", type=float, required=True, help="Std of the smoothing noise, in [0, 1] pixel units."),
         click.option("--mode", type=click.Choice(SMOOTHING_MODES), default=SMOOTHING_MODES[0], show_default=True,
                      help="direct: classify x + σn at σ; denoised: classify the model's denoise(x + σn, σ)."),
@@ -138,14 +150,73 @@ def _run_smoothing_command(kind: str, model_name: str, sigma: float, mode: str, 
     else:
         settings = SmoothingSettings(kind, sigma=sigma, n=n, alpha=alpha, n0=n0, mode=mode, seed=seed)
     run_settings, options = split_job_options(params)
+    dataset = options.pop("dataset")
+    if model_name == ALL_MODELS:
+        _certify_every_model(kind, settings, dataset, run_settings, options, out, resume, quiet, as_json, wait)
+        return
+    if model_name is None:
+        model_name = _default_smoothing_model(sigma, dataset)
     rank = torchrun_rank(options)
-    job = prepare_smoothing(model_name, options.pop("dataset"), settings, **run_settings, **options)
+    job = prepare_smoothing(model_name, dataset, settings, **run_settings, **options)
     out, merged_out = run_paths(job, out, rank)
+    summary = _run_smoothing_job(job, out, resume, quiet, wait)
+    print_summary(*summary_to_print(summary, out, merged_out, rank), as_json)
+
+
+ALL_MODELS = "all"
+
+
+def _default_smoothing_model(sigma: float, dataset: object) -> str:
+    """The zoo's base classifier for σ, said on stderr (stdout may be JSON)."""
+    if not isinstance(dataset, str):
+        raise UsageError("without --model the data set must be given by name; pass --model")
+    name, own = smoothing_base_classifier(sigma, dataset)
+    nearest = "" if abs(own - sigma) < 1e-12 else f", the nearest to --sigma {sigma:g}"
+    echo_err(f"model: {name} (default: the zoo's smoothing base classifier, trained with Gaussian noise at "
+             f"σ = {own:g}{nearest}; --model chooses another)")
+    return name
+
+
+def _run_smoothing_job(job: SmoothingJob, out: Path | None, resume: bool, quiet: bool, wait: bool) -> dict:
     with job.opened_run(out, resume, wait=wait, on_wait=echo_err) as run_dir:
         verb = "resuming" if run_dir.resumed and run_dir.records else "writing"
         click.echo(f"{verb} {run_dir.path} ({len(run_dir.records)}/{job.n_images} images done)", err=True)
-        summary = job.run(run_dir, progress=not quiet).summary
-    print_summary(*summary_to_print(summary, out, merged_out, rank), as_json)
+        return job.run(run_dir, progress=not quiet).summary
+
+
+def _certify_every_model(kind: str, settings: object, dataset: object, run_settings: dict, options: dict,
+                         out: Path | None, resume: bool, quiet: bool, as_json: bool, wait: bool) -> None:
+    """`certify --model all`: each zoo model with shipped weights in turn (its own run directory, under --out
+    when given), then one table of certified accuracy per model."""
+    if kind != "certify":
+        raise UsageError("--model all applies to certify; predict takes one model")
+    if options.get("shard") is not None or torchrun_rank(dict(options)) is not None:
+        raise UsageError("--model all runs the models one after the other; shard one model at a time")
+    if not isinstance(dataset, str):
+        raise UsageError("--model all needs a data set given by name")
+    summaries = {}
+    for name in shipped_models(dataset):
+        try:
+            job = prepare_smoothing(name, dataset, settings, **run_settings, **options)
+        except CapabilityError as error:  # e.g. --mode denoised on a model without a denoiser
+            echo_err(f"skipping {name}: {error}")
+            continue
+        echo_err(f"model {name}")
+        target = out / slug(name) if out is not None else job.default_run_dir()
+        summaries[name] = (_run_smoothing_job(job, target, resume, quiet, wait), target)
+    if not summaries:
+        raise UsageError(f"no zoo model with shipped weights for '{dataset}' can be certified this way")
+    if as_json:
+        click.echo(json.dumps({name: summary for name, (summary, _) in summaries.items()}, indent=2))
+        return
+    runs = {name: load_runs([target])[0] for name, (_, target) in summaries.items()}
+    radii = dataset_budgets(dataset).table_radii
+    first = next(iter(summaries.values()))[0]
+    click.echo(f"certified accuracy ({first['n_images']} images, σ={first['sigma']:g}, {first['mode']}, "
+               f"n={first['n']:,}, α={first['alpha']:g}):")
+    echo_table(("model", *(f"r={r:g}" for r in radii), "ACR", "abstain", "run"),
+               [(name, *(f"{run.certified_accuracy_at(r):.3f}" for r in radii), f"{run.summary['acr']:.3f}",
+                 f"{run.summary['abstain_rate']:.3f}", str(run.path)) for name, run in runs.items()])
 
 
 @main.command("certify")

@@ -72,14 +72,23 @@ def echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+def parse_number(text: str) -> float:
+    """A number or a fraction of two numbers (`8/255`, as budgets are written); ValueError otherwise."""
+    numerator, slash, denominator = text.strip().partition("/")
+    if not slash:
+        return float(numerator)
+    return float(numerator) / float(denominator)  # ZeroDivisionError is a ValueError's sibling: caught below
+
+
 def parse_numbers(value: str | None, flag: str, example: str) -> list[float] | None:
-    """A comma-separated list of finite numbers >= 0, e.g. `0.05,0.1` (None stays None)."""
+    """A comma-separated list of finite numbers >= 0, each a number or a fraction, e.g. `0.05,0.1` or
+    `4/255,8/255` (None stays None)."""
     if value is None:
         return None
     try:
-        numbers = [float(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as {example}, got {value!r}",
+        numbers = [parse_number(part) for part in value.split(",") if part.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected comma-separated numbers or fractions such as {example}, got {value!r}",
                                  param_hint=flag) from None
     if not numbers or any(not math.isfinite(x) or x < 0 for x in numbers):
         raise click.BadParameter(f"expected finite numbers >= 0 such as {example}, got {value!r}", param_hint=flag)

@@ -11,10 +11,18 @@ import click
 
 from robusteval.benchmark import describe_suite, resolve_suite, run_benchmark
 from robusteval.cli.group import main
-from robusteval.cli.options import DIGITS_RADII_HELP, job_options, parse_numbers
+from robusteval.cli.options import (
+    DIGITS_RADII_HELP,
+    echo_table,
+    job_options,
+    parse_number,
+    parse_numbers,
+)
 from robusteval.cli.scale import torchrun_rank
+from robusteval.core.errors import UsageError
 from robusteval.core.preflight import check_writable_directory, check_writable_file
 from robusteval.core.vocabulary import NORMS, REPORT_FORMATS
+from robusteval.papers import PapersSuite, papers_table, run_papers
 from robusteval.reports.loading import load_runs
 from robusteval.reports.regression import (
     compare,
@@ -40,8 +48,8 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
             raise click.BadParameter(f"expected {' or '.join(f'{n}=EPS' for n in NORMS)}, got {value!r}",
                                      param_hint="--eps")
         try:
-            overrides[norm] = float(eps)
-        except ValueError:
+            overrides[norm] = parse_number(eps)
+        except (ValueError, ZeroDivisionError):
             raise click.BadParameter(f"{eps!r} is not a number", param_hint="--eps") from None
     return overrides
 
@@ -54,7 +62,7 @@ def _parse_eps_overrides(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="html",
               show_default=True, help="Format of the main output.")
 @click.option("--eps", "eps", multiple=True, metavar="NORM=EPS",
-              help="Headline ε of the leaderboard for a norm (repeatable), e.g. --eps Linf=0.1 --eps L2=1.0. "
+              help="Headline ε of the leaderboard for a norm (repeatable), e.g. --eps Linf=8/255 --eps L2=0.5. "
                    "Default: the data set's standard budget.")
 @click.option("--radii", default=None, metavar="R1,R2",
               help=f"Radii of the leaderboard's certified-accuracy columns (default for digits: {DIGITS_RADII_HELP}).")
@@ -103,7 +111,8 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
 
 @main.command("benchmark")
 @click.option("--suite", "suite_name", default="digits", show_default=True,
-              help="digits (the leaderboard grid) or digits-ci (the CI-sized grid of reports/baseline.json).")
+              help="digits (the leaderboard grid), digits-ci (the CI-sized grid of reports/baseline.json) or "
+                   "papers (the papers' claims against their released checkpoints in --model-dir).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="Folder for run directories; the suite's runs go to <out>/<suite>/ (re-running resumes).")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -122,18 +131,39 @@ def check_command(runs: tuple[Path, ...], baseline: Path, alpha: float, update: 
 @click.option("--n0", type=click.IntRange(1), default=None, help="Override: selection draws per image.")
 @click.option("--n", "--draws", "n_draws", type=click.IntRange(1), default=None,
               help="Override: estimation draws per image (--draws under torchrun).")
+@click.option("--votes", type=click.IntRange(1), default=None,
+              help="papers suite: K of the smoothed classifier smooth:σ:K that AutoAttack attacks (default 100).")
+@click.option("--eot", type=click.IntRange(1), default=None,
+              help="papers suite: EOT draws of the attacks (default: AutoAttack's own).")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="papers suite: the attacks' iterations (default: AutoAttack's published settings; any other "
+                   "value makes the AutoAttack column non-standard).")
+@click.option("--large-eps-check/--no-large-eps-check", default=True, show_default=True,
+              help="papers suite: re-attack at a very large ε (a gradient-masking check).")
 def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_report: bool, patterns: str, jobs: int,
                       n_attack: int | None, n_defense: int | None, n_certify: int | None,
-                      n0: int | None, n_draws: int | None, **options: object) -> None:
+                      n0: int | None, n_draws: int | None, votes: int | None, eot: int | None, steps: int | None,
+                      large_eps_check: bool, **options: object) -> None:
     """Run a standard grid over the model zoo (attacks, adaptive attacks, certification, PSNR), then `report`.
 
     The evaluation options (--device, --data-dir, ...) go to every run of the grid; --dataset replaces the
-    suite's data set.
+    suite's data set. `--suite papers --model-dir DIR --data-dir DIR` evaluates the papers' released
+    checkpoints found in DIR against the claims on their model cards (see robusteval.papers).
     """
     check_writable_directory(out, "run folder")
+    if suite_name == PAPERS_SUITE:
+        papers = PapersSuite(n_images=n_certify, n0=n0, n=n_draws, attack_points=n_attack,
+                             **{k: v for k, v in (("votes", votes), ("eot", eot), ("steps", steps)) if v is not None},
+                             large_eps_check=large_eps_check)
+        _run_papers_suite(papers, out, options)
+        return
+    if any(v is not None for v in (votes, eot, steps)):
+        raise UsageError("--votes, --eot and --steps apply to --suite papers; the grid suites run their own settings")
     suite = resolve_suite(suite_name)
     overrides = {k: v for k, v in (("n_attack", n_attack), ("n_defense", n_defense), ("n_certify", n_certify),
                                    ("n0", n0), ("n", n_draws)) if v is not None}
+    if not large_eps_check:
+        overrides["large_eps_check"] = False
     suite = dataclasses.replace(suite, **overrides)
     models = tuple(p.strip() for p in patterns.split(",") if p.strip()) or ("*",)
     rank = torchrun_rank(options)  # under torchrun: rank r runs part r+1 of the suite's runs on cuda:LOCAL_RANK
@@ -161,4 +191,26 @@ def benchmark_command(suite_name: str, out: Path, report_out: Path | None, no_re
     if result.failed:
         for label, error in sorted(result.failed.items()):
             click.echo(f"error: {label}: {error}", err=True)
+        sys.exit(1)
+
+
+PAPERS_SUITE = "papers"
+
+
+def _run_papers_suite(suite: PapersSuite, out: Path, options: dict[str, object]) -> None:
+    """The papers suite: each claim's row as it finishes, then the table (and where it is written)."""
+    model_dir = options.pop("model_dir", None)
+    if options.pop("dataset", "digits") != "digits":  # the flag's default; each claim names its data set
+        raise UsageError("--suite papers evaluates each claim on its paper's data set; do not pass --dataset")
+    if model_dir is None:
+        raise UsageError("--suite papers needs --model-dir DIR, the folder with the papers' released checkpoints")
+    rows, folder = run_papers(model_dir, out, suite, on_event=lambda message: click.echo(message, err=True),
+                              **options)
+    header, body = papers_table(rows)
+    echo_table(header, body)
+    measured = sum(1 for row in rows if row.status == "measured")
+    missing = sum(1 for row in rows if row.status == "missing")
+    click.echo(f"{measured} claims measured, {missing} without their checkpoint, "
+               f"{len(rows) - measured - missing} failed; table and notes in {folder / 'papers.md'}")
+    if any(row.status.startswith("failed") for row in rows):
         sys.exit(1)

@@ -53,8 +53,8 @@ def echo_smoothing_summary(summary: dict[str, Any], path: Path) -> None:
     click.echo(f"run: {path}")
     if kind == "certify":
         curve = ", ".join(f"r={p['radius']:g}: {p['accuracy']:.3f}" for p in summary["certified_accuracy"])
-        click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}): "
-                   f"{curve}")
+        click.echo(f"certified accuracy ({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}) "
+                   f"of {summary['model']}: {curve}")
         click.echo(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
                    f"{summary['seconds']:.1f} s")
         if summary.get("method") == "sequential":
@@ -62,6 +62,6 @@ def echo_smoothing_summary(summary: dict[str, Any], path: Path) -> None:
             click.echo(f"draws per image: mean {draws['mean']:.0f}, median {draws['median']:.0f}, max {draws['max']} "
                        f"(n_max {summary['n_max']}); {summary['forward_passes']} forward passes in all")
     else:
-        click.echo(f"smoothed accuracy {summary['accuracy']:.3f}, abstain rate {summary['abstain_rate']:.3f} "
+        click.echo(f"{summary['model']}: smoothed accuracy {summary['accuracy']:.3f}, abstain rate {summary['abstain_rate']:.3f} "
                    f"({summary['n_images']} images, σ={summary['sigma']:g}, {summary['mode']}), "
                    f"{summary['seconds']:.1f} s")

@@ -15,7 +15,10 @@ Order, so that ``--n 1000`` means the same images on every machine:
 1. when RobustBench's 5,000-image evaluation list
    (``helper_files/imagenet_test_image_ids.txt``) is installed and every file
    it names is under root: those images, in that list's order;
-2. otherwise every image under root, sorted by (wnid, file name).
+2. otherwise every image under root, sorted by (wnid, file name). That subset
+   is not RobustBench's: the dataset's `order` says which order was used
+   ("robustbench" or "sorted"), runs record it in their configuration
+   (`image_order`) and their summary carries `order_notes`' warning.
 
 Preprocessing (RobustBench's "Res256Crop224", also Cohen et al.'s test
 transform): resize the shorter side to 256 (bilinear, antialiased), centre
@@ -82,19 +85,39 @@ def class_index(directory: Path) -> dict[str, int]:
     return {wnid: index for index, wnid in enumerate(folders)}
 
 
+# Which order the images were taken in (ImageDataset.order, a run's `image_order`).
+ROBUSTBENCH_ORDER = "robustbench"
+SORTED_ORDER = "sorted"
+
+
 def image_order(directory: Path) -> list[Path]:
     """The fixed order of the images (see the module docstring)."""
+    return ordered_images(directory)[0]
+
+
+def ordered_images(directory: Path) -> tuple[list[Path], str]:
+    """The images in their fixed order, and which order that is (ROBUSTBENCH_ORDER or SORTED_ORDER)."""
     listed = robustbench_helper_file("imagenet_test_image_ids.txt")
     if listed is not None:
         names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
         paths = [directory / name for name in names]
         if all(path.is_file() for path in paths):
-            return paths
+            return paths, ROBUSTBENCH_ORDER
     return sorted(
         (path for folder in directory.iterdir() if _is_wnid(folder) for path in folder.iterdir()
          if path.suffix.lower() in IMAGE_SUFFIXES),
         key=lambda path: (path.parent.name, path.name),
-    )
+    ), SORTED_ORDER
+
+
+def order_notes(order: str | None) -> list[str]:
+    """The summary's warning when the ImageNet images are not RobustBench's subset (none otherwise)."""
+    if order != SORTED_ORDER:
+        return []
+    return ["imagenet: robustbench's list of its 5,000 evaluation images (helper_files/imagenet_test_image_ids.txt) "
+            "was not found or not all its files are under the data folder, so the images are every image there "
+            "sorted by (wnid, file name): this subset is not RobustBench's, and the figures are not comparable "
+            "with its leaderboard"]
 
 
 def preprocess(path: Path) -> torch.Tensor:
@@ -117,7 +140,7 @@ def load_imagenet(split: str = "test", root: str | Path | None = None, limit: in
         raise ValueError("imagenet: only the validation images (split 'test') are read")
     directory = _image_directory(root)
     labels_of = class_index(directory)
-    order = image_order(directory)
+    order, order_name = ordered_images(directory)
     if not order:
         raise FileNotFoundError(f"imagenet: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of "
                                 f"{directory}")
@@ -131,4 +154,4 @@ def load_imagenet(split: str = "test", root: str | Path | None = None, limit: in
     x = torch.stack([preprocess(path) for path in chosen])
     y = torch.tensor([labels_of[path.parent.name] for path in chosen], dtype=torch.long)
     classes = tuple(sorted(labels_of, key=labels_of.__getitem__))
-    return ImageDataset("imagenet", split, x, y, classes)
+    return ImageDataset("imagenet", split, x, y, classes, order=order_name)

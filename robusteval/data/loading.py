@@ -117,7 +117,8 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
 def _limited(dataset: ImageDataset, limit: int | None) -> ImageDataset:
     if limit is None or limit >= len(dataset):
         return dataset
-    return ImageDataset(dataset.name, dataset.split, dataset.x[:limit], dataset.y[:limit], dataset.classes)
+    return ImageDataset(dataset.name, dataset.split, dataset.x[:limit], dataset.y[:limit], dataset.classes,
+                        order=dataset.order)
 
 
 def _load_dataset(name: str, split: str, root: str | Path | None) -> ImageDataset:

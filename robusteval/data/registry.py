@@ -84,11 +84,15 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo(
         "cifar100", 100, (3, 32, 32), tuple(str(i) for i in range(100)),
         source="python pickles (train, test, meta) in root/cifar-100-python (or root itself); fine labels",
+        # RobustBench's CIFAR-100 budgets: L∞ 8/255 (its leaderboard), L2 0.5 (as its CIFAR-10 L2 board).
+        budgets=Budgets({"Linf": (2 / 255, 4 / 255, 8 / 255), "L2": (0.25, 0.5)}, {"Linf": 8 / 255, "L2": 0.5}),
     ),
     "imagenet": DatasetInfo(
         "imagenet", 1000, (3, 224, 224), tuple(str(i) for i in range(1000)),
         source="validation images in the ImageFolder layout (one folder per WordNet id) in root/val (or root "
                "itself); resize 256, centre crop 224",
+        # RobustBench's ImageNet leaderboard: L∞ 4/255. It has no ImageNet L2 board, so L2 needs --eps.
+        budgets=Budgets({"Linf": (1 / 255, 2 / 255, 4 / 255)}, {"Linf": 4 / 255}),
     ),
 }
 
@@ -102,6 +106,9 @@ class ImageDataset:
     x: Tensor
     y: Tensor
     classes: tuple[str, ...]
+    # Which fixed order the images were taken in, where that decides the subset (ImageNet: "robustbench" or
+    # "sorted"; see robusteval.data.imagenet); None for data sets read whole in their files' order.
+    order: str | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

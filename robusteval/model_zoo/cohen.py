@@ -12,6 +12,7 @@ from __future__ import annotations
 from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
 from robusteval.model_zoo.baselines import GaussianRecipe, train_gaussian
+from robusteval.model_zoo.claims import COHEN_CLAIMS
 from robusteval.model_zoo.official.cohen import build_cohen
 from robusteval.model_zoo.registry import register_model
 
@@ -28,6 +29,7 @@ from robusteval.model_zoo.registry import register_model
     description="Sequential(NormalizeLayer, ResNet): the official cifar_resnet20/110 (CIFAR-10) and resnet50 "
     "(ImageNet) read from locuslab/smoothing's checkpoints; elsewhere a ResNet-20 of the same design trained "
     "on x + N(0, 0.25²). No weights are shipped.",
+    claims=COHEN_CLAIMS,
 )
 def cohen(info: DatasetInfo) -> JointModel:
     return build_cohen(info)

@@ -23,6 +23,7 @@ from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel
 from robusteval.data import DATASETS, DatasetInfo, dataset_info
 from robusteval.model_zoo import baselines, cdn, cohen, dmae, egc, gmmc, jdm, jem  # noqa: F401 (they register)
+from robusteval.model_zoo.baselines import GaussianRecipe
 from robusteval.model_zoo.official import (
     PAPER_DATASETS,
     OfficialArchitecture,
@@ -40,6 +41,30 @@ from robusteval.model_zoo.registry import (
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
     return [name for name in registered_names() if fnmatch.fnmatch(name, pattern)]
+
+
+def smoothing_base_classifier(sigma: float, dataset: str = "digits") -> tuple[str, float]:
+    """The zoo's smoothing base classifier for σ: the model trained with Gaussian augmentation (Cohen et al.'s
+    recipe) at the σ nearest to `sigma` (ties: the smaller σ) among those with shipped weights for `dataset`.
+
+    Returns (name, the σ it was trained at). On digits: `gaussian` (0.25), `gaussian-s0.12`, `gaussian-s0.5`.
+    """
+    trained = []
+    for name in list_models():
+        card = model_card(name)
+        own = card.recipe.get("sigma")
+        if isinstance(card.recipe, GaussianRecipe) and dataset in card.checkpoints():
+            trained.append((abs(float(own) - sigma), float(own), name))
+    if not trained:
+        raise UsageError(f"no smoothing base classifier of the zoo has weights for data set '{dataset}'; "
+                         f"pass --model")
+    _, own, name = min(trained)
+    return name, own
+
+
+def shipped_models(dataset: str = "digits") -> list[str]:
+    """The registered models with shipped weights for a data set, sorted."""
+    return [name for name in list_models() if dataset in model_card(name).checkpoints()]
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -23,6 +23,7 @@ from robusteval.core.checkpoints import (
 from robusteval.core.interface import CAPABILITIES, JointModel
 from robusteval.core.names import resolve_name
 from robusteval.data import DatasetInfo
+from robusteval.model_zoo.claims import Claim
 from robusteval.model_zoo.official import (
     official_spec,
 )
@@ -53,6 +54,8 @@ class ModelCard:
     randomness: str = "none: inference is deterministic"
     # Where the zoo model departs from the official code, where that can change a robustness conclusion.
     departures: tuple[str, ...] = ()
+    # The paper's own headline robustness figures (model_zoo/claims.py); empty where none could be confirmed.
+    claims: tuple[Claim, ...] = ()
 
     def checkpoint_path(self, dataset: str) -> Path:
         return WEIGHTS_DIR / f"{self.name}-{dataset}.safetensors"
@@ -82,6 +85,7 @@ class ModelCard:
             "recipe": self.recipe.as_dict(),
             "checkpoints": self.checkpoints(),
             "official": self.official(),
+            "claims": [claim.as_dict() for claim in self.claims],
         }
 
     def official(self) -> dict[str, Any] | None:
@@ -119,6 +123,7 @@ def register_model(
     recipe: Recipe | None = None,
     randomness: str = "none: inference is deterministic",
     departures: tuple[str, ...] = (),
+    claims: tuple[Claim, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a builder `build(info: DatasetInfo) -> JointModel` under `name`.
 
@@ -145,6 +150,7 @@ def register_model(
             recipe=recipe,
             randomness=randomness,
             departures=tuple(departures),
+            claims=tuple(claims),
         )
         _REGISTRY[name] = ModelEntry(card, build, trainer)
         return build

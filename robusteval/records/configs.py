@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 from robusteval.records.encoding import to_json_dict as _json
 
 # The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
-_COMPANIONS = ("vae", "model_config")
+# With them, ImageNet's image order (robusteval.data.imagenet): recorded only for the data sets that have one.
+_COMPANIONS = ("vae", "model_config", "image_order")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AttackConfig:
     kind: str = "attack"
     vae: str | None = None
     model_config: str | None = None
+    image_order: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -83,6 +85,7 @@ class SmoothingConfig:
     model_dir: str | None = None
     vae: str | None = None
     model_config: str | None = None
+    image_order: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",

@@ -37,6 +37,7 @@ from robusteval.core.interface import (
     validate_images,
 )
 from robusteval.data import ImageDataset
+from robusteval.data.imagenet import order_notes
 from robusteval.jobs import Job, JobOptions, Resolved, resolve, shows_keywords
 from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.records import (
@@ -216,7 +217,8 @@ class SmoothingJob(Job):
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
         self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                                      model.input_shape, {**resolved.options.as_config(), **resolved.recorded()},
+                                      dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
         # shard takes whole batches of this plan (each image's noise depends on its index only).
@@ -257,7 +259,7 @@ class SmoothingJob(Job):
         finally:
             bar.close()
         extra = {"batch_size": self.batch_size, "compile": compiled, "deterministic": is_deterministic()}
-        notes = gpu_notes(self.model.device)
+        notes = gpu_notes(self.model.device) + order_notes(self.config.get("image_order"))
         summary = summarize(self.config, records, {**extra, **({"notes": notes} if notes else {})})
         if run_dir is not None:
             run_dir.write_summary(summary)

@@ -1,0 +1,122 @@
+"""The papers' own headline robustness claims, as data on the model cards.
+
+A `Claim` is one figure a paper publishes: the data set, the threat model,
+the budget (ε of an attack, or the L2 radius of a certificate with its σ),
+the figure, where in the paper (or the official repository) it is printed,
+and the protocol that produced it (attack or CERTIFY settings, number of
+test points, the released checkpoint's file). Only figures read in the
+paper or its official repository are recorded; a system whose figures
+could not be confirmed has no claim rather than a guessed one.
+
+The papers suite (`robusteval.papers`) measures each claim under the
+paper's own protocol and robusteval's adaptive evaluation; the RobustBench
+export fills `reported` from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# How close a budget must be to the claim's (ε typed as 0.031373 is the paper's 8/255).
+BUDGET_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PaperProtocol:
+    """How the paper measured the figure.
+
+    attack: the paper's attack for an empirical claim ("certify" for a certificate); n_images: its test
+    points (None: the whole test split), taken every `skip`-th image as the official script does; n0, n, alpha:
+    CERTIFY's draws and level; checkpoint: the released file, relative to the folder its archive unpacks into.
+    """
+
+    attack: str
+    checkpoint: str
+    n_images: int | None = None
+    skip: int = 1
+    n0: int | None = None
+    n: int | None = None
+    alpha: float | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One published robustness figure.
+
+    threat_model: "Linf" or "L2" for an empirical robust accuracy at ε = budget, "L2-certified" for a
+    randomized-smoothing certified accuracy at L2 radius `budget` with noise `sigma`.
+    robust_accuracy: the figure as a fraction (0.49 for 49%). source: where it is printed.
+    defense: the pipeline the paper evaluates, in robusteval's defense syntax ("none": the bare model).
+    """
+
+    dataset: str
+    threat_model: str
+    budget: float
+    robust_accuracy: float
+    source: str
+    protocol: PaperProtocol
+    sigma: float | None = None
+    defense: str = "none"
+    clean_accuracy: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.threat_model not in ("Linf", "L2", "L2-certified"):
+            raise ValueError(f"claim threat model must be Linf, L2 or L2-certified, got {self.threat_model!r}")
+        if not 0.0 <= self.robust_accuracy <= 1.0:
+            raise ValueError(f"a claim's robust_accuracy is a fraction in [0, 1], got {self.robust_accuracy}")
+        if (self.threat_model == "L2-certified") != (self.sigma is not None):
+            raise ValueError("a certified claim needs its sigma, and only a certified claim has one")
+
+    @property
+    def certified(self) -> bool:
+        return self.threat_model == "L2-certified"
+
+    @property
+    def label(self) -> str:
+        """'cifar10 L2-certified r=0.5 (σ=0.25)' or 'cifar10 Linf ε=0.0314'."""
+        if self.certified:
+            return f"{self.dataset} certified L2 r={self.budget:g} (σ={self.sigma:g})"
+        return f"{self.dataset} {self.threat_model} ε={self.budget:.4g}" + (
+            f" ({self.defense})" if self.defense != "none" else "")
+
+    def matches(self, *, dataset: str, threat_model: str, budget: float, defense: str = "none") -> bool:
+        """Whether this claim is the paper's figure for that evaluation (budgets equal to 1e-4)."""
+        return (self.dataset == dataset and self.threat_model == threat_model and self.defense == defense
+                and abs(self.budget - budget) < BUDGET_TOLERANCE)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- Cohen, Rosenfeld & Kolter 2019 (locuslab/smoothing) ------------------------------------------
+# The official README's tables (ImageNet: "the same data in tabular form" as the paper's plot; CIFAR-10: the
+# ResNet-110 table kept in the README's source), from analyze.py over the repository's data/certify outputs.
+# The paper certifies the whole CIFAR-10 test set and 500 ImageNet images (every 100th), with CERTIFY at
+# n0 = 100, n = 100,000, alpha = 0.001. Each σ is its own released checkpoint.
+_COHEN_CERTIFY = {"attack": "certify", "n0": 100, "n": 100_000, "alpha": 0.001}
+_COHEN_README = "locuslab/smoothing README, {} certified-accuracy table (σ = {}, r = {})"
+
+
+def _cohen(dataset: str, sigma: float, radius: float, figure: float, architecture: str, n_images: int,
+           skip: int) -> Claim:
+    checkpoint = f"models/{dataset}/{architecture}/noise_{sigma:.2f}/checkpoint.pth.tar"
+    return Claim(dataset=dataset, threat_model="L2-certified", budget=radius, robust_accuracy=figure, sigma=sigma,
+                 source=_COHEN_README.format("ImageNet" if dataset == "imagenet" else "CIFAR-10", f"{sigma:.2f}",
+                                            f"{radius:g}")
+                 + {"imagenet": "; the abstract's 49% at r = 0.5" if radius == 0.5 else "",
+                    "cifar10": " (ResNet-110; kept in an HTML comment of the README)"}[dataset],
+                 protocol=PaperProtocol(checkpoint=checkpoint, n_images=n_images, skip=skip, **_COHEN_CERTIFY))
+
+
+COHEN_CLAIMS: tuple[Claim, ...] = (
+    _cohen("cifar10", 0.25, 0.25, 0.60, "resnet110", 10_000, 1),
+    _cohen("cifar10", 0.25, 0.5, 0.42, "resnet110", 10_000, 1),
+    _cohen("cifar10", 0.50, 0.75, 0.31, "resnet110", 10_000, 1),
+    _cohen("cifar10", 1.00, 1.0, 0.22, "resnet110", 10_000, 1),
+    _cohen("imagenet", 0.25, 0.5, 0.49, "resnet50", 500, 100),
+    _cohen("imagenet", 0.50, 1.0, 0.38, "resnet50", 500, 100),
+    _cohen("imagenet", 1.00, 2.0, 0.19, "resnet50", 500, 100),
+)
