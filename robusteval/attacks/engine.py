@@ -57,7 +57,7 @@ from robusteval.attacks.resume import (
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
 from robusteval.core.interface import JointModel, trusted_inputs
-from robusteval.core.vocabulary import parse_defense
+from robusteval.core.vocabulary import gradient_variants, parse_defense
 from robusteval.jobs import Job
 from robusteval.records import AttackConfig
 from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
@@ -84,7 +84,7 @@ class AttackJob(Job):
         self.seed, self.batch_size, self.device = seed, batch_size, device
         self.large_eps_check, self.masking_checks = large_eps_check, masking_checks
         self.decision_draws = decision_draws
-        self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
+        self.variants = gradient_variants(gradient, self.defense)
         self._freeze(AttackConfig(
             model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
@@ -306,7 +306,7 @@ class _AttackMerger:
                                f"command to finish it")
         model = ModelChecks.from_json(json.loads(first.files[MODEL_CHECKS_FILE]))
         eps = list(config["eps"])
-        variants = ["full", "bpda"] if config["gradient"] == "auto" else [config["gradient"]]
+        variants = gradient_variants(config["gradient"], parse_defense(config["defense"]))
         plan = CheckPlan(resolve_attack(config["attack"]), variants, config["n"], eps, config["norm"],
                          bool(config["masking_checks"]), bool(config["large_eps_check"]), model.num_classes,
                          model.randomized)

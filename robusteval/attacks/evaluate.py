@@ -27,7 +27,7 @@ from robusteval.attacks.results import AttackResult
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel
 from robusteval.core.preflight import check_eps_budget
-from robusteval.core.vocabulary import GRADIENTS, DefenseSpec, parse_defense
+from robusteval.core.vocabulary import DefenseSpec, parse_defense, parse_gradient
 from robusteval.data import default_eps
 from robusteval.jobs import JobOptions, resolve, split_keywords
 
@@ -115,13 +115,12 @@ def _check_counts(settings: AttackSettings) -> None:
 def _gradient(gradient: str | None, defense: DefenseSpec) -> str:
     if gradient is None:
         return "auto" if defense.differentiates_through else "full"
-    if gradient not in GRADIENTS:
-        raise UsageError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+    parsed = parse_gradient(gradient, defense)
     if not defense.differentiates_through:
         # Without a denoiser or a chain there is nothing to take gradients through: any choice would be ignored.
-        raise UsageError(f"--gradient {gradient} applies to denoise and sgld defenses only (the defense is "
-                         f"'{defense}')")
-    return gradient
+        raise UsageError(f"--gradient {gradient} applies to denoise, purify and sgld defenses only (the defense "
+                         f"is '{defense}')")
+    return parsed
 
 
 def _eot(eot: int | None, spec: AttackSpec, randomized: bool) -> int:
@@ -146,10 +145,12 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device) of every evaluation.
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
-    'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or
+    'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K',
     'sgld:K[:step:noise:chains]' (JEM's SGLD refinement, models with an
-    energy); `gradient`: 'full', 'bpda' or 'auto' (both, worst case per point)
-    for denoise and sgld defenses; `eot`: noise draws per gradient against
+    energy) or 'purify:S:K[:ddpm|ddim]' (K reverse steps of the model's
+    denoiser from noise std S); `gradient`: 'full', 'bpda', 'surrogate:K''
+    (purify: the gradient of a K'-step purification) or 'auto' (all of
+    them, worst case per point) for denoise, purify and sgld defenses; `eot`: noise draws per gradient against
     randomized defenses (default 20 there, else 1); `decision_draws`: fresh
     draws of a randomized pipeline's decision (majority vote, and worst-of-N:
     fooled on any one).
