@@ -300,3 +300,21 @@ def test_cli_run_cdn_with_purify_records_the_defense_and_gradient(tmp_path):
     wrong = CliRunner().invoke(main, ["run", "--model", "cdn", "--defense", "denoise:0.25", "--gradient",
                                       "surrogate:2", "--n", "2", "--device", "cpu"])
     assert wrong.exit_code == 2 and "purify defenses only" in wrong.output
+
+
+def test_the_official_jdm_architecture_purifies_with_checkpointed_gradients_equal_to_plain_ones(tmp_path):
+    from test_official_diffusion import ONE_LEVEL, SMALL, images, load_jdm, save_jdm
+
+    path, _ = save_jdm(tmp_path, ONE_LEVEL)
+    model = load_jdm(SMALL, path).eval()  # float32: its timestep embedding is built in float32
+    x = images(2, size=16)
+    grads = []
+    for checkpointed in (True, False):
+        inputs = x.clone().requires_grad_(True)
+        pipeline = DeployedPipeline(model, parse_defense("purify:0.25:3"), "full", checkpointed=checkpointed)
+        torch.manual_seed(5)
+        with trusted_inputs():
+            loss = torch.log_softmax(pipeline(inputs), 1)[:, 0].sum()
+        grads.append(torch.autograd.grad(loss, inputs)[0])
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5 * float(grads[1].abs().max()))

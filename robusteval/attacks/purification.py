@@ -34,7 +34,8 @@ surrogates below see the same draws.
 Gradients (`purify_with_gradient`): `full` backpropagates through all K steps
 with activation checkpointing per step (`CheckpointedStep`: each step's input
 is stored, its activations are recomputed during the backward pass, so peak
-memory is one step's activations plus K stored inputs); `bpda` is the
+memory is one step's activations plus K stored inputs; the last step keeps
+its activations, which the backward pass uses first); `bpda` is the
 identity on the backward pass (Athalye et al. 2018); `surrogate:K'` returns
 the K-step purification but takes its gradient through a K'-step process from
 the same start (Lee & Kim 2023).
@@ -135,7 +136,7 @@ def purify(denoise: Denoiser, x: Tensor, sigmas: list[float], sampler: str, nois
            checkpointed: bool = True) -> Tensor:
     """x_K of the module docstring: x + σ_0·n, then the K = len(sigmas) − 1 reverse steps.
 
-    Differentiable in x when grad mode is on; with `checkpointed` each step stores only its input.
+    Differentiable in x when grad mode is on; with `checkpointed` each step but the last stores only its input.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -146,7 +147,10 @@ def purify(denoise: Denoiser, x: Tensor, sigmas: list[float], sampler: str, nois
         def step(h: Tensor, draw: Tensor | None, k: int = k) -> Tensor:
             return reverse_step(denoise, h, sigmas[k], sigmas[k + 1], sampler, draw)
 
-        if checkpointed and torch.is_grad_enabled() and state.requires_grad:
+        # The last step keeps its activations: the backward pass needs them first, so recomputing them would
+        # cost a forward pass and save no peak memory (one step's activations are alive during any recompute).
+        last = k == len(sigmas) - 2
+        if checkpointed and not last and torch.is_grad_enabled() and state.requires_grad:
             state = CheckpointedStep.apply(state, z, step)
         else:
             state = step(state, z)
