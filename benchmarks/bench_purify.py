@@ -110,7 +110,7 @@ def main(model_name: str, sigma: float, steps_text: str, sampler: str, batch: in
             allocated = cuda_peak(pipeline, x, y)
             rows[steps, checkpointed] = (seconds, saved, allocated)
             cuda = f"{allocated / 1e6:8.1f}" if allocated is not None else f"{'-':>8}"
-            print(f"{steps:>3} {str(checkpointed):>12} {seconds:8.3f} {saved / 1e6:9.2f} {cuda}", flush=True)
+            print(f"{steps:>3} {checkpointed!s:>12} {seconds:8.3f} {saved / 1e6:9.2f} {cuda}", flush=True)
     ks = sorted({k for k, _ in rows})
     low, high = ks[0], ks[-1]
     print(f"checkpointed saved peak K={high} / K={low}: {rows[high, True][1] / rows[low, True][1]:.2f} (goal <= 2)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -64,7 +65,7 @@ def test_sigma_schedule_is_edm_rho_7_from_s_to_sigma_min_then_zero():
     rho, high, low = 7.0, 0.25 ** (1 / 7), 0.01 ** (1 / 7)
     expected = [(high + i / 4 * (low - high)) ** rho for i in range(5)] + [0.0]
     assert sigmas == pytest.approx(expected, rel=1e-12) and sigmas[0] == 0.25 and sigmas[4] == pytest.approx(0.01)
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
 
 
 # --- the forward pass -----------------------------------------------------------------------------------
@@ -256,8 +257,8 @@ _KILLED_PURIFY = textwrap.dedent("""
 
 @pytest.mark.slow  # ~10-13 s on a shared 2-core machine
 def test_a_run_killed_inside_a_purify_attack_resumes_to_the_uninterrupted_result(tmp_path):
-    kwargs = dict(attack="pgd", eps=[0.02, 0.05, 0.08], defense="purify:0.2:3", eot=2, decision_draws=5,
-                  batch_size=10, device="cpu", seed=4, large_eps_check=False, steps=3)
+    kwargs = {"attack": "pgd", "eps": [0.02, 0.05, 0.08], "defense": "purify:0.2:3", "eot": 2, "decision_draws": 5,
+              "batch_size": 10, "device": "cpu", "seed": 4, "large_eps_check": False, "steps": 3}
     _, x, y, _ = linear_problem(n=10)
     model = _gaussian_model()
     fresh = robusteval.evaluate_attack(model, (x, y), out=tmp_path / "fresh", **kwargs)
@@ -265,12 +266,13 @@ def test_a_run_killed_inside_a_purify_attack_resumes_to_the_uninterrupted_result
     out = tmp_path / "killed"
     script = _KILLED_PURIFY.format(tests=str(TESTS), out=str(out), kwargs=kwargs)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=600)
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=600,
+                            check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert (out / "partial_batch00000.pt").exists() and not (out / "summary.json").exists()
     resumed = robusteval.evaluate_attack(model, (x, y), out=out, **kwargs)
     assert resumed.summary() | {"seconds": 0} == fresh.summary() | {"seconds": 0}
-    strip = lambda records: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in records]  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in records]
     assert strip(resumed.records) == strip(fresh.records)
     assert all(torch.equal(resumed.adversarial[e], fresh.adversarial[e]) for e in kwargs["eps"])
     for point in fresh.curve:  # randomized: the majority vote and worst-of-N beside it

@@ -48,10 +48,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from robusteval.attacks.purification import draw_noise, purify, sigma_schedule
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
-from robusteval.attacks.purification import draw_noise, purify, sigma_schedule
 from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec
 
 DECISION_DRAWS = 100
