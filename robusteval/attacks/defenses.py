@@ -52,7 +52,7 @@ from robusteval.attacks.purification import draw_noise, purify, sigma_schedule
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
-from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec
+from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec, parse_gradient
 
 DECISION_DRAWS = 100
 
@@ -90,9 +90,7 @@ class DeployedPipeline(nn.Module):
     def __init__(self, model: JointModel, defense: DefenseSpec, gradient: str = "full",
                  decision_draws: int = DECISION_DRAWS, checkpointed: bool = True):
         super().__init__()
-        surrogate = gradient.startswith("surrogate:") and gradient.partition(":")[2].isdigit() \
-            and int(gradient.partition(":")[2]) >= 1
-        if gradient not in ("full", "bpda") and not (surrogate and defense.kind == "purify"):
+        if gradient == "auto" or parse_gradient(gradient, defense) != gradient:
             raise UsageError(f"gradient must be 'full', 'bpda' or (purify only) 'surrogate:K' for one pipeline, "
                              f"got {gradient!r}")
         require_defense_capabilities(model, defense)
