@@ -24,14 +24,16 @@ one-shot posterior mean at any σ (cdn's Tweedie, dncnn) run the same updates.
 The σ schedule (`sigma_schedule`): σ_0 = S, then EDM's ρ = 7 spacing down to
 σ_{K−1} = min(σ_min, S) with σ_min = 0.01 (2.55 grey levels of 255; the lowest
 level cdn is trained at, EDM's 0.002 on its [−1, 1] scale being far below the
-digits models' training ranges), and σ_K = 0:  σ_i = (S^{1/ρ} + i/(K−1)·(σ_min^{1/ρ} − S^{1/ρ}))^ρ, i < K.
+digits models' training ranges), and σ_K = 0:
+
+    σ_i = (S^{1/ρ} + i/(K−1)·(σ_min^{1/ρ} − S^{1/ρ}))^ρ  for 0 < i < K.
 
 All randomness (the start noise and, for ddpm, the K − 1 step draws z) is
 drawn up front (`draw_noise`), so a purification is a deterministic function
 of (x, draws): exact gradients, their checkpointed recomputation and the
 surrogates below see the same draws.
 
-Gradients (`purify_with_gradient`): `full` backpropagates through all K steps
+Gradients (`DeployedPipeline` of robusteval.attacks.defenses): `full` backpropagates through all K steps
 with activation checkpointing per step (`CheckpointedStep`: each step's input
 is stored, its activations are recomputed during the backward pass, so peak
 memory is one step's activations plus K stored inputs; the last step keeps
