@@ -315,7 +315,7 @@ def test_bad_requests_are_clear_errors(standard, digits):
         robusteval.evaluate_attack(standard, digits, attack="pdg", eps=[0.1], n=5, device="cpu")
     with pytest.raises(ValueError, match="supports the norm"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", norm="L2", eps=[0.1], n=5, device="cpu")
-    with pytest.raises(ValueError, match="applies to denoise and sgld defenses only"):
+    with pytest.raises(ValueError, match="applies to denoise, purify and sgld defenses only"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", gradient="bpda", eps=[0.1], n=5, device="cpu")
     with pytest.raises(CapabilityError, match="denoise"):
         robusteval.evaluate_attack(standard, digits, attack="pgd", defense="denoise:0.1", eps=[0.1], n=5,

@@ -166,8 +166,10 @@ def test_labels_0_to_4_of_the_digits_are_accepted_and_a_label_beyond_the_classes
     (["--defense", "denoise:0.25"], "does not have the capability 'denoise'"),
     (["--eps", "2"], "exceeds 1"),
     (["--attack", "pgd-l2", "--norm", "L2", "--eps", "9"], "exceeds √64 = 8"),
-    (["--gradient", "full"], "--gradient full applies to denoise and sgld defenses only"),
-    (["--gradient", "bpda"], "--gradient bpda applies to denoise and sgld defenses only"),
+    (["--gradient", "full"], "--gradient full applies to denoise, purify and sgld defenses only"),
+    (["--gradient", "bpda"], "--gradient bpda applies to denoise, purify and sgld defenses only"),
+    (["--gradient", "surrogate:2"], "a surrogate process applies to purify defenses only"),
+    (["--gradient", "sideways"], "--gradient must be one of full, bpda, surrogate:K', auto"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "meta"], "device 'meta' is not supported"),
 ])

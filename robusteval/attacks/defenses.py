@@ -19,13 +19,22 @@ Defenses (the `--defense` string, parsed by `robusteval.core.vocabulary.parse_de
   in the official code), and the logits of the refined copies are averaged.
   Defaults step 0.25, noise 0.005, 5 chains: the official 1, 0.01 and 0.03
   on its [−1, 1] scale (see `robusteval.core.vocabulary`). Randomized.
+- `purify:S:K[:sampler]` (models with a denoiser): add Gaussian noise of
+  std S, run K reverse steps of the model's own denoiser back to σ = 0
+  (`ddpm` ancestral, the default, or `ddim` deterministic; the equations and
+  the σ schedule are in `robusteval.attacks.purification`), classify at
+  σ = 0. K = 1 is `denoise:S:noise`. Randomized.
 
 Gradients through a denoiser or the SGLD chain (`gradient`): `full`
 backpropagates through it exactly (Tweedie denoisers and SGLD differentiate
 inside their forward pass, so this is double backprop); `bpda` replaces it
 by the identity on the backward pass (Athalye et al. 2018; for SGLD this is
-what JEM's own evaluation does, since its chain updates `x.data`). The
-forward pass is the same in both.
+what JEM's own evaluation does, since its chain updates `x.data`). Through a
+purification `full` is exact through all K steps, checkpointed per step
+(memory: one step's activations plus K stored inputs), and `surrogate:K'`
+takes the gradient of a K'-step purification from the same start noise
+while the forward value stays the K-step one (Lee & Kim 2023). The forward
+pass is the same in every mode.
 
 Randomized pipelines decide by majority over `decision_draws` (100) fresh
 noise draws: a single lucky draw is not a prediction. `fooled_on_any_draw`
@@ -39,10 +48,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from robusteval.attacks.purification import draw_noise, purify, sigma_schedule
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
-from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec
+from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec, parse_gradient
 
 DECISION_DRAWS = 100
 
@@ -61,7 +71,7 @@ class _StraightThrough(torch.autograd.Function):
 
 def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
     """Raise CapabilityError when the defense needs what the model lacks (a denoiser, an energy for SGLD)."""
-    needed = {"denoise": "denoise", "sgld": "energy"}.get(defense.kind)
+    needed = {"denoise": "denoise", "purify": "denoise", "sgld": "energy"}.get(defense.kind)
     if needed is not None and needed not in model.capabilities:
         raise CapabilityError(model.name, needed, model.capabilities)
 
@@ -73,13 +83,16 @@ class DeployedPipeline(nn.Module):
     `expected(x, draws)` averages `draws` noise draws in one batched pass;
     `predict(x)` is the deployed decision (majority over fresh draws when
     randomized). Inputs are trusted: the engine validates the data once.
+    `checkpointed=False` keeps every purification step's activations (for
+    measuring what checkpointing saves; the gradient is the same).
     """
 
     def __init__(self, model: JointModel, defense: DefenseSpec, gradient: str = "full",
-                 decision_draws: int = DECISION_DRAWS):
+                 decision_draws: int = DECISION_DRAWS, checkpointed: bool = True):
         super().__init__()
-        if gradient not in ("full", "bpda"):
-            raise UsageError(f"gradient must be 'full' or 'bpda' for one pipeline, got {gradient!r}")
+        if gradient == "auto" or parse_gradient(gradient, defense) != gradient:
+            raise UsageError(f"gradient must be 'full', 'bpda' or (purify only) 'surrogate:K' for one pipeline, "
+                             f"got {gradient!r}")
         require_defense_capabilities(model, defense)
         if decision_draws < 1:
             raise UsageError(f"decision_draws must be >= 1, got {decision_draws}")
@@ -87,6 +100,7 @@ class DeployedPipeline(nn.Module):
         self.defense = defense
         self.gradient = gradient
         self.decision_draws = decision_draws
+        self.checkpointed = checkpointed
         self.randomized = defense.randomized or bool(getattr(model, "stochastic_inference", False))
         # An evaluation module, never in train mode: torchattacks restores train mode on the whole pipeline
         # (the model included) after each attack when it finds the pipeline in train mode, after which every
@@ -107,6 +121,9 @@ class DeployedPipeline(nn.Module):
             return torch.log_softmax(self.model.logits(x + sigma * torch.randn_like(x), sigma), dim=1)
         if kind == "sgld":
             return self._refined_logits(x)
+        if kind == "purify":
+            with trusted_inputs():  # the purified image may leave [0, 1] slightly: the pipeline built it
+                return self.model.logits(self._purified(x), 0.0)
         noisy = x + sigma * torch.randn_like(x) if self.defense.add_noise else x
         return self.model.logits(self._purify(noisy), 0.0)
 
@@ -117,6 +134,23 @@ class DeployedPipeline(nn.Module):
         with torch.no_grad():
             denoised = self.model.denoise(x, sigma)
         return _StraightThrough.apply(x, denoised.detach())
+
+    def _purified(self, x: Tensor) -> Tensor:
+        """One draw of purify:S:K, differentiated as `gradient` says (see the module docstring)."""
+        spec = self.defense
+        noise = draw_noise(x, spec.steps, spec.sampler)
+        sigmas = sigma_schedule(spec.sigma, spec.steps)
+        if self.gradient == "full" or not torch.is_grad_enabled():
+            return purify(self.model.denoise, x, sigmas, spec.sampler, noise, self.checkpointed)
+        with torch.no_grad():
+            purified = purify(self.model.denoise, x, sigmas, spec.sampler, noise)
+        if self.gradient == "bpda":
+            return _StraightThrough.apply(x, purified)
+        # surrogate:K': the K'-step process from the same start noise carries the gradient (its own step draws).
+        steps = int(self.gradient.partition(":")[2])
+        proxy = purify(self.model.denoise, x, sigma_schedule(spec.sigma, steps), spec.sampler,
+                       draw_noise(x, steps, spec.sampler, start=noise.start), self.checkpointed)
+        return _StraightThrough.apply(proxy, purified)
 
     def _refined_logits(self, x: Tensor) -> Tensor:
         """JEM's refined_logits: `chains` noisy copies of each point refined by SGLD, their logits averaged."""

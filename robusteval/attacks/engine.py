@@ -56,7 +56,7 @@ from robusteval.attacks.settings import ResolvedAttackSettings
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
 from robusteval.core.interface import trusted_inputs
-from robusteval.core.vocabulary import DefenseSpec
+from robusteval.core.vocabulary import DefenseSpec, gradient_variants, parse_defense
 from robusteval.data.imagenet import order_notes
 from robusteval.jobs import Job, Resolved
 from robusteval.records import AttackConfig
@@ -351,7 +351,7 @@ class _AttackMerger:
                                f"command to finish it")
         model = ModelChecks.from_json(json.loads(first.files[MODEL_CHECKS_FILE]))
         eps = list(config["eps"])
-        variants = ["full", "bpda"] if config["gradient"] == "auto" else [config["gradient"]]
+        variants = gradient_variants(config["gradient"], parse_defense(config["defense"]))
         plan = CheckPlan(resolve_attack(config["attack"]), variants, config["n"], eps, config["norm"],
                          bool(config["masking_checks"]), bool(config["large_eps_check"]), model.num_classes,
                          model.randomized)

@@ -87,10 +87,12 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     evaluation (all listed at the end, with their defaults).
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
-    'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or
+    'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K',
     'sgld:K[:step:noise:chains]' (JEM's SGLD refinement, models with an
-    energy); `gradient`: 'full', 'bpda' or 'auto' (both, worst case per point)
-    for denoise and sgld defenses; `eot`: noise draws per gradient against
+    energy) or 'purify:S:K[:ddpm|ddim]' (K reverse steps of the model's
+    denoiser from noise std S); `gradient`: 'full', 'bpda', 'surrogate:K''
+    (purify: the gradient of a K'-step purification) or 'auto' (all of
+    them, worst case per point) for denoise, purify and sgld defenses; `eot`: noise draws per gradient against
     randomized defenses (default 20 there, else 1); `decision_draws`: fresh
     draws of a randomized pipeline's decision (majority vote, and worst-of-N:
     fooled on any one).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from robusteval.attacks.catalog import AttackSpec
 from robusteval.attacks.defenses import DECISION_DRAWS
 from robusteval.core.errors import UsageError
-from robusteval.core.vocabulary import GRADIENTS, DefenseSpec
+from robusteval.core.vocabulary import DefenseSpec, gradient_variants, parse_gradient
 
 # Small images attack fastest in large batches (per-call overhead, Square's 5,000 queries per batch);
 # the state is saved after every ε of a batch, so a large batch loses little work to a kill.
@@ -66,8 +66,8 @@ class ResolvedAttackSettings:
 
     @property
     def variants(self) -> list[str]:
-        """The gradient modes attacked: ["full"], ["bpda"] or both (auto, worst case per point)."""
-        return ["full", "bpda"] if self.gradient == "auto" else [self.gradient]
+        """The gradient modes attacked: the one asked for, or for auto those whose worst case per point is kept."""
+        return gradient_variants(self.gradient, self.defense)
 
 
 def eps_list(eps: Sequence[float] | float) -> list[float]:
@@ -94,13 +94,12 @@ def resolve_gradient(gradient: str | None, defense: DefenseSpec) -> str:
     """The gradient mode: 'auto' through a denoiser or chain and 'full' otherwise, unless given."""
     if gradient is None:
         return "auto" if defense.differentiates_through else "full"
-    if gradient not in GRADIENTS:
-        raise UsageError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+    parsed = parse_gradient(gradient, defense)
     if not defense.differentiates_through:
         # Without a denoiser or a chain there is nothing to take gradients through: any choice would be ignored.
-        raise UsageError(f"--gradient {gradient} applies to denoise and sgld defenses only (the defense is "
-                         f"'{defense}')")
-    return gradient
+        raise UsageError(f"--gradient {gradient} applies to denoise, purify and sgld defenses only (the defense "
+                         f"is '{defense}')")
+    return parsed
 
 
 def resolve_eot(eot: int | None, spec: AttackSpec, randomized: bool) -> int:

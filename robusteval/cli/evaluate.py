@@ -32,7 +32,7 @@ from robusteval.core.preflight import check_writable_file
 from robusteval.core.vocabulary import (
     CERTIFY_METHODS,
     DEFENSE_FORMS,
-    GRADIENTS,
+    GRADIENT_FORMS,
     NORMS,
     SMOOTHING_MODES,
 )
@@ -68,9 +68,10 @@ from robusteval.smoothing.sequential import SEQUENTIAL_DESIGNS
                    "resumes from the last finished (batch, eps).")
 @click.option("--defense", default="none", show_default=True,
               help=f"What is attacked: {' | '.join(DEFENSE_FORMS)}.")
-@click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
-              help="Gradients through a denoise or sgld defense: exact (full), identity backward (bpda), or both "
-                   "(auto, the default there; worst case per point).")
+@click.option("--gradient", default=None, metavar="|".join(GRADIENT_FORMS),
+              help="Gradients through a denoise, purify or sgld defense: exact (full; through every purify step, "
+                   "checkpointed), identity backward (bpda), a K'-step purification's (surrogate:K', purify "
+                   "only), or all of them (auto, the default there; worst case per point).")
 @click.option("--eot", type=int, default=None,
               help="Noise draws per gradient against randomized defenses (default 20 there, else 1).")
 @click.option("--decision-draws", type=click.IntRange(1), default=100, show_default=True,

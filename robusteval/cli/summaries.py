@@ -27,7 +27,7 @@ def print_summary(summary: dict[str, Any] | None, path: Path, as_json: bool) -> 
 def echo_attack_summary(summary: dict[str, Any]) -> None:
     click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n']} points), {summary['attack']} "
                f"{summary['norm']}, defense {summary['defense']}"
-               + (f", gradient {summary['gradient']}" if summary["defense"].startswith(("denoise", "sgld")) else "")
+               + (f", gradient {summary['gradient']}" if summary["defense"].startswith(("denoise", "sgld", "purify")) else "")
                + (f", EOT {summary['eot']}" if summary["eot"] > 1 else "")
                + f": clean accuracy {summary['clean_accuracy']:.3f}")
     rows = [(f"{p['eps']:g}", f"{p['robust_accuracy']:.3f}", f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]",

@@ -18,8 +18,14 @@ from robusteval.core.names import resolve_name
 # Threat models, in the order tables and figures show them (pixel scale [0, 1]).
 NORMS = ("Linf", "L2")
 NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
-# Gradients through a denoise defense: exact, identity backward (BPDA), or both in turn.
+# Gradients through a denoise, purify or sgld defense: exact, identity backward (BPDA), a K'-step surrogate
+# process (purify only; Lee & Kim 2023), or the worst case over them per point (auto).
 GRADIENTS = ("full", "bpda", "auto")
+GRADIENT_FORMS = ("full", "bpda", "surrogate:K'", "auto")
+# The surrogate `auto` adds against purify:S:K with K > 1: one step, the one-shot denoiser from the same start.
+AUTO_SURROGATE_STEPS = 1
+# Samplers of purify:S:K[:sampler] (robusteval.attacks.purification); the first is the default (DiffPure's).
+PURIFY_SAMPLERS = ("ddpm", "ddim")
 # Randomized smoothing: which base classifier is smoothed, and which of Cohen et al.'s algorithms runs.
 SMOOTHING_MODES = ("direct", "denoised")
 SMOOTHING_KINDS = ("certify", "predict")
@@ -31,9 +37,11 @@ RUN_KINDS = ("attack", "certify", "predict", "denoise")
 # Formats of `robusteval report`.
 REPORT_FORMATS = ("html", "md", "csv", "latex", "robustbench")
 
-DEFENSE_KINDS = ("none", "denoise", "noise", "smooth", "sgld")
-DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K", "sgld:K[:step:noise:chains]")
-_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes or SGLD steps)")
+DEFENSE_KINDS = ("none", "denoise", "noise", "smooth", "sgld", "purify")
+DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K", "sgld:K[:step:noise:chains]",
+                 "purify:S:K[:ddpm|ddim]")
+_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes, SGLD or "
+                  f"purification steps)")
 # JEM's SGLD refinement (wgrathwohl/JEM attack_model.py, `refined_logits`), converted from its [-1, 1] pixel scale
 # to the contract's [0, 1]: with u = 2x - 1, ∇ᵤ = ∇ₓ / 2, so a step u += ∇ᵤ logsumexp f + 0.01 n is
 # x += (1/4) ∇ₓ logsumexp f + 0.005 n, and the starting noise std 0.03 on u is 0.015 on x.
@@ -60,15 +68,16 @@ class DefenseSpec:
     step_size: float = SGLD_STEP  # sgld: α of x ← x − α ∇ₓE(x) + s·n, [0, 1] pixel units
     noise: float = SGLD_NOISE  # sgld: s
     chains: int = SGLD_CHAINS  # sgld: independent chains whose logits are averaged
+    sampler: str = PURIFY_SAMPLERS[0]  # purify: ddpm (ancestral) or ddim (η = 0); steps is its K
 
     @property
     def randomized(self) -> bool:
-        return self.kind in ("noise", "smooth", "sgld") or (self.kind == "denoise" and self.add_noise)
+        return self.kind in ("noise", "smooth", "sgld", "purify") or (self.kind == "denoise" and self.add_noise)
 
     @property
     def differentiates_through(self) -> bool:
         """The defense computes gradients in its forward pass (a denoiser's score, SGLD): --gradient applies."""
-        return self.kind in ("denoise", "sgld")
+        return self.kind in ("denoise", "sgld", "purify")
 
     @property
     def forward_passes(self) -> int:
@@ -77,6 +86,8 @@ class DefenseSpec:
             return 2
         if self.kind == "sgld":
             return self.chains * (2 * self.steps + 1)
+        if self.kind == "purify":
+            return self.steps + 1
         return self.votes if self.kind == "smooth" else 1
 
     def __str__(self) -> str:
@@ -88,13 +99,17 @@ class DefenseSpec:
             return f"sgld:{self.steps}:{self.step_size:g}:{self.noise:g}:{self.chains}"
         if self.kind == "smooth":
             return f"smooth:{self.sigma:g}:{self.votes}"
+        if self.kind == "purify":
+            sampler = "" if self.sampler == PURIFY_SAMPLERS[0] else f":{self.sampler}"
+            return f"purify:{self.sigma:g}:{self.steps}{sampler}"
         if self.kind == "denoise" and self.add_noise:
             return f"denoise:{self.sigma:g}:noise"
         return f"{self.kind}:{self.sigma:g}"
 
 
 def parse_defense(text: str) -> DefenseSpec:
-    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or 'sgld:K[:step:noise:chains]'."""
+    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K', 'sgld:K[:step:noise:chains]' or
+    'purify:S:K[:sampler]'."""
     parts = [p.strip() for p in str(text).split(":")]
     kind = resolve_name(parts[0], DEFENSE_KINDS, "defense")
     usage = _DEFENSE_USAGE
@@ -116,6 +131,8 @@ def parse_defense(text: str) -> DefenseSpec:
         if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
             raise UsageError(f"defense {text!r}: smooth needs a vote count K >= 1 (smooth:S:K); {usage}")
         return DefenseSpec("smooth", sigma, votes=int(parts[2]))
+    if kind == "purify":
+        return _parse_purify(text, sigma, parts[2:])
     if kind == "denoise" and len(parts) == 3:
         if parts[2].lower() != "noise":
             raise UsageError(f"defense {text!r}: the third part of denoise can only be 'noise'; {usage}")
@@ -140,3 +157,41 @@ def _parse_sgld(text: str, parts: list[str]) -> DefenseSpec:
     if steps < 1 or chains < 1 or not (math.isfinite(step) and step > 0) or not (math.isfinite(noise) and noise >= 0):
         raise UsageError(f"defense {text!r}: {usage}")
     return DefenseSpec("sgld", steps=steps, step_size=step, noise=noise, chains=chains)
+
+
+def _parse_purify(text: str, sigma: float, parts: list[str]) -> DefenseSpec:
+    """purify:S:K[:sampler]: K >= 1 reverse steps from noise std S; sampler ddpm (default) or ddim."""
+    usage = f"purify takes purify:S:K or purify:S:K:sampler (K >= 1 reverse steps, sampler one of " \
+            f"{', '.join(PURIFY_SAMPLERS)}; default {PURIFY_SAMPLERS[0]})"
+    if len(parts) not in (1, 2) or not parts[0].isdigit() or int(parts[0]) < 1:
+        raise UsageError(f"defense {text!r}: {usage}")
+    sampler = parts[1].lower() if len(parts) == 2 else PURIFY_SAMPLERS[0]
+    if sampler not in PURIFY_SAMPLERS:
+        raise UsageError(f"defense {text!r}: unknown sampler {parts[1]!r}; {usage}")
+    return DefenseSpec("purify", sigma, steps=int(parts[0]), sampler=sampler)
+
+
+def parse_gradient(text: str, defense: DefenseSpec) -> str:
+    """Validate a --gradient value for `defense`: one of GRADIENT_FORMS; surrogate:K' (K' >= 1) for purify only."""
+    value = str(text).strip().lower()
+    if value in GRADIENTS:
+        return value
+    kind, _, steps = value.partition(":")
+    if kind != "surrogate":
+        raise UsageError(f"--gradient must be one of {', '.join(GRADIENT_FORMS)}, got {text!r}")
+    if not steps.isdigit() or int(steps) < 1:
+        raise UsageError(f"--gradient {text!r}: surrogate needs a step count K' >= 1 (surrogate:K')")
+    if defense.kind != "purify":
+        raise UsageError(f"--gradient {text!r}: a surrogate process applies to purify defenses only (the defense "
+                         f"is '{defense}')")
+    return f"surrogate:{int(steps)}"
+
+
+def gradient_variants(gradient: str, defense: DefenseSpec) -> list[str]:
+    """The gradient modes a run attacks: the one asked for, or for `auto` the ones whose worst case it keeps
+    (full and bpda; against purify:S:K with K > 1 also the one-step surrogate)."""
+    if gradient != "auto":
+        return [gradient]
+    if defense.kind == "purify" and defense.steps > AUTO_SURROGATE_STEPS:
+        return ["full", "bpda", f"surrogate:{AUTO_SURROGATE_STEPS}"]
+    return ["full", "bpda"]
