@@ -226,9 +226,8 @@ class RunDirectory:
                 batch = []
         if damaged is not None and damaged[1]:  # a torn last line is a killed write; one mid-file is damage
             dropped = len(records) - len(complete) + damaged[1]
-            logger.warning("%s line %d is damaged (not valid JSON): it and the %d records after it are dropped "
-                           "(%d records in all) and will be computed again", path, damaged[0], damaged[1],
-                           dropped)
+            logger.warning("%s line %d is damaged (not valid JSON): %d intact records are dropped with it (%d after "
+                           "it) and will be computed again", path, damaged[0], dropped, damaged[1])
         torn = bool(raw) and not raw.endswith(b"\n")
         # Blank lines are dropped too, so that record k is on line k + 1 (check_records names lines).
         if torn or len(complete) != len(records) or len(complete) != raw.count(b"\n"):
@@ -293,8 +292,8 @@ class RunDirectory:
                 os.ftruncate(fd, start)  # whole batches only: the resume then starts at this batch
                 if is_disk_full(error):
                     raise DiskFullError(
-                        f"no space left on device writing {path}: batch {batch} ({len(records)} records, "
-                        f"{len(data):,} bytes) could not be saved; the file keeps the {len(self._records)} records "
+                        f"no space left on device writing {path}: batch {batch} ({_records(len(records))}, "
+                        f"{len(data):,} bytes) could not be saved; the file keeps the {_records(len(self._records))} "
                         f"of the batches before it ({start:,} bytes). Free space and run the same command again to "
                         f"resume from there") from None
                 raise
@@ -315,6 +314,10 @@ class RunDirectory:
 
     def artifact(self, name: str) -> Path:
         return self.path / name
+
+
+def _records(count: int) -> str:
+    return f"{count} record" + ("" if count == 1 else "s")
 
 
 def _encode(record: dict[str, Any]) -> bytes:
