@@ -199,7 +199,7 @@ def test_a_model_config_larger_than_16_kib_is_refused_before_reading_it(jdm_file
     ("jdm", {"diffusion_steps": -5}, ["'diffusion_steps' must be an integer >= 1, got -5"]),
     ("jdm", {"diffusion_steps": 1}, ["diffusion_steps 1", "outside (0, 1)"]),
     ("jdm", {"attention_resolutions": "0"}, ["'attention_resolutions' must be a list", "got '0'"]),
-    ("jdm", {"attention_resolutions": "16,5"}, ["'attention_resolutions' '16,5'", "divide the 32×32 image"]),
+    ("jdm", {"attention_resolutions": "16,64"}, ["'attention_resolutions' '16,64'", "from 1 to the image size 32"]),
     ("jdm", {"image_size": 0}, ["'image_size' must be an integer >= 1, got 0"]),
     ("jdm", {"image_size": 64}, ["'image_size' 64 differs from the 32×32 images"]),
     ("jdm", {"use_scale_shift_norm": "yes"}, ["'use_scale_shift_norm' must be true or false"]),

@@ -470,9 +470,9 @@ def apply_flags(config: UNetConfig, options: Mapping[str, Any], image_size: int)
     if "attention_resolutions" in options:
         # The official flag lists resolutions (16, 8 at 32×32); the network uses downsampling rates.
         resolutions = _ints(options["attention_resolutions"], "attention_resolutions") if options["attention_resolutions"] != "" else ()
-        if any(r < 1 or size % int(r) for r in resolutions):
+        if any(not 1 <= r <= size for r in resolutions):  # guided-diffusion divides the image size by each
             raise UsageError(f"--model-config: 'attention_resolutions' {options['attention_resolutions']!r} must be "
-                             f"resolutions that divide the {size}×{size} image, such as 16,8 at 32")
+                             f"resolutions from 1 to the image size {size}, such as 16,8 at 32")
         updates["attention_ds"] = tuple(sorted(size // int(r) for r in resolutions))
     config = replace(config, **updates)
     if "learn_sigma" in options:
