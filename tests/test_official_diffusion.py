@@ -299,7 +299,7 @@ def test_gradients_reach_the_input_and_eval_is_deterministic(tmp_path):
     path, _ = save_jdm(tmp_path, ONE_LEVEL)
     jdm = load_jdm(SMALL, path)
     net_path, _, vae_path, _ = save_egc(tmp_path)
-    egc = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    egc = load_egc(IMAGES_16, net_path, vae=vae_path, model_config=TINY_FLAGS)
     for model, fns in ((jdm, (lambda x: jdm.logits(x), lambda x: jdm.denoise(x, 0.25))),
                        (egc, (lambda x: egc.logits(x), lambda x: egc.energy(x)))):
         for fn in fns:
@@ -554,6 +554,8 @@ TINY_EGC = UNetConfig(in_channels=4, model_channels=32, out_channels=10, num_res
 TINY_EGC_OPTIONS = EGCOptions(num_classes=10, context_dim=16, transformer_depth=1, transformer_heads=2,
                               transformer_head_channels=16, pool="sattn")
 TINY_VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), z_channels=4, embed_dim=4)
+# The tiny autoencoder downsamples by 2 (the released one by 8, the default of autoencoder_stride).
+TINY_FLAGS = {"num_heads": 2, "autoencoder_stride": 2}
 IMAGES_16 = DatasetInfo("tiny-imagenet-like", 10, (3, 16, 16), tuple(str(i) for i in range(10)))
 
 
@@ -654,7 +656,7 @@ def test_egc_inference_fails_clearly_on_other_files(tmp_path):
 
 def test_egc_logits_and_energy_equal_the_reference_forward(tmp_path):
     net_path, state, vae_path, vae_state = save_egc(tmp_path)
-    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config=TINY_FLAGS)
     assert not model.training and model.capabilities == {"logits", "energy", "sample"}
     x = images(2, size=16)
     z = 0.18215 * ref_encode_mean(vae_state, 2 * x - 1)
@@ -672,7 +674,7 @@ def test_egc_logits_and_energy_equal_the_reference_forward(tmp_path):
 
 def test_egc_eps_is_the_gradient_of_the_energy_and_conditions_on_the_label(tmp_path):
     net_path, state, vae_path, _ = save_egc(tmp_path, seed=2)
-    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config=TINY_FLAGS)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([10.0, 500.0]), torch.tensor([3, 7])
     eps = model.eps(z, t, y)
@@ -696,27 +698,27 @@ def test_egc_eps_is_the_gradient_of_the_energy_and_conditions_on_the_label(tmp_p
 def test_egc_loads_latent_diffusion_autoencoder_checkpoints_and_samples(tmp_path):
     net_path, _, vae_path, vae_state = save_egc(tmp_path, ldm_ckpt=True)
     model = load_egc(IMAGES_16, net_path, vae=vae_path,
-                      model_config={"num_heads": 2, "timestep_respacing": "ddim4", "lr": 1e-4, "use_ddim": True})
+                      model_config={**TINY_FLAGS, "timestep_respacing": "ddim4", "lr": 1e-4, "use_ddim": True})
     assert model.sample_steps == 4 and model.ddim
     torch.testing.assert_close(model.autoencoder.quant_conv.weight, vae_state["quant_conv.weight"])
     samples = model.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, 16, 16) and float(samples.min()) >= 0 and float(samples.max()) <= 1
     again = model.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(samples, again)  # DDIM is deterministic given the starting noise
-    unguided = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2, "sample_steps": 4, "classifier_scale": 0})
+    unguided = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={**TINY_FLAGS, "sample_steps": 4, "classifier_scale": 0})
     assert not torch.allclose(unguided.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0)), samples)
 
 
 def test_egc_refuses_mismatched_files_and_data(tmp_path):
     net_path, _, vae_path, _ = save_egc(tmp_path)
     with pytest.raises(CheckpointError, match="sides divisible by 4"):
-        load_egc(DatasetInfo("odd", 10, (3, 18, 18), tuple("0123456789")), net_path, vae=vae_path, model_config={"num_heads": 2})
+        load_egc(DatasetInfo("odd", 10, (3, 18, 18), tuple("0123456789")), net_path, vae=vae_path, model_config=TINY_FLAGS)
     with pytest.raises(CheckpointError, match="classes"):
-        load_egc(DatasetInfo("c100", 100, (3, 16, 16), tuple(map(str, range(100)))), net_path, vae=vae_path, model_config={"num_heads": 2})
+        load_egc(DatasetInfo("c100", 100, (3, 16, 16), tuple(map(str, range(100)))), net_path, vae=vae_path, model_config=TINY_FLAGS)
     other_vae = tmp_path / "vae3.pth"
     torch.save(AutoencoderKL(replace(TINY_VAE, z_channels=3, embed_dim=3)).state_dict(), other_vae)
     with pytest.raises(CheckpointError, match="3-channel latents"):
-        load_egc(IMAGES_16, net_path, vae=other_vae, model_config={"num_heads": 2})
+        load_egc(IMAGES_16, net_path, vae=other_vae, model_config=TINY_FLAGS)
     with pytest.raises(ValueError, match="unknown flags"):
         load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_hedas": 2})
     with pytest.raises(CheckpointError, match="--vae"):
@@ -836,7 +838,7 @@ def test_egc_logits_attack_finishes(tmp_path):
     from robusteval.attacks.evaluate import evaluate_attack
 
     net_path, _, vae_path, _ = save_egc(tmp_path)
-    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=vae_path, model_config=TINY_FLAGS)
     x = images(2, size=16)
     with torch.no_grad():
         y = model.logits(x).argmax(1)

@@ -204,7 +204,8 @@ def test_every_command_hands_the_model_config_to_the_loader(command: list[str], 
     if command[0] != "sample":
         args += ["--data-dir", str(jdm_files["data"])]
     result = CliRunner().invoke(main, [*command, *args])
-    assert result.exit_code == 2 and "noise_schedule must be 'linear' or 'cosine'" in result.output, result.output
+    assert result.exit_code == 2 and "--model-config: 'noise_schedule' must be 'linear' or 'cosine'" in result.output, \
+        result.output
 
 
 def test_companion_files_are_refused_where_nothing_reads_them(jdm_files: dict[str, Path], tmp_path: Path) -> None:

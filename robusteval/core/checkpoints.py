@@ -16,6 +16,9 @@ import pickle
 import re
 import struct
 import types
+import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +81,7 @@ def read_state_dict(
     that holds a dict is descended into, repeatedly.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_checkpoint_file(path)
     if expected_sha256 is not None:
         actual = sha256_of(path)
         if actual != expected_sha256:
@@ -92,17 +94,8 @@ def read_state_dict(
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except Exception as error:
-        hint = (
-            " It may need arbitrary unpickling; only if you trust its source, pass "
-            "allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)."
-            if not allow_unsafe_pickle
-            else ""
-        )
-        raise CheckpointError(f"could not load checkpoint {path}: {error}.{hint}") from error
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_first_line(error)}") from error
+    loaded = _load_torch(path, allow_unsafe_pickle, admitted=[], what="tensors and plain containers")
     if isinstance(loaded, nn.Module):
         loaded = loaded.state_dict()
     while isinstance(loaded, dict):
@@ -113,6 +106,107 @@ def read_state_dict(
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
     return loaded
+
+
+def require_checkpoint_file(path: Path, flag: str = "checkpoint") -> None:
+    """A clear error unless `path` is a non-empty regular file (a device such as /dev/zero is not one)."""
+    if not path.exists():
+        raise CheckpointError(f"{flag} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path} is not a regular file (a directory, device or pipe); expected a "
+                              f"weights file (.safetensors or .pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{flag} {path} is empty (0 bytes); expected a weights file (.safetensors or .pt)")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's text: PyTorch's and safetensors' messages run over many lines."""
+    text = " ".join(str(error).split())
+    return (text.split(". ")[0].rstrip(".") or type(error).__name__)
+
+
+# Where a pickle's opcode is one torch.save never writes, torch's weights_only unpickler says so in this form.
+_UNSUPPORTED_OPERAND = re.compile(r"Unsupported operand (\d+)")
+
+
+def _load_torch(path: Path, allow_unsafe_pickle: bool, admitted: list[Any], what: str, lazy: bool = False,
+                pickle_module: Any = None) -> Any:
+    """torch.load with one-line errors; tensors declaring more data than the file holds are refused.
+
+    `admitted`: the classes the restricted unpickler admits beyond torch's (named in the refusal as `what`).
+    `lazy`: map the file's tensors (zip files only) instead of reading them, so that data nothing uses
+    (a replay buffer certify never samples from) is never read.
+    """
+    mmap = lazy and zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            # torch warns in several lines about a plain pickle's protocol; the error below says it in one.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if allow_unsafe_pickle:
+                extra = {"pickle_module": pickle_module} if pickle_module is not None else {}
+                loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, **extra)
+            else:
+                with torch.serialization.safe_globals(admitted):
+                    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if allow_unsafe_pickle:
+            raise CheckpointError(f"could not load checkpoint {path}: {_first_line(error)}") from error
+        found = _REFUSED_GLOBAL.search(str(error))
+        operand = _UNSUPPORTED_OPERAND.search(str(error))
+        if found:
+            raise UnsafePickleError(
+                f"checkpoint {path} pickles the class/function '{found.group(1)}', which robusteval refuses to "
+                f"unpickle: loading it could run arbitrary code. Only {what} are admitted. If you trust the file's "
+                f"source, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)."
+            ) from None
+        if operand:
+            raise CheckpointError(
+                f"checkpoint {path} is not a file torch.save writes: its pickle uses opcode {operand.group(1)}, "
+                f"which torch.save never writes (a plain pickle.dump file?); save the weights with torch.save "
+                f"or safetensors"
+            ) from None
+        raise CheckpointError(f"could not load checkpoint {path}: {_first_line(error)}") from None
+    except Exception as error:
+        raise CheckpointError(f"could not load checkpoint {path}: the file is truncated or not a torch checkpoint "
+                              f"({_first_line(error)})") from None
+    _check_declared_sizes(loaded, path)
+    return loaded
+
+
+def _tensors_in(value: Any, where: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of an unpickled file's containers, with where it sits ('replay_buffer', 'state_dict.w')."""
+    if isinstance(value, torch.Tensor):
+        yield where, value
+    elif depth < 8 and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors_in(item, f"{where}.{key}" if where else str(key), depth + 1)
+    elif depth < 8 and isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors_in(item, f"{where}[{index}]", depth + 1)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def _check_declared_sizes(loaded: Any, path: Path) -> None:
+    """Refuse a tensor that declares more data than the whole file holds.
+
+    Such a tensor repeats a small storage (stride 0): 1,000 bytes can declare terabytes, which the first
+    operation on it would try to allocate. No checkpoint a training script writes holds one.
+    """
+    file_size = path.stat().st_size
+    for where, tensor in _tensors_in(loaded, ""):
+        declared = tensor.numel() * tensor.element_size()
+        if declared > file_size:
+            raise CheckpointError(
+                f"checkpoint {path}: '{where}' declares a {tuple(tensor.shape)} tensor ({_size(declared)}), more "
+                f"than the whole file holds ({_size(file_size)}); refused before reading it"
+            )
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -150,7 +244,10 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, ex
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or wrong_shape:
+    # A float weight given as integers would be cast silently (an int64 tensor of rounded weights, or of garbage).
+    wrong_type = [f"{k}: file {state[k].dtype} vs architecture {own[k].dtype}" for k in own
+                  if k in state and own[k].is_floating_point() and not state[k].is_floating_point()]
+    if missing or unexpected or wrong_shape or wrong_type:
         parts = []
         if missing:
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
@@ -159,6 +256,9 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, ex
                          f"({len(unexpected)} in all)")
         if wrong_shape:
             parts.append(f"shape mismatches {wrong_shape[:5]}")
+        if wrong_type:
+            parts.append(f"integer tensors where the architecture holds float weights {wrong_type[:5]} "
+                         f"({len(wrong_type)} in all)")
         what = (f"is not {expected_format}" if expected_format is not None
                 else f"does not match the architecture of {type(module).__name__}")
         raise CheckpointError(f"checkpoint {source} {what}: " + "; ".join(parts))
@@ -213,33 +313,19 @@ def _stand_in_pickle_module() -> Any:
     return module
 
 
-def read_torch_file(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
+def read_torch_file(path: str | Path, allow_unsafe_pickle: bool = False, lazy: bool = False) -> Any:
     """Everything a torch `.pt`/`.pth` file holds, unpickled by the restricted unpickler.
 
     Admitted: what `torch.load(weights_only=True)` admits (tensors, dicts,
     lists, tuples, numbers, strings), `argparse.Namespace` and GMMC's
     `LDALayer`, reduced to a `PickledLDALayer` holding its centres. Anything
     else is an `UnsafePickleError` naming the class; `allow_unsafe_pickle`
-    unpickles everything (only for files whose source you trust).
+    unpickles everything (only for files whose source you trust). `lazy`: the
+    tensors of a zip-format file are mapped, not read, until used. A tensor
+    declaring more data than the file holds is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if allow_unsafe_pickle:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stand_in_pickle_module())
-        except Exception as error:
-            raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
-    try:
-        with torch.serialization.safe_globals(_OFFICIAL_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = _REFUSED_GLOBAL.search(str(error))
-        what = f"the class/function '{found.group(1)}'" if found else f"an object robusteval does not admit ({error})"
-        raise UnsafePickleError(
-            f"checkpoint {path} pickles {what}, which robusteval refuses to unpickle: loading it could run "
-            f"arbitrary code. Only tensors, plain containers, argparse.Namespace and GMMC's LDALayer are admitted. "
-            f"If you trust the file's source, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)."
-        ) from None
-    except Exception as error:
-        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+    require_checkpoint_file(path)
+    return _load_torch(path, allow_unsafe_pickle, admitted=_OFFICIAL_GLOBALS, lazy=lazy,
+                       what="tensors, plain containers, argparse.Namespace and GMMC's LDALayer",
+                       pickle_module=_stand_in_pickle_module())

@@ -55,6 +55,10 @@ def check_writable_file(path: str | Path, what: str = "output file", option: str
 
 
 def _check_creatable(directory: Path, shown: Path, what: str, option: str) -> None:
+    for part in (shown, *shown.parents):
+        if part.is_symlink() and not part.exists():  # mkdir there would only say "File exists"
+            raise OutputNotWritable(f"cannot write {what} {shown}: {part} is a symbolic link to {os.readlink(part)}, "
+                                    f"which does not exist; remove the link or choose another {option}")
     existing = _nearest_existing(directory)
     if not existing.is_dir():
         blocker = "is a file" if existing.exists() else "does not exist"

@@ -28,6 +28,7 @@ from robusteval.model_zoo.official import (
     PAPER_DATASETS,
     OfficialArchitecture,
     official_architecture,
+    official_spec,
 )
 from robusteval.model_zoo.registry import (
     ModelCard,
@@ -151,11 +152,27 @@ def create_model(
     model = entry.build(info)
     model.name = entry.card.name
     if checkpoint is not None:
-        state = read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
-        load_into(model, state, str(checkpoint))
+        try:
+            load_into(model, read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle), str(checkpoint))
+        except CheckpointError as error:
+            raise _with_official_hint(error, entry.card.name, info, checkpoint) from None
     elif pretrained:
         load_shipped_weights(model, entry.card, info)
     return model.eval().to(target)
+
+
+def _with_official_hint(error: CheckpointError, model: str, info: DatasetInfo,
+                        checkpoint: str | Path) -> CheckpointError:
+    """A re-implementation's refusal of a file, with the data sets where a paper's file would load.
+
+    A paper's file (JEM's CCF checkpoint) given on a data set its official architecture is not defined for
+    (digits) reaches robusteval's own network, whose message alone would not say why.
+    """
+    spec = official_spec(model)
+    if spec is None or str(checkpoint).endswith(".safetensors") or info.name in spec.datasets:
+        return error
+    return type(error)(f"{error}. If it is the paper's file: the official '{model}' architecture that reads it is "
+                       f"defined for the data sets {', '.join(spec.datasets)}, not {info.name}")
 
 
 def _create_official(

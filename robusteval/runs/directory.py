@@ -17,6 +17,7 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -26,10 +27,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from robusteval.core.atomic_files import atomic_write_bytes, atomic_write_json
+from robusteval.core.atomic_files import (
+    DiskFullError,
+    atomic_write_bytes,
+    atomic_write_json,
+    is_disk_full,
+    write_all,
+)
 from robusteval.core.errors import MissingFileError, NotADirectoryUsageError, UsageError
 from robusteval.core.preflight import make_directory
 from robusteval.runs.lock import RunLock
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -196,13 +205,16 @@ class RunDirectory:
         raw = path.read_bytes()
         lines = raw.split(b"\n")
         records: list[dict[str, Any]] = []
-        for line in lines:
+        damaged: tuple[int, int] | None = None  # (line number, intact records after it)
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn write: everything after it is discarded
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                # A torn write: everything after it is discarded (and computed again).
+                damaged = (number, sum(1 for rest in lines[number:] if rest.strip()))
+                break
         complete: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
         for record in records:
@@ -212,6 +224,10 @@ class RunDirectory:
             if len(batch) == record.get("batch_records"):
                 complete.extend(batch)
                 batch = []
+        if damaged is not None and damaged[1]:  # a torn last line is a killed write; one mid-file is damage
+            dropped = len(records) - len(complete) + damaged[1]
+            logger.warning("%s line %d is damaged (not valid JSON): %d intact records are dropped with it (%d after "
+                           "it) and will be computed again", path, damaged[0], dropped, damaged[1])
         torn = bool(raw) and not raw.endswith(b"\n")
         # Blank lines are dropped too, so that record k is on line k + 1 (check_records names lines).
         if torn or len(complete) != len(records) or len(complete) != raw.count(b"\n"):
@@ -265,10 +281,22 @@ class RunDirectory:
         """Append one batch's records durably, in one write."""
         stamped = [{**r, "batch": batch, "batch_records": len(records)} for r in records]
         data = b"".join(_encode(r) for r in stamped)
-        fd = os.open(self.path / SAMPLES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.path / SAMPLES_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except OSError as error:
+                os.ftruncate(fd, start)  # whole batches only: the resume then starts at this batch
+                if is_disk_full(error):
+                    raise DiskFullError(
+                        f"no space left on device writing {path}: batch {batch} ({_records(len(records))}, "
+                        f"{len(data):,} bytes) could not be saved; the file keeps the {_records(len(self._records))} "
+                        f"of the batches before it ({start:,} bytes). Free space and run the same command again to "
+                        f"resume from there") from None
+                raise
         finally:
             os.close(fd)
         self._records.extend(stamped)
@@ -286,6 +314,10 @@ class RunDirectory:
 
     def artifact(self, name: str) -> Path:
         return self.path / name
+
+
+def _records(count: int) -> str:
+    return f"{count} record" + ("" if count == 1 else "s")
 
 
 def _encode(record: dict[str, Any]) -> bytes:

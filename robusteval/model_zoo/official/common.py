@@ -15,7 +15,8 @@ from robusteval.data import DatasetInfo
 
 def read_official_file(path: str | Path, allow_unsafe_pickle: bool, expected_format: str) -> dict[str, Any]:
     """The file's top-level dict (restricted unpickling), or a clear error naming the expected format."""
-    loaded = read_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    # Lazily: a replay buffer (hundreds of MB) is read only if sampling needs it; the weights are copied at load.
+    loaded = read_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle, lazy=True)
     if not isinstance(loaded, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}; expected {expected_format}")
     return loaded
@@ -56,3 +57,35 @@ def require_classes(path: str | Path, what: str, found: int, info: DatasetInfo) 
     if found != info.num_classes:
         raise CheckpointError(f"checkpoint {path}: {what} has {found} classes but data set {info.name} has "
                               f"{info.num_classes}; is it a checkpoint for another data set?")
+
+
+class ReplayImages:
+    """A file's replay buffer of [-1, 1] images, shape-checked at load and read (and checked finite) only when
+    sampling first needs it: certify and attacks never touch it."""
+
+    def __init__(self, images: Any, path: str | Path, input_shape: tuple[int, ...], where: str = "replay_buffer"):
+        self.path, self.where = path, where
+        if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() != 4 \
+                or tuple(images.shape[1:]) != tuple(input_shape) or len(images) == 0:
+            found = (f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor)
+                     else f"a {type(images).__name__}")
+            raise CheckpointError(f"checkpoint {path}: '{where}' is {found}; expected float images of shape "
+                                  f"(N, {', '.join(str(d) for d in input_shape)}) in [-1, 1], N >= 1")
+        self._raw: Tensor | None = images
+        self._images: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self._raw) if self._raw is not None else len(self._images)
+
+    def images(self) -> Tensor:
+        """The buffer's images in [0, 1] (read from the file on first use)."""
+        if self._images is None:
+            assert self._raw is not None
+            bad = ~torch.isfinite(self._raw.flatten(1)).all(dim=1)
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"checkpoint {self.path}: '{self.where}' holds non-finite values (NaN or Inf) in "
+                    f"{int(bad.sum())} of its {len(self._raw)} images; sampling cannot start its chains there")
+            self._images = (self._raw.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+            self._raw = None
+        return self._images

@@ -43,7 +43,8 @@ from robusteval.model_zoo.official.egc_unet import (
     EGCOptions,
     infer_egc_config,
 )
-from robusteval.model_zoo.official.guided_unet import UNetConfig, read_model_config
+from robusteval.model_zoo.official.flags import flag_schedule, model_config_options
+from robusteval.model_zoo.official.guided_unet import UNetConfig
 from robusteval.model_zoo.official.kl_autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
@@ -61,7 +62,10 @@ from robusteval.model_zoo.official.schedule import (
 OFFICIAL = {"diffusion_steps": 1000, "linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215,
             "sample_steps": 100, "classifier_scale": 6.0}
 # Flags read here beyond OFFICIAL's; what the shapes determine (channels, levels, attention) comes from the file.
-READ_FLAGS = set(OFFICIAL) | {"num_heads", "num_head_channels", "pool", "timestep_respacing", "use_ddim", "noise_schedule"}
+READ_FLAGS = set(OFFICIAL) | {"num_heads", "num_head_channels", "pool", "timestep_respacing", "use_ddim", "noise_schedule",
+                              "autoencoder_stride"}
+# The autoencoder's downsampling the network's latents come from: latent diffusion's KL-f8 (flag autoencoder_stride).
+OFFICIAL_STRIDE = 8
 # The other flags of the official commands: accepted (a command's flags can be pasted) and ignored.
 IGNORED_FLAGS = {
     "attention_resolutions", "class_cond", "dropout", "image_size", "learn_sigma", "num_channels", "num_res_blocks",
@@ -69,7 +73,7 @@ IGNORED_FLAGS = {
     "in_channels", "use_spatial_transformer", "context_dim", "transformer_depth", "model_path", "num_samples",
     "autoencoder_path", "val_data_dir", "lr", "weight_decay", "val_batch_size", "data_dir", "cls_data_dir", "ce_weight",
     "eval_interval", "save_interval", "label_smooth", "grad_clip", "cls_batch_size", "microbatch", "sample_z",
-    "autoencoder_type", "autoencoder_stride", "double_z", "num_heads_upsample", "out_channels", "num_classes",
+    "autoencoder_type", "double_z", "num_heads_upsample", "out_channels", "num_classes",
     "modeltype", "use_checkpoint", "clip_denoised", "save_png",
 }
 
@@ -196,10 +200,11 @@ def load_egc(
             "egc needs its autoencoder's file too: pass vae=<file> (CLI: --vae FILE), e.g. EGC's autoencoder_kl.pth "
             "or latent diffusion's KL-f8 model.ckpt"
         )
-    options = read_model_config(model_config) if isinstance(model_config, (str, Path)) else dict(model_config or {})
+    options = model_config_options(model_config)
     sampler_options(options, 1000)  # reject unknown flags before reading any file
     if options.get("noise_schedule", "linear") != "linear":
         raise UsageError("--model-config: egc's official schedule is 'linear'; other schedules are not supported")
+    schedule = _schedule(options)
     state = read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     config, egc_options = infer_egc_config(state, options)
     if egc_options.num_classes != info.num_classes:
@@ -214,6 +219,13 @@ def load_egc(
             f"{config.in_channels} channels"
         )
     channels, height, width = info.input_shape
+    stride, down = options.get("autoencoder_stride", OFFICIAL_STRIDE), 2 ** (len(vae_config.ch_mult) - 1)
+    if down != stride:
+        raise CheckpointError(
+            f"the autoencoder {vae} downsamples by {down}; the network {checkpoint} works on latents downsampled by "
+            f"{stride} (EGC's KL-f8 unless --model-config gives autoencoder_stride): {height}×{width} images would "
+            f"give {height // down}×{width // down} latents instead of {height // stride}×{width // stride}"
+        )
     factor = 2 ** (len(vae_config.ch_mult) - 1) * 2 ** (len(config.channel_mult) - 1)
     if channels != vae_config.in_channels or height % factor or width % factor:
         raise CheckpointError(
@@ -224,11 +236,7 @@ def load_egc(
     load_into(net, state, str(checkpoint))
     autoencoder = AutoencoderKL(vae_config)
     load_into(autoencoder, vae_state, str(vae))
-    steps = int(options.get("diffusion_steps", OFFICIAL["diffusion_steps"]))
-    schedule = DiscreteSchedule(linear_betas(
-        steps, float(options.get("linear_start", OFFICIAL["linear_start"])), float(options.get("linear_end", OFFICIAL["linear_end"]))
-    ))
-    sample_steps, ddim = sampler_options(options, steps)
+    sample_steps, ddim = sampler_options(options, schedule.num_timesteps)
     return OfficialEGC(
         net, autoencoder, info, schedule,
         scale_factor=float(options.get("scale_factor", OFFICIAL["scale_factor"])),
@@ -236,6 +244,13 @@ def load_egc(
         classifier_scale=float(options.get("classifier_scale", OFFICIAL["classifier_scale"])),
         ddim=ddim,
     ).eval()
+
+
+def _schedule(options: Mapping[str, Any]) -> DiscreteSchedule:
+    """EGC's linear β schedule from the flags (the official command's values where not given)."""
+    steps, start, end = (options.get(k, OFFICIAL[k]) for k in ("diffusion_steps", "linear_start", "linear_end"))
+    return flag_schedule(linear_betas(steps, start, end),
+                         f"diffusion_steps {steps}, linear_start {start:g} and linear_end {end:g}")
 
 
 def build_egc(info: DatasetInfo) -> OfficialEGC:

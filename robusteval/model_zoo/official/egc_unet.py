@@ -226,7 +226,7 @@ def infer_egc_config(state: Mapping[str, Tensor], options: Mapping[str, Any] | N
     prefix = proj_in[: -len("proj_in.weight")]
     inner = int(state[proj_in].shape[0])
     heads = int(options.get("num_heads", 4))
-    if "num_head_channels" in options:
+    if options.get("num_head_channels", -1) != -1:  # -1: unset, as in the official flags
         head_channels = int(options["num_head_channels"])
     elif inner % heads == 0:
         head_channels = inner // heads

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
 from robusteval.model_zoo.official.common import (
+    ReplayImages,
     official_state_dict,
     read_official_file,
     require_classes,
@@ -82,7 +84,8 @@ class OfficialGMMC(JointModel):
                                   f"of {self.f.last_dim}-d features")
         # Not part of the state dict: the official file keeps them in the pickled LDALayer.
         self.register_buffer("centers", centers.float().clone(), persistent=False)
-        self.replay_buffer: tuple[Tensor, Tensor] | None = None  # ([0, 1] images, labels) on the CPU
+        # The file's replay buffer: images (read when sampled) and their labels, on the CPU.
+        self.replay_source: tuple[ReplayImages, Tensor] | None = None
         self.sample_config = GMMC_SGLD
 
     def features(self, x: Tensor) -> Tensor:
@@ -93,6 +96,11 @@ class OfficialGMMC(JointModel):
 
     def _energy(self, x: Tensor, sigma: Tensor) -> Tensor:
         return -torch.logsumexp(self._logits(x, sigma), dim=1)
+
+    @property
+    def replay_buffer(self) -> tuple[Tensor, Tensor] | None:
+        """([0, 1] images, labels) of the file's replay buffer (None without one); reading checks it is finite."""
+        return None if self.replay_source is None else (self.replay_source[0].images(), self.replay_source[1])
 
     def _sample(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> Tensor:
         start, labels = self._chain_starts(n, y, generator)
@@ -105,10 +113,11 @@ class OfficialGMMC(JointModel):
 
     def _chain_starts(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Official sample_p_0: class-y chains from buffer slots y·(N/C) + i, else random slots and their labels."""
-        if self.replay_buffer is None:
+        buffer = self.replay_buffer
+        if buffer is None:
             labels = y.cpu() if y is not None else torch.randint(0, self.num_classes, (n,), generator=generator)
             return uniform_noise(n, self.input_shape, generator), labels
-        images, buffer_labels = self.replay_buffer
+        images, buffer_labels = buffer
         if y is None:
             index = torch.randint(0, len(images), (n,), generator=generator)
             return images[index].clone(), buffer_labels[index].clone()
@@ -153,7 +162,20 @@ def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     model = OfficialGMMC(info, depth, widen_factor, centers)
     load_into(model, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     buffer = loaded.get("replay_buffer")
-    if (isinstance(buffer, (list, tuple)) and len(buffer) == 2 and all(isinstance(b, Tensor) for b in buffer)
-            and tuple(buffer[0].shape[1:]) == model.input_shape and buffer[1].shape == buffer[0].shape[:1]):
-        model.replay_buffer = ((buffer[0].float() * 0.5 + 0.5).clamp(0.0, 1.0), buffer[1].long())
+    if buffer is not None:
+        model.replay_source = replay_with_labels(buffer, path, model)
     return model
+
+
+def replay_with_labels(buffer: Any, path: str | Path, model: OfficialGMMC) -> tuple[ReplayImages, Tensor]:
+    """GMMC's [x, y] replay buffer: x as `ReplayImages`, y one integer label in [0, C) per image."""
+    if not isinstance(buffer, (list, tuple)) or len(buffer) != 2:
+        raise CheckpointError(f"checkpoint {path}: 'replay_buffer' is a {type(buffer).__name__}; expected [x, y] "
+                              f"(GMMC's images and their labels)")
+    images = ReplayImages(buffer[0], path, model.input_shape, where="replay_buffer[0]")
+    labels = buffer[1]
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or tuple(labels.shape) != (len(images),) \
+            or bool(((labels < 0) | (labels >= model.num_classes)).any()):
+        raise CheckpointError(f"checkpoint {path}: 'replay_buffer[1]' must hold {len(images)} integer labels in "
+                              f"[0, {model.num_classes}), one per image of replay_buffer[0]")
+    return images, labels.long()

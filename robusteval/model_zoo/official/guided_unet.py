@@ -22,12 +22,10 @@ Key layout (what a file written by the official code holds)::
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -446,18 +444,6 @@ UNET_FLAGS = {
 }
 
 
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    """A JSON object of official training flags (e.g. the arguments of the training command)."""
-    path = Path(path)
-    try:
-        options = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--model-config {path}: not a readable JSON file ({error})") from error
-    if not isinstance(options, dict):
-        raise UsageError(f"--model-config {path}: expected a JSON object of the official flags, got {type(options).__name__}")
-    return options
-
-
 def _ints(value: Any, flag: str) -> tuple[float, ...]:
     items = value.split(",") if isinstance(value, str) else value
     try:
@@ -484,6 +470,9 @@ def apply_flags(config: UNetConfig, options: Mapping[str, Any], image_size: int)
     if "attention_resolutions" in options:
         # The official flag lists resolutions (16, 8 at 32×32); the network uses downsampling rates.
         resolutions = _ints(options["attention_resolutions"], "attention_resolutions") if options["attention_resolutions"] != "" else ()
+        if any(not 1 <= r <= size for r in resolutions):  # guided-diffusion divides the image size by each
+            raise UsageError(f"--model-config: 'attention_resolutions' {options['attention_resolutions']!r} must be "
+                             f"resolutions from 1 to the image size {size}, such as 16,8 at 32")
         updates["attention_ds"] = tuple(sorted(size // int(r) for r in resolutions))
     config = replace(config, **updates)
     if "learn_sigma" in options:

@@ -36,6 +36,7 @@ from robusteval.core.checkpoints import CheckpointError, load_into, read_state_d
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
+from robusteval.model_zoo.official.flags import flag_schedule, model_config_options
 from robusteval.model_zoo.official.guided_unet import (
     AttentionBlock,
     ConfigInferenceError,
@@ -43,7 +44,6 @@ from robusteval.model_zoo.official.guided_unet import (
     UNetSkeleton,
     apply_flags,
     infer_unet_layout,
-    read_model_config,
 )
 from robusteval.model_zoo.official.schedule import (
     DiscreteSchedule,
@@ -163,10 +163,11 @@ def config_for(
 
 def make_schedule(diffusion: Mapping[str, Any]) -> DiscreteSchedule:
     steps = int(diffusion["diffusion_steps"])
+    flags = f"diffusion_steps {steps} and noise_schedule {diffusion['noise_schedule']!r}"
     if diffusion["noise_schedule"] == "linear":
-        return DiscreteSchedule(jdm_linear_betas(steps))
+        return flag_schedule(jdm_linear_betas(steps), flags)
     if diffusion["noise_schedule"] == "cosine":
-        return DiscreteSchedule(cosine_betas(steps))
+        return flag_schedule(cosine_betas(steps), flags)
     raise UsageError(f"noise_schedule must be 'linear' or 'cosine', got {diffusion['noise_schedule']!r}")
 
 
@@ -290,8 +291,12 @@ def load_jdm(
     cannot (heads, attention order, diffusion steps, schedule) or, when the
     shapes cannot be read, the whole configuration.
     """
+    options = model_config_options(model_config)  # checked before any file is read
+    if options.get("image_size", info.input_shape[1]) != info.input_shape[1]:
+        raise UsageError(f"--model-config: 'image_size' {options['image_size']} differs from the "
+                         f"{info.input_shape[1]}×{info.input_shape[1]} images of data set '{info.name}'")
+    make_schedule({k: options.get(k, OFFICIAL_CIFAR10[k]) for k in ("diffusion_steps", "noise_schedule")})
     state = read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
-    options = read_model_config(model_config) if isinstance(model_config, (str, Path)) else model_config
     # kornia's augmentation pipeline (used in training only) may leave buffers under `augmentation.`.
     state = {k: v for k, v in state.items() if not k.startswith("augmentation.")}
     if "clasifier.fc_2.weight" not in state:

@@ -19,6 +19,7 @@ from robusteval.core.checkpoints import BATCHNORM_STEPS, load_into
 from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo
 from robusteval.model_zoo.official.common import (
+    ReplayImages,
     official_state_dict,
     read_official_file,
     require_classes,
@@ -46,9 +47,14 @@ class OfficialJEM(JointModel):
         self.f = WideResNet(depth, widen_factor, linear_outputs)
         self.energy_output = nn.Linear(self.f.last_dim, 1)
         self.class_output = nn.Linear(self.f.last_dim, info.num_classes)
-        # The file's persistent chains in [0, 1], kept on the CPU (not a buffer: not part of the weights).
-        self.replay_buffer: Tensor | None = None
+        # The file's persistent chains, kept on the CPU (not a buffer: not part of the weights), read when sampled.
+        self.replay_source: ReplayImages | None = None
         self.sample_config = JEM_SGLD
+
+    @property
+    def replay_buffer(self) -> Tensor | None:
+        """The file's replay buffer in [0, 1] (None without one); reading it checks that it is finite."""
+        return self.replay_source.images() if self.replay_source is not None else None
 
     def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.class_output(self.f((x - 0.5) / 0.5))
@@ -67,9 +73,9 @@ class OfficialJEM(JointModel):
     def _chain_starts(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """Chains start from the file's replay buffer (official `cond_samples`: the buffer images the model
         classifies as y), else from uniform noise."""
-        if self.replay_buffer is None:
-            return uniform_noise(n, self.input_shape, generator)
         buffer = self.replay_buffer
+        if buffer is None:
+            return uniform_noise(n, self.input_shape, generator)
         if y is None:
             return buffer[torch.randint(0, len(buffer), (n,), generator=generator)].clone()
         predicted = self._buffer_classes()
@@ -117,7 +123,6 @@ def load_jem(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = Fa
     depth, widen_factor, linear_outputs = wrn_size(state)
     model = OfficialJEM(info, depth, widen_factor, linear_outputs)
     load_into(model, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
-    buffer = loaded.get("replay_buffer")
-    if isinstance(buffer, Tensor) and buffer.dim() == 4 and tuple(buffer.shape[1:]) == model.input_shape:
-        model.replay_buffer = (buffer.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+    if loaded.get("replay_buffer") is not None:
+        model.replay_source = ReplayImages(loaded["replay_buffer"], path, model.input_shape)
     return model
