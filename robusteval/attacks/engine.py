@@ -20,7 +20,6 @@ the unsharded summary from all records and those checks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -56,6 +55,7 @@ from robusteval.attacks.resume import (
 )
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import JointModel, trusted_inputs
 from robusteval.core.vocabulary import parse_defense
 from robusteval.jobs import Job
@@ -76,7 +76,7 @@ class AttackJob(Job):
                  steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
                  large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True,
                  companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None,
-                 decision_draws: int = DECISION_DRAWS):
+                 decision_draws: int = DECISION_DRAWS, file_fingerprints: Mapping[str, str] | None = None):
         self.model, self.x, self.y = model, x, y
         self.spec, self.norm, self.eps = spec, norm, eps
         self.defense = parse_defense(defense)
@@ -86,13 +86,14 @@ class AttackJob(Job):
         self.decision_draws = decision_draws
         self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
         self._freeze(AttackConfig(
-            model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
+            model=model_name, checkpoint=checkpoint, model_fingerprint=weights_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
             decision_draws=decision_draws, large_eps_check=large_eps_check,
             masking_checks=masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **{k: str(v) for k, v in (companions or {}).items()},
+            file_fingerprints=dict(file_fingerprints) if file_fingerprints else None,
         ).to_json(), shard)
         # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
         total = math.ceil(self.n / batch_size)
@@ -261,15 +262,6 @@ class AttackJob(Job):
 
 def _robust_count(records: list[dict[str, Any]], e: int) -> int:
     return sum(1 for r in records if r["correct"] and not r["results"][e]["broken"])
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's weights, so a run directory is never resumed with other weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -88,6 +88,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
                      masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
+                     file_fingerprints=resolved.options.file_fingerprints(),
                      shard=resolved.options.shard, decision_draws=int(settings.decision_draws))
 
 

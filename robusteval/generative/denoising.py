@@ -30,6 +30,7 @@ from torch import Tensor
 
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
@@ -66,7 +67,9 @@ class DenoiseJob(Job):
         self.model, self.data, self.sigmas = model, data, sigmas
         self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
         self._freeze(DenoiseConfig(model=resolved.model_name, dataset=data.name, sigmas=sigmas, n_images=n_images,
-                                   seed=seed, batch_size=batch_size).to_json())
+                                   seed=seed, batch_size=batch_size,
+                                   model_fingerprint=weights_fingerprint(model),
+                                   file_fingerprints=resolved.options.file_fingerprints()).to_json())
         self.name_parts = ("denoise", resolved.model_name, data.name)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,

@@ -30,6 +30,7 @@ from robusteval.core import work_sizes
 from robusteval.core.determinism import gpu_notes, is_deterministic
 from robusteval.core.devices import device_label
 from robusteval.core.errors import UsageError
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import (
     CapabilityError,
     JointModel,
@@ -211,8 +212,11 @@ class SmoothingJob(Job):
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+        # The weights (and files) the records depend on: resume and merge refuse records of other weights.
+        weights = {"model_fingerprint": weights_fingerprint(model),
+                   "file_fingerprints": resolved.options.file_fingerprints()}
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.input_shape,
+                                      {**resolved.options.as_config(), **weights}, dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
         # shard takes whole batches of this plan (each image's noise depends on its index only).
