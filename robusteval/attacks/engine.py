@@ -44,6 +44,7 @@ from robusteval.attacks.reliability import (
     record_checks,
     run_checks,
 )
+from robusteval.attacks.remedies import recorded_attack_labels
 from robusteval.attacks.results import AttackResult, robustness_curve
 from robusteval.attacks.resume import (
     adversarial_file_name,
@@ -60,7 +61,8 @@ from robusteval.core.interface import JointModel, trusted_inputs
 from robusteval.core.vocabulary import parse_defense
 from robusteval.jobs import Job
 from robusteval.records import AttackConfig
-from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
+from robusteval.records.consistency import check_records, labels_lookup, record_problem
+from robusteval.runs import SAMPLES_FILE, SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
 from robusteval.runs.shards import MergeRefused, Shard, ShardRun, shard_title
 
 logger = logging.getLogger(__name__)
@@ -143,7 +145,14 @@ class AttackJob(Job):
             return f"its results are not one per configured eps ({', '.join(f'{e:g}' for e in self.eps)})"
         if not isinstance(record.get("correct"), bool):
             return "it has no clean result ('correct')"
-        return None
+        found = record_problem("attack", self.config, record, attack_labels=self.attack_labels,
+                               data_labels=labels_lookup(self.y.tolist()))
+        return None if found is None else f"field {found[0]}: {found[1]}"
+
+    @property
+    def attack_labels(self) -> frozenset[str]:
+        """The attack names this run can record as what broke a point."""
+        return recorded_attack_labels(self.spec.name, self.gradient)
 
     def _run(self, run_dir: RunDirectory | None, started: float, progress: bool) -> AttackResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
@@ -290,6 +299,11 @@ class _AttackMerger:
 
     def index_range(self, config: dict[str, Any]) -> range:
         return range(config["n"])
+
+    def check_records(self, config: dict[str, Any], shard: ShardRun) -> None:
+        check_records(Path(shard.source) / SAMPLES_FILE, "attack", config, shard.records,
+                      attack_labels=recorded_attack_labels(config["attack"], config.get("gradient")),
+                      remedy="re-run that shard with --no-resume")
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
         first = shards[0]

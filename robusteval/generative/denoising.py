@@ -34,6 +34,7 @@ from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.jobs import Job, JobOptions, Resolved, resolve
 from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
+from robusteval.records.consistency import labels_lookup, record_problem
 from robusteval.runs import RunDirectory
 
 
@@ -80,7 +81,10 @@ class DenoiseJob(Job):
         """
         with self.opened_run(out if out is not None else self.default_run_dir(), resume, wait=wait,
                              on_wait=on_wait) as run:
-            run.check_records(range(self.n_images), in_order=True)  # resuming counts the records
+            # Resuming counts the records; each must be of its image (the data set's label).
+            labels = labels_lookup(self.data.y[: self.n_images].tolist())
+            run.check_records(range(self.n_images), in_order=True, check=lambda r: _problem(
+                record_problem("denoise", self.config, r, data_labels=labels)))
             return self._run(run)
 
     def _run(self, run: RunDirectory) -> dict[str, Any]:
@@ -125,6 +129,10 @@ class DenoiseJob(Job):
                               psnr=[round(float(p[i - start]), 6) for p in denoised_psnr],
                               psnr_noisy=[round(float(p[i - start]), 6) for p in noisy_psnr]).to_json()
                 for i in range(start, stop)]
+
+
+def _problem(found: tuple[str, str] | None) -> str | None:
+    return None if found is None else f"field {found[0]}: {found[1]}"
 
 
 def prepare_denoising(model: JointModel | str, dataset: Any = "digits", *,

@@ -96,6 +96,8 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     # The unsharded run's configuration (shard 1's device, as the unsharded run on that machine would record).
     config = {k: v for k, v in ordered[0].config.items() if k not in (SHARD_KEY, PROVENANCE_KEY)}
     expected = merger.index_range(config)
+    for run in ordered:  # before anything is counted: a record that contradicts itself is refused
+        merger.check_records(config, run)
     records: list[dict[str, Any]] = []
     previous: tuple[ShardRun, range] | None = None
     for run in ordered:
