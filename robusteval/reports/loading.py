@@ -11,6 +11,7 @@ this module adds where a run lives and the figures reports read from it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 from robusteval.attacks.remedies import recorded_attack_labels
 from robusteval.core.errors import MissingFileError, UsageError
+from robusteval.core.fingerprints import short
 from robusteval.core.names import UnknownNameError
 from robusteval.core.vocabulary import RUN_KINDS
 from robusteval.records import RecordFormatError, Summary, summary_from_json
@@ -239,4 +241,30 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
                 runs.setdefault(child.resolve(), load_run(child))
         else:
             runs.setdefault(path.resolve(), load_run(path))
-    return sorted(runs.values(), key=lambda r: (r.kind, r.dataset, r.model, str(r.path)))
+    return sorted(distinguish_weights(list(runs.values())), key=lambda r: (r.kind, r.dataset, r.model, str(r.path)))
+
+
+def weights_of(run: Run) -> str | None:
+    """The fingerprint of the weights a run evaluated (None for runs made before certify recorded it)."""
+    value = run.config.get("model_fingerprint")
+    return str(value) if value else None
+
+
+def distinguish_weights(runs: list[Run]) -> list[Run]:
+    """Runs of one model name and data set but different weights never share a row: where two such runs
+    differ in their weights' fingerprint, each of them is shown as `<model>@<8 hex of its fingerprint>`
+    (a run without a fingerprint, made before runs recorded one, as `<model>@unknown`). Runs of one model
+    whose known fingerprints agree keep the plain name."""
+    known: dict[tuple[str, str], set[str]] = {}
+    for run in runs:
+        if weights_of(run) is not None:
+            known.setdefault((run.dataset, run.model), set()).add(str(weights_of(run)))
+    out = []
+    for run in runs:
+        if len(known.get((run.dataset, run.model), ())) < 2:
+            out.append(run)
+            continue
+        fingerprint = weights_of(run)
+        label = f"{run.model}@{short(fingerprint) if fingerprint is not None else 'unknown'}"
+        out.append(dataclasses.replace(run, summary={**run.summary, "model": label}))
+    return out
