@@ -25,9 +25,9 @@ in their old form.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from robusteval.core.errors import UsageError

@@ -121,8 +121,8 @@ DEFECTS = (
         "robusteval/smoothing/engine.py",
         "weights = {\"model_fingerprint\": weights_fingerprint(model),",
         "weights = {\"model_fingerprint\": None,",
-        ("tests/test_records_trust.py::"
-         "test_certify_resumed_with_other_weights_behind_the_path_is_refused_naming_both_fingerprints",),
+        (("tests/test_records_trust.py::"
+          "test_certify_resumed_with_other_weights_behind_the_path_is_refused_naming_both_fingerprints"),),
     ),
 )
 
