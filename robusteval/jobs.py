@@ -33,6 +33,7 @@ from torch import Tensor
 from robusteval.core.determinism import set_deterministic
 from robusteval.core.devices import resolve_device
 from robusteval.core.errors import UsageError
+from robusteval.core.fingerprints import files_fingerprints
 from robusteval.core.interface import JointModel, validate_images
 from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, load_dataset
@@ -110,6 +111,15 @@ class JobOptions:
         """
         return {"checkpoint": _text(self.checkpoint), "model_dir": _text(self.model_dir),
                 **{k: str(v) for k, v in self.official_files().items()}}
+
+    def file_fingerprints(self) -> dict[str, str] | None:
+        """{option: fingerprint} of the files given (--checkpoint, --vae, --model-config); None when none was.
+
+        A run records them beside the weights' fingerprint, so that another file behind the same path is a
+        mismatch on resume and merge, also where the file does not change the weights (--model-config).
+        """
+        given = files_fingerprints({"checkpoint": self.checkpoint, **self.official_files()})
+        return given or None
 
     def official_files(self) -> dict[str, str | Path]:
         """The create_model keywords of the given companions (none when absent, so other models are unaffected)."""

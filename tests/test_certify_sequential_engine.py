@@ -81,7 +81,9 @@ def test_resume_after_a_kill_gives_the_same_records(digits, tmp_path, reference)
     kept = [json.loads(line) for line in (tmp_path / "run" / SAMPLES_FILE).read_text().splitlines()]
     assert 0 < len(kept) < 8 and [r["index"] for r in kept] == list(range(len(kept)))
     assert not (tmp_path / "run" / SUMMARY_FILE).exists()
-    resumed = sequential_linear(digits, out=tmp_path / "run", **options)
+    # The same weights in the same module tree (the run records their fingerprint, names included).
+    same = robusteval.wrap(CountingModule(inner), 10, (1, 8, 8), name="linear-digits")
+    resumed = sequential_linear(digits, model=same, out=tmp_path / "run", **options)
     assert strip_timing(resumed.records) == strip_timing(reference.records)
     on_disk = [json.loads(line) for line in (tmp_path / "run" / SAMPLES_FILE).read_text().splitlines()]
     assert strip_timing(on_disk) == strip_timing(reference.records)

@@ -51,7 +51,12 @@ from torch import Tensor, nn
 from robusteval.attacks.purification import draw_noise, purify, sigma_schedule
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
-from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
+from robusteval.core.interface import (
+    CapabilityError,
+    JointModel,
+    require_finite_logits,
+    trusted_inputs,
+)
 from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec, parse_gradient
 
 DECISION_DRAWS = 100
@@ -207,7 +212,9 @@ class DeployedPipeline(nn.Module):
         while done < draws:
             k = min(chunk, draws - done)
             stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
-            yield self._draw(stacked).argmax(1).view(k, x.shape[0])
+            logits = self._draw(stacked)
+            require_finite_logits(logits, self.model.name, "on its noisy decision draws")
+            yield logits.argmax(1).view(k, x.shape[0])
             done += k
 
     @torch.no_grad()
@@ -217,7 +224,9 @@ class DeployedPipeline(nn.Module):
         smooth:S:K votes with max(K, decision_draws) noisy predictions.
         """
         if not self.randomized:
-            return self._draw(x).argmax(1)
+            logits = self._draw(x)
+            require_finite_logits(logits, self.model.name, "on clean inputs")
+            return logits.argmax(1)
         counts = torch.zeros(x.shape[0], self.model.num_classes, dtype=torch.long, device=x.device)
         for votes in self._draw_votes(x, max(self.decision_draws, self.defense.votes)):
             counts.scatter_add_(1, votes.t(), torch.ones_like(votes.t()))

@@ -20,7 +20,6 @@ the unsharded summary from all records and those checks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -43,6 +42,7 @@ from robusteval.attacks.reliability import (
     record_checks,
     run_checks,
 )
+from robusteval.attacks.remedies import recorded_attack_labels
 from robusteval.attacks.results import AttackResult
 from robusteval.attacks.resume import (
     adversarial_file_name,
@@ -55,12 +55,20 @@ from robusteval.attacks.resume import (
 from robusteval.attacks.settings import ResolvedAttackSettings
 from robusteval.core.atomic_files import atomic_write_json
 from robusteval.core.determinism import gpu_notes
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import trusted_inputs
 from robusteval.core.vocabulary import DefenseSpec, gradient_variants, parse_defense
 from robusteval.data.imagenet import order_notes
 from robusteval.jobs import Job, Resolved
 from robusteval.records import AttackConfig
-from robusteval.runs import SUMMARY_FILE, RunDirectory, RunFileDamaged, read_json_file
+from robusteval.records.consistency import check_records, labels_lookup, record_problem
+from robusteval.runs import (
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    RunFileDamaged,
+    read_json_file,
+)
 from robusteval.runs.shards import MergeRefused, ShardRun, shard_title
 
 logger = logging.getLogger(__name__)
@@ -84,13 +92,15 @@ class AttackJob(Job):
         checkpoint = resolved.options.checkpoint
         self._freeze(AttackConfig(
             model=resolved.model_name, checkpoint=str(checkpoint) if checkpoint is not None else None,
-            model_fingerprint=_fingerprint(self.model), dataset=data.name, n=settings.n, attack=settings.spec.name,
+            model_fingerprint=weights_fingerprint(self.model), dataset=data.name, n=settings.n,
+            attack=settings.spec.name,
             norm=settings.norm, eps=list(settings.eps), defense=str(settings.defense), gradient=settings.gradient,
             eot=settings.eot, steps=settings.steps, step_size=settings.step_size, seed=settings.seed,
             batch_size=settings.batch_size, decision_draws=settings.decision_draws,
             large_eps_check=settings.large_eps_check, masking_checks=settings.masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **resolved.recorded(),
+            file_fingerprints=resolved.options.file_fingerprints(),
         ).to_json(), resolved.options.shard)
         # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
         self.batches = self.shard.batches(self.n_batches) if self.shard is not None else range(self.n_batches)
@@ -196,7 +206,14 @@ class AttackJob(Job):
             return f"its results are not one per configured eps ({', '.join(f'{e:g}' for e in self.eps)})"
         if not isinstance(record.get("correct"), bool):
             return "it has no clean result ('correct')"
-        return None
+        found = record_problem("attack", self.config, record, attack_labels=self.attack_labels,
+                               data_labels=labels_lookup(self.y.tolist()))
+        return None if found is None else f"field {found[0]}: {found[1]}"
+
+    @property
+    def attack_labels(self) -> frozenset[str]:
+        """The attack names this run can record as what broke a point."""
+        return recorded_attack_labels(self.spec.name, self.gradient)
 
     def _run(self, run_dir: RunDirectory | None, started: float, progress: bool) -> AttackResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
@@ -308,15 +325,6 @@ def _robust_count(records: list[dict[str, Any]], e: int) -> int:
     return sum(1 for r in records if r["correct"] and not r["results"][e]["broken"])
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's weights, so a run directory is never resumed with other weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
 @contextlib.contextmanager
 def _autoattack_log_captured() -> Iterator[None]:
     """Route pyautoattack's logger to debug level: its warnings are re-checked and reported as flags."""
@@ -343,6 +351,11 @@ class _AttackMerger:
 
     def index_range(self, config: dict[str, Any]) -> range:
         return range(config["n"])
+
+    def check_records(self, config: dict[str, Any], shard: ShardRun) -> None:
+        check_records(Path(shard.source) / SAMPLES_FILE, "attack", config, shard.records,
+                      attack_labels=recorded_attack_labels(config["attack"], config.get("gradient")),
+                      remedy="re-run that shard with --no-resume")
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
         first = shards[0]

@@ -29,6 +29,7 @@ from robusteval.attacks.catalog import (
     MIN_CLASSES_TARGETED_DLR,
     AttackComponent,
     quietly,
+    resolve_attack,
     seed_torch,
 )
 
@@ -111,3 +112,14 @@ def gradient_free_escalation(expected: nn.Module, *, norm: str, eps: float, devi
                                                   n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin",
                                                   resc_schedule=True))
     return [_component(escalation_names()[0], attack, device)]
+
+
+def recorded_attack_labels(attack: str, gradient: str | None = None) -> frozenset[str]:
+    """Every attack name a run of `attack` can record as what broke a point (`broken_by`): the attack or its
+    suite's members, the remedies and the escalation; each with its gradient variant (`name[full]`,
+    `name[bpda]`) when the run used both (`--gradient auto`). Unknown attacks are a UsageError."""
+    spec = resolve_attack(attack)
+    names = [*(spec.members or (spec.name,)), *saturation_remedy_names(MIN_CLASSES_TARGETED_DLR), *escalation_names()]
+    if gradient == "auto":
+        return frozenset(f"{name}[{mode}]" for name in names for mode in ("full", "bpda"))
+    return frozenset(names)

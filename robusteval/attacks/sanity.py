@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from pyautoattack import checks as aa_checks
 from torch import Tensor, nn
 
+from robusteval.core.interface import require_finite_logits
+
 ZERO_GRADIENT_LIMIT = 0.05
 LARGE_EPS_ACCURACY_LIMIT = 0.02
 LARGE_EPS_LINF = 0.5
@@ -199,6 +201,8 @@ def predict_with_gradient_check(module: nn.Module, x: Tensor, y: Tensor) -> tupl
     inputs = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = module(inputs)
+        require_finite_logits(logits, str(getattr(getattr(module, "model", module), "name", "the model")),
+                              "on clean inputs")
         prediction = logits.detach().argmax(1)
         masked, dead = _diagnose(logits, inputs, y, prediction == y)
     return prediction, masked, dead

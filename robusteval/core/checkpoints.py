@@ -227,6 +227,18 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 BATCHNORM_STEPS = ("num_batches_tracked",)
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or ±Inf, naming the first such tensor: such a model answers one class for
+    every input, which smoothing would certify and attacks would report as robust."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                raise CheckpointError(f"checkpoint {source}: tensor {name} holds {int(bad.sum())} non-finite "
+                                      f"value(s) (NaN or Inf) of {tensor.numel()}; the weights are corrupt or "
+                                      f"diverged, so nothing evaluated with them would mean anything")
+
+
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_format: str | None = None,
               optional: tuple[str, ...] = ()) -> None:
     """Load `state` into `module` strictly; a mismatch names the first differing keys and shapes.
@@ -262,6 +274,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, ex
         what = (f"is not {expected_format}" if expected_format is not None
                 else f"does not match the architecture of {type(module).__name__}")
         raise CheckpointError(f"checkpoint {source} {what}: " + "; ".join(parts))
+    check_finite(state, source)
     module.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)
 
 

@@ -59,6 +59,27 @@ def trusted_inputs() -> Iterator[None]:
         _validation_enabled = previous
 
 
+class NonFiniteLogits(UsageError, ArithmeticError):
+    """A model answered NaN or ±Inf logits during a run: its decisions (argmax of NaN) would mean nothing."""
+
+
+def non_finite_message(model_name: str, where: str) -> str:
+    return (f"model {model_name} gave non-finite logits (NaN or Inf) {where}; its predictions would be "
+            f"meaningless, so the run stops (check its weights and --model-config)")
+
+
+def require_finite_logits(logits: Tensor, model_name: str, where: str) -> None:
+    """Stop a run (NonFiniteLogits, one line naming the model) when `logits` hold NaN or ±Inf."""
+    if not bool(torch.isfinite(logits.detach()).all()):
+        raise NonFiniteLogits(non_finite_message(model_name, where))
+
+
+def finite_argmax(logits: Tensor) -> Tensor:
+    """argmax per row, or -1 for a row with a NaN or ±Inf logit: no device sync, so engines can check later."""
+    return torch.where(torch.isfinite(logits).all(1), logits.argmax(1), torch.full_like(logits[:, 0], -1,
+                                                                                         dtype=torch.long))
+
+
 def validate_images(
     x: Tensor, input_shape: tuple[int, ...], noisy: Tensor | None = None, what: str = "x"
 ) -> None:

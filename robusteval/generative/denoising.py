@@ -30,9 +30,11 @@ from torch import Tensor
 
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import CapabilityError, JointModel
 from robusteval.jobs import Job, JobOptions, Resolved, resolve, shows_keywords
 from robusteval.records import DenoiseConfig, DenoiseSample, DenoiseSummary, PsnrPoint
+from robusteval.records.consistency import labels_lookup, record_problem
 from robusteval.runs import RunDirectory
 
 
@@ -66,7 +68,9 @@ class DenoiseJob(Job):
         self.model, self.data, self.sigmas = model, data, sigmas
         self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
         self._freeze(DenoiseConfig(model=resolved.model_name, dataset=data.name, sigmas=sigmas, n_images=n_images,
-                                   seed=seed, batch_size=batch_size).to_json())
+                                   seed=seed, batch_size=batch_size,
+                                   model_fingerprint=weights_fingerprint(model),
+                                   file_fingerprints=resolved.options.file_fingerprints()).to_json())
         self.name_parts = ("denoise", resolved.model_name, data.name)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,
@@ -77,7 +81,10 @@ class DenoiseJob(Job):
         """
         with self.opened_run(out if out is not None else self.default_run_dir(), resume, wait=wait,
                              on_wait=on_wait) as run:
-            run.check_records(range(self.n_images), in_order=True)  # resuming counts the records
+            # Resuming counts the records; each must be of its image (the data set's label).
+            labels = labels_lookup(self.data.y[: self.n_images].tolist())
+            run.check_records(range(self.n_images), in_order=True, check=lambda r: _problem(
+                record_problem("denoise", self.config, r, data_labels=labels)))
             return self._run(run)
 
     def _run(self, run: RunDirectory) -> dict[str, Any]:
@@ -122,6 +129,10 @@ class DenoiseJob(Job):
                               psnr=[round(float(p[i - start]), 6) for p in denoised_psnr],
                               psnr_noisy=[round(float(p[i - start]), 6) for p in noisy_psnr]).to_json()
                 for i in range(start, stop)]
+
+
+def _problem(found: tuple[str, str] | None) -> str | None:
+    return None if found is None else f"field {found[0]}: {found[1]}"
 
 
 @shows_keywords(without=("shard",))

@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 
 from robusteval.records.encoding import to_json_dict as _json
 
-# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
-# With them, ImageNet's image order (robusteval.data.imagenet): recorded only for the data sets that have one.
-_COMPANIONS = ("vae", "model_config", "image_order")
+# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files), ImageNet's image order
+# (robusteval.data.imagenet) and the fingerprints of the files given (robusteval.core.fingerprints): each recorded
+# only when there is one.
+_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class AttackConfig:
     vae: str | None = None
     model_config: str | None = None
     image_order: str | None = None
+    file_fingerprints: dict[str, str] | None = None  # {option: fingerprint} of --checkpoint, --vae, --model-config
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -86,10 +88,14 @@ class SmoothingConfig:
     vae: str | None = None
     model_config: str | None = None
     image_order: str | None = None
+    # The weights the records were computed with (robusteval.core.fingerprints); absent in runs made before.
+    model_fingerprint: str | None = None
+    file_fingerprints: dict[str, str] | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
-                                           "futility", "alpha_spent", "checkpoint", "model_dir", *_COMPANIONS)
+                                           "futility", "alpha_spent", "checkpoint", "model_dir", "model_fingerprint",
+                                           *_COMPANIONS)
 
     def to_json(self) -> dict[str, Any]:
         # Recorded only when given, so CERTIFY runs of the shipped weights keep their configuration and hash.
@@ -107,6 +113,9 @@ class DenoiseConfig:
     seed: int
     batch_size: int
     kind: str = "denoise"
+    model_fingerprint: str | None = None  # absent in runs made before
+    file_fingerprints: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: v for k, v in _json(self).items() if k != "kind"}}
+        return {"kind": self.kind, **{k: v for k, v in _json(self).items()
+                                      if k != "kind" and (v is not None or k not in _COMPANIONS)}}

@@ -11,18 +11,24 @@ this module adds where a run lives and the figures reports read from it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robusteval.attacks.remedies import recorded_attack_labels
 from robusteval.core.errors import MissingFileError, UsageError
+from robusteval.core.fingerprints import short
+from robusteval.core.names import UnknownNameError
 from robusteval.core.vocabulary import RUN_KINDS
 from robusteval.records import RecordFormatError, Summary, summary_from_json
+from robusteval.records.consistency import check_records
 from robusteval.runs import (
     CONFIG_FILE,
     PROVENANCE_KEY,
+    SAMPLES_FILE,
     SUMMARY_FILE,
     RunFileDamaged,
     read_run,
@@ -169,6 +175,29 @@ def parse_summary(path: Path, summary: Any) -> Summary:
         raise RunFormatError(f"{path}: {error}") from None
 
 
+def check_run_records(path: Path, kind: str, config: dict[str, Any], summary: dict[str, Any],
+                      records: list[dict[str, Any]]) -> None:
+    """Every record checked against itself and its run (robusteval.records.consistency); the first that
+    contradicts itself is a RecordInconsistent naming samples.jsonl, the line and the field.
+
+    The data set's labels are not read here (reports run where the data may not be): resume checks them.
+    Older configurations lack keys the summary holds (σ, n, the ε list), so those come from the summary.
+    """
+    known = {k: summary[k] for k in ("sigma", "n", "method", "radii", "n_max") if k in summary}
+    if kind == "attack" and "curve" in summary:
+        known["eps"] = [point["eps"] for point in summary["curve"]]
+    checked = {**known, **{k: v for k, v in config.items() if k != PROVENANCE_KEY}}
+    attack_labels = None
+    if kind == "attack":
+        try:
+            attack_labels = recorded_attack_labels(str(checked.get("attack", summary.get("attack"))),
+                                                   checked.get("gradient", summary.get("gradient")))
+        except UnknownNameError:  # an attack this version does not know: its names cannot be checked
+            attack_labels = None
+    check_records(path / SAMPLES_FILE, kind, checked, records, attack_labels=attack_labels,
+                  remedy="re-run the run's command with --no-resume")
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / SUMMARY_FILE).exists() or (path / CONFIG_FILE).exists()
 
@@ -189,6 +218,7 @@ def load_run(path: str | Path) -> Run:
     except RunFileDamaged as error:  # names the file and what to do
         raise RunFormatError(str(error)) from error
     record = parse_summary(path, loaded["summary"])
+    check_run_records(path, record.kind, loaded["config"], loaded["summary"], loaded["records"])
     return Run(path=path, kind=record.kind, summary=loaded["summary"], config=loaded["config"],
                records=loaded["records"], record=record)
 
@@ -211,4 +241,30 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
                 runs.setdefault(child.resolve(), load_run(child))
         else:
             runs.setdefault(path.resolve(), load_run(path))
-    return sorted(runs.values(), key=lambda r: (r.kind, r.dataset, r.model, str(r.path)))
+    return sorted(distinguish_weights(list(runs.values())), key=lambda r: (r.kind, r.dataset, r.model, str(r.path)))
+
+
+def weights_of(run: Run) -> str | None:
+    """The fingerprint of the weights a run evaluated (None for runs made before certify recorded it)."""
+    value = run.config.get("model_fingerprint")
+    return str(value) if value else None
+
+
+def distinguish_weights(runs: list[Run]) -> list[Run]:
+    """Runs of one model name and data set but different weights never share a row: where two such runs
+    differ in their weights' fingerprint, each of them is shown as `<model>@<8 hex of its fingerprint>`
+    (a run without a fingerprint, made before runs recorded one, as `<model>@unknown`). Runs of one model
+    whose known fingerprints agree keep the plain name."""
+    known: dict[tuple[str, str], set[str]] = {}
+    for run in runs:
+        if weights_of(run) is not None:
+            known.setdefault((run.dataset, run.model), set()).add(str(weights_of(run)))
+    out = []
+    for run in runs:
+        if len(known.get((run.dataset, run.model), ())) < 2:
+            out.append(run)
+            continue
+        fingerprint = weights_of(run)
+        label = f"{run.model}@{short(fingerprint) if fingerprint is not None else 'unknown'}"
+        out.append(dataclasses.replace(run, summary={**run.summary, "model": label}))
+    return out

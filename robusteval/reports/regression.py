@@ -158,9 +158,13 @@ def entry_from_run(run: Run) -> Entry | None:
         }
     else:
         return None
-    key = "/".join([run.kind, *(f"sigma={format_number(v)}" if k == "sigma" else str(v)
-                                for k, v in identity.items())])
-    return Entry(key, run.kind, identity, config, figures, str(run.path))
+    return Entry(entry_key(run.kind, identity), run.kind, identity, config, figures, str(run.path))
+
+
+def entry_key(kind: str, identity: dict[str, Any]) -> str:
+    """The baseline key of an entry: its kind and identity's values, in order (σ as `sigma=<σ>`)."""
+    return "/".join([kind, *(f"sigma={format_number(float(v))}" if k == "sigma" else str(v)
+                             for k, v in identity.items())])
 
 
 def entries_from_runs(runs: Sequence[Run]) -> dict[str, Entry]:
@@ -205,15 +209,46 @@ def load_baseline(path: str | Path) -> dict[str, Entry]:
     if not isinstance(document, dict) or document.get("format") != BASELINE_FORMAT:
         raise BaselineError(f"baseline {path} is not a {BASELINE_FORMAT} file (format: "
                             f"{document.get('format') if isinstance(document, dict) else None!r})")
-    entries = {}
-    try:
-        for key, raw in document["entries"].items():
-            figures = {name: Count(int(c["correct"]), int(c["total"])) for name, c in raw["figures"].items()}
-            entries[key] = Entry(key, raw["kind"], dict(raw["identity"]), dict(raw["config"]), figures,
-                                 str(raw.get("run", "")))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise BaselineError(f"baseline {path} has a malformed entry: {error!r}") from error
-    return entries
+    raw_entries = document.get("entries")
+    if not isinstance(raw_entries, dict) or not raw_entries:
+        raise BaselineError(f"baseline {path} has no entries (expected an object of entries; rewrite it with "
+                            f"--update)")
+    return {key: _entry(path, key, raw) for key, raw in raw_entries.items()}
+
+
+def _entry(path: Path, key: str, raw: Any) -> Entry:
+    """One baseline entry, its structure checked; a malformed one is a BaselineError naming the entry."""
+    def malformed(problem: str) -> BaselineError:
+        return BaselineError(f"baseline {path}: entry {key!r} {problem}; fix the entry or rewrite the baseline "
+                             f"with --update")
+
+    if not isinstance(raw, dict):
+        raise malformed(f"is a JSON {type(raw).__name__}, not an object")
+    kind, identity, config, figures = (raw.get(k) for k in ("kind", "identity", "config", "figures"))
+    if kind not in ("attack", "certify"):
+        raise malformed(f"has kind {kind!r} (expected 'attack' or 'certify')")
+    if not isinstance(identity, dict) or not identity or not isinstance(config, dict):
+        raise malformed("lacks its identity or config object")
+    expected = entry_key(kind, identity) if all(k != "sigma" or isinstance(v, (int, float))
+                                                for k, v in identity.items()) else None
+    if expected != key:
+        raise malformed(f"does not match its identity {identity} (the key of that identity is {expected!r})")
+    if not isinstance(figures, dict) or not figures:
+        raise malformed("has no figures (nothing of it would be compared)")
+    return Entry(key, kind, dict(identity), dict(config),
+                 {name: _figure(name, count, malformed) for name, count in figures.items()}, str(raw.get("run", "")))
+
+
+def _figure(name: str, count: Any, malformed: Any) -> Count:
+    """A figure's count: integers 0 <= correct <= total, total > 0."""
+    if not isinstance(count, dict):
+        raise malformed(f"figure {name!r} is not an object with correct and total")
+    correct, total = count.get("correct"), count.get("total")
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in (correct, total)):
+        raise malformed(f"figure {name!r} has correct {correct!r} and total {total!r} (expected integer counts)")
+    if total <= 0 or not 0 <= correct <= total:
+        raise malformed(f"figure {name!r} is {correct}/{total} (expected 0 <= correct <= total and total > 0)")
+    return Count(correct, total)
 
 
 def p_value_lower(current: Count, baseline: Count) -> float:

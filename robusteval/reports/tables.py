@@ -329,12 +329,43 @@ def leaderboard_display(frame: pd.DataFrame, columns: Sequence[LeaderboardColumn
 
 
 # --- rendering ------------------------------------------------------------------------------
+# Markdown cells: a backslash, pipe or backtick escaped (a pipe would end the cell, a backslash before it undo
+# the escape), HTML's <, > and & as entities (Markdown passes raw HTML through: `<script>` would run in a viewer),
+# a link's "](" broken, line breaks (which end a table row) as spaces.
+_MARKDOWN = {"\\": "\\\\", "|": "\\|", "`": "\\`", "<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "}
+
+
+def markdown_escape(text: str) -> str:
+    """Text made safe for one cell (or heading) of GitHub-flavoured Markdown: it can neither end the cell nor
+    inject HTML or a link."""
+    return "".join(_MARKDOWN.get(ch, ch) for ch in text).replace("](", "]\\(")
+
+
+def csv_safe(value: object) -> object:
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with =, +, -, @, tab or CR gets a
+    leading apostrophe (OWASP's advice); numbers, and text that reads as a number, stay as they are."""
+    if not isinstance(value, str) or not value or value[0] not in "=+-@\t\r":
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    """CSV (pandas quotes commas, quotes and line breaks) with formula-like text made inert (`csv_safe`)."""
+    safe = frame.map(csv_safe)
+    safe.columns = [csv_safe(str(c)) for c in frame.columns]
+    return safe.to_csv(index=False)
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    """A GitHub-flavoured Markdown table; every cell and header escaped (`markdown_escape`)."""
     if frame.empty:
         return "_(no rows)_\n"
-    escaped = frame.map(lambda v: str(v).replace("|", "\\|"))
-    escaped.columns = [str(c).replace("|", "\\|") for c in frame.columns]
+    escaped = frame.map(lambda v: markdown_escape(str(v)))
+    escaped.columns = [markdown_escape(str(c)) for c in frame.columns]
     # Cells are already formatted ("97.5", "60.0 [40.1, 77.3]"): no re-parsing as numbers; numbers to the right.
     align = ["right" if all(_NUMERIC_CELL.match(v) for v in escaped[c]) else "left" for c in escaped.columns]
     return escaped.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
@@ -344,11 +375,13 @@ _LATEX = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
     "σ": r"$\sigma$", "ε": r"$\varepsilon$", "∞": r"$\infty$", "†": r"\dag{}", "–": "--", "≤": r"$\leq$",
+    "\n": " ", "\r": " ",
 }
 
 
 def latex_escape(text: str) -> str:
-    """Text made safe for LaTeX: special characters escaped, σ ε ∞ as math."""
+    """Text made safe for LaTeX: special characters escaped, σ ε ∞ as math, line breaks as spaces (a blank
+    line would end the tabular's paragraph)."""
     return "".join(_LATEX.get(ch, ch) for ch in text)
 
 
@@ -388,24 +421,25 @@ def write_tables(runs: Sequence[Run], out_dir: str | Path, eps_overrides: dict[s
         files[name] = path
 
     board_shown = leaderboard_display(board, board_columns) if not board.empty else pd.DataFrame()
-    write("leaderboard.csv", board.to_csv(index=False))
+    write("leaderboard.csv", to_csv(board))
     write("leaderboard.md", to_markdown(board_shown))
     write("leaderboard.tex", to_latex(board_shown, caption="Leaderboard"))
     if not certified.values.empty:
         shown = certified_display(certified)
         csv = certified.values.copy()
         csv.columns = [f"r={format_number(c)}" if isinstance(c, float) else c for c in csv.columns]
-        write("certified.csv", csv.to_csv(index=False))
+        write("certified.csv", to_csv(csv))
         write("certified.md", to_markdown(shown))
         write("certified.tex", to_latex(shown, caption="Certified accuracy (\\%) at L2 radius r, and ACR"))
     if not adversarial.empty:
-        write("adversarial.csv", adversarial.to_csv(index=False))
+        write("adversarial.csv", to_csv(adversarial))
         markdown, latex = [], []
         for dataset, norm in _dataset_norms(adversarial):
             shown = adversarial_display(adversarial, dataset, norm)
             title = f"{dataset}, {NORM_SYMBOL[norm]}"
-            markdown.append(f"### Robust accuracy (%), {title}\n\n{to_markdown(shown)}")
-            latex.append(to_latex(shown, caption=f"Robust accuracy (\\%) with 95\\% intervals, {title}"))
+            markdown.append(f"### Robust accuracy (%), {markdown_escape(title)}\n\n{to_markdown(shown)}")
+            latex.append(to_latex(shown, caption=f"Robust accuracy (\\%) with 95\\% intervals, "
+                                                 f"{latex_escape(title)}"))
         note = (f"\n{UNRELIABLE_MARK} flagged: a sanity check failed; its reason is in the flags column.\n"
                 if adversarial["unreliable"].any() else "")
         write("adversarial.md", "\n".join(markdown) + note)

@@ -80,6 +80,35 @@ def _without_placement(stored: dict[str, Any]) -> dict[str, Any]:
     return core
 
 
+# What a run's figures depend on besides its settings (robusteval.core.fingerprints).
+FINGERPRINT_KEYS = ("model_fingerprint", "file_fingerprints")
+
+
+def describe_differences(first: dict[str, Any], second: dict[str, Any], first_name: str, second_name: str) -> str:
+    """The keys in which two configurations differ, as text; other weights or files are named with both
+    fingerprints and the file, so the user sees which file changed behind its path."""
+    changed = sorted(k for k in set(first) | set(second) if first.get(k) != second.get(k))
+    parts = [f"differs in: {', '.join(changed)}"]
+    weights = first.get("model_fingerprint"), second.get("model_fingerprint")
+    if "model_fingerprint" in changed:
+        if None in weights:
+            older = first_name if weights[0] is None else second_name
+            parts.append(f"the {older} run was written before weights were fingerprinted, so its records cannot be "
+                         f"shown to come from these weights")
+        else:
+            source = second.get("checkpoint") or first.get("checkpoint") or "the shipped weights"
+            parts.append(f"other weights: model_fingerprint {weights[0]} ({first_name}) and {weights[1]} "
+                         f"({second_name}) for {source}")
+    if "file_fingerprints" in changed:
+        files_a, files_b = first.get("file_fingerprints") or {}, second.get("file_fingerprints") or {}
+        for option in sorted(set(files_a) | set(files_b)):
+            if files_a.get(option) != files_b.get(option):
+                path = second.get(option) or first.get(option) or option
+                parts.append(f"another --{option.replace('_', '-')} file {path}: fingerprint {files_a.get(option)} "
+                             f"({first_name}) and {files_b.get(option)} ({second_name})")
+    return "; ".join(parts)
+
+
 def read_json_file(path: str | Path, remedy: str) -> dict[str, Any]:
     """A JSON object from a run file; a damaged file is a RunFileDamaged naming it and saying what to do."""
     path = Path(path)
@@ -166,11 +195,9 @@ class RunDirectory:
                 stored_core = _without_placement({k: v for k, v in read_json_file(config_path, _CONFIG_DAMAGED)
                                                   .items() if k != PROVENANCE_KEY})
                 if _canonical(stored_core) != _canonical(self.config):
-                    changed = sorted(
-                        k for k in set(stored_core) | set(self.config) if stored_core.get(k) != self.config.get(k)
-                    )
                     raise RunConfigMismatch(
-                        f"{self.path} holds a run with a different configuration (differs in: {', '.join(changed)})."
+                        f"{self.path} holds a run with a different configuration "
+                        f"({describe_differences(stored_core, self.config, 'stored', 'now')})."
                         f" Use another --out, or --no-resume to start this directory afresh."
                     )
                 self.resumed = True

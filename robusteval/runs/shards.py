@@ -144,9 +144,12 @@ class ShardRun:
 
 
 class ShardMerger(Protocol):
-    """What one kind of run adds to the merge: its index range, its summary and its files."""
+    """What one kind of run adds to the merge: its index range, its record checks, its summary and its files."""
 
     def index_range(self, config: dict[str, Any]) -> range: ...
+
+    def check_records(self, config: dict[str, Any], shard: ShardRun) -> None:
+        """Refuse (one line, naming the file, line and field) a record of `shard` that contradicts itself."""
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun],
                 records: list[dict[str, Any]]) -> dict[str, Any]: ...

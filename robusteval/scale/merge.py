@@ -10,7 +10,6 @@ holds the table of them (`MERGERS`), as torchmetrics' sync knows no metric.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,14 @@ from typing import Any
 
 from robusteval.attacks.engine import ATTACK_MERGER
 from robusteval.core.atomic_files import atomic_write_bytes
-from robusteval.runs.directory import PROVENANCE_KEY, RunConfigMismatch, RunDirectory
+from robusteval.runs.directory import (
+    CONFIG_FILE,
+    PROVENANCE_KEY,
+    RunConfigMismatch,
+    RunDirectory,
+    describe_differences,
+    read_json_file,
+)
 from robusteval.runs.shards import SHARD_KEY, MergeRefused, ShardMerger, ShardRun
 from robusteval.smoothing.engine import SMOOTHING_MERGER
 
@@ -58,9 +64,9 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     for run in shards[1:]:
         other = _core(run.config)
         if other != core:
-            differ = sorted(k for k in set(core) | set(other) if core.get(k) != other.get(k))
+            differ = describe_differences(core, other, str(first.source), str(run.source))
             raise MergeRefused(f"{first.source} and {run.source} are shards of different configurations (they "
-                               f"differ in: {', '.join(differ)}); merge only the shards of one run")
+                               f"{differ}); merge only the shards of one run")
     by_index: dict[int, ShardRun] = {}
     for run in shards:
         shard = run.shard
@@ -90,6 +96,8 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     # The unsharded run's configuration (shard 1's device, as the unsharded run on that machine would record).
     config = {k: v for k, v in ordered[0].config.items() if k not in (SHARD_KEY, PROVENANCE_KEY)}
     expected = merger.index_range(config)
+    for run in ordered:  # before anything is counted: a record that contradicts itself is refused
+        merger.check_records(config, run)
     records: list[dict[str, Any]] = []
     previous: tuple[ShardRun, range] | None = None
     for run in ordered:
@@ -131,10 +139,11 @@ def write_merged(merged: MergedRun, out: str | Path) -> Path:
     # resume=True: a directory holding another run is refused, one holding this run is rewritten.
     try:
         run_dir = RunDirectory(out, merged.config, resume=True)
-    except RunConfigMismatch as error:
-        differs = re.search(r"differs in: [^)]*", str(error))
-        raise MergeRefused(f"{out} holds another run ({differs.group(0) if differs else 'another configuration'}); "
-                           f"give another --out or remove it") from None
+    except RunConfigMismatch:
+        stored = read_json_file(Path(out) / CONFIG_FILE, "give another --out or remove it")
+        stored = {k: v for k, v in stored.items() if k != PROVENANCE_KEY}
+        raise MergeRefused(f"{out} holds another run ({describe_differences(stored, merged.config, str(out), 'merged')}"
+                           f"); give another --out or remove it") from None
     with run_dir:
         for name, data in merged.files.items():
             atomic_write_bytes(run_dir.artifact(name), data)

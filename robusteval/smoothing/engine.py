@@ -30,9 +30,11 @@ from robusteval.core import work_sizes
 from robusteval.core.determinism import gpu_notes, is_deterministic
 from robusteval.core.devices import device_label
 from robusteval.core.errors import UsageError
+from robusteval.core.fingerprints import weights_fingerprint
 from robusteval.core.interface import (
     CapabilityError,
     JointModel,
+    finite_argmax,
     trusted_inputs,
     validate_images,
 )
@@ -47,7 +49,8 @@ from robusteval.records import (
     SmoothingConfig,
     SmoothingSummary,
 )
-from robusteval.runs import RunDirectory
+from robusteval.records.consistency import check_records, labels_lookup, record_problem
+from robusteval.runs import SAMPLES_FILE, RunDirectory
 from robusteval.runs.shards import ShardRun, shard_title
 from robusteval.smoothing import decisions
 from robusteval.smoothing.sampler import (
@@ -133,16 +136,16 @@ def _base_classifier(
 
     if settings.mode == "direct":
         def classify(noisy: Tensor) -> Tensor:
-            return model.logits(noisy, sigma_rows).argmax(1)
+            return finite_argmax(model.logits(noisy, sigma_rows))
 
         # The probe times on the host clock, which is the device's only on a CPU.
         probe = (lambda noisy: library_bound_share(model, classify, noisy)) if device.type == "cpu" else None
         return BaseClassifierRunner(
             classify, lambda: torch.compile(classify, dynamic=False, options=COMPILE_OPTIONS), compile,
-            device_type=device.type, probe=probe)
+            device_type=device.type, probe=probe, model_name=model.name)
 
     def head(x: Tensor) -> Tensor:
-        return model.logits(x, clean_rows).argmax(1)
+        return finite_argmax(model.logits(x, clean_rows))
 
     def denoise(noisy: Tensor) -> Tensor:
         # A Tweedie denoiser takes a gradient inside; its graph is freed when it returns.
@@ -156,7 +159,8 @@ def _base_classifier(
         compiled_head = torch.compile(head, dynamic=False, options=COMPILE_OPTIONS)
         return lambda noisy: compiled_head(denoise(noisy))
 
-    return BaseClassifierRunner(classify_denoised, make_compiled, compile, device_type=device.type)
+    return BaseClassifierRunner(classify_denoised, make_compiled, compile, device_type=device.type,
+                                model_name=model.name)
 
 
 def _record(settings: SmoothingSettings, index: int, label: int, counts: Any, seconds: float,
@@ -216,8 +220,11 @@ class SmoothingJob(Job):
         require_capabilities(model, settings.mode)
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
-        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, {**resolved.options.as_config(), **resolved.recorded()},
+        # The weights (and files) the records depend on: resume and merge refuse records of other weights.
+        weights = {"model_fingerprint": weights_fingerprint(model),
+                   "file_fingerprints": resolved.options.file_fingerprints()}
+        recorded = {**resolved.options.as_config(), **resolved.recorded(), **weights}
+        self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip, model.input_shape, recorded,
                                       dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
@@ -244,11 +251,18 @@ class SmoothingJob(Job):
         with self.opened_run(out, resume, wait=wait, on_wait=on_wait) as run_dir:
             if run_dir is not None:
                 # Resuming counts the records, so they must be exactly the first images, once each, of this kind.
-                needed = "radius" if self.settings.kind == "certify" else "p_value"
                 run_dir.check_records(range(self.skip, self.skip + self.n_images), in_order=True,
-                                      check=lambda r: None if needed in r else f"it is not a {self.settings.kind} "
-                                                                               f"record")
+                                      check=self._record_problem)
             return self._run(run_dir, progress)
+
+    def _record_problem(self, record: dict[str, Any]) -> str | None:
+        """What makes a stored record impossible for this job (None when it fits)."""
+        kind = self.settings.kind
+        if ("radius" if kind == "certify" else "p_value") not in record:
+            return f"it is not a {kind} record"
+        found = record_problem(kind, self.config, record,
+                               data_labels=labels_lookup(self.labels.tolist(), self.skip))
+        return None if found is None else f"field {found[0]}: {found[1]}"
 
     def _run(self, run_dir: RunDirectory | None, progress: bool) -> SmoothingResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
@@ -279,6 +293,7 @@ class SmoothingJob(Job):
         placed = device_label(self.device)
 
         def on_chunk(chunk: ChunkCounts) -> None:
+            runner.require_finite()  # before records counted from NaN logits are written
             share = chunk.seconds / (chunk.stop - chunk.start)
             add_records([_record(settings, self.skip + done + p, int(self.labels[done + p]),
                                  chunk.counts[p - chunk.start], round(share, 4), placed)
@@ -297,7 +312,8 @@ class SmoothingJob(Job):
                 if settings.method == "sequential":
                     count_sequentially(runner, self.images[done:], indices, settings.sigma, settings.n0,
                                        settings.sequential_test(), model.num_classes, noise, batch,
-                                       self._on_sequential_image(done, chunk_images, add_records, placed))
+                                       self._on_sequential_image(done, chunk_images, add_records, placed,
+                                                                 runner))
                 else:
                     count_classes(runner, self.images[done:], indices, settings.sigma, settings.phases,
                                   model.num_classes, noise, batch, chunk_images, on_chunk)
@@ -308,11 +324,12 @@ class SmoothingJob(Job):
         return runner.compiled
 
     def _on_sequential_image(self, done: int, chunk_images: int, add_records: Callable[[list[dict[str, Any]]], None],
-                             placed: str) -> Callable[[SequentialImage], None]:
+                             placed: str, runner: BaseClassifierRunner) -> Callable[[SequentialImage], None]:
         """The sequential sampler's callback: records handed on (in image order) every chunk_images images."""
         pending: list[dict[str, Any]] = []
 
         def on_image(result: SequentialImage) -> None:
+            runner.require_finite()
             position = done + result.position
             pending.append(sequential_record(self.skip + position, int(self.labels[position]), result, placed))
             if len(pending) == chunk_images or position == self.n_images - 1:
@@ -460,6 +477,10 @@ class _SmoothingMerger:
 
     def index_range(self, config: dict[str, Any]) -> range:
         return range(config["skip"], config["skip"] + config["n_images"])
+
+    def check_records(self, config: dict[str, Any], shard: ShardRun) -> None:
+        check_records(Path(shard.source) / SAMPLES_FILE, config["kind"], config, shard.records,
+                      remedy="re-run that shard with --no-resume")
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:
         first = shards[0].summary or {}

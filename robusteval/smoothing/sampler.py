@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robusteval.core.interface import NonFiniteLogits, non_finite_message
+
 logger = logging.getLogger(__name__)
 
 # Phase ids name independent noise streams of one image.
@@ -277,8 +279,12 @@ class BaseClassifierRunner:
 
     def __init__(self, eager: Classify, make_compiled: Callable[[], Classify] | None, compile: bool | None,
                  clock: Callable[[], float] = time.perf_counter, device_type: str = "cpu",
-                 probe: Callable[[Tensor], float] | None = None):
+                 probe: Callable[[Tensor], float] | None = None, model_name: str = "the model"):
         self.eager = eager
+        # Whether a pass gave a row of non-finite logits (a prediction of -1, `finite_argmax`): a device flag
+        # gathered without waiting for the device, read by `require_finite` where counts are read back anyway.
+        self.model_name = model_name
+        self._non_finite: Tensor | None = None
         self._make_compiled = make_compiled
         self.policy = compile if make_compiled is not None else False
         self.payoff_seconds = compile_payoff_seconds(device_type)
@@ -300,6 +306,19 @@ class BaseClassifierRunner:
         return predictions, self._clock() - started
 
     def __call__(self, noisy: Tensor, passes_left: int) -> Tensor:
+        """The base classifier's classes for the rows of `noisy` (a non-finite row counts as class 0 until
+        `require_finite` stops the run)."""
+        predictions = self._classify(noisy, passes_left)
+        bad = (predictions < 0).any()
+        self._non_finite = bad if self._non_finite is None else self._non_finite | bad
+        return predictions.clamp_min(0)
+
+    def require_finite(self) -> None:
+        """Stop the run (NonFiniteLogits naming the model) if any pass so far gave non-finite logits."""
+        if self._non_finite is not None and bool(self._non_finite):
+            raise NonFiniteLogits(non_finite_message(self.model_name, "on noisy inputs"))
+
+    def _classify(self, noisy: Tensor, passes_left: int) -> Tensor:
         if self.policy and self._compiled is None:
             self._compiled = self._make_compiled()  # type: ignore[misc]
         if self._compiled is not None:

@@ -51,8 +51,8 @@ DEFECTS = (
     Defect(
         "noiseless-decision", "a randomized pipeline decides without any noise",
         "robusteval/attacks/defenses.py",
-        "noisy predictions.\n        \"\"\"\n        if not self.randomized:\n            return self._draw(x).argmax(1)",
-        "noisy predictions.\n        \"\"\"\n        if True:\n            return self.model.logits(x, 0.0).argmax(1)",
+        "noisy predictions.\n        \"\"\"\n        if not self.randomized:\n            logits = self._draw(x)",
+        "noisy predictions.\n        \"\"\"\n        if True:\n            logits = self.model.logits(x, 0.0)",
         ("tests/test_attacks_engine.py::test_randomized_decision_is_the_majority_of_fresh_draws",),
     ),
     Defect(
@@ -108,6 +108,21 @@ DEFECTS = (
         "robusteval/attacks/defenses.py",
         "BatchNorm statistics.\n        self.eval()", "BatchNorm statistics.\n        self.train()",
         ("tests/test_attacks_paths.py::test_attacks_leave_batchnorm_statistics_alone_and_verify_in_eval_mode",),
+    ),
+    Defect(
+        "unchecked-radius", "a record's radius is not checked against its p_A bound",
+        "robusteval/records/consistency.py",
+        "        if not math.isclose(radius, expected, rel_tol=RADIUS_TOLERANCE",
+        "        if False and not math.isclose(radius, expected, rel_tol=RADIUS_TOLERANCE",
+        ("tests/test_records_trust.py::test_merge_refuses_a_radius_that_does_not_follow_from_its_bound",),
+    ),
+    Defect(
+        "certify-weights-unfingerprinted", "certify records no fingerprint of its weights",
+        "robusteval/smoothing/engine.py",
+        "weights = {\"model_fingerprint\": weights_fingerprint(model),",
+        "weights = {\"model_fingerprint\": None,",
+        (("tests/test_records_trust.py::"
+          "test_certify_resumed_with_other_weights_behind_the_path_is_refused_naming_both_fingerprints"),),
     ),
 )
 
