@@ -32,8 +32,9 @@ from robusteval.core.devices import resolve_device
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel, validate_images
 from robusteval.core.preflight import check_data_fits_model
-from robusteval.data import ImageDataset, load_dataset
+from robusteval.data import ImageDataset, dataset_info, load_dataset
 from robusteval.model_zoo.factory import create_model
+from robusteval.model_zoo.user_models import build_factory_model, is_factory_reference, parse_model_kwargs
 from robusteval.runs import RunDirectory, config_id, default_run_dir
 from robusteval.runs.shards import Shard, with_shard
 
@@ -76,6 +77,10 @@ class JobOptions:
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
                           "tell (e.g. num_heads, diffusion_steps).", kind="file"))
+    # A user's factory (--model package.module:factory) is called with these keywords (robusteval.model_zoo.user_models).
+    model_kwargs: str | Mapping[str, Any] | None = _option(None, CliFlag(
+        "--model-kwargs", "JSON object of keyword arguments for a --model package.module:factory, e.g. "
+                          "'{\"width\": 64}'."))
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
@@ -133,6 +138,13 @@ class Resolved:
     dataset_name: str
     device: torch.device
     options: JobOptions
+    # Where a --model package.module:factory came from (factory, file, sha256, kwargs); None for other models.
+    model_source: dict[str, Any] | None = None
+
+    def weights_config(self) -> dict[str, Any]:
+        """Where the weights (or a factory's model) came from, for a run's configuration (see `as_config`)."""
+        source = {"model_source": self.model_source} if self.model_source is not None else {}
+        return {**self.options.as_config(), **source}
 
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None) -> ImageDataset:
@@ -177,7 +189,18 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     # A named data set builds the model for that name (an .npz path reads its shape from the file).
     dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
     set_deterministic(bool(options.deterministic))  # before the model is built or run
-    if isinstance(model, str):
+    source = None
+    if options.model_kwargs is not None and not (isinstance(model, str) and is_factory_reference(model)):
+        raise UsageError("--model-kwargs applies to a --model package.module:factory only")
+    if isinstance(model, str) and is_factory_reference(model):
+        if options.checkpoint is not None or options.model_dir is not None or options.official_files():
+            raise UsageError("--checkpoint, --model-dir, --vae and --model-config load weights for a registered "
+                             "model name; a --model package.module:factory loads its own weights")
+        device = resolve_device(options.device or "auto")
+        shape, classes = _data_shape(data, dataset_name)
+        made = build_factory_model(model, parse_model_kwargs(options.model_kwargs), classes, shape, device)
+        built, name, source = made.model, made.model.name, made.source
+    elif isinstance(model, str):
         device = resolve_device(options.device or "auto")
         built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,
                              model_dir=options.model_dir, threat_model=threat_model,
@@ -194,7 +217,15 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
                          f"name, got {type(model).__name__}")
     if data is not None:
         _check_fit(built, name, data)
-    return Resolved(built, name, data, dataset_name, device, options)
+    return Resolved(built, name, data, dataset_name, device, options, source)
+
+
+def _data_shape(data: ImageDataset | None, dataset_name: str) -> tuple[tuple[int, int, int], int]:
+    """The image shape and number of classes a user's plain classifier is wrapped with: the data set's."""
+    if data is not None:
+        return data.input_shape, max(len(data.classes), int(data.y.max()) + 1 if len(data) else 0)
+    info = dataset_info(dataset_name)
+    return info.input_shape, info.num_classes
 
 
 def _check_fit(model: JointModel, name: str, data: ImageDataset) -> None:

@@ -88,7 +88,8 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
                      masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
-                     shard=resolved.options.shard, decision_draws=int(settings.decision_draws))
+                     shard=resolved.options.shard, decision_draws=int(settings.decision_draws),
+                     model_source=resolved.model_source)
 
 
 def _eps_list(eps: Sequence[float] | float | None, dataset: str, norm: str) -> list[float]:

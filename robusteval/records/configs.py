@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 from robusteval.records.encoding import to_json_dict as _json
 
-# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
-_COMPANIONS = ("vae", "model_config")
+# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files), and where a
+# --model package.module:factory came from (robusteval.jobs.Resolved.model_source): recorded only when given.
+_COMPANIONS = ("vae", "model_config", "model_source")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AttackConfig:
     kind: str = "attack"
     vae: str | None = None
     model_config: str | None = None
+    model_source: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -83,6 +85,7 @@ class SmoothingConfig:
     model_dir: str | None = None
     vae: str | None = None
     model_config: str | None = None
+    model_source: dict[str, Any] | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
@@ -104,6 +107,8 @@ class DenoiseConfig:
     seed: int
     batch_size: int
     kind: str = "denoise"
+    model_source: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: v for k, v in _json(self).items() if k != "kind"}}
+        return {"kind": self.kind, **{k: v for k, v in _json(self).items()
+                                      if k != "kind" and (v is not None or k not in _COMPANIONS)}}

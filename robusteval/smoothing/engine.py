@@ -212,7 +212,7 @@ class SmoothingJob(Job):
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
         self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                                      model.input_shape, resolved.weights_config(), dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
         # shard takes whole batches of this plan (each image's noise depends on its index only).
