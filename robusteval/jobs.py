@@ -34,7 +34,11 @@ from robusteval.core.interface import JointModel, validate_images
 from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, dataset_info, load_dataset
 from robusteval.model_zoo.factory import create_model
-from robusteval.model_zoo.user_models import build_factory_model, is_factory_reference, parse_model_kwargs
+from robusteval.model_zoo.user_models import (
+    build_factory_model,
+    is_factory_reference,
+    parse_model_kwargs,
+)
 from robusteval.runs import RunDirectory, config_id, default_run_dir
 from robusteval.runs.shards import Shard, with_shard
 
@@ -77,7 +81,7 @@ class JobOptions:
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
                           "tell (e.g. num_heads, diffusion_steps).", kind="file"))
-    # A user's factory (--model package.module:factory) is called with these keywords (robusteval.model_zoo.user_models).
+    # A user's --model package.module:factory is called with these (robusteval.model_zoo.user_models).
     model_kwargs: str | Mapping[str, Any] | None = _option(None, CliFlag(
         "--model-kwargs", "JSON object of keyword arguments for a --model package.module:factory, e.g. "
                           "'{\"width\": 64}'."))

@@ -16,8 +16,8 @@ from robusteval.core.errors import UsageError
 from robusteval.core.names import resolve_name
 
 # Threat models, in the order tables and figures show them (pixel scale [0, 1]).
-NORMS = ("Linf", "L2")
-NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
+NORMS = ("Linf", "L2", "L1")
+NORM_SYMBOL = {"Linf": "L∞", "L2": "L2", "L1": "L1"}
 # Gradients through a denoise defense: exact, identity backward (BPDA), or both in turn.
 GRADIENTS = ("full", "bpda", "auto")
 # Randomized smoothing: which base classifier is smoothed, and which of Cohen et al.'s algorithms runs.
