@@ -120,4 +120,4 @@ def load_jem(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = Fa
     buffer = loaded.get("replay_buffer")
     if isinstance(buffer, Tensor) and buffer.dim() == 4 and tuple(buffer.shape[1:]) == model.input_shape:
         model.replay_buffer = (buffer.float() * 0.5 + 0.5).clamp(0.0, 1.0)
-    return model
+    return model.eval()  # as create_model: a direct caller must not get BatchNorm on batch statistics
