@@ -148,7 +148,7 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
     'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or
-    'sgld:K[:step:noise:chains]' (JEM's SGLD refinement, models with an
+    'sgld:K[:step:noise:chains[:start]]' (JEM's SGLD refinement, models with an
     energy); `gradient`: 'full', 'bpda' or 'auto' (both, worst case per point)
     for denoise and sgld defenses; `eot`: noise draws per gradient against
     randomized defenses (default 20 there, else 1); `decision_draws`: fresh
