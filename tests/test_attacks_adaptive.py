@@ -195,14 +195,14 @@ def test_sgld_start_noise_slot_k0_and_jem_s_l2_recipe():
     K = 0 (JEM's --n_steps_refine default) adds only the start noise; the L2 recipe runs as the official code."""
     model = TinyEnergy().eval()
     x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
-    l2_recipe = parse_defense("sgld:10:0.25:0.005:5:0")
-    assert (l2_recipe.steps, l2_recipe.chains, l2_recipe.start_noise) == (10, 5, 0.0)
-    assert str(l2_recipe) == "sgld:10:0.25:0.005:5:0" and str(parse_defense("sgld:4:0.25:0.005:5:0.015")) == "sgld:4"
+    l2_recipe = parse_defense("sgld:1:0.25:0.005:5:0")  # JEM's README L2 command: JEM-1, 5 chains, --sigma 0.0
+    assert (l2_recipe.steps, l2_recipe.chains, l2_recipe.start_noise) == (1, 5, 0.0)
+    assert str(l2_recipe) == "sgld:1:0.25:0.005:5:0" and str(parse_defense("sgld:4:0.25:0.005:5:0.015")) == "sgld:4"
     only_start = parse_defense("sgld:0:0.25:0.005:1:0.1")
     assert only_start.steps == 0 and only_start.randomized and not only_start.differentiates_through
     assert not parse_defense("sgld:0:0.25:0.005:5:0").randomized  # no noise anywhere: deterministic
     with trusted_inputs():
-        expected = _official_refined_logits(model, x, steps=10, seed=3, sigma=0.0)
+        expected = _official_refined_logits(model, x, steps=1, seed=3, sigma=0.0)
         torch.manual_seed(3)
         assert torch.allclose(DeployedPipeline(model, l2_recipe, "bpda")(x).detach(), expected, atol=1e-5)
         # K = 0: the logits of x plus the start noise only, nothing else drawn.
@@ -308,3 +308,23 @@ def test_a_run_killed_inside_a_remedy_stage_resumes_to_the_uninterrupted_result(
     strip = lambda records: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in records]  # noqa: E731
     assert strip(resumed.records) == strip(fresh.records)
     assert all(torch.equal(resumed.adversarial[e], fresh.adversarial[e]) for e in kwargs["eps"])
+
+
+def test_jem_s_test_time_noise_is_the_noise_defense_at_0_015():
+    """eval_wrn_ebm.py classifies (x − 0.5)/0.5 + 0.03·n: on the [0, 1] scale x + 0.015·n, the `noise:0.015`
+    defense (JEM's logits do not read σ); `--decision-draws 1` makes its decision one draw, as JEM's own."""
+    from robusteval.data import dataset_info
+    from robusteval.model_zoo.official.jem import OfficialJEM
+
+    torch.manual_seed(0)
+    model = OfficialJEM(dataset_info("cifar10"), depth=10, widen_factor=1).eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    pipeline = DeployedPipeline(model, parse_defense("noise:0.015"), decision_draws=1)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        deployed = pipeline(x)
+        torch.manual_seed(5)
+        official = model.class_output(model.f((x - 0.5) / 0.5 + 0.03 * torch.randn_like(x)))
+        assert torch.allclose(deployed, official, atol=1e-4)
+        torch.manual_seed(5)
+        assert torch.equal(pipeline.predict(x), deployed.argmax(1))

@@ -368,6 +368,29 @@ def test_a_genuine_gmmc_file_s_centres_are_recognised_as_max_mahalanobis(tmp_pat
     assert "are not the Max-Mahalanobis centres" in caplog.text
 
 
+def test_gmmc_samples_with_the_published_gamma(tmp_path: Path) -> None:
+    """Staged sampling's target is u_y + γ·z with the published --gamma 0.001 (scripts/cifar10_gen.sh), z drawn
+    once per chain after its start."""
+    from robusteval.training.sgld import sgld
+
+    path = tmp_path / "gmmc.pt"
+    gmmc_file(path)
+    model = robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path)
+    assert model.sample_gamma == 0.001
+    model.sample_config = type(model.sample_config)(steps=2, step_size=0.25, noise=0.0)
+    y = torch.tensor([2, 7])
+    samples = model.sample(2, y, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    start, labels = model._chain_starts(2, y, generator)
+    target = model.centers[labels] + 0.001 * torch.randn(2, model.centers.shape[1], generator=generator)
+
+    def energy(v):
+        return 0.5 * (model.features(v) - target).pow(2).sum(1) / 64
+
+    torch.testing.assert_close(samples, sgld(energy, start, model.sample_config, generator))
+    model.sample_gamma = 0.0
+    assert not torch.equal(model.sample(2, y, generator=torch.Generator().manual_seed(0)), samples)
+
 def test_every_official_loader_returns_an_eval_mode_model(tmp_path: Path) -> None:
     from robusteval.model_zoo.official.cohen import load_cohen
     from robusteval.model_zoo.official.dmae_vit import load_dmae

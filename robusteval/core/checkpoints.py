@@ -93,16 +93,9 @@ def read_state_dict(
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except Exception as error:
-        hint = (
-            " It may need arbitrary unpickling; only if you trust its source, pass "
-            "allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle)."
-            if not allow_unsafe_pickle
-            else ""
-        )
-        raise CheckpointError(f"could not load checkpoint {path}: {error}.{hint}") from error
+    # The restricted unpickler of the papers' files: a refused class is one line naming it and the way out
+    # (a PyTorch Lightning checkpoint, e.g. latent diffusion's model.ckpt, may pickle Lightning's classes).
+    loaded = read_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if isinstance(loaded, nn.Module):
         loaded = loaded.state_dict()
     while isinstance(loaded, dict):

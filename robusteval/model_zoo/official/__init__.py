@@ -91,8 +91,9 @@ def _gmmc() -> OfficialArchitecture:
         unsettled=(
             "The centres are the file's (its pickled LDALayer, of which only 'centers' is read); a file without "
             "'margin' gets the Max-Mahalanobis centres recomputed with --mu_c 10, train_gmmc.py's default.",
-            "sample(): train_gmmc.py's staged sampling (gamma 0): 20 steps of x -= 1 * grad of the batch mean of "
-            "1/2 ||phi(x) - mu_y||^2 on [-1, 1] images, clamped, no noise, from the file's replay buffer "
+            "sample(): train_gmmc.py's staged sampling with the published --gamma 0.001 (scripts/cifar10_gen.sh): "
+            "20 steps of x -= 1 * grad of the batch mean of 1/2 ||phi(x) - (mu_y + gamma z)||^2 (z ~ N(0, I) drawn "
+            "once per chain) on [-1, 1] images, clamped, no noise, from the file's replay buffer "
             "(class-y slots y * N/C + i, as sample_p_0). The official step depends on the batch size through the "
             "mean; robusteval fixes it at the official batch of 64.",
         ),

@@ -45,6 +45,9 @@ MU_C = 10.0  # train_gmmc.py --mu_c default
 # 1/4 on [0, 1] images; the batch mean is taken over the official batch of 64.
 GMMC_SGLD = SGLDConfig(steps=20, step_size=0.25, noise=0.0)
 OFFICIAL_BATCH = 64
+# Staged sampling's feature-space target u_y + γ·z (z ~ N(0, I) drawn once per chain): the published command
+# (scripts/cifar10_gen.sh) passes --gamma 0.001; train_gmmc.py's default is 0.
+GMMC_SAMPLE_GAMMA = 0.001
 
 
 def mmc_centers(num_classes: int, dim: int, scale: float = MU_C) -> Tensor:
@@ -86,6 +89,7 @@ class OfficialGMMC(JointModel):
         self.register_buffer("centers", centers.float().clone(), persistent=False)
         self.replay_buffer: tuple[Tensor, Tensor] | None = None  # ([0, 1] images, labels) on the CPU
         self.sample_config = GMMC_SGLD
+        self.sample_gamma = GMMC_SAMPLE_GAMMA
 
     def features(self, x: Tensor) -> Tensor:
         return self.f((x - 0.5) / 0.5)
@@ -98,7 +102,8 @@ class OfficialGMMC(JointModel):
 
     def _sample(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> Tensor:
         start, labels = self._chain_starts(n, y, generator)
-        target = self.centers[labels.to(self.device)]
+        jitter = self.sample_gamma * torch.randn(n, self.centers.shape[1], generator=generator)
+        target = self.centers[labels.to(self.device)] + jitter.to(self.device)
 
         def energy(v: Tensor) -> Tensor:  # P_X_y: ½‖φ − μ_y‖², averaged over the official batch
             return 0.5 * (self.features(v) - target).pow(2).sum(1) / OFFICIAL_BATCH

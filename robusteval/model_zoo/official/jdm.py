@@ -5,7 +5,9 @@ attribute name `clasifier`: the middle block's output and every input
 block's output are average-pooled, concatenated with the timestep t, and
 passed through dropout 0.7 → BatchNorm1d → Linear → LeakyReLU → dropout 0.7 →
 BatchNorm1d → Linear. Files are the bare state dicts the official trainer
-writes (`model{step}_0.pt`, `ema_{rate}_{step}_0.pt`).
+writes: `scripts/image_train.py` with `--train_with_classifier True`, whose
+TrainLoop saves `model{step}_0.pt` (no EMA files; `classifier_train.py`
+trains a separate classifier without `clasifier.*` keys).
 
 Under the JointModel contract (x in [0, 1]; inside, (x − 0.5)/0.5):
 
@@ -344,7 +346,7 @@ ARCHITECTURE = (
     "ε-prediction, 1,000 linear steps"
 )
 FORMAT = (
-    "a bare state dict as the official trainer's th.save writes it (model{step}_0.pt, ema_{rate}_{step}_0.pt): "
+    "a bare state dict as scripts/image_train.py's TrainLoop writes it (model{step}_0.pt; no EMA files): "
     "time_embed.*, input_blocks.*, middle_block.*, output_blocks.*, out.*, clasifier.{bn_1,fc_1,bn_2,fc_2}.*"
 )
 PREPROCESSING = "(x - 0.5) / 0.5 inside the model"
