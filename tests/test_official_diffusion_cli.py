@@ -30,6 +30,7 @@ from test_official_diffusion import (
 import robusteval
 from robusteval.cli import main
 from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.errors import UsageError
 from robusteval.core.interface import trusted_inputs
 from robusteval.model_zoo.official.egc import OfficialEGC
 from robusteval.model_zoo.official.guided_unet import UNetConfig
@@ -178,9 +179,12 @@ def test_egc_run_finishes_on_two_imagenet_images(egc_files: dict[str, Path], tmp
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["model"], summary["dataset"], summary["n"]) == ("egc", "imagenet", 2)
+    # EGC's own protocol by default: resize 256, centre crop 256, so 32×32 latents; recorded in the run.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preprocessing"] == "Res256Crop256"
     model = robusteval.create_model("egc", dataset="imagenet", checkpoint=egc_files["checkpoint"],
-                                    vae=egc_files["vae"], model_config=egc_files["config"])
-    data = robusteval.load_dataset("imagenet", root=egc_files["data"], limit=2)
+                                    vae=egc_files["vae"], model_config=egc_files["config"], image_size=256)
+    assert model.latent_shape == (4, 32, 32)
+    data = robusteval.load_dataset("imagenet", root=egc_files["data"], limit=2, preprocessing="Res256Crop256")
     with torch.no_grad():
         expected = (model.logits(data.x).argmax(1) == data.y).float().mean()
     assert summary["clean_accuracy"] == pytest.approx(float(expected))
@@ -190,6 +194,25 @@ def test_egc_run_finishes_on_two_imagenet_images(egc_files: dict[str, Path], tmp
                                          "--sigma", "0.25", "--n-images", "1", "--out", str(tmp_path / "c")])
     assert denoised.exit_code == 2 and "denoise" in denoised.output
 
+
+
+def test_imagenet_preprocessing_is_an_option_every_job_records(egc_files: dict[str, Path]) -> None:
+    from robusteval.attacks.evaluate import prepare_attack
+
+    options = {"checkpoint": egc_files["checkpoint"], "vae": egc_files["vae"], "model_config": egc_files["config"],
+               "data_dir": egc_files["data"], "device": "cpu"}
+    own = prepare_attack("egc", "imagenet", attack="fgsm", eps=[0.01], n=2, **options)
+    assert own.model.latent_shape == (4, 32, 32) and own.x.shape[1:] == (3, 256, 256)
+    assert own.config["preprocessing"] == "Res256Crop256"
+    robustbench = prepare_attack("egc", "imagenet", attack="fgsm", eps=[0.01], n=2, preprocessing="res256crop224",
+                                 **options)
+    assert robustbench.model.latent_shape == (4, 28, 28) and robustbench.x.shape[1:] == (3, 224, 224)
+    assert robustbench.config["preprocessing"] == "Res256Crop224"
+    assert robustbench.config_hash != own.config_hash
+    standard = prepare_attack("standard", "digits", attack="fgsm", eps=[0.1], n=2, device="cpu")
+    assert "preprocessing" not in standard.config  # other data sets: nothing recorded, their hashes unchanged
+    with pytest.raises(UsageError, match="imagenet only"):
+        prepare_attack("standard", "digits", attack="fgsm", eps=[0.1], n=2, preprocessing="Crop288")
 
 @pytest.mark.parametrize("command", [["run", "--attack", "fgsm", "--n", "1"],
                                      ["certify", "--sigma", "0.25", "--n-images", "1"],

@@ -76,7 +76,8 @@ class AttackJob(Job):
                  steps: int | None, step_size: float | None, seed: int, batch_size: int, device: torch.device,
                  large_eps_check: bool, checkpoint: str | None, masking_checks: bool = True,
                  companions: Mapping[str, Any] | None = None, shard: Shard | str | None = None,
-                 decision_draws: int = DECISION_DRAWS, model_source: Mapping[str, Any] | None = None):
+                 decision_draws: int = DECISION_DRAWS, model_source: Mapping[str, Any] | None = None,
+                 preprocessing: str | None = None):
         self.model, self.x, self.y = model, x, y
         self.spec, self.norm, self.eps = spec, norm, eps
         self.defense = parse_defense(defense)
@@ -93,7 +94,7 @@ class AttackJob(Job):
             masking_checks=masking_checks,
             # An official file's --vae / --model-config (recorded only when given).
             **{k: str(v) for k, v in (companions or {}).items()},
-            model_source=dict(model_source) if model_source is not None else None,
+            model_source=dict(model_source) if model_source is not None else None, preprocessing=preprocessing,
         ).to_json(), shard)
         # The batches this job attacks: all, or its shard's whole batches of the same plan (same seeds).
         total = math.ceil(self.n / batch_size)

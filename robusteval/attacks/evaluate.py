@@ -89,7 +89,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
                      masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
                      shard=resolved.options.shard, decision_draws=int(settings.decision_draws),
-                     model_source=resolved.model_source)
+                     model_source=resolved.model_source, preprocessing=resolved.preprocessing)
 
 
 def _eps_list(eps: Sequence[float] | float | None, dataset: str, norm: str) -> list[float]:

@@ -66,7 +66,8 @@ class DenoiseJob(Job):
         self.model, self.data, self.sigmas = model, data, sigmas
         self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
         self._freeze(DenoiseConfig(model=resolved.model_name, dataset=data.name, sigmas=sigmas, n_images=n_images,
-                                   seed=seed, batch_size=batch_size, model_source=resolved.model_source).to_json())
+                                   seed=seed, batch_size=batch_size, model_source=resolved.model_source,
+                                   preprocessing=resolved.preprocessing).to_json())
         self.name_parts = ("denoise", resolved.model_name, data.name)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,

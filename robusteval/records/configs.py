@@ -12,7 +12,7 @@ from robusteval.records.encoding import to_json_dict as _json
 
 # The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files), and where a
 # --model package.module:factory came from (robusteval.jobs.Resolved.model_source): recorded only when given.
-_COMPANIONS = ("vae", "model_config", "model_source")
+_COMPANIONS = ("vae", "model_config", "model_source", "preprocessing")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class AttackConfig:
     vae: str | None = None
     model_config: str | None = None
     model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -86,6 +87,7 @@ class SmoothingConfig:
     vae: str | None = None
     model_config: str | None = None
     model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
@@ -108,6 +110,7 @@ class DenoiseConfig:
     batch_size: int
     kind: str = "denoise"
     model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, **{k: v for k, v in _json(self).items()

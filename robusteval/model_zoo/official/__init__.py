@@ -36,6 +36,9 @@ class OfficialArchitecture:
     options: tuple[str, ...] = ()
     # Capabilities the re-implementation has and the official model does not, with the reason.
     not_offered: dict[str, str] = field(default_factory=dict)
+    # The ImageNet preprocessing of the paper's own evaluation (robusteval.data.imagenet.PREPROCESSINGS), the
+    # default of --preprocessing for this model; None: RobustBench's Res256Crop224.
+    imagenet_preprocessing: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +177,7 @@ def _egc() -> OfficialArchitecture:
         capabilities=egc.OfficialEGC.capabilities, unsettled=egc.UNSETTLED, options=("vae", "model_config"),
         not_offered={"denoise": "EGC's diffusion noise lives in the autoencoder's latent, so no pixel-space "
                                 "denoiser (and no denoised certification or denoise:S defense) can be read off it"},
+        imagenet_preprocessing="Res256Crop256",  # EGC's evaluation: resize 256, centre crop 256 (32×32 latents)
     )
 
 
