@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ class JobOptions:
                  "for --checkpoint.", kind="file"))
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
-                          "tell (e.g. num_heads, diffusion_steps).", kind="file"))
+                          "tell (e.g. num_heads, diffusion_steps); jdm: preset:cifar10 (1,000 steps) or "
+                          "preset:fashion-mnist (500), the published commands'."))
     # A user's --model package.module:factory is called with these (robusteval.model_zoo.user_models).
     model_kwargs: str | Mapping[str, Any] | None = _option(None, CliFlag(
         "--model-kwargs", "JSON object of keyword arguments for a --model package.module:factory, e.g. "
@@ -160,7 +162,16 @@ class Resolved:
         source = {"model_source": self.model_source} if self.model_source is not None else {}
         if self.preprocessing is not None:
             source["preprocessing"] = self.preprocessing
-        return {**self.options.as_config(), **source}
+        return {**self.options.as_config(), **self.companions(), **source}
+
+    def companions(self) -> dict[str, str]:
+        """The official files' companions as a run records them: those given, and what a loader assumed for the
+        ones not given (a model's `assumed_config`, e.g. a jdm file's diffusion steps and schedule)."""
+        given = {k: str(v) for k, v in self.options.official_files().items()}
+        assumed = getattr(self.model, "assumed_config", None)
+        if assumed and "model_config" not in given:
+            given["model_config"] = "assumed " + json.dumps(assumed, sort_keys=True)
+        return given
 
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None,

@@ -139,6 +139,45 @@ def test_jdm_official_file_on_mnist_and_own_weights_stay_the_re_implementation(t
                       OfficialJointDiffusion)
 
 
+
+def test_jdm_presets_feed_the_published_schedule_and_an_assumed_one_is_said_and_recorded(
+        jdm_files: dict[str, Path], tmp_path: Path, caplog) -> None:
+    from robusteval.attacks.evaluate import prepare_attack
+    from robusteval.model_zoo.official.schedule import DiscreteSchedule, jdm_linear_betas
+
+    config = UNetConfig(in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
+                        attention_ds=(1,))
+    path, _ = save_jdm(tmp_path, config, seed=7)
+    with caplog.at_level("WARNING"):
+        model = robusteval.create_model("jdm", dataset="fashion-mnist", checkpoint=path,
+                                        model_config="preset:fashion-mnist")
+    assert "assuming" not in caplog.text and model.assumed_config is None
+    assert model.schedule.num_timesteps == 500
+    # denoise:0.25 feeds the timestep whose ᾱ is 1/(1 + 4σ²) = 0.8 on the 500-step schedule, not the 1,000-step one.
+    seen = []
+    real_eps = model.eps
+    model.eps = lambda x_t, t: seen.append(t.clone()) or real_eps(x_t, t)
+    with torch.no_grad():
+        model.denoise(torch.rand(2, 1, 28, 28), 0.25)
+    sigma = torch.tensor([0.25])
+    assert torch.allclose(seen[0].cpu(), model.schedule.matched_timestep(sigma).expand(2))
+    assert float(model.schedule.alpha_bar(seen[0][:1])) == pytest.approx(0.8, abs=1e-6)
+    thousand = DiscreteSchedule(jdm_linear_betas(1000)).matched_timestep(sigma)
+    assert abs(float(thousand) - float(seen[0][0])) > 20  # the 1,000-step assumption feeds another t
+    with pytest.raises(UsageError, match="preset:cifar10, preset:fashion-mnist"):
+        robusteval.create_model("jdm", dataset="fashion-mnist", checkpoint=path, model_config="preset:mnist")
+    # Without --model-config the assumed steps and schedule are said and recorded.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        job = prepare_attack("jdm", "cifar10", attack="fgsm", eps=[0.01], n=2, device="cpu",
+                             checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"])
+    assert "assuming the official CIFAR-10 command's diffusion_steps 1000, noise_schedule linear" in caplog.text
+    assert job.model.assumed_config == {"diffusion_steps": 1000, "noise_schedule": "linear"}
+    assert job.config["model_config"] == 'assumed {"diffusion_steps": 1000, "noise_schedule": "linear"}'
+    given = prepare_attack("jdm", "cifar10", attack="fgsm", eps=[0.01], n=2, device="cpu",
+                           checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"], model_config="preset:cifar10")
+    assert given.config["model_config"] == "preset:cifar10" and given.model.assumed_config is None
+
 # --- egc ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def egc_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

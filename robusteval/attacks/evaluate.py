@@ -87,7 +87,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      step_size=settings.step_size, seed=int(settings.seed), batch_size=int(settings.batch_size),
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
+                     masking_checks=settings.masking_checks, companions=resolved.companions(),
                      shard=resolved.options.shard, decision_draws=int(settings.decision_draws),
                      model_source=resolved.model_source, preprocessing=resolved.preprocessing)
 
