@@ -422,7 +422,10 @@ def test_l1_remedies_and_escalation_are_autoattack_s_l1_attacks_and_stay_in_the_
     Square, whose examples stay in the L1 ball and [0, 1] and break points closer than ε."""
     from attack_fixtures import multiclass_problem
 
-    from robusteval.attacks.remedies import gradient_free_escalation, saturation_remedies
+    from robusteval.attacks.remedies import (
+        gradient_free_escalation,
+        saturation_remedies,
+    )
 
     model, x, y, distance = multiclass_problem(n=12)
     eps = float(distance["L1"].quantile(0.5))

@@ -143,7 +143,10 @@ def test_jdm_official_file_on_mnist_and_own_weights_stay_the_re_implementation(t
 def test_jdm_presets_feed_the_published_schedule_and_an_assumed_one_is_said_and_recorded(
         jdm_files: dict[str, Path], tmp_path: Path, caplog) -> None:
     from robusteval.attacks.evaluate import prepare_attack
-    from robusteval.model_zoo.official.schedule import DiscreteSchedule, jdm_linear_betas
+    from robusteval.model_zoo.official.schedule import (
+        DiscreteSchedule,
+        jdm_linear_betas,
+    )
 
     config = UNetConfig(in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
                         attention_ds=(1,))
@@ -175,7 +178,8 @@ def test_jdm_presets_feed_the_published_schedule_and_an_assumed_one_is_said_and_
     assert job.model.assumed_config == {"diffusion_steps": 1000, "noise_schedule": "linear"}
     assert job.config["model_config"] == 'assumed {"diffusion_steps": 1000, "noise_schedule": "linear"}'
     given = prepare_attack("jdm", "cifar10", attack="fgsm", eps=[0.01], n=2, device="cpu",
-                           checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"], model_config="preset:cifar10")
+                           checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"],
+                           model_config="preset:cifar10")
     assert given.config["model_config"] == "preset:cifar10" and given.model.assumed_config is None
 
 # --- egc ---------------------------------------------------------------------------------------------
