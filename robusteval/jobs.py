@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,17 @@ from robusteval.core.devices import resolve_device
 from robusteval.core.errors import UsageError
 from robusteval.core.fingerprints import files_fingerprints
 from robusteval.core.interface import JointModel, validate_images
+from robusteval.core.names import resolve_name
 from robusteval.core.preflight import check_data_fits_model
-from robusteval.data import ImageDataset, load_dataset
-from robusteval.model_zoo.factory import create_model
+from robusteval.data import ImageDataset, dataset_info, load_dataset
+from robusteval.data.imagenet import DEFAULT_PREPROCESSING, PREPROCESSINGS, crop_size
+from robusteval.model_zoo.factory import create_model, get_entry
+from robusteval.model_zoo.official import official_architecture
+from robusteval.model_zoo.user_models import (
+    build_factory_model,
+    is_factory_reference,
+    parse_model_kwargs,
+)
 from robusteval.runs import RunDirectory, config_id, default_run_dir
 from robusteval.runs.shards import Shard, with_shard
 
@@ -79,7 +88,17 @@ class JobOptions:
                  "for --checkpoint.", kind="file"))
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
-                          "tell (e.g. num_heads, diffusion_steps).", kind="file"))
+                          "tell (e.g. num_heads, diffusion_steps); jdm: preset:cifar10 (1,000 steps) or "
+                          "preset:fashion-mnist (500), the published commands'."))
+    # A user's --model package.module:factory is called with these (robusteval.model_zoo.user_models).
+    model_kwargs: str | Mapping[str, Any] | None = _option(None, CliFlag(
+        "--model-kwargs", "JSON object of keyword arguments for a --model package.module:factory, e.g. "
+                          "'{\"width\": 64}'."))
+    # ImageNet's preprocessing (robusteval.data.imagenet.PREPROCESSINGS); None: the model's paper's (egc:
+    # Res256Crop256), else RobustBench's Res256Crop224. Recorded in the run's configuration.
+    preprocessing: str | None = _option(None, CliFlag(
+        "--preprocessing", "imagenet: Res256Crop224 (RobustBench's default), Crop288, BicubicRes256Crop224 or "
+                           "Res256Crop256 (EGC's, its default for egc)."))
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
@@ -146,23 +165,35 @@ class Resolved:
     dataset_name: str
     device: torch.device
     options: JobOptions
+    # Where a --model package.module:factory came from (factory, file, sha256, kwargs); None for other models.
+    model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's preprocessing (None for the other data sets)
 
-    def recorded(self) -> dict[str, str]:
-        """What a run's configuration records besides its settings: the official files' companions, and the
-        image order of a data set whose subset depends on it (ImageNet), each only when there is one."""
-        order = getattr(self.data, "order", None)
-        return {**{k: str(v) for k, v in self.options.official_files().items()},
-                **({"image_order": order} if order is not None else {})}
+    def recorded(self) -> dict[str, Any]:
+        """What a run's configuration records besides its settings, each only where it applies: the official
+        files' companions as given, or what a loader assumed for one not given (a jdm file's diffusion steps
+        and schedule); where a --model package.module:factory came from; ImageNet's preprocessing and image
+        order (a subset depends on it)."""
+        companions: dict[str, Any] = {k: str(v) for k, v in self.options.official_files().items()}
+        assumed = getattr(self.model, "assumed_config", None)
+        if assumed and "model_config" not in companions:
+            companions["model_config"] = "assumed " + json.dumps(assumed, sort_keys=True)
+        extra = {"model_source": self.model_source, "preprocessing": self.preprocessing,
+                 "image_order": getattr(self.data, "order", None)}
+        return {**companions, **{k: v for k, v in extra.items() if v is not None}}
 
 
-def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None) -> ImageDataset:
+def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None,
+                 preprocessing: str | None = None) -> ImageDataset:
     """The test split of a data set name or .npz path, an ImageDataset as is, or an (x, y) pair of tensors.
 
     `limit`: a named data set reads only its first `limit` images (ImageNet decodes them one by one); the
     other forms are returned whole.
     """
     if isinstance(dataset, (str, Path)):
-        return load_dataset(str(dataset), "test", root=data_dir, limit=limit)
+        return load_dataset(str(dataset), "test", root=data_dir, limit=limit, preprocessing=preprocessing)
+    if preprocessing is not None:
+        raise UsageError("--preprocessing applies to imagenet given by name")
     if isinstance(dataset, ImageDataset):
         return dataset
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
@@ -191,17 +222,30 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     if options.shard is not None and not shardable:
         raise UsageError("--shard applies to run, certify, predict and benchmark only")
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
-    data = resolve_data(options.dataset, options.data_dir, limit) if load_data else None
+    preprocessing = _preprocessing(model, options)
+    data = resolve_data(options.dataset, options.data_dir, limit, preprocessing) if load_data else None
     if data is None and not isinstance(options.dataset, (str, Path)):
         raise UsageError("without images to evaluate, the data set must be given by name")
     # A named data set builds the model for that name (an .npz path reads its shape from the file).
     dataset_name = str(options.dataset) if isinstance(options.dataset, (str, Path)) else data.name
     set_deterministic(bool(options.deterministic))  # before the model is built or run
-    if isinstance(model, str):
+    source = None
+    if options.model_kwargs is not None and not (isinstance(model, str) and is_factory_reference(model)):
+        raise UsageError("--model-kwargs applies to a --model package.module:factory only")
+    if isinstance(model, str) and is_factory_reference(model):
+        if options.checkpoint is not None or options.model_dir is not None or options.official_files():
+            raise UsageError("--checkpoint, --model-dir, --vae and --model-config load weights for a registered "
+                             "model name; a --model package.module:factory loads its own weights")
         device = resolve_device(options.device or "auto")
+        shape, classes = _data_shape(data, dataset_name)
+        made = build_factory_model(model, parse_model_kwargs(options.model_kwargs), classes, shape, device)
+        built, name, source = made.model, made.model.name, made.source
+    elif isinstance(model, str):
+        device = resolve_device(options.device or "auto")
+        size = {"image_size": crop_size(preprocessing)} if _is_imagenet(options.dataset) else {}
         built = create_model(model, dataset=dataset_name, device=device, checkpoint=options.checkpoint,
                              model_dir=options.model_dir, threat_model=threat_model,
-                             allow_unsafe_pickle=options.allow_unsafe_pickle, **options.official_files())
+                             allow_unsafe_pickle=options.allow_unsafe_pickle, **options.official_files(), **size)
         name = model
     elif isinstance(model, JointModel):
         if options.checkpoint is not None or options.model_dir is not None or options.official_files():
@@ -214,7 +258,36 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
                          f"name, got {type(model).__name__}")
     if data is not None:
         _check_fit(built, name, data)
-    return Resolved(built, name, data, dataset_name, device, options)
+    return Resolved(built, name, data, dataset_name, device, options, source,
+                    preprocessing if _is_imagenet(options.dataset) else None)
+
+
+def _is_imagenet(dataset: Any) -> bool:
+    return isinstance(dataset, str) and dataset.lower() == "imagenet"
+
+
+def _preprocessing(model: JointModel | str, options: JobOptions) -> str | None:
+    """ImageNet's preprocessing: the option, else the model's paper's, else RobustBench's default.
+
+    Other data sets: the option as given (their loader refuses one).
+    """
+    if not _is_imagenet(options.dataset):
+        return options.preprocessing
+    if options.preprocessing is not None:
+        return resolve_name(options.preprocessing, PREPROCESSINGS, "imagenet preprocessing")
+    if isinstance(model, str) and not is_factory_reference(model) and not model.startswith("robustbench:"):
+        spec = official_architecture(get_entry(model).card.name, "imagenet")
+        if spec is not None and spec.imagenet_preprocessing is not None:
+            return spec.imagenet_preprocessing
+    return DEFAULT_PREPROCESSING
+
+
+def _data_shape(data: ImageDataset | None, dataset_name: str) -> tuple[tuple[int, int, int], int]:
+    """The image shape and number of classes a user's plain classifier is wrapped with: the data set's."""
+    if data is not None:
+        return data.input_shape, max(len(data.classes), int(data.y.max()) + 1 if len(data) else 0)
+    info = dataset_info(dataset_name)
+    return info.input_shape, info.num_classes
 
 
 def _check_fit(model: JointModel, name: str, data: ImageDataset) -> None:

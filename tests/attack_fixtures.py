@@ -56,6 +56,31 @@ def linear_problem(n: int = 200, seed: int = 0,
     return model, x.view(n, *shape), y, distance
 
 
+def l1_box_distance(x: Tensor, direction: Tensor, gap: Tensor) -> Tensor:
+    """The exact minimal ‖δ‖₁ with direction·δ <= −gap and x + δ in [0, 1] (inf where the box forbids it).
+
+    A fractional knapsack: lowering direction·δ by t on coordinate i costs t/|d_i| of L1, up to the box
+    limit (x_i going down where d_i > 0, 1 − x_i going up where d_i < 0). The cheapest way spends the budget on
+    the coordinates of largest |d_i| first, each up to its limit. x, direction: (n, dim) (a direction may be
+    (dim,)); gap: (n,) >= 0.
+    """
+    x = x.double()
+    d = direction.double().expand_as(x)
+    limit = torch.where(d > 0, x, 1 - x)
+    weight, order = d.abs().sort(1, descending=True)
+    limit = limit.gather(1, order)
+    reach = (weight * limit).cumsum(1)  # how far direction·δ has gone down after the first k coordinates, full
+    spent = limit.cumsum(1)
+    gap = gap.double()
+    full = (reach < gap.unsqueeze(1)).sum(1)  # coordinates used up to their limit
+    last = full.clamp(max=x.shape[1] - 1).unsqueeze(1)
+    before = (last - 1).clamp_min(0)
+    reach_before = torch.where(last > 0, reach.gather(1, before), 0.0).squeeze(1)
+    spent_before = torch.where(last > 0, spent.gather(1, before), 0.0).squeeze(1)
+    cost = spent_before + (gap - reach_before) / weight.gather(1, last).squeeze(1)
+    return torch.where(full < x.shape[1], cost, torch.full_like(cost, float("inf")))
+
+
 class Constant(nn.Module):
     """Logits that ignore the input: always the same class."""
 
@@ -123,7 +148,8 @@ def multiclass_problem(n: int = 30, classes: int = 10, shape: tuple[int, int, in
     The distance from x to the region of class j ≠ y is (z_y − z_j)/‖w_y − w_j‖_* in the dual norm (ℓ1 for
     L∞, ℓ2 for L2); the minimal adversarial distance is the minimum over j. The points lie in [0.25, 0.75]
     and every L∞ distance is below 0.2, so the minimisers stay inside [0, 1]: these are the box-constrained
-    answers.
+    answers. L1 puts the whole change on few coordinates, where the box binds: its distance is the
+    box-constrained knapsack of `l1_box_distance` for each class j, minimised over j.
     """
     g = torch.Generator().manual_seed(seed)
     dim = shape[0] * shape[1] * shape[2]
@@ -138,8 +164,10 @@ def multiclass_problem(n: int = 30, classes: int = 10, shape: tuple[int, int, in
     linf = (gap / difference.abs().sum(2).clamp_min(1e-12)).masked_fill(own, float("inf")).amin(1)
     l2 = (gap / difference.norm(dim=2).clamp_min(1e-12)).masked_fill(own, float("inf")).amin(1)
     assert float(linf.max()) < 0.2
+    l1 = torch.stack([l1_box_distance(x, difference[:, j], gap[:, j]) for j in range(classes)], 1)
+    l1 = l1.masked_fill(own, float("inf")).amin(1).float()
     model = robusteval.wrap(LinearMulti(weight, bias), num_classes=classes, input_shape=shape, name="linear-multi")
-    return model, x.view(n, *shape), y, {"Linf": linf, "L2": l2}
+    return model, x.view(n, *shape), y, {"Linf": linf, "L2": l2, "L1": l1}
 class Scaled(nn.Module):
     """A module's logits times a constant: ×1e4 saturates softmax in float32 (the CE gradient underflows to 0)."""
 

@@ -91,9 +91,9 @@ def test_rounding_front_end_keeps_the_flag_and_escalates_with_square():
 
 
 # --- 4. SGLD purification -----------------------------------------------------------------------------------
-def _official_refined_logits(model, x, steps, seed):
-    """JEM's refined_logits written from its recipe on the [-1, 1] scale (noise 0.03, step 1, SGLD noise 0.01,
-    5 chains averaged), with the model's classifier read on [-1, 1] images."""
+def _official_refined_logits(model, x, steps, seed, sigma=0.03):
+    """JEM's refined_logits written from its recipe on the [-1, 1] scale (start noise `sigma`, default 0.03; step
+    1, SGLD noise 0.01, 5 chains averaged), with the model's classifier read on [-1, 1] images."""
     torch.manual_seed(seed)
 
     def f(u):  # the official network: logits of [-1, 1] images
@@ -101,7 +101,7 @@ def _official_refined_logits(model, x, steps, seed):
 
     u = x * 2 - 1
     dup = u.view(x.shape[0], 1, *x.shape[1:]).repeat(1, 5, 1, 1, 1).view(x.shape[0] * 5, *x.shape[1:])
-    dup = dup + torch.randn_like(dup) * 0.03
+    dup = dup + torch.randn_like(dup) * sigma
     for _ in range(steps):
         dup = dup.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(f(dup).logsumexp(1).sum(), dup)
@@ -184,9 +184,35 @@ def test_sgld_needs_an_energy_and_a_well_formed_spec():
     spec = parse_defense("sgld:3:0.1:0.002:2")
     assert (spec.steps, spec.step_size, spec.noise, spec.chains) == (3, 0.1, 0.002, 2)
     assert str(spec) == "sgld:3:0.1:0.002:2"
-    for bad in ("sgld", "sgld:0", "sgld:2:0.1", "sgld:2:0:0.01:5", "sgld:2:0.1:0.01:0", "sgld:x"):
+    for bad in ("sgld", "sgld:-1", "sgld:2:0.1", "sgld:2:0:0.01:5", "sgld:2:0.1:0.01:0", "sgld:x",
+                "sgld:2:0.1:0.01:5:-0.1", "sgld:2:0.1:0.01:5:0:1"):
         with pytest.raises(ValueError, match="sgld"):
             parse_defense(bad)
+
+
+def test_sgld_start_noise_slot_k0_and_jem_s_l2_recipe():
+    """The chains' start noise is a slot (JEM's --sigma: 0.03 on [-1, 1], 0.015 here; its README's L2 command 0);
+    K = 0 (JEM's --n_steps_refine default) adds only the start noise; the L2 recipe runs as the official code."""
+    model = TinyEnergy().eval()
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
+    l2_recipe = parse_defense("sgld:1:0.25:0.005:5:0")  # JEM's README L2 command: JEM-1, 5 chains, --sigma 0.0
+    assert (l2_recipe.steps, l2_recipe.chains, l2_recipe.start_noise) == (1, 5, 0.0)
+    assert str(l2_recipe) == "sgld:1:0.25:0.005:5:0" and str(parse_defense("sgld:4:0.25:0.005:5:0.015")) == "sgld:4"
+    only_start = parse_defense("sgld:0:0.25:0.005:1:0.1")
+    assert only_start.steps == 0 and only_start.randomized and not only_start.differentiates_through
+    assert not parse_defense("sgld:0:0.25:0.005:5:0").randomized  # no noise anywhere: deterministic
+    with trusted_inputs():
+        expected = _official_refined_logits(model, x, steps=1, seed=3, sigma=0.0)
+        torch.manual_seed(3)
+        assert torch.allclose(DeployedPipeline(model, l2_recipe, "bpda")(x).detach(), expected, atol=1e-5)
+        # K = 0: the logits of x plus the start noise only, nothing else drawn.
+        torch.manual_seed(4)
+        noisy = x + 0.1 * torch.randn_like(x)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            assert torch.allclose(DeployedPipeline(model, only_start)(x), model.logits(noisy), atol=1e-6)
+            plain = DeployedPipeline(model, parse_defense("sgld:0:0.25:0.005:5:0"))(x)
+            assert torch.allclose(plain, model.logits(x), atol=1e-6)
 
 
 # --- 5. worst-of-N ------------------------------------------------------------------------------------------
@@ -282,3 +308,23 @@ def test_a_run_killed_inside_a_remedy_stage_resumes_to_the_uninterrupted_result(
     strip = lambda records: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in records]  # noqa: E731
     assert strip(resumed.records) == strip(fresh.records)
     assert all(torch.equal(resumed.adversarial[e], fresh.adversarial[e]) for e in kwargs["eps"])
+
+
+def test_jem_s_test_time_noise_is_the_noise_defense_at_0_015():
+    """eval_wrn_ebm.py classifies (x − 0.5)/0.5 + 0.03·n: on the [0, 1] scale x + 0.015·n, the `noise:0.015`
+    defense (JEM's logits do not read σ); `--decision-draws 1` makes its decision one draw, as JEM's own."""
+    from robusteval.data import dataset_info
+    from robusteval.model_zoo.official.jem import OfficialJEM
+
+    torch.manual_seed(0)
+    model = OfficialJEM(dataset_info("cifar10"), depth=10, widen_factor=1).eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    pipeline = DeployedPipeline(model, parse_defense("noise:0.015"), decision_draws=1)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        deployed = pipeline(x)
+        torch.manual_seed(5)
+        official = model.class_output(model.f((x - 0.5) / 0.5 + 0.03 * torch.randn_like(x)))
+        assert torch.allclose(deployed, official, atol=1e-4)
+        torch.manual_seed(5)
+        assert torch.equal(pipeline.predict(x), deployed.argmax(1))

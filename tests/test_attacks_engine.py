@@ -197,6 +197,30 @@ def test_verification_rejects_out_of_ball_out_of_box_and_correct_examples():
     assert not bool(verification.verify_adversarial(pipeline, x, x.clone(), y, "L2", 1.0).valid.any())
 
 
+
+def test_l1_verification_rejects_an_example_outside_the_l1_ball():
+    model, x, y, _ = linear_problem(n=6)
+    pipeline = DeployedPipeline(model, parse_defense("none"))
+    flip = torch.where(y == 1, -1.0, 1.0).view(-1, 1)
+    far = (x.flatten(1) + 0.3 * flip * model.module.w.detach().sign()).view_as(x).clamp(0, 1)
+    l1 = (far - x).flatten(1).abs().sum(1).double()
+    l2 = (far - x).flatten(1).norm(dim=1).double()
+    assert float(l2.max()) < 5.0 < float(l1.min())  # inside the L2 ball of 5, outside the L1 ball of 5
+    check = verification.verify_adversarial(pipeline, x, far, y, "L1", 5.0)
+    assert torch.allclose(check.norms, l1)
+    assert bool(check.misclassified.all()) and not bool(check.in_ball.any()) and not bool(check.valid.any())
+    tolerance = verification.ball_tolerance("L1", 64)
+    assert tolerance == pytest.approx(1e-6 + 64 * 2**-24)
+    assert bool(verification.verify_adversarial(pipeline, x, far, y, "L1", float(l1.max())).valid.all())
+    below = float(l1.min()) - 2 * tolerance
+    assert not bool(verification.verify_adversarial(pipeline, x, far, y, "L1", below).in_ball.any())
+    # Projecting onto the L1 ball lands on its sphere and stays in the box.
+    projected = verification.project_to_ball(x, far, "L1", 5.0)
+    assert torch.allclose(verification.perturbation_norm(projected - x, "L1"), torch.full((6,), 5.0).double())
+    assert projected.min() >= 0 and projected.max() <= 1
+    with pytest.raises(ValueError, match="unknown norm"):
+        verification.perturbation_norm(far - x, "L3")
+
 def test_engine_never_counts_an_out_of_ball_example(monkeypatch, standard, digits):
     calls = []
 
@@ -371,3 +395,51 @@ def test_attacks_keep_the_model_in_eval_mode_throughout(digits, defense):
     robusteval.evaluate_attack(model, digits, attack="pgd", eps=[0.05], n=8, steps=2, defense=defense, eot=2,
                                device="cpu", large_eps_check=False)
     assert spy.calls_in_training == 0 and not spy.training
+
+
+def test_l1_names_budgets_and_refusals():
+    from robusteval.attacks.catalog import check_norm, resolve_attack, resolve_norm
+    from robusteval.attacks.sanity import large_eps
+    from robusteval.core.errors import UsageError
+    from robusteval.core.preflight import check_eps_budget
+    from robusteval.data import dataset_budgets, default_eps
+
+    assert resolve_norm("l1") == resolve_norm("1") == "L1"
+    # CIFAR-10 at Croce & Hein's (2021) L1 budget 12; the digits' grid scaled to 64 pixels.
+    assert default_eps("cifar10", "L1") == (3.0, 6.0, 12.0) and dataset_budgets("cifar10").headline_eps["L1"] == 12
+    assert default_eps("digits", "L1") == (0.5, 1.0, 2.0, 4.0, 8.0)
+    assert resolve_attack("autoattack").norms == ("Linf", "L2", "L1")
+    with pytest.raises(UsageError, match="supports the norm"):
+        check_norm(resolve_attack("apgd-ce"), "L1")  # torchattacks' APGD has no L1 projection
+    check_eps_budget("L1", [64.0], (1, 8, 8))  # any two 8×8 images differ by at most 64 in L1
+    with pytest.raises(UsageError, match=r"exceeds 64 \(the L1 diameter"):
+        check_eps_budget("L1", [65.0], (1, 8, 8))
+    assert large_eps("L1", (1, 8, 8)) == 32.0  # the mid-grey image is within 0.5·d of any image
+
+
+def test_l1_remedies_and_escalation_are_autoattack_s_l1_attacks_and_stay_in_the_ball():
+    """torchattacks has no L1 attacks: under L1 the engine's adaptive stages run pyautoattack's L1 APGD and
+    Square, whose examples stay in the L1 ball and [0, 1] and break points closer than ε."""
+    from attack_fixtures import multiclass_problem
+
+    from robusteval.attacks.remedies import (
+        gradient_free_escalation,
+        saturation_remedies,
+    )
+
+    model, x, y, distance = multiclass_problem(n=12)
+    eps = float(distance["L1"].quantile(0.5))
+    stages = saturation_remedies(model, norm="L1", eps=eps, num_classes=10, device=torch.device("cpu"), eot=1,
+                                 steps=20)
+    stages += gradient_free_escalation(model, norm="L1", eps=eps, device=torch.device("cpu"), queries=200)
+    assert [s.name for s in stages] == ["remedy:apgd-dlr", "remedy:apgd-t", "remedy:apgd-ce-rescaled",
+                                        "escalation:square-4x"]
+    for stage in stages:
+        adv = stage.run(x, y, 0)
+        norms = verification.perturbation_norm(adv - x, "L1")
+        assert bool((norms <= eps + verification.ball_tolerance("L1", 64)).all()), stage.name
+        assert adv.min() >= 0 and adv.max() <= 1
+        fooled = model(adv).argmax(1) != y
+        assert bool((distance["L1"][fooled] <= eps + 1e-4).all())  # nothing farther than ε is broken
+        if stage.name != "escalation:square-4x":
+            assert int(fooled.sum()) >= 1, stage.name

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attack_fixtures import SHAPE, GaussianTweedie, linear_problem
+from attack_fixtures import (
+    SHAPE,
+    GaussianTweedie,
+    l1_box_distance,
+    linear_problem,
+    multiclass_problem,
+)
+from scipy.optimize import linprog
 
 import robusteval
 from robusteval.attacks.defenses import DeployedPipeline
-from robusteval.attacks.verification import BALL_TOLERANCE
+from robusteval.attacks.verification import ball_tolerance
 from robusteval.core.vocabulary import parse_defense
 
 LINF_EPS = [0.01, 0.03, 0.05, 0.08, 0.1]
 L2_EPS = [0.1, 0.3, 0.5, 0.8, 1.0]
+L1_EPS = [1.5, 3.0, 5.0]  # the L1 distances of the linear problem run from 0.01 to 6.8 (quartiles 1.4, 3.1, 4.8)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,16 @@ def problem():
         assert point.min() >= 0 and point.max() <= 1
     # Every attack moves at most ε_max per pixel (L∞) or ε_max·max|ŵ| (L2 along ŵ): still inside the box.
     assert flat.min() - max(LINF_EPS) > 0 and flat.max() + max(LINF_EPS) < 1
-    return model, x, y, {"L2": l2, "Linf": linf}
+    # L1 concentrates the change on the largest weights, where the box binds: the exact answer is the
+    # box-constrained knapsack, checked here against a linear program on a few points.
+    l1 = l1_box_distance(flat, margin.sign().unsqueeze(1) * w, margin.abs())
+    for i in range(4):
+        direction, point, n = (margin.sign()[i] * w).numpy(), flat[i].numpy(), flat.shape[1]
+        # δ = u − v with u, v >= 0; minimise Σ u + v subject to direction·δ <= −|margin| and x + δ in [0, 1].
+        program = linprog([1.0] * (2 * n), A_ub=[[*direction, *(-direction)]], b_ub=[-abs(float(margin[i]))],
+                          bounds=[(0, 1 - p) for p in point] + [(0, p) for p in point])
+        assert program.status == 0 and program.fun == pytest.approx(float(l1[i]), rel=1e-9)
+    return model, x, y, {"L2": l2, "Linf": linf, "L1": l1}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +64,8 @@ def problem():
         pytest.param("autoattack", "Linf", [0.03, 0.08], None, marks=pytest.mark.slow),
         # Square's 5000 queries on the truly robust points dominate AutoAttack's time: one ε for L2.
         pytest.param("autoattack", "L2", [0.5], None, marks=pytest.mark.slow),
+        # AutoAttack's L1 version (APGD with the L1 projection): the box-constrained minimal L1 distances.
+        pytest.param("autoattack", "L1", L1_EPS, None, marks=pytest.mark.slow),
     ],
 )
 def test_linear_robust_accuracy_is_the_exact_fraction(problem, attack, norm, eps, steps):
@@ -55,16 +74,17 @@ def test_linear_robust_accuracy_is_the_exact_fraction(problem, attack, norm, eps
     result = robusteval.evaluate_attack(model, (x, y), attack=attack, norm=norm, eps=eps, steps=steps, device="cpu",
                                         large_eps_check=False)
     assert result.clean_accuracy == 1.0
+    tolerance = ball_tolerance(norm, x[0].numel())  # BALL_TOLERANCE under L∞ and L2
     for e, point in enumerate(result.curve):
         exact = int((distance[norm] > point.eps).sum())
         # No attack may break a point farther than ε (+ the ball's tolerance): that would be an unsound example.
-        assert point.robust >= int((distance[norm] > point.eps + BALL_TOLERANCE).sum())
+        assert point.robust >= int((distance[norm] > point.eps + tolerance).sum())
         assert abs(point.robust - exact) <= 0.01 * n, (attack, norm, point.eps, point.robust, exact)
         for record in result.records:
             outcome = record["results"][e]
             if outcome["broken"]:
-                assert distance[norm][record["index"]] <= point.eps + BALL_TOLERANCE
-                assert outcome["perturbation_norm"] <= point.eps + BALL_TOLERANCE
+                assert distance[norm][record["index"]] <= point.eps + tolerance
+                assert outcome["perturbation_norm"] <= point.eps + tolerance
     if attack == "autoattack":
         assert any("apgd-t" in note for note in result.notes)  # 2 classes: the targeted DLR loss cannot run
 
@@ -180,3 +200,25 @@ def test_smoothed_linear_classifier_keeps_the_exact_answer_under_eot():
         exact = int((linf > point.eps).sum())
         assert abs(point.robust - exact) <= 6, (point.eps, point.robust, exact)
         assert point.robust < 200 * result.clean_accuracy - 20  # the attack does break the near points
+
+
+@pytest.mark.slow  # ~30 s of CPU: APGD-CE runs 5 restarts under L1, Square 5,000 queries on the robust points
+def test_autoattack_l1_reaches_the_exact_multiclass_answer_and_stays_in_the_ball_and_the_box():
+    """10 linear classes: the minimal L1 distance over every class pair (the knapsack per pair), which APGD-CE
+    and APGD-T with the L1 projection reach within the tolerance of the L∞/L2 cases (1% of the points)."""
+    model, x, y, distance = multiclass_problem(n=30)
+    l1 = distance["L1"]
+    eps = [float(l1.quantile(0.3)), float(l1.quantile(0.7))]
+    result = robusteval.evaluate_attack(model, (x, y), attack="autoattack", norm="L1", eps=eps, device="cpu",
+                                        large_eps_check=False)
+    assert result.clean_accuracy == 1.0 and result.norm == "L1"
+    for e, point in enumerate(result.curve):
+        exact = int((l1 > point.eps).sum())
+        assert point.robust >= int((l1 > point.eps + ball_tolerance("L1", 64)).sum())
+        assert abs(point.robust - exact) <= 0.01 * len(y), (point.eps, point.robust, exact)
+        assert set(point.broken_by) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
+        for record in result.records:
+            outcome = record["results"][e]
+            if outcome["broken"]:
+                assert outcome["perturbation_norm"] <= point.eps + ball_tolerance("L1", 64)
+                assert outcome["perturbation_norm"] >= float(l1[record["index"]]) - 1e-4

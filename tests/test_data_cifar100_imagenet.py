@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from robusteval.core.errors import UsageError
 from robusteval.data import DatasetError, dataset_info, imagenet, load_dataset
 
 
@@ -93,6 +94,27 @@ def test_imagenet_folder_is_read_in_the_documented_order_with_the_standard_label
     assert load_dataset("imagenet", root=tmp_path / "val").y.tolist() == data.y.tolist()
 
 
+
+def test_imagenet_preprocessings_are_robustbench_s_and_egc_s(tmp_path: Path) -> None:
+    from torchvision import transforms
+
+    paths = sorted(make_imagenet(tmp_path), key=lambda p: (p.parent.name, p.name))
+    default = load_dataset("imagenet", root=tmp_path)
+    assert torch.equal(load_dataset("imagenet", root=tmp_path, preprocessing="Res256Crop224").x, default.x)
+    crop288 = load_dataset("imagenet", root=tmp_path, preprocessing="crop288")  # names as RobustBench's, any case
+    egc = load_dataset("imagenet", root=tmp_path, preprocessing="Res256Crop256")
+    bicubic = load_dataset("imagenet", root=tmp_path, preprocessing="BicubicRes256Crop224")
+    assert crop288.x.shape[1:] == (3, 288, 288) and egc.x.shape[1:] == (3, 256, 256)
+    assert bicubic.x.shape == default.x.shape and not torch.equal(bicubic.x, default.x)
+    image = Image.open(paths[1]).convert("RGB")  # 500×333: no resize, the central 288×288
+    torch.testing.assert_close(crop288.x[1], transforms.ToTensor()(transforms.CenterCrop(288)(image)))
+    # Res256Crop256 keeps the whole shorter side: its central 224 is Res256Crop224's image.
+    torch.testing.assert_close(egc.x[:, :, 16:240, 16:240], default.x)
+    with pytest.raises(UsageError, match="imagenet only"):
+        load_dataset("digits", preprocessing="Crop288")
+    with pytest.raises(UsageError, match="Crop288"):
+        load_dataset("imagenet", root=tmp_path, preprocessing="Crop300")
+
 def test_imagenet_uses_robustbenchs_list_order_when_all_its_files_exist(tmp_path: Path, monkeypatch) -> None:
     paths = make_imagenet(tmp_path)
     listed = tmp_path / "ids.txt"
@@ -103,7 +125,7 @@ def test_imagenet_uses_robustbenchs_list_order_when_all_its_files_exist(tmp_path
                         lambda name: listed if name == "imagenet_test_image_ids.txt" else real(name))
     decoded = []
     original = imagenet.preprocess
-    monkeypatch.setattr(imagenet, "preprocess", lambda path: decoded.append(path) or original(path))
+    monkeypatch.setattr(imagenet, "preprocess", lambda path, *how: decoded.append(path) or original(path, *how))
     data = load_dataset("imagenet", root=tmp_path, limit=2)
     assert data.y.tolist() == [999, 0]
     assert decoded == order[:2], "only the first `limit` images are decoded"

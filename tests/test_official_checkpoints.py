@@ -327,6 +327,88 @@ def test_gmmc_file_with_its_pickled_ldalayer_loads_and_computes_the_official_log
     assert model.sample(2, y, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
 
 
+def float32_cal_center(n_classes: int, dim: int, c: float = 10.0) -> Tensor:
+    """GMMC's Utils/mmc_utils.py `cal_center` as the official code computes it: float32 tensors throughout."""
+    mean_logits = torch.zeros(n_classes, dim)
+    mean_logits[0, 0] = 1
+    for k in range(1, n_classes):
+        for j in range(k):
+            dot = torch.dot(mean_logits[k, :], mean_logits[j, :])
+            mean_logits[k, j] = -(1 / (n_classes - 1) + dot) / mean_logits[j, j]
+        mean_logits[k, k] = torch.sqrt(torch.abs(1 - torch.norm(mean_logits[k, :]).pow(2)))
+    return mean_logits * c
+
+
+@pytest.mark.parametrize(("classes", "dim"), [(10, 128), (10, 640), (100, 640)])
+def test_max_mahalanobis_centres_are_the_official_float32_ones(classes: int, dim: int) -> None:
+    official = float32_cal_center(classes, dim)
+    assert mmc_centers(classes, dim).dtype == torch.float32
+    assert torch.equal(mmc_centers(classes, dim), official)
+    # A float64 solve is not what the files hold: it differs by several 1e-3 on the last centres.
+    rows = torch.zeros(classes, dim, dtype=torch.float64)
+    rows[0, 0] = 1.0
+    for k in range(1, classes):
+        for j in range(k):
+            rows[k, j] = -(1.0 / (classes - 1) + rows[k] @ rows[j]) / rows[j, j]
+        rows[k, k] = (1.0 - rows[k].pow(2).sum()).abs().sqrt()
+    assert float((rows * 10 - official.double()).abs().max()) > 1e-3
+
+
+def test_a_genuine_gmmc_file_s_centres_are_recognised_as_max_mahalanobis(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "gmmc.pt"
+    gmmc_file(path, centers=float32_cal_center(10, 128))
+    with caplog.at_level("INFO", logger="robusteval.model_zoo.official.gmmc"):
+        model = robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path)
+    assert "are not the Max-Mahalanobis centres" not in caplog.text
+    assert torch.equal(model.centers, float32_cal_center(10, 128))
+    # Other centres (another --mu_c) are still named as such.
+    gmmc_file(path, centers=float32_cal_center(10, 128, c=5.0))
+    with caplog.at_level("INFO", logger="robusteval.model_zoo.official.gmmc"):
+        robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path)
+    assert "are not the Max-Mahalanobis centres" in caplog.text
+
+
+def test_gmmc_samples_with_the_published_gamma(tmp_path: Path) -> None:
+    """Staged sampling's target is u_y + γ·z with the published --gamma 0.001 (scripts/cifar10_gen.sh), z drawn
+    once per chain after its start."""
+    from robusteval.training.sgld import sgld
+
+    path = tmp_path / "gmmc.pt"
+    gmmc_file(path)
+    model = robusteval.create_model("gmmc", dataset="cifar10", checkpoint=path)
+    assert model.sample_gamma == 0.001
+    model.sample_config = type(model.sample_config)(steps=2, step_size=0.25, noise=0.0)
+    y = torch.tensor([2, 7])
+    samples = model.sample(2, y, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    start, labels = model._chain_starts(2, y, generator)
+    target = model.centers[labels] + 0.001 * torch.randn(2, model.centers.shape[1], generator=generator)
+
+    def energy(v):
+        return 0.5 * (model.features(v) - target).pow(2).sum(1) / 64
+
+    torch.testing.assert_close(samples, sgld(energy, start, model.sample_config, generator))
+    model.sample_gamma = 0.0
+    assert not torch.equal(model.sample(2, y, generator=torch.Generator().manual_seed(0)), samples)
+
+def test_every_official_loader_returns_an_eval_mode_model(tmp_path: Path) -> None:
+    from robusteval.model_zoo.official.cohen import load_cohen
+    from robusteval.model_zoo.official.dmae_vit import load_dmae
+    from robusteval.model_zoo.official.gmmc import load_gmmc
+    from robusteval.model_zoo.official.jem import load_jem
+
+    cifar = dataset_info("cifar10")
+    jem_file(tmp_path / "jem.pt")
+    gmmc_file(tmp_path / "gmmc.pt")
+    cohen_cifar_file(tmp_path / "cohen.pt")
+    dmae_file(tmp_path / "dmae.pt")
+    with lda_module_importable():
+        loaded = [load_jem(cifar, tmp_path / "jem.pt"), load_gmmc(cifar, tmp_path / "gmmc.pt"),
+                  load_cohen(cifar, tmp_path / "cohen.pt"), load_dmae(cifar, tmp_path / "dmae.pt")]
+    for model in loaded:
+        assert not any(module.training for module in model.modules()), type(model).__name__
+
+
 def test_gmmc_with_allow_unsafe_pickle_still_reads_the_ldalayer_without_gmmcs_code(tmp_path: Path) -> None:
     path = tmp_path / "gmmc.pt"
     state, centers = gmmc_file(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -708,6 +709,47 @@ def test_egc_loads_latent_diffusion_autoencoder_checkpoints_and_samples(tmp_path
     unguided = load_egc(IMAGES_16, net_path, vae=vae_path, model_config={**TINY_FLAGS, "sample_steps": 4, "classifier_scale": 0})
     assert not torch.allclose(unguided.sample(2, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0)), samples)
 
+
+
+def test_a_lightning_style_latent_diffusion_checkpoint_as_vae(tmp_path, monkeypatch):
+    """latent diffusion's `model.ckpt` is a PyTorch Lightning checkpoint. One holding tensors and containers only
+    (state_dict, optimizer states, counters) loads as --vae; one whose `callbacks` are keyed by Lightning's
+    classes (as Lightning 1.x writes them) is refused by the restricted unpickler in one line that names the class
+    and the way out, never unpickled silently."""
+    import types
+
+    from robusteval.core.checkpoints import UnsafePickleError
+
+    net_path, _, _, vae_state = save_egc(tmp_path)
+    weights = {**vae_state, "loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)}
+    lightning = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.4.2", "state_dict": weights,
+                 "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-4}]}],
+                 "lr_schedulers": []}
+    plain = tmp_path / "plain-model.ckpt"
+    torch.save(lightning, plain)
+    model = load_egc(IMAGES_16, net_path, vae=plain, model_config={"num_heads": 2})
+    torch.testing.assert_close(model.autoencoder.quant_conv.weight, vae_state["quant_conv.weight"])
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:  # what Lightning 1.x keys a checkpoint's callback states by
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    packages = ("pytorch_lightning", "pytorch_lightning.callbacks")
+    with monkeypatch.context() as patched:  # Lightning importable only while the file is written
+        for name in packages:
+            patched.setitem(sys.modules, name, types.ModuleType(name))
+        patched.setitem(sys.modules, module.__name__, module)
+        full = tmp_path / "model.ckpt"
+        torch.save({**lightning, "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}}}, full)
+    assert "pytorch_lightning" not in sys.modules
+    with pytest.raises(UnsafePickleError) as refused:
+        load_egc(IMAGES_16, net_path, vae=full, model_config={"num_heads": 2})
+    message = str(refused.value)
+    assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in message
+    assert "--allow-unsafe-pickle" in message and "\n" not in message
 
 def test_egc_refuses_mismatched_files_and_data(tmp_path):
     net_path, _, vae_path, _ = save_egc(tmp_path)

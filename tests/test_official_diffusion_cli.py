@@ -30,6 +30,7 @@ from test_official_diffusion import (
 import robusteval
 from robusteval.cli import main
 from robusteval.core.checkpoints import CheckpointError
+from robusteval.core.errors import UsageError
 from robusteval.core.interface import trusted_inputs
 from robusteval.model_zoo.official.egc import OfficialEGC
 from robusteval.model_zoo.official.guided_unet import UNetConfig
@@ -138,6 +139,49 @@ def test_jdm_official_file_on_mnist_and_own_weights_stay_the_re_implementation(t
                       OfficialJointDiffusion)
 
 
+
+def test_jdm_presets_feed_the_published_schedule_and_an_assumed_one_is_said_and_recorded(
+        jdm_files: dict[str, Path], tmp_path: Path, caplog) -> None:
+    from robusteval.attacks.evaluate import prepare_attack
+    from robusteval.model_zoo.official.schedule import (
+        DiscreteSchedule,
+        jdm_linear_betas,
+    )
+
+    config = UNetConfig(in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
+                        attention_ds=(1,))
+    path, _ = save_jdm(tmp_path, config, seed=7)
+    with caplog.at_level("WARNING"):
+        model = robusteval.create_model("jdm", dataset="fashion-mnist", checkpoint=path,
+                                        model_config="preset:fashion-mnist")
+    assert "assuming" not in caplog.text and model.assumed_config is None
+    assert model.schedule.num_timesteps == 500
+    # denoise:0.25 feeds the timestep whose ᾱ is 1/(1 + 4σ²) = 0.8 on the 500-step schedule, not the 1,000-step one.
+    seen = []
+    real_eps = model.eps
+    model.eps = lambda x_t, t: seen.append(t.clone()) or real_eps(x_t, t)
+    with torch.no_grad():
+        model.denoise(torch.rand(2, 1, 28, 28), 0.25)
+    sigma = torch.tensor([0.25])
+    assert torch.allclose(seen[0].cpu(), model.schedule.matched_timestep(sigma).expand(2))
+    assert float(model.schedule.alpha_bar(seen[0][:1])) == pytest.approx(0.8, abs=1e-6)
+    thousand = DiscreteSchedule(jdm_linear_betas(1000)).matched_timestep(sigma)
+    assert abs(float(thousand) - float(seen[0][0])) > 20  # the 1,000-step assumption feeds another t
+    with pytest.raises(UsageError, match="preset:cifar10, preset:fashion-mnist"):
+        robusteval.create_model("jdm", dataset="fashion-mnist", checkpoint=path, model_config="preset:mnist")
+    # Without --model-config the assumed steps and schedule are said and recorded.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        job = prepare_attack("jdm", "cifar10", attack="fgsm", eps=[0.01], n=2, device="cpu",
+                             checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"])
+    assert "assuming the official CIFAR-10 command's diffusion_steps 1000, noise_schedule linear" in caplog.text
+    assert job.model.assumed_config == {"diffusion_steps": 1000, "noise_schedule": "linear"}
+    assert job.config["model_config"] == 'assumed {"diffusion_steps": 1000, "noise_schedule": "linear"}'
+    given = prepare_attack("jdm", "cifar10", attack="fgsm", eps=[0.01], n=2, device="cpu",
+                           checkpoint=jdm_files["checkpoint"], data_dir=jdm_files["data"],
+                           model_config="preset:cifar10")
+    assert given.config["model_config"] == "preset:cifar10" and given.model.assumed_config is None
+
 # --- egc ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def egc_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -178,9 +222,12 @@ def test_egc_run_finishes_on_two_imagenet_images(egc_files: dict[str, Path], tmp
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["model"], summary["dataset"], summary["n"]) == ("egc", "imagenet", 2)
+    # EGC's own protocol by default: resize 256, centre crop 256, so 32×32 latents; recorded in the run.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preprocessing"] == "Res256Crop256"
     model = robusteval.create_model("egc", dataset="imagenet", checkpoint=egc_files["checkpoint"],
-                                    vae=egc_files["vae"], model_config=egc_files["config"])
-    data = robusteval.load_dataset("imagenet", root=egc_files["data"], limit=2)
+                                    vae=egc_files["vae"], model_config=egc_files["config"], image_size=256)
+    assert model.latent_shape == (4, 32, 32)
+    data = robusteval.load_dataset("imagenet", root=egc_files["data"], limit=2, preprocessing="Res256Crop256")
     with torch.no_grad():
         expected = (model.logits(data.x).argmax(1) == data.y).float().mean()
     assert summary["clean_accuracy"] == pytest.approx(float(expected))
@@ -190,6 +237,25 @@ def test_egc_run_finishes_on_two_imagenet_images(egc_files: dict[str, Path], tmp
                                          "--sigma", "0.25", "--n-images", "1", "--out", str(tmp_path / "c")])
     assert denoised.exit_code == 2 and "denoise" in denoised.output
 
+
+
+def test_imagenet_preprocessing_is_an_option_every_job_records(egc_files: dict[str, Path]) -> None:
+    from robusteval.attacks.evaluate import prepare_attack
+
+    options = {"checkpoint": egc_files["checkpoint"], "vae": egc_files["vae"], "model_config": egc_files["config"],
+               "data_dir": egc_files["data"], "device": "cpu"}
+    own = prepare_attack("egc", "imagenet", attack="fgsm", eps=[0.01], n=2, **options)
+    assert own.model.latent_shape == (4, 32, 32) and own.x.shape[1:] == (3, 256, 256)
+    assert own.config["preprocessing"] == "Res256Crop256"
+    robustbench = prepare_attack("egc", "imagenet", attack="fgsm", eps=[0.01], n=2, preprocessing="res256crop224",
+                                 **options)
+    assert robustbench.model.latent_shape == (4, 28, 28) and robustbench.x.shape[1:] == (3, 224, 224)
+    assert robustbench.config["preprocessing"] == "Res256Crop224"
+    assert robustbench.config_hash != own.config_hash
+    standard = prepare_attack("standard", "digits", attack="fgsm", eps=[0.1], n=2, device="cpu")
+    assert "preprocessing" not in standard.config  # other data sets: nothing recorded, their hashes unchanged
+    with pytest.raises(UsageError, match="imagenet only"):
+        prepare_attack("standard", "digits", attack="fgsm", eps=[0.1], n=2, preprocessing="Crop288")
 
 @pytest.mark.parametrize("command", [["run", "--attack", "fgsm", "--n", "1"],
                                      ["certify", "--sigma", "0.25", "--n-images", "1"],

@@ -83,7 +83,7 @@ def test_denoise_summary_parses_points() -> None:
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(kind="bogus"), "has kind 'bogus'"),
     (lambda s: s.pop("clean_accuracy"), "lacks clean_accuracy"),
-    (lambda s: s.update(norm="L1"), "norm must be one of Linf, L2"),
+    (lambda s: s.update(norm="L3"), "norm must be one of Linf, L2, L1"),
     (lambda s: s["curve"][0].update(robust_accuracy=0.99, ci_high=0.95), "lies outside its interval"),
     (lambda s: s.update(flags=[{"message": "x"}]), "flags must be a list of strings"),
     (lambda s: s.update(n=0), "n must be a positive integer"),

@@ -37,8 +37,8 @@ def test_report_robustbench_format_writes_model_info(tmp_path):
 def test_report_errors_exit_2_with_a_message(tmp_path):
     runner = CliRunner()
     run = copy_run("standard-autoattack-L2", tmp_path / "runs")
-    result = runner.invoke(main, ["report", str(run), "--out", str(tmp_path / "x.html"), "--eps", "L1=0.3"])
-    assert result.exit_code == 2 and "expected Linf=EPS or L2=EPS" in result.output
+    result = runner.invoke(main, ["report", str(run), "--out", str(tmp_path / "x.html"), "--eps", "L3=0.3"])
+    assert result.exit_code == 2 and "expected Linf=EPS or L2=EPS or L1=EPS" in result.output
     (run / "summary.json").unlink()
     result = runner.invoke(main, ["report", str(run), "--out", str(tmp_path / "x.html")])
     assert result.exit_code == 2 and "is not a finished run" in result.output

@@ -54,7 +54,7 @@ def test_unfinished_run_is_a_clear_error(tmp_path):
     [
         (lambda s: s.update(kind="train"), "kind 'train'"),
         (lambda s: s.pop("curve"), "lacks curve"),
-        (lambda s: s.update(norm="L1"), "norm must be one of"),
+        (lambda s: s.update(norm="L3"), "norm must be one of"),
         (lambda s: s.update(clean_accuracy=97.5), r"clean_accuracy must be a fraction in \[0, 1\]"),
         (lambda s: s.update(n=0), "n must be a positive integer"),
         (lambda s: s["curve"][0].update(ci_low=0.9, ci_high=0.95), "outside its interval"),
@@ -240,3 +240,31 @@ def test_a_check_an_adaptive_stage_cleared_is_shown_with_its_note(tmp_path):
     row = adversarial_display(adversarial_table([run]), "digits", "Linf").iloc[0]
     assert row["system"] == "standard"  # cleared, so not marked
     assert row["flags"] == f"cleared, zero-gradients: {message}"
+
+
+def test_an_l1_run_gets_its_own_columns_headline_and_figure(tmp_path):
+    """An L1 AutoAttack run (the L2 fixture with its budgets ×4) is reported beside L∞ and L2, at the data set's
+    L1 headline ε, with its own curve panel."""
+    from robusteval.reports.figures import iter_figures
+    from robusteval.reports.styles import model_identities
+
+    def to_l1(summary):
+        summary["norm"] = "L1"
+        for point in summary["curve"]:
+            point["eps"] *= 4
+
+    run = copy_run("standard-autoattack-L2", tmp_path, edit=to_l1, new_name="standard-autoattack-L1")
+    config = json.loads((run / "config.json").read_text())
+    config.update(norm="L1", eps=[4 * e for e in config["eps"]])
+    (run / "config.json").write_text(json.dumps(config))
+    runs = load_runs([FIXTURE_RUNS, run])
+    assert headline_eps("digits", "L1", runs) == 4.0
+    board, columns = leaderboard(runs)
+    keys = [c.key for c in columns]
+    assert keys[keys.index("best_L2") + 1:keys.index("best_L2") + 3] == ["autoattack_L1", "best_L1"]
+    standard = board[board["system"] == "standard"].iloc[0]
+    assert standard["autoattack_L1"] == fixture_summary("standard-autoattack-L2")["curve"][2]["robust_accuracy"]
+    l1_runs = [r for r in runs if r.kind == "attack" and r.summary["norm"] == "L1"]
+    drawn = {d.name: d.title for d in iter_figures(l1_runs, model_identities(r.model for r in l1_runs))}
+    assert drawn["robust_digits_L1"] == "Robust accuracy vs ε (digits, L1)"
+    assert "model_standard_robust_digits_L1" in drawn

@@ -38,8 +38,10 @@ from robusteval.core.vocabulary import NORMS
 logger = logging.getLogger(__name__)
 
 
-# AutoAttack's standard version targets 9 classes in APGD-T and FAB-T.
+# AutoAttack's standard version targets 9 classes in APGD-T and FAB-T; its L1 version (Croce & Hein 2021,
+# "Mind the box") 5 in APGD-T, with 5 restarts of APGD-CE and both APGDs on the ε schedule 3ε, 2ε, ε.
 AUTOATTACK_TARGETS = 9
+AUTOATTACK_TARGETS_L1_APGD = 5
 # The targeted DLR loss reads the 4th-largest logit, the untargeted one the 3rd.
 MIN_CLASSES_TARGETED_DLR = 4
 MIN_CLASSES_DLR = 3
@@ -96,8 +98,9 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("eot-pgd", ("Linf",), "torchattacks.EOTPGD", "PGD with expectation over transformation",
                    {"steps": 10, "step_size": "eps/4", "eot": "2 (20 on randomized defenses)"},
                    native_eot=True, eot_default=2),
-        AttackSpec("autoattack", ("Linf", "L2"), "pyautoattack.AutoAttack(version='standard')",
-                   "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
+        AttackSpec("autoattack", ("Linf", "L2", "L1"), "pyautoattack.AutoAttack(version='standard')",
+                   "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (L1: APGD with the L1 projection, "
+                   "5 restarts of APGD-CE, 5 targets of APGD-T, ε schedule 3ε, 2ε, ε)",
                    {"apgd_steps": 100, "targets": "min(9, classes-1)", "fab_steps": 100, "square_queries": 5000},
                    members=("apgd-ce", "apgd-t", "fab-t", "square")),
         AttackSpec("autoattack-rand", ("Linf", "L2"), "pyautoattack.AutoAttack(version='rand')",
@@ -122,8 +125,8 @@ def resolve_attack(name: str) -> AttackSpec:
 
 
 def resolve_norm(norm: str) -> str:
-    """'Linf' or 'L2' from a user-typed norm ('linf', 'inf', 'l2' ...)."""
-    aliases = {"inf": "Linf", "l_inf": "Linf", "linfinity": "Linf", "2": "L2"}
+    """'Linf', 'L2' or 'L1' from a user-typed norm ('linf', 'inf', 'l2', '1' ...)."""
+    aliases = {"inf": "Linf", "l_inf": "Linf", "linfinity": "Linf", "2": "L2", "l_2": "L2", "1": "L1", "l_1": "L1"}
     return resolve_name(aliases.get(norm.lower(), norm), NORMS, "norm")
 
 
@@ -273,9 +276,10 @@ def _build_autoattack(spec: AttackSpec, attacked: nn.Module, expected: nn.Module
     version = "standard" if spec.name == "autoattack" else "rand"
     suite = AutoAttack(attacked, norm=norm, eps=eps, version=version, seed=0, device=device)
     suite.logger = logging.getLogger("auto-attack")
-    targets = min(AUTOATTACK_TARGETS, num_classes - 1)
-    suite.apgd_targeted.n_target_classes = targets
-    suite.fab.n_target_classes = targets
+    # AutoAttack's own counts (its _set_version), capped at the model's other classes.
+    apgd_targets = AUTOATTACK_TARGETS_L1_APGD if norm == "L1" and version == "standard" else AUTOATTACK_TARGETS
+    suite.apgd_targeted.n_target_classes = min(apgd_targets, num_classes - 1)
+    suite.fab.n_target_classes = min(AUTOATTACK_TARGETS, num_classes - 1)
     # APGD averages its gradients over eot draws itself; FAB and Square see the expectation model.
     suite.apgd.eot_iter = eot
     suite.apgd_targeted.eot_iter = eot

@@ -11,10 +11,11 @@ Defenses (the `--defense` string, parsed by `robusteval.core.vocabulary.parse_de
 - `smooth:S:K`: the smoothed classifier, the majority vote of K noisy
   predictions at σ = S. Attacks see its soft version, log E[softmax], the
   expectation estimated with the EOT draws (Salman et al. 2019).
-- `sgld:K[:step:noise:chains]` (models with an energy): JEM's SGLD
+- `sgld:K[:step:noise:chains[:start]]` (models with an energy): JEM's SGLD
   refinement as its official evaluation runs it (wgrathwohl/JEM
   `attack_model.py`, `refined_logits`), in [0, 1] pixel units: `chains`
-  copies of x get Gaussian noise of std 0.015, each runs K steps of
+  copies of x get Gaussian noise of std `start` (default 0.015, JEM's
+  --sigma 0.03; its README's L2 command uses 0), each runs K >= 0 steps of
   x ← x − step·∇ₓE(x) + noise·n (E = −logsumexp f for JEM; no clamping, as
   in the official code), and the logits of the refined copies are averaged.
   Defaults step 0.25, noise 0.005, 5 chains: the official 1, 0.01 and 0.03
@@ -57,7 +58,7 @@ from robusteval.core.interface import (
     require_finite_logits,
     trusted_inputs,
 )
-from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec, parse_gradient
+from robusteval.core.vocabulary import DefenseSpec, parse_gradient
 
 DECISION_DRAWS = 100
 
@@ -162,7 +163,8 @@ class DeployedPipeline(nn.Module):
         spec = self.defense
         chains = spec.chains
         copies = x.unsqueeze(1).expand(x.shape[0], chains, *x.shape[1:]).reshape(x.shape[0] * chains, *x.shape[1:])
-        start = copies + SGLD_START_NOISE * torch.randn_like(copies)
+        # Drawn even at start 0, as the official code does: the chain's later draws then follow the same stream.
+        start = copies + spec.start_noise * torch.randn_like(copies)
         full = self.gradient == "full" and torch.is_grad_enabled()
         chain = start if full else start.detach()
         for _ in range(spec.steps):

@@ -88,7 +88,7 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
     'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K',
-    'sgld:K[:step:noise:chains]' (JEM's SGLD refinement, models with an
+    'sgld:K[:step:noise:chains[:start]]' (JEM's SGLD refinement, models with an
     energy) or 'purify:S:K[:ddpm|ddim]' (K reverse steps of the model's
     denoiser from noise std S); `gradient`: 'full', 'bpda', 'surrogate:K''
     (purify: the gradient of a K'-step purification) or 'auto' (all of

@@ -20,7 +20,11 @@ own figure.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
 from robusteval.attacks.catalog import (
@@ -80,25 +84,57 @@ def _component(name: str, attack: object, device: torch.device) -> AttackCompone
     return AttackComponent(name, run, white_box="square" not in name)
 
 
+class _Perturb:
+    """A pyautoattack attack called as torchattacks' are (`attack(x, y)`, `seed`, `set_device`).
+
+    torchattacks has no L1 attacks; under L1 the remedies and the escalation are AutoAttack's own L1 APGD and
+    Square (the same algorithms with the L1 projection and L1 proposals).
+    """
+
+    def __init__(self, attack: Any):
+        self.attack = attack
+        self.seed = 0
+
+    def set_device(self, device: torch.device) -> None:
+        self.attack.device = device
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        self.attack.seed = self.seed
+        with torch.no_grad():
+            return self.attack.perturb(x, y)
+
+
+def _apgd(model: nn.Module, *, norm: str, eps: float, steps: int, loss: str, eot: int, targets: int = 0) -> Any:
+    """APGD with its published settings: torchattacks' for L∞ and L2, pyautoattack's for L1."""
+    import torchattacks  # deferred: importing torchattacks costs ~0.8 s
+
+    if norm != "L1":
+        if targets:
+            return quietly(lambda: torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=1,
+                                                       eot_iter=eot, rho=0.75, n_classes=targets + 1))
+        return quietly(lambda: torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=1, loss=loss,
+                                                  eot_iter=eot, rho=0.75))
+    if targets:
+        return _Perturb(APGDAttack_targeted(model, n_iter=steps, norm=norm, n_restarts=1, eps=eps, eot_iter=eot,
+                                            rho=0.75, n_target_classes=targets, verbose=False))
+    return _Perturb(APGDAttack(model, n_iter=steps, norm=norm, n_restarts=1, eps=eps, loss=loss, eot_iter=eot,
+                               rho=0.75, verbose=False))
+
+
 def saturation_remedies(attacked: nn.Module, *, norm: str, eps: float, num_classes: int, device: torch.device,
                         eot: int, steps: int | None) -> list[AttackComponent]:
     """The scale-invariant attacks against softmax saturation, at one ε (APGD with its published settings)."""
-    import torchattacks  # deferred: importing torchattacks costs ~0.8 s
-
     steps = steps or APGD_STEPS
     components = []
     for label in saturation_remedy_names(num_classes):
         name = label[len(REMEDY_PREFIX):]
         if name == "apgd-dlr":
-            attack = quietly(lambda: torchattacks.APGD(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
-                                                        loss="dlr", eot_iter=eot, rho=0.75))
+            attack = _apgd(attacked, norm=norm, eps=eps, steps=steps, loss="dlr", eot=eot)
         elif name == "apgd-t":
-            targets = min(AUTOATTACK_TARGETS, num_classes - 1) + 1
-            attack = quietly(lambda: torchattacks.APGDT(attacked, norm=norm, eps=eps, steps=steps, n_restarts=1,
-                                                         eot_iter=eot, rho=0.75, n_classes=targets))
+            attack = _apgd(attacked, norm=norm, eps=eps, steps=steps, loss="dlr", eot=eot,
+                           targets=min(AUTOATTACK_TARGETS, num_classes - 1))
         else:
-            attack = quietly(lambda: torchattacks.APGD(RescaledLogits(attacked), norm=norm, eps=eps, steps=steps,
-                                                        n_restarts=1, loss="ce", eot_iter=eot, rho=0.75))
+            attack = _apgd(RescaledLogits(attacked), norm=norm, eps=eps, steps=steps, loss="ce", eot=eot)
         components.append(_component(label, attack, device))
     return components
 
@@ -108,9 +144,14 @@ def gradient_free_escalation(expected: nn.Module, *, norm: str, eps: float, devi
     """Square with SQUARE_FACTOR× `queries` (SQUARE_FACTOR restarts of `queries` each), at one ε."""
     import torchattacks  # deferred: importing torchattacks costs ~0.8 s
 
-    attack = quietly(lambda: torchattacks.Square(expected, norm=norm, eps=eps, n_queries=queries,
-                                                  n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin",
-                                                  resc_schedule=True))
+    if norm == "L1":
+        attack: Any = _Perturb(SquareAttack(expected, norm=norm, eps=eps, n_queries=queries,
+                                            n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin", resc_schedule=True,
+                                            verbose=False))
+    else:
+        attack = quietly(lambda: torchattacks.Square(expected, norm=norm, eps=eps, n_queries=queries,
+                                                      n_restarts=SQUARE_FACTOR, p_init=0.8, loss="margin",
+                                                      resc_schedule=True))
     return [_component(escalation_names()[0], attack, device)]
 
 

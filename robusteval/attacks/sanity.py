@@ -74,10 +74,12 @@ def large_eps(norm: str, input_shape: tuple[int, ...]) -> float:
     """An ε at which any sound attack breaks (nearly) every point.
 
     L∞ 0.5 reaches the mid-grey image from any image in [0, 1]; for L2 the
-    same image lies within 0.5·√d, and at least 5.0 is used.
+    same image lies within 0.5·√d, and at least 5.0 is used; for L1 within 0.5·d (at least 5.0).
     """
     if norm == "Linf":
         return LARGE_EPS_LINF
+    if norm == "L1":
+        return max(LARGE_EPS_L2_MIN, 0.5 * math.prod(input_shape))
     return max(LARGE_EPS_L2_MIN, 0.5 * math.sqrt(math.prod(input_shape)))
 
 

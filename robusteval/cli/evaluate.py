@@ -53,7 +53,8 @@ from robusteval.smoothing.sequential import SEQUENTIAL_DESIGNS
 
 @main.command("run")
 @click.option("--model", "model_name", required=True,
-              help="Registered model (see `robusteval list models`) or robustbench:<Name>.")
+              help="Registered model (see `robusteval list models`), robustbench:<Name>, or package.module:factory "
+                   "(a callable returning an nn.Module classifier or a JointModel; see --model-kwargs).")
 @click.option("--attack", default="autoattack", show_default=True, help="Attack or suite (see `robusteval list attacks`).")
 @job_options
 @click.option("--norm", default=NORMS[0], show_default=True, help=f"Threat model: {' or '.join(NORMS)}.")

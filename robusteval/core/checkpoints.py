@@ -95,7 +95,9 @@ def read_state_dict(
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_first_line(error)}") from error
-    loaded = _load_torch(path, allow_unsafe_pickle, admitted=[], what="tensors and plain containers")
+    # The restricted unpickler of the papers' files: a refused class is one line naming it and the way out
+    # (a PyTorch Lightning checkpoint, e.g. latent diffusion's model.ckpt, may pickle Lightning's classes).
+    loaded = read_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if isinstance(loaded, nn.Module):
         loaded = loaded.state_dict()
     while isinstance(loaded, dict):

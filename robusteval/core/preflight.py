@@ -105,14 +105,16 @@ def _shape(shape: tuple[int, ...]) -> str:
 def check_eps_budget(norm: str, eps: Sequence[float], input_shape: Sequence[int]) -> None:
     """Reject budgets beyond the whole pixel range, where every image can reach every other one.
 
-    Any two images in [0, 1]^d differ by at most 1 in L∞ and by √d in L2, so
-    a larger ε measures nothing more; it is almost always a typo (2 for 2/255).
+    Any two images in [0, 1]^d differ by at most 1 in L∞, √d in L2 and d in L1,
+    so a larger ε measures nothing more; it is almost always a typo (2 for 2/255).
     """
-    limit = 1.0 if norm == "Linf" else math.sqrt(math.prod(int(d) for d in input_shape))
+    dim = math.prod(int(d) for d in input_shape)
+    limit = {"Linf": 1.0, "L1": float(dim)}.get(norm, math.sqrt(dim))
     beyond = [e for e in eps if e > limit + 1e-12]
     if beyond:
-        what = "1 (the whole [0, 1] pixel range)" if norm == "Linf" else \
-            f"√{math.prod(int(d) for d in input_shape)} = {limit:.4g} (the diameter of the image box)"
+        what = {"Linf": "1 (the whole [0, 1] pixel range)",
+                "L1": f"{dim} (the L1 diameter of the image box)"}.get(
+            norm, f"√{dim} = {limit:.4g} (the diameter of the image box)")
         hint = f"; did you mean {beyond[0]:g}/255 = {beyond[0] / 255:.4g}?" if norm == "Linf" else ""
         raise UsageError(f"eps {', '.join(f'{e:g}' for e in beyond)} under {norm} exceeds {what}, where every "
                          f"image reaches every other{hint}")

@@ -16,8 +16,8 @@ from robusteval.core.errors import UsageError
 from robusteval.core.names import resolve_name
 
 # Threat models, in the order tables and figures show them (pixel scale [0, 1]).
-NORMS = ("Linf", "L2")
-NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
+NORMS = ("Linf", "L2", "L1")
+NORM_SYMBOL = {"Linf": "L∞", "L2": "L2", "L1": "L1"}
 # Gradients through a denoise, purify or sgld defense: exact, identity backward (BPDA), a K'-step surrogate
 # process (purify only; Lee & Kim 2023), or the worst case over them per point (auto).
 GRADIENTS = ("full", "bpda", "auto")
@@ -38,10 +38,10 @@ RUN_KINDS = ("attack", "certify", "predict", "denoise")
 REPORT_FORMATS = ("html", "md", "csv", "latex", "robustbench")
 
 DEFENSE_KINDS = ("none", "denoise", "noise", "smooth", "sgld", "purify")
-DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K", "sgld:K[:step:noise:chains]",
-                 "purify:S:K[:ddpm|ddim]")
-_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes, SGLD or "
-                  f"purification steps)")
+DEFENSE_FORMS = ("none", "denoise:S", "denoise:S:noise", "noise:S", "smooth:S:K",
+                 "sgld:K[:step:noise:chains[:start]]", "purify:S:K[:ddpm|ddim]")
+_DEFENSE_USAGE = (f"expected one of {', '.join(DEFENSE_FORMS)} (S > 0 a noise std, K >= 1 votes or purification "
+                  f"steps, K >= 0 SGLD steps)")
 # JEM's SGLD refinement (wgrathwohl/JEM attack_model.py, `refined_logits`), converted from its [-1, 1] pixel scale
 # to the contract's [0, 1]: with u = 2x - 1, ∇ᵤ = ∇ₓ / 2, so a step u += ∇ᵤ logsumexp f + 0.01 n is
 # x += (1/4) ∇ₓ logsumexp f + 0.005 n, and the starting noise std 0.03 on u is 0.015 on x.
@@ -69,15 +69,18 @@ class DefenseSpec:
     noise: float = SGLD_NOISE  # sgld: s
     chains: int = SGLD_CHAINS  # sgld: independent chains whose logits are averaged
     sampler: str = PURIFY_SAMPLERS[0]  # purify: ddpm (ancestral) or ddim (η = 0); steps is its K
+    start_noise: float = SGLD_START_NOISE  # sgld: std of the Gaussian noise each chain starts with
 
     @property
     def randomized(self) -> bool:
-        return self.kind in ("noise", "smooth", "sgld", "purify") or (self.kind == "denoise" and self.add_noise)
+        if self.kind == "sgld":  # JEM's L2 recipe starts without noise; a chain without noise is deterministic
+            return self.start_noise > 0 or (self.steps > 0 and self.noise > 0)
+        return self.kind in ("noise", "smooth", "purify") or (self.kind == "denoise" and self.add_noise)
 
     @property
     def differentiates_through(self) -> bool:
         """The defense computes gradients in its forward pass (a denoiser's score, SGLD): --gradient applies."""
-        return self.kind in ("denoise", "sgld", "purify")
+        return self.kind in ("denoise", "purify") or (self.kind == "sgld" and self.steps > 0)
 
     @property
     def forward_passes(self) -> int:
@@ -94,9 +97,10 @@ class DefenseSpec:
         if self.kind == "none":
             return "none"
         if self.kind == "sgld":
-            if (self.step_size, self.noise, self.chains) == (SGLD_STEP, SGLD_NOISE, SGLD_CHAINS):
+            start = f":{self.start_noise:g}" if self.start_noise != SGLD_START_NOISE else ""
+            if (self.step_size, self.noise, self.chains) == (SGLD_STEP, SGLD_NOISE, SGLD_CHAINS) and not start:
                 return f"sgld:{self.steps}"
-            return f"sgld:{self.steps}:{self.step_size:g}:{self.noise:g}:{self.chains}"
+            return f"sgld:{self.steps}:{self.step_size:g}:{self.noise:g}:{self.chains}{start}"
         if self.kind == "smooth":
             return f"smooth:{self.sigma:g}:{self.votes}"
         if self.kind == "purify":
@@ -108,8 +112,8 @@ class DefenseSpec:
 
 
 def parse_defense(text: str) -> DefenseSpec:
-    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K', 'sgld:K[:step:noise:chains]' or
-    'purify:S:K[:sampler]'."""
+    """Parse 'none', 'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K',
+    'sgld:K[:step:noise:chains[:start]]' or 'purify:S:K[:sampler]'."""
     parts = [p.strip() for p in str(text).split(":")]
     kind = resolve_name(parts[0], DEFENSE_KINDS, "defense")
     usage = _DEFENSE_USAGE
@@ -143,20 +147,25 @@ def parse_defense(text: str) -> DefenseSpec:
 
 
 def _parse_sgld(text: str, parts: list[str]) -> DefenseSpec:
-    """sgld:K[:step:noise:chains]: K >= 1 steps; step > 0 and noise >= 0 in [0, 1] pixel units; chains >= 1."""
-    usage = ("sgld takes sgld:K or sgld:K:step:noise:chains (K >= 1 steps, step > 0, noise >= 0 in [0, 1] pixel "
-             f"units, chains >= 1; JEM's recipe is step {SGLD_STEP:g}, noise {SGLD_NOISE:g}, {SGLD_CHAINS} chains)")
-    if len(parts) not in (1, 4):
+    """sgld:K[:step:noise:chains[:start]]: K >= 0 steps (0: the start noise only, JEM's n_steps_refine default);
+    step > 0, noise >= 0 and start >= 0 (the chains' starting noise) in [0, 1] pixel units; chains >= 1."""
+    usage = ("sgld takes sgld:K, sgld:K:step:noise:chains or sgld:K:step:noise:chains:start (K >= 0 steps, step > 0, "
+             "noise >= 0 and start >= 0 in [0, 1] pixel units, chains >= 1; JEM's recipe is step "
+             f"{SGLD_STEP:g}, noise {SGLD_NOISE:g}, {SGLD_CHAINS} chains, start {SGLD_START_NOISE:g}; its L2 "
+             "attack command starts at 0)")
+    if len(parts) not in (1, 4, 5):
         raise UsageError(f"defense {text!r}: {usage}")
     try:
         steps = int(parts[0])
-        step, noise = (float(parts[1]), float(parts[2])) if len(parts) == 4 else (SGLD_STEP, SGLD_NOISE)
-        chains = int(parts[3]) if len(parts) == 4 else SGLD_CHAINS
+        step, noise = (float(parts[1]), float(parts[2])) if len(parts) >= 4 else (SGLD_STEP, SGLD_NOISE)
+        chains = int(parts[3]) if len(parts) >= 4 else SGLD_CHAINS
+        start = float(parts[4]) if len(parts) == 5 else SGLD_START_NOISE
     except ValueError:
         raise UsageError(f"defense {text!r}: {usage}") from None
-    if steps < 1 or chains < 1 or not (math.isfinite(step) and step > 0) or not (math.isfinite(noise) and noise >= 0):
+    if (steps < 0 or chains < 1 or not (math.isfinite(step) and step > 0) or not (math.isfinite(noise) and noise >= 0)
+            or not (math.isfinite(start) and start >= 0)):
         raise UsageError(f"defense {text!r}: {usage}")
-    return DefenseSpec("sgld", steps=steps, step_size=step, noise=noise, chains=chains)
+    return DefenseSpec("sgld", steps=steps, step_size=step, noise=noise, chains=chains, start_noise=start)
 
 
 def _parse_purify(text: str, sigma: float, parts: list[str]) -> DefenseSpec:

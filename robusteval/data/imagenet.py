@@ -20,9 +20,12 @@ Order, so that ``--n 1000`` means the same images on every machine:
    ("robustbench" or "sorted"), runs record it in their configuration
    (`image_order`) and their summary carries `order_notes`' warning.
 
-Preprocessing (RobustBench's "Res256Crop224", also Cohen et al.'s test
-transform): resize the shorter side to 256 (bilinear, antialiased), centre
-crop 224×224, scale to [0, 1].
+Preprocessing (`PREPROCESSINGS`, chosen with --preprocessing and recorded in
+the run's configuration): by default RobustBench's "Res256Crop224" (also
+Cohen et al.'s test transform): resize the shorter side to 256 (bilinear,
+antialiased), centre crop 224×224, scale to [0, 1]. RobustBench's others,
+"Crop288" (centre crop 288, no resize) and "BicubicRes256Crop224", and
+"Res256Crop256" (resize 256, centre crop 256: EGC's evaluation, 32×32 latents).
 """
 
 from __future__ import annotations
@@ -33,11 +36,20 @@ from pathlib import Path
 
 import torch
 
+from robusteval.core.names import resolve_name
 from robusteval.data.files import not_a_directory
 from robusteval.data.registry import DatasetError, ImageDataset, check_split
 
 RESIZE = 256
 CROP = 224
+# name → (shorter side resized to, interpolation, centre crop): RobustBench's names, and EGC's 256 crop.
+PREPROCESSINGS: dict[str, tuple[int | None, str, int]] = {
+    "Res256Crop224": (RESIZE, "bilinear", CROP),
+    "Crop288": (None, "bilinear", 288),
+    "BicubicRes256Crop224": (RESIZE, "bicubic", CROP),
+    "Res256Crop256": (RESIZE, "bilinear", 256),
+}
+DEFAULT_PREPROCESSING = "Res256Crop224"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Without --n, more images than this are refused: 10,000 images at 224×224 already take 6 GB as float32.
 MAX_UNLIMITED = 10_000
@@ -120,12 +132,20 @@ def order_notes(order: str | None) -> list[str]:
             "with its leaderboard"]
 
 
-def preprocess(path: Path) -> torch.Tensor:
-    """One image as RobustBench's Res256Crop224: (3, 224, 224) float in [0, 1]."""
+def crop_size(preprocessing: str) -> int:
+    """The side of the images a preprocessing makes (224, 256 or 288)."""
+    return PREPROCESSINGS[resolve_name(preprocessing, PREPROCESSINGS, "imagenet preprocessing")][2]
+
+
+def preprocess(path: Path, preprocessing: str = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    """One image as `preprocessing` makes it (default RobustBench's Res256Crop224): (3, S, S) float in [0, 1]."""
     from PIL import Image  # deferred with torchvision (ImageNet only)
     from torchvision import transforms  # deferred: torchvision costs seconds to import
 
-    transform = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP), transforms.ToTensor()])
+    resize, interpolation, crop = PREPROCESSINGS[preprocessing]
+    mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
+    steps = [transforms.Resize(resize, interpolation=mode)] if resize is not None else []
+    transform = transforms.Compose([*steps, transforms.CenterCrop(crop), transforms.ToTensor()])
     try:
         with Image.open(path) as image:
             return transform(image.convert("RGB"))
@@ -133,8 +153,10 @@ def preprocess(path: Path) -> torch.Tensor:
         raise DatasetError(f"{path}: not a readable image: {error}") from error
 
 
-def load_imagenet(split: str = "test", root: str | Path | None = None, limit: int | None = None) -> ImageDataset:
-    """The first `limit` validation images (all when None) in the fixed order, labelled by wnid."""
+def load_imagenet(split: str = "test", root: str | Path | None = None, limit: int | None = None,
+                  preprocessing: str = DEFAULT_PREPROCESSING) -> ImageDataset:
+    """The first `limit` validation images (all when None) in the fixed order, labelled by wnid, preprocessed."""
+    preprocessing = resolve_name(preprocessing, PREPROCESSINGS, "imagenet preprocessing")
     check_split(split)
     if split != "test":
         raise ValueError("imagenet: only the validation images (split 'test') are read")
@@ -151,7 +173,7 @@ def load_imagenet(split: str = "test", root: str | Path | None = None, limit: in
     unknown = sorted({path.parent.name for path in chosen} - set(labels_of))
     if unknown:
         raise DatasetError(f"imagenet: folders {unknown[:5]} under {directory} are not ILSVRC-2012 wnids")
-    x = torch.stack([preprocess(path) for path in chosen])
+    x = torch.stack([preprocess(path, preprocessing) for path in chosen])
     y = torch.tensor([labels_of[path.parent.name] for path in chosen], dtype=torch.long)
     classes = tuple(sorted(labels_of, key=labels_of.__getitem__))
     return ImageDataset("imagenet", split, x, y, classes, order=order_name)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robusteval.core.errors import UsageError
 from robusteval.core.names import resolve_name
 from robusteval.data.files import (
     TORCHVISION_FOLDERS,
@@ -95,7 +96,7 @@ def load_digits(split: str = "test") -> ImageDataset:
 
 
 def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
-                 limit: int | None = None) -> ImageDataset:
+                 limit: int | None = None, preprocessing: str | None = None) -> ImageDataset:
     """Load a data set by name, or an `.npz` file by path.
 
     Known names: see `DATASETS`. `root` is the directory holding the files of
@@ -103,6 +104,8 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
     cifar100 and imagenet; digits and .npz paths ignore it. `limit` keeps the
     first `limit` images only (ImageNet then decodes only those). Nothing is
     downloaded; missing files are a clear error naming what was expected where.
+    `preprocessing`: ImageNet's (see `robusteval.data.imagenet.PREPROCESSINGS`; None: its default); other
+    data sets take none.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
@@ -110,7 +113,9 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
         # deferred: it imports torchvision
         from robusteval.data.imagenet import load_imagenet
 
-        return load_imagenet(split, root, limit)
+        return load_imagenet(split, root, limit, **({"preprocessing": preprocessing} if preprocessing else {}))
+    if preprocessing is not None:
+        raise UsageError(f"--preprocessing applies to imagenet only, not to data set {name!r}")
     return _limited(_load_dataset(name, split, root), limit)
 
 

@@ -70,7 +70,9 @@ class DenoiseJob(Job):
         self._freeze(DenoiseConfig(model=resolved.model_name, dataset=data.name, sigmas=sigmas, n_images=n_images,
                                    seed=seed, batch_size=batch_size,
                                    model_fingerprint=weights_fingerprint(model),
-                                   file_fingerprints=resolved.options.file_fingerprints()).to_json())
+                                   file_fingerprints=resolved.options.file_fingerprints(),
+                                   model_source=resolved.model_source,
+                                   preprocessing=resolved.preprocessing).to_json())
         self.name_parts = ("denoise", resolved.model_name, data.name)
 
     def run(self, out: str | Path | RunDirectory | None = None, resume: bool = True, progress: bool = False,

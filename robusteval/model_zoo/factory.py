@@ -6,6 +6,7 @@ is imported; the zoo modules themselves import only the registry below.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def create_model(
     official: bool | None = None,
     vae: str | Path | None = None,
     model_config: str | Path | dict[str, Any] | None = None,
+    image_size: int | None = None,
 ) -> JointModel:
     """Build a registered model for `dataset`, with its shipped (verified) weights.
 
@@ -113,6 +115,8 @@ def create_model(
     the official loaders that take them (see the card's `official.options`).
     `robustbench:<Name>` builds a RobustBench zoo architecture with weights
     from `model_dir` in RobustBench's layout; it never downloads.
+    `image_size`: the side of the data set's square images when a preprocessing makes it differ from the data
+    set's description (ImageNet's --preprocessing: 224, 256 or 288).
     """
     target = resolve_device(device)
     if name.startswith("robustbench:"):
@@ -126,6 +130,8 @@ def create_model(
 
     entry = get_entry(name)
     info = dataset_info(dataset)
+    if image_size is not None:
+        info = dataclasses.replace(info, input_shape=(info.input_shape[0], image_size, image_size))
     spec = official_architecture(entry.card.name, info.name) if official is not False else None
     if official and spec is None:
         raise UsageError(f"model '{entry.card.name}' has no official architecture for data set '{info.name}'")

@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 
 from robusteval.records.encoding import to_json_dict as _json
 
-# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files), ImageNet's image order
-# (robusteval.data.imagenet) and the fingerprints of the files given (robusteval.core.fingerprints): each recorded
-# only when there is one.
-_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints")
+# Recorded only when there is one: the companions of an official --checkpoint
+# (robusteval.jobs.JobOptions.official_files), ImageNet's image order and preprocessing (robusteval.data.imagenet),
+# where a --model package.module:factory came from (robusteval.jobs.Resolved.model_source) and the fingerprints
+# of the files given (robusteval.core.fingerprints).
+_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints", "model_source", "preprocessing")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class AttackConfig:
     model_config: str | None = None
     image_order: str | None = None
     file_fingerprints: dict[str, str] | None = None  # {option: fingerprint} of --checkpoint, --vae, --model-config
+    model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -91,6 +94,8 @@ class SmoothingConfig:
     # The weights the records were computed with (robusteval.core.fingerprints); absent in runs made before.
     model_fingerprint: str | None = None
     file_fingerprints: dict[str, str] | None = None
+    model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",
@@ -115,6 +120,8 @@ class DenoiseConfig:
     kind: str = "denoise"
     model_fingerprint: str | None = None  # absent in runs made before
     file_fingerprints: dict[str, str] | None = None
+    model_source: dict[str, Any] | None = None
+    preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, **{k: v for k, v in _json(self).items()

@@ -36,6 +36,9 @@ class OfficialArchitecture:
     options: tuple[str, ...] = ()
     # Capabilities the re-implementation has and the official model does not, with the reason.
     not_offered: dict[str, str] = field(default_factory=dict)
+    # The ImageNet preprocessing of the paper's own evaluation (robusteval.data.imagenet.PREPROCESSINGS), the
+    # default of --preprocessing for this model; None: RobustBench's Res256Crop224.
+    imagenet_preprocessing: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,8 +92,9 @@ def _gmmc() -> OfficialArchitecture:
         unsettled=(
             "The centres are the file's (its pickled LDALayer, of which only 'centers' is read); a file without "
             "'margin' gets the Max-Mahalanobis centres recomputed with --mu_c 10, train_gmmc.py's default.",
-            "sample(): train_gmmc.py's staged sampling (gamma 0): 20 steps of x -= 1 * grad of the batch mean of "
-            "1/2 ||phi(x) - mu_y||^2 on [-1, 1] images, clamped, no noise, from the file's replay buffer "
+            "sample(): train_gmmc.py's staged sampling with the published --gamma 0.001 (scripts/cifar10_gen.sh): "
+            "20 steps of x -= 1 * grad of the batch mean of 1/2 ||phi(x) - (mu_y + gamma z)||^2 (z ~ N(0, I) drawn "
+            "once per chain) on [-1, 1] images, clamped, no noise, from the file's replay buffer "
             "(class-y slots y * N/C + i, as sample_p_0). The official step depends on the batch size through the "
             "mean; robusteval fixes it at the official batch of 64.",
         ),
@@ -167,6 +171,7 @@ def _egc() -> OfficialArchitecture:
         capabilities=egc.OfficialEGC.capabilities, unsettled=egc.UNSETTLED, options=("vae", "model_config"),
         not_offered={"denoise": "EGC's diffusion noise lives in the autoencoder's latent, so no pixel-space "
                                 "denoiser (and no denoised certification or denoise:S defense) can be read off it"},
+        imagenet_preprocessing="Res256Crop256",  # EGC's evaluation: resize 256, centre crop 256 (32×32 latents)
     )
 
 

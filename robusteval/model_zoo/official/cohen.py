@@ -135,7 +135,7 @@ def load_cohen(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = 
         load_into(published.net, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     model = CohenClassifier(info, net, mean, std)
     load_into(model.net, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
-    return model
+    return model.eval()  # as create_model: a direct caller must not get BatchNorm on batch statistics
 
 
 def _blocks(state: dict[str, Tensor], prefix: str) -> int:

@@ -160,4 +160,4 @@ def load_dmae(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
                              mlp_ratio=mlp_ratio, global_pool=global_pool)
     model = DMAEClassifier(info, vit, mean, std)
     load_into(model.vit, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
-    return model
+    return model.eval()  # as create_model: a direct caller must not get BatchNorm on batch statistics

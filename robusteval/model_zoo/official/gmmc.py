@@ -12,7 +12,6 @@ pickling the whole LDALayer module; robusteval keeps only its centres.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +47,29 @@ MU_C = 10.0  # train_gmmc.py --mu_c default
 # 1/4 on [0, 1] images; the batch mean is taken over the official batch of 64.
 GMMC_SGLD = SGLDConfig(steps=20, step_size=0.25, noise=0.0)
 OFFICIAL_BATCH = 64
+# Staged sampling's feature-space target u_y + γ·z (z ~ N(0, I) drawn once per chain): the published command
+# (scripts/cifar10_gen.sh) passes --gamma 0.001; train_gmmc.py's default is 0.
+GMMC_SAMPLE_GAMMA = 0.001
 
 
 def mmc_centers(num_classes: int, dim: int, scale: float = MU_C) -> Tensor:
     """The Max-Mahalanobis centres of `cal_center`: unit vectors with pairwise inner product −1/(C − 1), × scale.
 
     Row k is fixed by its inner products with rows 0..k−1 (solved in order,
-    a triangular system) and then completed to unit norm on axis k.
+    a triangular system) and then completed to unit norm on axis k. Computed
+    in float32 with tensor arithmetic throughout, as `cal_center` computes
+    them: the centres a genuine file holds (a float64 solve differs from
+    them by 6e-3 on the last centre at C = 10, 1e-2 at C = 100).
     """
     if num_classes < 2 or dim < num_classes:
         raise UsageError(f"Max-Mahalanobis centres need 2 <= classes <= dim, got {num_classes} classes in {dim} dims")
-    centers = torch.zeros(num_classes, dim, dtype=torch.float64, device="cpu")  # also inside a meta-device build
+    centers = torch.zeros(num_classes, dim, dtype=torch.float32, device="cpu")  # also inside a meta-device build
     centers[0, 0] = 1.0
     for k in range(1, num_classes):
         for j in range(k):
-            centers[k, j] = -(1.0 / (num_classes - 1) + centers[k] @ centers[j]) / centers[j, j]
-        centers[k, k] = math.sqrt(abs(1.0 - float(centers[k].norm() ** 2)))
-    return (centers * scale).float()
+            centers[k, j] = -(1.0 / (num_classes - 1) + torch.dot(centers[k], centers[j])) / centers[j, j]
+        centers[k, k] = torch.sqrt(torch.abs(1.0 - torch.linalg.vector_norm(centers[k]).pow(2)))
+    return centers * scale
 
 
 class OfficialGMMC(JointModel):
@@ -87,6 +92,7 @@ class OfficialGMMC(JointModel):
         # The file's replay buffer: images (read when sampled) and their labels, on the CPU.
         self.replay_source: tuple[ReplayImages, Tensor] | None = None
         self.sample_config = GMMC_SGLD
+        self.sample_gamma = GMMC_SAMPLE_GAMMA
 
     def features(self, x: Tensor) -> Tensor:
         return self.f((x - 0.5) / 0.5)
@@ -104,7 +110,8 @@ class OfficialGMMC(JointModel):
 
     def _sample(self, n: int, y: Tensor | None, generator: torch.Generator | None) -> Tensor:
         start, labels = self._chain_starts(n, y, generator)
-        target = self.centers[labels.to(self.device)]
+        jitter = self.sample_gamma * torch.randn(n, self.centers.shape[1], generator=generator)
+        target = self.centers[labels.to(self.device)] + jitter.to(self.device)
 
         def energy(v: Tensor) -> Tensor:  # P_X_y: ½‖φ − μ_y‖², averaged over the official batch
             return 0.5 * (self.features(v) - target).pow(2).sum(1) / OFFICIAL_BATCH
@@ -164,7 +171,7 @@ def load_gmmc(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = F
     buffer = loaded.get("replay_buffer")
     if buffer is not None:
         model.replay_source = replay_with_labels(buffer, path, model)
-    return model
+    return model.eval()  # as create_model: a direct caller must not get BatchNorm on batch statistics
 
 
 def replay_with_labels(buffer: Any, path: str | Path, model: OfficialGMMC) -> tuple[ReplayImages, Tensor]:

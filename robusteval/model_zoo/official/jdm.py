@@ -5,7 +5,9 @@ attribute name `clasifier`: the middle block's output and every input
 block's output are average-pooled, concatenated with the timestep t, and
 passed through dropout 0.7 → BatchNorm1d → Linear → LeakyReLU → dropout 0.7 →
 BatchNorm1d → Linear. Files are the bare state dicts the official trainer
-writes (`model{step}_0.pt`, `ema_{rate}_{step}_0.pt`).
+writes: `scripts/image_train.py` with `--train_with_classifier True`, whose
+TrainLoop saves `model{step}_0.pt` (no EMA files; `classifier_train.py`
+trains a separate classifier without `clasifier.*` keys).
 
 Under the JointModel contract (x in [0, 1]; inside, (x − 0.5)/0.5):
 
@@ -23,6 +25,7 @@ Under the JointModel contract (x in [0, 1]; inside, (x − 0.5)/0.5):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +55,8 @@ from robusteval.model_zoo.official.schedule import (
     space_timesteps,
 )
 
+logger = logging.getLogger(__name__)
+
 # What the state dict cannot tell defaults to the official CIFAR-10 command
 # (README of KamilDeja/joint_diffusion): 128 channels, 3 residual blocks,
 # attention at 16 and 8, 4 heads, scale-shift norm, 1,000 linear steps.
@@ -71,6 +76,28 @@ TRAINING_FLAGS = {
     "dataroot", "timestep_respacing", "model_name", "multi_label_classifier", "classifier_augmentation",
 }
 DIFFUSION_FLAGS = {"diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps"}
+# The published commands' flags by name (--model-config preset:NAME): the diffusion a file cannot tell. CIFAR-10's
+# command runs 1,000 linear steps, Fashion-MNIST's 500; the UNet's shapes are read from the file either way.
+PRESET_PREFIX = "preset:"
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {"diffusion_steps": 1000, "noise_schedule": "linear"},
+    "fashion-mnist": {"diffusion_steps": 500, "noise_schedule": "linear"},
+}
+
+
+def model_options(model_config: str | Path | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """--model-config as checked flags: a JSON file, a dict, or `preset:NAME` (see PRESETS); None when not given."""
+    if model_config is None:
+        return None
+    if not isinstance(model_config, Mapping) and str(model_config).startswith(PRESET_PREFIX):
+        name = str(model_config)[len(PRESET_PREFIX):]
+        if name not in PRESETS:
+            raise UsageError(f"--model-config {model_config}: jdm's presets are "
+                             f"{', '.join(PRESET_PREFIX + k for k in PRESETS)}")
+        return dict(PRESETS[name])
+    return model_config_options(model_config)
+
+
 # The official conditional sampler's default step on the features (image_sample_with_classifier.py, sampling_lr).
 OFFICIAL_SAMPLING_LR = 1000.0
 
@@ -196,6 +223,8 @@ class OfficialJointDiffusion(JointModel):
         self.ddim = ddim
         self.feature_step = feature_step
         self.clip_denoised = clip_denoised
+        # Diffusion flags neither the file nor --model-config gave, and the values assumed (recorded in runs).
+        self.assumed_config: dict[str, Any] | None = None
 
     # --- the network in diffusion coordinates ----------------------------------------------------
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -291,11 +320,11 @@ def load_jdm(
     cannot (heads, attention order, diffusion steps, schedule) or, when the
     shapes cannot be read, the whole configuration.
     """
-    options = model_config_options(model_config)  # checked before any file is read
-    if options.get("image_size", info.input_shape[1]) != info.input_shape[1]:
+    options = model_options(model_config)  # checked before any file is read
+    if (options or {}).get("image_size", info.input_shape[1]) != info.input_shape[1]:
         raise UsageError(f"--model-config: 'image_size' {options['image_size']} differs from the "
                          f"{info.input_shape[1]}×{info.input_shape[1]} images of data set '{info.name}'")
-    make_schedule({k: options.get(k, OFFICIAL_CIFAR10[k]) for k in ("diffusion_steps", "noise_schedule")})
+    make_schedule({k: (options or {}).get(k, OFFICIAL_CIFAR10[k]) for k in ("diffusion_steps", "noise_schedule")})
     state = read_state_dict(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     # kornia's augmentation pipeline (used in training only) may leave buffers under `augmentation.`.
     state = {k: v for k, v in state.items() if not k.startswith("augmentation.")}
@@ -323,7 +352,17 @@ def load_jdm(
         )
     net = JointDiffusionUNet(config, num_classes)
     load_into(net, state, str(checkpoint))
-    return OfficialJointDiffusion(net, info, make_schedule(diffusion)).eval()
+    model = OfficialJointDiffusion(net, info, make_schedule(diffusion)).eval()
+    missing = {k: v for k, v in diffusion.items() if k not in (options or {})}
+    if missing:
+        # The file does not hold its diffusion: say what is assumed (and record it: `assumed_config`), since
+        # denoise:S reads the timestep of σ off this schedule.
+        model.assumed_config = missing
+        logger.warning("jdm: %s does not hold its diffusion and --model-config does not give %s; assuming the "
+                       "official CIFAR-10 command's %s (the published Fashion-MNIST command: --model-config "
+                       "preset:fashion-mnist, 500 steps)", checkpoint, " and ".join(missing),
+                       ", ".join(f"{k} {v}" for k, v in missing.items()))
+    return model
 
 
 def build_jdm(info: DatasetInfo) -> OfficialJointDiffusion:
@@ -349,7 +388,7 @@ ARCHITECTURE = (
     "ε-prediction, 1,000 linear steps"
 )
 FORMAT = (
-    "a bare state dict as the official trainer's th.save writes it (model{step}_0.pt, ema_{rate}_{step}_0.pt): "
+    "a bare state dict as scripts/image_train.py's TrainLoop writes it (model{step}_0.pt; no EMA files): "
     "time_embed.*, input_blocks.*, middle_block.*, output_blocks.*, out.*, clasifier.{bn_1,fc_1,bn_2,fc_2}.*"
 )
 PREPROCESSING = "(x - 0.5) / 0.5 inside the model"

@@ -125,4 +125,4 @@ def load_jem(info: DatasetInfo, path: str | Path, allow_unsafe_pickle: bool = Fa
     load_into(model, state, str(path), FORMAT, optional=BATCHNORM_STEPS)
     if loaded.get("replay_buffer") is not None:
         model.replay_source = ReplayImages(loaded["replay_buffer"], path, model.input_shape)
-    return model
+    return model.eval()  # as create_model: a direct caller must not get BatchNorm on batch statistics
