@@ -179,7 +179,7 @@ def test_an_autoencoder_downsampling_by_2_instead_of_8_is_refused(egc_files, tmp
         str(egc_files["checkpoint"]), "--model-config", str(egc_files["config"]), "--vae", str(path), "--device",
         "cpu", "--sigma", "0.25", "--n-images", "1", "--n", "2", "--batch-size", "2", "--no-compile",
         "--out", str(tmp_path / "p")])
-    one_line_error(result, str(path), "downsamples by 2", "downsampled by 8", "112×112 latents instead of 28×28")
+    one_line_error(result, str(path), "downsamples by 2", "downsampled by 8", "128×128 latents instead of 32×32")
 
 
 # --- --model-config: size, types, ranges ----------------------------------------------------------------------
