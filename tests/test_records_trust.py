@@ -340,3 +340,17 @@ def test_tables_escape_a_hostile_model_name(tmp_path):
     assert "'=HYPERLINK(1)" in (tables / "certified.csv").read_text()
     latex = (tables / "adversarial.tex").read_text()
     assert "\\textless{}script\\textgreater{}" in latex and "\\_" not in latex.replace("\\\\_", "")
+
+
+def test_merge_refuses_a_label_changed_away_from_the_data_set_s(certified_shards, tmp_path):
+    def relabelled(record: dict) -> None:  # consistent with itself: label, prediction and class moved together
+        other = (record["label"] + 1) % 10
+        record.update(label=other, top_class=other, **({"prediction": other} if record["prediction"] is not None else {}))
+
+    s1, s2 = _edited_shard(certified_shards, tmp_path, relabelled)
+    message = _one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"), "line 2: field label")
+    assert "samples.jsonl" in message
+    assert not (tmp_path / "merged" / "summary.json").exists()
+    merged = _invoke("merge", *certified_shards, "--out", tmp_path / "intact")
+    _ok(merged)
+    assert "labels checked against data set 'digits'" in merged.stdout

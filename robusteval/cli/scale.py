@@ -65,13 +65,16 @@ def summary_to_print(summary: dict[str, Any], out: Path, merged_out: Path | None
 @click.argument("shards", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The merged run directory (new, or one holding the same run).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory with the data set's files, to check every record's label against the data set's "
+                   "(the embedded digits and an installed Fashion-MNIST need none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merged summary as JSON.")
-def merge_command(shards: tuple[Path, ...], out: Path, as_json: bool) -> None:
+def merge_command(shards: tuple[Path, ...], out: Path, data_dir: Path | None, as_json: bool) -> None:
     """Merge the directories of `--shard I/N` runs into one run directory equal to the unsharded run.
 
     Refuses shards of different configurations, overlapping or missing shards, and unfinished shards.
     """
-    merged = merge(shards, out)
+    merged = merge(shards, out, data_dir)
     if not as_json:
-        click.echo(f"merged {len(shards)} shards ({len(merged.records)} records) into {out}")
+        click.echo(f"merged {len(shards)} shards ({len(merged.records)} records) into {out}; {merged.label_check}")
     print_summary(merged.summary, out, as_json)

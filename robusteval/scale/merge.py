@@ -10,16 +10,20 @@ holds the table of them (`MERGERS`), as torchmetrics' sync knows no metric.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from robusteval.attacks.engine import ATTACK_MERGER
 from robusteval.core.atomic_files import atomic_write_bytes
+from robusteval.core.errors import UsageError
+from robusteval.data import load_dataset
+from robusteval.records.consistency import check_records, labels_lookup
 from robusteval.runs.directory import (
     CONFIG_FILE,
     PROVENANCE_KEY,
+    SAMPLES_FILE,
     RunConfigMismatch,
     RunDirectory,
     describe_differences,
@@ -49,10 +53,15 @@ class MergedRun:
     summary: dict[str, Any]
     files: dict[str, bytes]
     sources: list[str]
+    label_check: str = ""  # whether the labels were checked against the data set's, and why not
 
 
-def combine(shards: Sequence[ShardRun]) -> MergedRun:
-    """Check that `shards` are one finished run split N ways and combine them (nothing is written)."""
+def combine(shards: Sequence[ShardRun], data_dir: str | Path | None = None) -> MergedRun:
+    """Check that `shards` are one finished run split N ways and combine them (nothing is written).
+
+    Every record is checked against itself and its run, and its label against the data set's where the data
+    set can be read here (`data_dir` for those read from a directory).
+    """
     if not shards:
         raise MergeRefused("no shard directories given")
     for run in shards:
@@ -98,6 +107,11 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
     expected = merger.index_range(config)
     for run in ordered:  # before anything is counted: a record that contradicts itself is refused
         merger.check_records(config, run)
+    labels, label_check = _data_labels(config, expected, data_dir)
+    if labels is not None:
+        for run in ordered:
+            check_records(Path(run.source) / SAMPLES_FILE, kind, config, run.records, data_labels=labels,
+                          remedy="re-run that shard with --no-resume")
     records: list[dict[str, Any]] = []
     previous: tuple[ShardRun, range] | None = None
     for run in ordered:
@@ -114,7 +128,18 @@ def combine(shards: Sequence[ShardRun]) -> MergedRun:
         raise MergeRefused(f"the shards hold images {records[0]['index']}..{records[-1]['index']}, the run "
                            f"{_span(expected)}")
     return MergedRun(config, records, merger.summary(config, ordered, records), merger.files(config, ordered),
-                     [run.source for run in ordered])
+                     [run.source for run in ordered], label_check)
+
+
+def _data_labels(config: dict[str, Any], images: range, data_dir: str | Path | None
+                 ) -> tuple[Callable[[int], int | None] | None, str]:
+    """The labels of the run's images from its data set, where it can be read here, and what to say of it."""
+    name = str(config.get("dataset"))
+    try:
+        data = load_dataset(name, "test", root=data_dir, limit=images.stop)
+    except UsageError as error:
+        return None, f"labels not checked against data set '{name}': {error}"
+    return labels_lookup(data.y.tolist()), f"labels checked against data set '{name}'"
 
 
 def _images(run: ShardRun) -> range:
@@ -152,8 +177,8 @@ def write_merged(merged: MergedRun, out: str | Path) -> Path:
     return out
 
 
-def merge(shard_dirs: Sequence[str | Path], out: str | Path) -> MergedRun:
+def merge(shard_dirs: Sequence[str | Path], out: str | Path, data_dir: str | Path | None = None) -> MergedRun:
     """Merge finished shard directories into one run directory at `out`, equal to the unsharded run."""
-    merged = combine([ShardRun.read(path) for path in shard_dirs])
+    merged = combine([ShardRun.read(path) for path in shard_dirs], data_dir)
     write_merged(merged, out)
     return merged
