@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robusteval.core.checkpoints import weights_fingerprint
 from robusteval.core.determinism import set_deterministic
 from robusteval.core.devices import resolve_device
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import JointModel, validate_images
 from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, load_dataset
-from robusteval.model_zoo.factory import create_model
+from robusteval.model_zoo.factory import checkpoint_dataset_info, create_model
+from robusteval.model_zoo.paired import PairedDenoiser
 from robusteval.runs import RunDirectory, config_id, default_run_dir
 from robusteval.runs.shards import Shard, with_shard
 
@@ -76,6 +78,15 @@ class JobOptions:
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
                           "tell (e.g. num_heads, diffusion_steps).", kind="file"))
+    # Any denoiser before any classifier (issue 27; robusteval.model_zoo.paired): a registered name, or a
+    # JointModel with `denoise` in Python.
+    denoiser: Any = _option(None, CliFlag(
+        "--denoiser", "Purify with this model's denoiser instead of --model's own (denoise defenses of run, "
+                      "--mode denoised of certify and predict); --model classifies. Shapes and data sets must "
+                      "agree."))
+    denoiser_checkpoint: str | Path | None = _option(None, CliFlag(
+        "--denoiser-checkpoint", "Weights for --denoiser (.safetensors, or .pt read with weights_only) instead of "
+                                 "its shipped ones.", kind="file"))
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
@@ -133,6 +144,8 @@ class Resolved:
     dataset_name: str
     device: torch.device
     options: JobOptions
+    # What the configuration records of a --denoiser (name, checkpoint, weight fingerprint); empty without one.
+    denoiser_config: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None) -> ImageDataset:
@@ -162,14 +175,18 @@ def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | 
 
 
 def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str = "Linf",
-            load_data: bool = True, limit: int | None = None, shardable: bool = False) -> Resolved:
+            load_data: bool = True, limit: int | None = None, shardable: bool = False,
+            uses_denoiser: bool = False) -> Resolved:
     """The model (built with its weights, on its device) and the data of a job, checked against each other.
 
     `limit`: how many leading test images the job needs at most (None: all), so only those are read.
     `shardable`: the job can run one shard of its images (`options.shard`); other jobs refuse a shard.
+    `uses_denoiser`: the job purifies with the model's denoiser, so `options.denoiser` may replace it (the
+    model is then a `PairedDenoiser`); other jobs refuse a denoiser.
     """
     if options.shard is not None and not shardable:
         raise UsageError("--shard applies to run, certify, predict and benchmark only")
+    _check_denoiser_options(options, uses_denoiser)
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
     data = resolve_data(options.dataset, options.data_dir, limit) if load_data else None
     if data is None and not isinstance(options.dataset, (str, Path)):
@@ -192,9 +209,53 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     else:
         raise UsageError(f"model must be a JointModel (use robusteval.wrap for a plain nn.Module) or a registered "
                          f"name, got {type(model).__name__}")
+    denoiser_config: dict[str, str] = {}
+    if options.denoiser is not None:
+        built, denoiser_config = _paired(built, options, dataset_name, device, threat_model)
     if data is not None:
         _check_fit(built, name, data)
-    return Resolved(built, name, data, dataset_name, device, options)
+    return Resolved(built, name, data, dataset_name, device, options, denoiser_config)
+
+
+def _check_denoiser_options(options: JobOptions, uses_denoiser: bool) -> None:
+    if options.denoiser_checkpoint is not None and options.denoiser is None:
+        raise UsageError("--denoiser-checkpoint loads weights for --denoiser NAME, which is not given")
+    if options.denoiser is not None and not uses_denoiser:
+        raise UsageError("--denoiser applies to run with a denoise defense and to certify/predict --mode denoised "
+                         "(the jobs that purify with a denoiser)")
+
+
+def _paired(classifier: JointModel, options: JobOptions, dataset_name: str, device: torch.device,
+            threat_model: str) -> tuple[JointModel, dict[str, str]]:
+    """The classifier behind the --denoiser's denoiser, and what the configuration records of the denoiser.
+
+    Refused (one line) when the denoiser has no `denoise`, another input shape, or weights trained on another
+    data set than the classifier's.
+    """
+    denoiser = options.denoiser
+    if isinstance(denoiser, str):
+        built = create_model(denoiser, dataset=dataset_name, device=device, checkpoint=options.denoiser_checkpoint,
+                             threat_model=threat_model, allow_unsafe_pickle=options.allow_unsafe_pickle)
+        mine = checkpoint_dataset_info(options.denoiser_checkpoint) if options.denoiser_checkpoint else None
+        theirs = checkpoint_dataset_info(options.checkpoint) if options.checkpoint else None
+        denoiser_data = mine.name if mine is not None else dataset_name
+        classifier_data = theirs.name if theirs is not None else dataset_name
+        if denoiser_data != classifier_data:
+            raise UsageError(f"--denoiser {denoiser} was trained on {denoiser_data} but --model {classifier.name} "
+                             f"on {classifier_data}: the two must agree")
+        name = denoiser
+    elif isinstance(denoiser, JointModel):
+        if options.denoiser_checkpoint is not None:
+            raise UsageError("denoiser_checkpoint loads weights for a registered denoiser name; load them into "
+                             "your JointModel yourself")
+        built, name = denoiser.to(device).eval(), denoiser.name
+    else:
+        raise UsageError(f"denoiser must be a registered model name or a JointModel, got {type(denoiser).__name__}")
+    paired = PairedDenoiser(classifier, built)
+    config = {"denoiser": name, "denoiser_fingerprint": weights_fingerprint(built)}
+    if options.denoiser_checkpoint is not None:
+        config["denoiser_checkpoint"] = str(options.denoiser_checkpoint)
+    return paired, config
 
 
 def _check_fit(model: JointModel, name: str, data: ImageDataset) -> None:

@@ -20,7 +20,6 @@ the unsharded summary from all records and those checks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -55,6 +54,7 @@ from robusteval.attacks.resume import (
     shard_name,
 )
 from robusteval.core.atomic_files import atomic_write_json
+from robusteval.core.checkpoints import weights_fingerprint
 from robusteval.core.determinism import gpu_notes
 from robusteval.core.interface import JointModel, trusted_inputs
 from robusteval.core.vocabulary import parse_defense
@@ -86,7 +86,7 @@ class AttackJob(Job):
         self.decision_draws = decision_draws
         self.variants = ["full", "bpda"] if gradient == "auto" else [gradient]
         self._freeze(AttackConfig(
-            model=model_name, checkpoint=checkpoint, model_fingerprint=_fingerprint(model), dataset=dataset_name,
+            model=model_name, checkpoint=checkpoint, model_fingerprint=weights_fingerprint(model), dataset=dataset_name,
             n=int(x.shape[0]), attack=spec.name, norm=norm, eps=list(eps), defense=str(self.defense),
             gradient=gradient, eot=eot, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
             decision_draws=decision_draws, large_eps_check=large_eps_check,
@@ -261,15 +261,6 @@ class AttackJob(Job):
 
 def _robust_count(records: list[dict[str, Any]], e: int) -> int:
     return sum(1 for r in records if r["correct"] and not r["results"][e]["broken"])
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's weights, so a run directory is never resumed with other weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -65,7 +65,9 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     check_norm(spec, norm)
     # Only the images the run needs are read (ImageNet decodes them one by one).
     limit = settings.n if settings.n is not None and settings.n >= 1 else None
-    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True)
+    parsed = parse_defense(settings.defense)
+    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True,
+                       uses_denoiser=parsed.uses_denoiser)
     x, y = resolved.data.x, resolved.data.y
     if settings.n is not None:
         if settings.n < 1 or settings.n > x.shape[0]:
@@ -74,7 +76,6 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     eps_list = _eps_list(settings.eps, resolved.data.name, norm)
     check_eps_budget(norm, eps_list, resolved.model.input_shape)
     _check_counts(settings)
-    parsed = parse_defense(settings.defense)
     # Here, not when the run starts: a rejected job must not leave a run directory behind.
     require_defense_capabilities(resolved.model, parsed)
     gradient = _gradient(settings.gradient, parsed)
@@ -87,7 +88,7 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
                      step_size=settings.step_size, seed=int(settings.seed), batch_size=int(settings.batch_size),
                      device=resolved.device, large_eps_check=settings.large_eps_check,
                      checkpoint=str(checkpoint) if checkpoint is not None else None,
-                     masking_checks=settings.masking_checks, companions=resolved.options.official_files(),
+                     masking_checks=settings.masking_checks, companions={**resolved.options.official_files(), **resolved.denoiser_config},
                      shard=resolved.options.shard, decision_draws=int(settings.decision_draws))
 
 

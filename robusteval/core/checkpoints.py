@@ -32,6 +32,15 @@ class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a module's weights (its state dict), so a run directory is never resumed with other weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -71,6 +71,11 @@ class DefenseSpec:
         return self.kind in ("denoise", "sgld")
 
     @property
+    def uses_denoiser(self) -> bool:
+        """The defense purifies with the model's denoiser, so `--denoiser` can put another model's there."""
+        return self.kind == "denoise"
+
+    @property
     def forward_passes(self) -> int:
         """Network passes per prediction of the deployed pipeline (one draw of a randomized one)."""
         if self.kind == "denoise":

@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 from robusteval.records.encoding import to_json_dict as _json
 
-# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files).
-_COMPANIONS = ("vae", "model_config")
+# The companions of an official --checkpoint (robusteval.jobs.JobOptions.official_files), and a --denoiser in
+# front of the model's classifier (robusteval.jobs.Resolved.denoiser_config).
+_COMPANIONS = ("vae", "model_config", "denoiser", "denoiser_checkpoint", "denoiser_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class AttackConfig:
     kind: str = "attack"
     vae: str | None = None
     model_config: str | None = None
+    denoiser: str | None = None
+    denoiser_checkpoint: str | None = None
+    denoiser_fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -83,6 +87,9 @@ class SmoothingConfig:
     model_dir: str | None = None
     vae: str | None = None
     model_config: str | None = None
+    denoiser: str | None = None
+    denoiser_checkpoint: str | None = None
+    denoiser_fingerprint: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",

@@ -11,7 +11,8 @@ the last complete batch of images.
 
 Modes (which base classifier is smoothed):
 - `direct`: x ↦ argmax logits(x + σ·n, σ): noise-conditioned models are told σ.
-- `denoised`: x ↦ argmax logits(denoise(x + σ·n, σ), 0): the model's own denoiser first.
+- `denoised`: x ↦ argmax logits(denoise(x + σ·n, σ), 0): the model's own denoiser first, or another
+  model's (`denoiser=`, `--denoiser`: robusteval.model_zoo.paired), Carlini et al. 2023.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ class SmoothingJob(Job):
         n_images, skip = resolve_image_range(len(data), n_images, skip)
         self.dtype = model_dtype(model)
         self._freeze(smoothing_config(settings, model.name, data.name, n_images, skip,
-                                      model.input_shape, resolved.options.as_config(), dtype=self.dtype),
+                                      model.input_shape, {**resolved.options.as_config(), **resolved.denoiser_config},
+                                      dtype=self.dtype),
                      resolved.options.shard)
         # Images per appended batch of records (default: enough to fill one forward pass, at least one); a
         # shard takes whole batches of this plan (each image's noise depends on its index only).
@@ -370,7 +372,7 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
     # Only the images the run needs are read (ImageNet decodes them one by one).
     wanted = n_images is not None and n_images >= 1 and skip >= 0
     resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None,
-                       shardable=True)
+                       shardable=True, uses_denoiser=settings.mode == "denoised")
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
