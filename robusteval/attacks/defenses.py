@@ -42,21 +42,10 @@ from torch import Tensor, nn
 from robusteval.core import work_sizes
 from robusteval.core.errors import UsageError
 from robusteval.core.interface import CapabilityError, JointModel, trusted_inputs
+from robusteval.core.straight_through import backward_through
 from robusteval.core.vocabulary import SGLD_START_NOISE, DefenseSpec
 
 DECISION_DRAWS = 100
-
-
-class _StraightThrough(torch.autograd.Function):
-    """BPDA: the forward value is the denoised image, the backward pass is the identity."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, denoised: Tensor) -> Tensor:  # type: ignore[override]
-        return denoised
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None
 
 
 def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
@@ -116,7 +105,7 @@ class DeployedPipeline(nn.Module):
             return self.model.denoise(x, sigma)
         with torch.no_grad():
             denoised = self.model.denoise(x, sigma)
-        return _StraightThrough.apply(x, denoised.detach())
+        return backward_through(x, denoised)
 
     def _refined_logits(self, x: Tensor) -> Tensor:
         """JEM's refined_logits: `chains` noisy copies of each point refined by SGLD, their logits averaged."""
@@ -135,7 +124,7 @@ class DeployedPipeline(nn.Module):
             if not full:
                 chain = chain.detach()
         if not full and torch.is_grad_enabled():
-            chain = _StraightThrough.apply(start, chain)  # BPDA: identity through the chain
+            chain = backward_through(start, chain)  # BPDA: identity through the chain
         with trusted_inputs():
             logits = self.model.logits(chain, 0.0)
         return logits.view(x.shape[0], chains, -1).mean(1)
