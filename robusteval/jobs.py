@@ -78,15 +78,6 @@ class JobOptions:
     model_config: str | Path | None = _option(None, CliFlag(
         "--model-config", "JSON of the official training flags, for what a jdm/egc --checkpoint's shapes cannot "
                           "tell (e.g. num_heads, diffusion_steps).", kind="file"))
-    # Any denoiser before any classifier (issue 27; robusteval.model_zoo.paired): a registered name, or a
-    # JointModel with `denoise` in Python.
-    denoiser: Any = _option(None, CliFlag(
-        "--denoiser", "Purify with this model's denoiser instead of --model's own (denoise defenses of run, "
-                      "--mode denoised of certify and predict); --model classifies. Shapes and data sets must "
-                      "agree."))
-    denoiser_checkpoint: str | Path | None = _option(None, CliFlag(
-        "--denoiser-checkpoint", "Weights for --denoiser (.safetensors, or .pt read with weights_only) instead of "
-                                 "its shipped ones.", kind="file"))
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
@@ -99,6 +90,15 @@ class JobOptions:
     deterministic: bool | None = _option(None, CliFlag(
         "--deterministic", "Deterministic GPU algorithms and no TF32 (slower on a GPU; CPU results are the same "
                            "either way). Default: on for benchmark, off otherwise.", kind="switch"))
+    # Any denoiser before any classifier (issue 27; robusteval.model_zoo.paired): a registered name, or a
+    # JointModel with `denoise` in Python.
+    denoiser: Any = _option(None, CliFlag(
+        "--denoiser", "Purify with this model's denoiser instead of --model's own (denoise defenses of run, "
+                      "--mode denoised of certify and predict); --model classifies. Shapes and data sets must "
+                      "agree."))
+    denoiser_checkpoint: str | Path | None = _option(None, CliFlag(
+        "--denoiser-checkpoint", "Weights for --denoiser (.safetensors, or .pt read with weights_only) instead of "
+                                 "its shipped ones.", kind="file"))
 
     @classmethod
     def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
