@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import robusteval  # noqa: E402
-import robusteval.attacks.batch as batch  # noqa: E402
+from robusteval.attacks import batch  # noqa: E402
 from attack_fixtures import LinearMulti, Rounded, rounded_linear_robust  # noqa: E402
 
 # 8 levels, 0, 1/7, ..., 1 (3 bits). round(8x)/8 would put the digits' odd sixteenths exactly on its rounding

@@ -48,3 +48,17 @@ def test_the_vertex_search_draws_only_from_its_seed():
     first = search(x, y, seed=7)
     torch.manual_seed(456)
     assert torch.equal(first, search(x, y, seed=7))
+
+
+def test_on_a_randomized_pipeline_the_vertex_search_draws_its_noise_from_its_seed():
+    """Resume stays exact: the pipeline's noise inside the stage depends on the stage's seed only."""
+    linear, x, y = rounded_linear_problem(n=30, classes=10, levels=LEVELS, seed=4)
+
+    def noisy(batch):
+        return Rounded(linear, LEVELS)(batch + 0.02 * torch.randn_like(batch))
+
+    search = VertexSearch(noisy, 0.03)
+    torch.manual_seed(1)
+    first = search(x, y, seed=5)
+    torch.manual_seed(2)
+    assert torch.equal(first, search(x, y, seed=5))

@@ -154,7 +154,8 @@ class VertexSearch:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor, seed: int) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
+        seed_torch(seed, x.device)  # a randomized pipeline's draws, as every stage's
+        generator = torch.Generator().manual_seed(seed)  # the order of the coordinates
         shape = x.shape
         flat = x.flatten(1)
         ends = ((flat - self.eps).clamp(0, 1), (flat + self.eps).clamp(0, 1))
