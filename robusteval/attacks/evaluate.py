@@ -144,7 +144,9 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     `dataset`: a data set name, an .npz path, an ImageDataset, or a pair (x, y) of
     [0, 1] images (N, C, H, W) and integer labels; the first `n` points are used.
     Keywords: the `AttackSettings` and the `robusteval.jobs.JobOptions` (data_dir,
-    checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device) of every evaluation.
+    checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, device) of every evaluation;
+    `denoiser` (a registered name or a JointModel, with `denoiser_checkpoint`) puts that model's denoiser in
+    front of `model`'s classifier in a denoise defense (robusteval.model_zoo.paired).
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
     'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K' or

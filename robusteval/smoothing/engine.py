@@ -410,7 +410,9 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     "when it pays off"); out (a run directory, resumed when it holds the same
     configuration; None: in memory), resume (True), progress (False); and the
     `robusteval.jobs.JobOptions` of every evaluation (data_dir, checkpoint,
-    model_dir, allow_unsafe_pickle, vae, model_config, device).
+    model_dir, allow_unsafe_pickle, vae, model_config, device; with
+    mode='denoised', denoiser and denoiser_checkpoint: another model's
+    denoiser before this model's classifier).
     """
     return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
                    futility=futility, **keywords)
