@@ -338,8 +338,9 @@ def spread_devices(work: list[GridRun], jobs: int, device: Any, gpus: int | None
 def _with_options(suite: Suite, options: dict[str, Any]) -> Suite:
     """The suite on the data set the options name (popped from them); other weights are refused."""
     shared = JobOptions.of(options.pop("dataset", suite.dataset), options)
-    if shared.checkpoint is not None or shared.model_dir is not None:
-        raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint and model_dir apply to one model")
+    if shared.checkpoint is not None or shared.model_dir is not None or shared.denoiser is not None:
+        raise UsageError("a benchmark evaluates the zoo's shipped weights; checkpoint, model_dir and denoiser apply "
+                         "to one model")
     if not isinstance(shared.dataset, str):
         raise UsageError("a benchmark's data set must be given by name")
     return dataclasses.replace(suite, dataset=shared.dataset)

@@ -34,14 +34,19 @@ from torch import Tensor
 from robusteval.core.determinism import set_deterministic
 from robusteval.core.devices import resolve_device
 from robusteval.core.errors import UsageError
-from robusteval.core.fingerprints import files_fingerprints
+from robusteval.core.fingerprints import files_fingerprints, weights_fingerprint
 from robusteval.core.interface import JointModel, validate_images
 from robusteval.core.names import resolve_name
 from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, dataset_info, load_dataset
 from robusteval.data.imagenet import DEFAULT_PREPROCESSING, PREPROCESSINGS, crop_size
-from robusteval.model_zoo.factory import create_model, get_entry
+from robusteval.model_zoo.factory import (
+    checkpoint_dataset_info,
+    create_model,
+    get_entry,
+)
 from robusteval.model_zoo.official import official_architecture
+from robusteval.model_zoo.paired import PairedDenoiser
 from robusteval.model_zoo.user_models import (
     build_factory_model,
     is_factory_reference,
@@ -111,6 +116,15 @@ class JobOptions:
     deterministic: bool | None = _option(None, CliFlag(
         "--deterministic", "Deterministic GPU algorithms and no TF32 (slower on a GPU; CPU results are the same "
                            "either way). Default: on for benchmark, off otherwise.", kind="switch"))
+    # Any denoiser before any classifier (issue 27; robusteval.model_zoo.paired): a registered name, or a
+    # JointModel with `denoise` in Python.
+    denoiser: Any = _option(None, CliFlag(
+        "--denoiser", "Purify with this model's denoiser instead of --model's own (denoise defenses of run, "
+                      "--mode denoised of certify and predict); --model classifies. Shapes and data sets must "
+                      "agree."))
+    denoiser_checkpoint: str | Path | None = _option(None, CliFlag(
+        "--denoiser-checkpoint", "Weights for --denoiser (.safetensors, or .pt read with weights_only) instead of "
+                                 "its shipped ones.", kind="file"))
 
     @classmethod
     def of(cls, dataset: Any, options: Mapping[str, Any]) -> JobOptions:
@@ -168,19 +182,21 @@ class Resolved:
     # Where a --model package.module:factory came from (factory, file, sha256, kwargs); None for other models.
     model_source: dict[str, Any] | None = None
     preprocessing: str | None = None  # ImageNet's preprocessing (None for the other data sets)
+    # What the configuration records of a --denoiser (name, checkpoint, weight fingerprint); empty without one.
+    denoiser_config: Mapping[str, str] = field(default_factory=dict)
 
     def recorded(self) -> dict[str, Any]:
         """What a run's configuration records besides its settings, each only where it applies: the official
         files' companions as given, or what a loader assumed for one not given (a jdm file's diffusion steps
         and schedule); where a --model package.module:factory came from; ImageNet's preprocessing and image
-        order (a subset depends on it)."""
+        order (a subset depends on it); a --denoiser in front of the model's classifier."""
         companions: dict[str, Any] = {k: str(v) for k, v in self.options.official_files().items()}
         assumed = getattr(self.model, "assumed_config", None)
         if assumed and "model_config" not in companions:
             companions["model_config"] = "assumed " + json.dumps(assumed, sort_keys=True)
         extra = {"model_source": self.model_source, "preprocessing": self.preprocessing,
                  "image_order": getattr(self.data, "order", None)}
-        return {**companions, **{k: v for k, v in extra.items() if v is not None}}
+        return {**companions, **{k: v for k, v in extra.items() if v is not None}, **self.denoiser_config}
 
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None,
@@ -213,14 +229,18 @@ def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | 
 
 
 def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str = "Linf",
-            load_data: bool = True, limit: int | None = None, shardable: bool = False) -> Resolved:
+            load_data: bool = True, limit: int | None = None, shardable: bool = False,
+            uses_denoiser: bool = False) -> Resolved:
     """The model (built with its weights, on its device) and the data of a job, checked against each other.
 
     `limit`: how many leading test images the job needs at most (None: all), so only those are read.
     `shardable`: the job can run one shard of its images (`options.shard`); other jobs refuse a shard.
+    `uses_denoiser`: the job purifies with the model's denoiser, so `options.denoiser` may replace it (the
+    model is then a `PairedDenoiser`); other jobs refuse a denoiser.
     """
     if options.shard is not None and not shardable:
         raise UsageError("--shard applies to run, certify, predict and benchmark only")
+    _check_denoiser_options(options, uses_denoiser)
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
     preprocessing = _preprocessing(model, options)
     data = resolve_data(options.dataset, options.data_dir, limit, preprocessing) if load_data else None
@@ -256,10 +276,13 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     else:
         raise UsageError(f"model must be a JointModel (use robusteval.wrap for a plain nn.Module) or a registered "
                          f"name, got {type(model).__name__}")
+    denoiser_config: dict[str, str] = {}
+    if options.denoiser is not None:
+        built, denoiser_config = _paired(built, options, dataset_name, device, threat_model)
     if data is not None:
         _check_fit(built, name, data)
     return Resolved(built, name, data, dataset_name, device, options, source,
-                    preprocessing if _is_imagenet(options.dataset) else None)
+                    preprocessing if _is_imagenet(options.dataset) else None, denoiser_config)
 
 
 def _is_imagenet(dataset: Any) -> bool:
@@ -288,6 +311,48 @@ def _data_shape(data: ImageDataset | None, dataset_name: str) -> tuple[tuple[int
         return data.input_shape, max(len(data.classes), int(data.y.max()) + 1 if len(data) else 0)
     info = dataset_info(dataset_name)
     return info.input_shape, info.num_classes
+
+
+
+def _check_denoiser_options(options: JobOptions, uses_denoiser: bool) -> None:
+    if options.denoiser_checkpoint is not None and options.denoiser is None:
+        raise UsageError("--denoiser-checkpoint loads weights for --denoiser NAME, which is not given")
+    if options.denoiser is not None and not uses_denoiser:
+        raise UsageError("--denoiser applies to run with a denoise defense and to certify/predict --mode denoised "
+                         "(the jobs that purify with a denoiser)")
+
+
+def _paired(classifier: JointModel, options: JobOptions, dataset_name: str, device: torch.device,
+            threat_model: str) -> tuple[JointModel, dict[str, str]]:
+    """The classifier behind the --denoiser's denoiser, and what the configuration records of the denoiser.
+
+    Refused (one line) when the denoiser has no `denoise`, another input shape, or weights trained on another
+    data set than the classifier's.
+    """
+    denoiser = options.denoiser
+    if isinstance(denoiser, str):
+        built = create_model(denoiser, dataset=dataset_name, device=device, checkpoint=options.denoiser_checkpoint,
+                             threat_model=threat_model, allow_unsafe_pickle=options.allow_unsafe_pickle)
+        mine = checkpoint_dataset_info(options.denoiser_checkpoint) if options.denoiser_checkpoint else None
+        theirs = checkpoint_dataset_info(options.checkpoint) if options.checkpoint else None
+        denoiser_data = mine.name if mine is not None else dataset_name
+        classifier_data = theirs.name if theirs is not None else dataset_name
+        if denoiser_data != classifier_data:
+            raise UsageError(f"--denoiser {denoiser} was trained on {denoiser_data} but --model {classifier.name} "
+                             f"on {classifier_data}: the two must agree")
+        name = denoiser
+    elif isinstance(denoiser, JointModel):
+        if options.denoiser_checkpoint is not None:
+            raise UsageError("denoiser_checkpoint loads weights for a registered denoiser name; load them into "
+                             "your JointModel yourself")
+        built, name = denoiser.to(device).eval(), denoiser.name
+    else:
+        raise UsageError(f"denoiser must be a registered model name or a JointModel, got {type(denoiser).__name__}")
+    paired = PairedDenoiser(classifier, built)
+    config = {"denoiser": name, "denoiser_fingerprint": weights_fingerprint(built)}
+    if options.denoiser_checkpoint is not None:
+        config["denoiser_checkpoint"] = str(options.denoiser_checkpoint)
+    return paired, config
 
 
 def _check_fit(model: JointModel, name: str, data: ImageDataset) -> None:

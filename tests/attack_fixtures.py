@@ -219,3 +219,39 @@ class TinyEnergy(robusteval.JointModel):
 
     def _energy(self, x: Tensor, sigma: Tensor) -> Tensor:
         return -self._logits(x, sigma).logsumexp(1)
+
+
+def round_to_levels(x: Tensor, levels: int) -> Tensor:
+    """Bit-depth reduction: pixels to multiples of 1/levels (torch.round: half to even), as `Rounded` does."""
+    return torch.round(x * levels) / levels
+
+
+def rounded_linear_robust(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor, eps: float, levels: int) -> Tensor:
+    """(n,) bool: the exact L∞ robustness at `eps` of argmax(W·q(x) + b) with q = `round_to_levels`.
+
+    For each other class j, the margin (W_y − W_j)·q(x') + b_y − b_j is a sum of one term per pixel, and q is
+    non-decreasing, so its minimum over the box [x − ε, x + ε] ∩ [0, 1] takes each pixel to the end that its
+    weight difference prefers. A point is robust when every such minimum is positive (argmax breaks a tie
+    towards the smaller class index; ties do not occur with these random weights).
+    """
+    flat = x.flatten(1)
+    low = round_to_levels((flat - eps).clamp(0, 1), levels)
+    high = round_to_levels((flat + eps).clamp(0, 1), levels)
+    difference = weight[y].unsqueeze(1) - weight.unsqueeze(0)  # (n, K, d)
+    worst = torch.where(difference > 0, low.unsqueeze(1), high.unsqueeze(1))
+    margin = (difference * worst).sum(2) + bias[y].unsqueeze(1) - bias.unsqueeze(0)
+    own = torch.nn.functional.one_hot(y, weight.shape[0]).bool()
+    return (margin.masked_fill(own, float("inf")) > 0).all(1)
+
+
+def rounded_linear_problem(n: int = 200, classes: int = 2, levels: int = 4, seed: int = 0,
+                           shape: tuple[int, int, int] = SHAPE) -> tuple[LinearMulti, Tensor, Tensor]:
+    """A K-class linear classifier and points labelled by it behind `levels`-level rounding (all correct)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = shape[0] * shape[1] * shape[2]
+    weight = torch.randn(classes, dim, generator=g)
+    x = torch.rand(n, dim, generator=g)
+    logits = round_to_levels(x, levels) @ weight.t()
+    bias = -logits.median(0).values  # every class gets points
+    y = (logits + bias).argmax(1)
+    return LinearMulti(weight, bias), x.view(n, *shape), y

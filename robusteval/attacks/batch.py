@@ -11,7 +11,8 @@
    attack's own figure is its own).
 3. Adaptive stages (`remedies`), on the points still standing: the
    scale-invariant remedies where the clean pass found softmax saturation in
-   the batch, Square with 4× the queries where it found no usable gradient.
+   the batch, Square with 4× the queries and then (L∞) the vertex search where
+   it found no usable gradient.
 4. Every candidate is verified (`verification`); rejected candidates are
    counted, never used. Randomized pipelines: each final example is also
    judged on the fresh decision draws, fooled on any one (worst-of-N).

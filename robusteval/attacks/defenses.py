@@ -58,21 +58,10 @@ from robusteval.core.interface import (
     require_finite_logits,
     trusted_inputs,
 )
+from robusteval.core.straight_through import backward_through
 from robusteval.core.vocabulary import DefenseSpec, parse_gradient
 
 DECISION_DRAWS = 100
-
-
-class _StraightThrough(torch.autograd.Function):
-    """BPDA: the forward value is the denoised image, the backward pass is the identity."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, denoised: Tensor) -> Tensor:  # type: ignore[override]
-        return denoised
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None
 
 
 def require_defense_capabilities(model: JointModel, defense: DefenseSpec) -> None:
@@ -139,7 +128,7 @@ class DeployedPipeline(nn.Module):
             return self.model.denoise(x, sigma)
         with torch.no_grad():
             denoised = self.model.denoise(x, sigma)
-        return _StraightThrough.apply(x, denoised.detach())
+        return backward_through(x, denoised)
 
     def _purified(self, x: Tensor) -> Tensor:
         """One draw of purify:S:K, differentiated as `gradient` says (see the module docstring)."""
@@ -151,12 +140,12 @@ class DeployedPipeline(nn.Module):
         with torch.no_grad():
             purified = purify(self.model.denoise, x, sigmas, spec.sampler, noise)
         if self.gradient == "bpda":
-            return _StraightThrough.apply(x, purified)
+            return backward_through(x, purified)
         # surrogate:K': the K'-step process from the same start noise carries the gradient (its own step draws).
         steps = int(self.gradient.partition(":")[2])
         proxy = purify(self.model.denoise, x, sigma_schedule(spec.sigma, steps), spec.sampler,
                        draw_noise(x, steps, spec.sampler, start=noise.start), self.checkpointed)
-        return _StraightThrough.apply(proxy, purified)
+        return backward_through(proxy, purified)
 
     def _refined_logits(self, x: Tensor) -> Tensor:
         """JEM's refined_logits: `chains` noisy copies of each point refined by SGLD, their logits averaged."""
@@ -176,7 +165,7 @@ class DeployedPipeline(nn.Module):
             if not full:
                 chain = chain.detach()
         if not full and torch.is_grad_enabled():
-            chain = _StraightThrough.apply(start, chain)  # BPDA: identity through the chain
+            chain = backward_through(start, chain)  # BPDA: identity through the chain
         with trusted_inputs():
             logits = self.model.logits(chain, 0.0)
         return logits.view(x.shape[0], chains, -1).mean(1)

@@ -213,7 +213,7 @@ class AttackJob(Job):
     @property
     def attack_labels(self) -> frozenset[str]:
         """The attack names this run can record as what broke a point."""
-        return recorded_attack_labels(self.spec.name, self.gradient)
+        return recorded_attack_labels(self.spec.name, self.gradient, str(self.defense))
 
     def _run(self, run_dir: RunDirectory | None, started: float, progress: bool) -> AttackResult:
         records: list[dict[str, Any]] = run_dir.records if run_dir is not None else []
@@ -354,7 +354,8 @@ class _AttackMerger:
 
     def check_records(self, config: dict[str, Any], shard: ShardRun) -> None:
         check_records(Path(shard.source) / SAMPLES_FILE, "attack", config, shard.records,
-                      attack_labels=recorded_attack_labels(config["attack"], config.get("gradient")),
+                      attack_labels=recorded_attack_labels(config["attack"], config.get("gradient"),
+                                                          config.get("defense", "none")),
                       remedy="re-run that shard with --no-resume")
 
     def summary(self, config: dict[str, Any], shards: list[ShardRun], records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def prepare_attack(model: JointModel | str, dataset: Any = "digits", **keywords:
     check_norm(spec, norm)
     # Only the images the run needs are read (ImageNet decodes them one by one).
     limit = settings.n if settings.n is not None and settings.n >= 1 else None
-    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True)
+    resolved = resolve(model, JobOptions.of(dataset, options), threat_model=norm, limit=limit, shardable=True,
+                       uses_denoiser=parse_defense(settings.defense).uses_denoiser)
     return AttackJob(resolved, resolve_settings(settings, resolved))
 
 
@@ -84,7 +85,10 @@ def evaluate_attack(model: JointModel | str, dataset: Any = "digits", *, out: st
     `dataset`: a data set name, an .npz path, an ImageDataset, or a pair (x, y) of
     [0, 1] images (N, C, H, W) and integer labels; the first `n` points are used.
     Keywords: the `AttackSettings` and the `robusteval.jobs.JobOptions` of every
-    evaluation (all listed at the end, with their defaults).
+    evaluation (all listed at the end, with their defaults); `denoiser` (a
+    registered name or a JointModel, with `denoiser_checkpoint`) puts that model's
+    denoiser in front of `model`'s classifier in a denoise or purify defense
+    (robusteval.model_zoo.paired).
     `attack`: a name from `robusteval list attacks`; `norm`: 'Linf' or 'L2';
     `eps`: the radii (default: the data set's grid). `defense`: 'none',
     'denoise:S', 'denoise:S:noise', 'noise:S', 'smooth:S:K',

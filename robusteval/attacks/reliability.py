@@ -24,7 +24,11 @@ from robusteval.attacks.batch import BatchAttacker
 from robusteval.attacks.catalog import AttackSpec, seed_torch
 from robusteval.attacks.plan import AttackPlan
 from robusteval.attacks.progress import AttackProgress
-from robusteval.attacks.remedies import escalation_names, saturation_remedy_names
+from robusteval.attacks.remedies import (
+    escalation_names,
+    is_black_box,
+    saturation_remedy_names,
+)
 from robusteval.attacks.seeds import CHECKS, LARGE_EPS_BATCH_OFFSET, derive_seed
 
 LARGE_EPS_SUBSET = 100
@@ -113,7 +117,7 @@ def record_checks(plan: CheckPlan, records: list[dict[str, Any]], model: ModelCh
                   if plan.spec.name == "autoattack"
                   else sanity.Check("square-beats-white-box", "n/a", "applies to the AutoAttack standard suite"))
     labels = set(order) | {label for counts in broken_by.values() for label in counts}
-    black = {label for label in labels if "square" in label}
+    black = {label for label in labels if is_black_box(label)}
     checks.append(sanity.black_box_check(broken_by, black, labels - black))
     if plan.randomized:
         checks.append(sanity.decision_gap_check(_decision_counts(plan, correct)))
@@ -135,7 +139,7 @@ def _zero_gradient_check(plan: CheckPlan, correct: list[dict[str, Any]], mode: s
     dead = sum(1 for r in masked if (r.get("gradient_cause") or {}).get(mode, "no-gradient") == "no-gradient")
     suffix = "" if len(plan.variants) == 1 else f"[{mode}]"
     remedies = [n + suffix for n in saturation_remedy_names(plan.num_classes)] if len(masked) > dead else []
-    escalation = [n + suffix for n in escalation_names()] if dead else []
+    escalation = [n + suffix for n in escalation_names(plan.norm)] if dead else []
     return sanity.zero_gradient_check(len(masked), len(correct), mode, dead=dead, remedies=remedies,
                                       escalation=escalation)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from robusteval.core.checkpoints import sha256_of
+
 # Shown in reports where two runs of one model name differ in their weights.
 SHORT = 8
 _CHUNK = 1 << 20
@@ -29,11 +31,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def file_fingerprint(path: str | Path) -> str:
     """A 16-hex sha256 prefix of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_of(path)[:16]
 
 
 def files_fingerprints(files: Mapping[str, str | Path | None]) -> dict[str, str]:

@@ -13,12 +13,13 @@ the public methods validate and check capabilities.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from robusteval.core.errors import UsageError
+from robusteval.core.straight_through import backward_through
 
 CAPABILITIES = frozenset({"logits", "denoise", "energy", "sample"})
 
@@ -224,19 +225,34 @@ def _noisy_rows(sigma: float | Tensor, x: Tensor) -> Tensor:
     return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
 
 
+# How a user's preprocessing is differentiated (`wrap(..., gradient=...)`), besides a callable stand-in.
+PREPROCESS_GRADIENTS = ("exact", "bpda")
+
+
 class WrappedClassifier(JointModel):
-    """A plain classifier (logits out, [0, 1] images in) as a JointModel.
+    """A plain classifier (logits out, [0, 1] images in) as a JointModel, optionally behind a preprocessing.
 
     It only has the `logits` capability. σ is ignored: a plain classifier is
     not told the noise level, it just sees the (possibly noisy) image.
+    With `preprocess`, logits(x) = module(preprocess(x)), differentiated as
+    `gradient` says (see `wrap`).
     """
 
-    def __init__(self, module: nn.Module, num_classes: int, input_shape: tuple[int, int, int], name: str = "wrapped"):
+    def __init__(self, module: nn.Module, num_classes: int, input_shape: tuple[int, int, int], name: str = "wrapped",
+                 preprocess: Callable[[Tensor], Tensor] | None = None,
+                 gradient: str | Callable[[Tensor], Tensor] = "exact", randomized: bool = False):
         super().__init__()
         if num_classes < 2:
             raise UsageError(f"num_classes must be at least 2, got {num_classes}")
         if len(input_shape) != 3 or any(int(d) <= 0 for d in input_shape):
             raise UsageError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+        if preprocess is not None and not callable(preprocess):
+            raise UsageError(f"preprocess must be a callable on [0, 1] image batches, got {type(preprocess).__name__}")
+        if not callable(gradient) and gradient not in PREPROCESS_GRADIENTS:
+            raise UsageError(f"gradient must be 'exact' (autograd), 'bpda' (identity backward) or a differentiable "
+                             f"callable approximating preprocess, got {gradient!r}")
+        if preprocess is None and (gradient != "exact" or randomized):
+            raise UsageError("gradient and randomized describe a preprocess; none is given")
         self.module = module
         # Keep the module's mode: wrapping an eval-mode classifier must not put it in training mode.
         self.training = module.training
@@ -244,24 +260,64 @@ class WrappedClassifier(JointModel):
         self.input_shape = tuple(int(d) for d in input_shape)  # type: ignore[assignment]
         self.capabilities = frozenset({"logits"})
         self.name = name
+        self.preprocess = preprocess
+        self.gradient = gradient
+        # A randomized preprocessing is attacked with EOT and decided by majority and worst-of-N.
+        self.stochastic_inference = bool(randomized)
 
     def _logits(self, x: Tensor, sigma: Tensor) -> Tensor:
-        out = self.module(x)
+        out = self.module(self._front(x))
         if out.dim() != 2 or out.shape[1] != self.num_classes:
             raise UsageError(
                 f"wrapped module must return logits of shape (B, {self.num_classes}), got {tuple(out.shape)}"
             )
         return out
 
+    def _front(self, x: Tensor) -> Tensor:
+        """The preprocessed batch, with the gradient `self.gradient` names."""
+        if self.preprocess is None:
+            return x
+        tracking = torch.is_grad_enabled() and x.requires_grad
+        if self.gradient == "exact" or not tracking:
+            out = self._checked(self.preprocess(x), x, "preprocess")
+            # A preprocessing autograd cannot follow (numpy, PIL) has no gradient at all: say so with zeros,
+            # which the engine's zero-gradient check diagnoses, rather than fail inside an attack.
+            return out + 0 * x if tracking and not out.requires_grad else out
+        with torch.no_grad():
+            value = self._checked(self.preprocess(x.detach()), x, "preprocess")
+        stand_in = self.gradient
+        approximation = x if stand_in == "bpda" else self._checked(stand_in(x), x, "gradient")  # type: ignore[operator]
+        return backward_through(approximation, value)
+
+    @staticmethod
+    def _checked(out: object, x: Tensor, what: str) -> Tensor:
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UsageError(f"wrap's {what} must return a tensor of the input's shape {tuple(x.shape)}, got {got}")
+        return out.to(device=x.device, dtype=x.dtype)
+
 
 def wrap(
-    module: nn.Module, num_classes: int, input_shape: tuple[int, int, int], name: str = "wrapped"
+    module: nn.Module, num_classes: int, input_shape: tuple[int, int, int], name: str = "wrapped", *,
+    preprocess: Callable[[Tensor], Tensor] | None = None, gradient: str | Callable[[Tensor], Tensor] = "exact",
+    randomized: bool = False,
 ) -> JointModel:
-    """Turn a plain classifier into a JointModel with capability `logits` only.
+    """Turn a plain classifier, optionally behind a defense of your own, into a JointModel (capability `logits`).
 
     The module must take float images in [0, 1] (NCHW) and return logits;
     normalisation, if any, belongs inside it.
+
+    `preprocess`: any callable on (B, C, H, W) batches in [0, 1] returning a batch of the same shape (JPEG
+    through PIL or torchvision, bit-depth reduction, a median filter; it need not be differentiable); the
+    model's logits are module(preprocess(x)). `gradient`: how attacks differentiate it: "exact" (autograd
+    through it; a preprocessing autograd cannot follow has zero gradient), "bpda" (the identity on the
+    backward pass, Athalye et al. 2018) or a differentiable callable g approximating it (forward
+    preprocess(x), backward through g(x)). `randomized`: the preprocessing draws randomness (use torch's
+    global generator, which the engine seeds per batch, ε and stage so runs resume exactly); it is then
+    attacked with EOT and decided by majority and worst-of-N, as the zoo's randomized defenses. The engine's
+    checks apply as to any model: "exact" through a rounding front end is flagged as having no usable gradient.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"wrap() takes a torch.nn.Module, got {type(module).__name__}")
-    return WrappedClassifier(module, num_classes, input_shape, name=name)
+    return WrappedClassifier(module, num_classes, input_shape, name=name, preprocess=preprocess, gradient=gradient,
+                             randomized=randomized)

@@ -83,6 +83,11 @@ class DefenseSpec:
         return self.kind in ("denoise", "purify") or (self.kind == "sgld" and self.steps > 0)
 
     @property
+    def uses_denoiser(self) -> bool:
+        """The defense purifies with the model's denoiser, so `--denoiser` can put another model's there."""
+        return self.kind in ("denoise", "purify")
+
+    @property
     def forward_passes(self) -> int:
         """Network passes per prediction of the deployed pipeline (one draw of a randomized one)."""
         if self.kind == "denoise":

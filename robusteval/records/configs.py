@@ -12,9 +12,11 @@ from robusteval.records.encoding import to_json_dict as _json
 
 # Recorded only when there is one: the companions of an official --checkpoint
 # (robusteval.jobs.JobOptions.official_files), ImageNet's image order and preprocessing (robusteval.data.imagenet),
-# where a --model package.module:factory came from (robusteval.jobs.Resolved.model_source) and the fingerprints
-# of the files given (robusteval.core.fingerprints).
-_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints", "model_source", "preprocessing")
+# where a --model package.module:factory came from (robusteval.jobs.Resolved.model_source), the fingerprints
+# of the files given (robusteval.core.fingerprints) and a --denoiser in front of the model's classifier
+# (robusteval.jobs.Resolved.denoiser_config).
+_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints", "model_source", "preprocessing", "denoiser",
+               "denoiser_checkpoint", "denoiser_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class AttackConfig:
     file_fingerprints: dict[str, str] | None = None  # {option: fingerprint} of --checkpoint, --vae, --model-config
     model_source: dict[str, Any] | None = None
     preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
+    denoiser: str | None = None
+    denoiser_checkpoint: str | None = None
+    denoiser_fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The official files' companions are recorded only when given, so other runs keep their configuration.
@@ -96,6 +101,9 @@ class SmoothingConfig:
     file_fingerprints: dict[str, str] | None = None
     model_source: dict[str, Any] | None = None
     preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
+    denoiser: str | None = None
+    denoiser_checkpoint: str | None = None
+    denoiser_fingerprint: str | None = None
 
     # Not a field: what is written only when given (the sequential method's design, other weights).
     OPTIONAL: ClassVar[tuple[str, ...]] = ("method", "radii", "n_max", "looks", "confidence_sequence", "bets",

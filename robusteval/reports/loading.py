@@ -191,7 +191,8 @@ def check_run_records(path: Path, kind: str, config: dict[str, Any], summary: di
     if kind == "attack":
         try:
             attack_labels = recorded_attack_labels(str(checked.get("attack", summary.get("attack"))),
-                                                   checked.get("gradient", summary.get("gradient")))
+                                                   checked.get("gradient", summary.get("gradient")),
+                                                   str(checked.get("defense", summary.get("defense", "none"))))
         except UnknownNameError:  # an attack this version does not know: its names cannot be checked
             attack_labels = None
     check_records(path / SAMPLES_FILE, kind, checked, records, attack_labels=attack_labels,

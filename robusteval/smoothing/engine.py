@@ -11,7 +11,8 @@ the last complete batch of images.
 
 Modes (which base classifier is smoothed):
 - `direct`: x ↦ argmax logits(x + σ·n, σ): noise-conditioned models are told σ.
-- `denoised`: x ↦ argmax logits(denoise(x + σ·n, σ), 0): the model's own denoiser first.
+- `denoised`: x ↦ argmax logits(denoise(x + σ·n, σ), 0): the model's own denoiser first, or another
+  model's (`denoiser=`, `--denoiser`: robusteval.model_zoo.paired), Carlini et al. 2023.
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ def prepare_smoothing(model: JointModel | str, dataset: Any, settings: Smoothing
     # Only the images the run needs are read (ImageNet decodes them one by one).
     wanted = n_images is not None and n_images >= 1 and skip >= 0
     resolved = resolve(model, JobOptions.of(dataset, options), limit=skip + n_images if wanted else None,
-                       shardable=True)
+                       shardable=True, uses_denoiser=settings.mode == "denoised")
     return SmoothingJob(resolved, settings, n_images=n_images, skip=skip, batch_size=batch_size, compile=compile)
 
 
@@ -454,7 +455,9 @@ def certify(model: JointModel | str, dataset: ImageDataset | tuple[Tensor, Tenso
     (image, draw) pairs per forward pass), compile (True / False / None for
     "when it pays off"); out (a run directory, resumed when it holds the same
     configuration; None: in memory), resume (True), progress (False); and the
-    `robusteval.jobs.JobOptions` of every evaluation (all listed at the end).
+    `robusteval.jobs.JobOptions` of every evaluation (all listed at the end); with
+    mode='denoised', `denoiser` and `denoiser_checkpoint` put another model's
+    denoiser before this model's classifier.
     """
     return _smooth("certify", model, dataset, sigma=sigma, n0=n0, n=n, method=method, radii=radii, n_max=n_max,
                    futility=futility, design=design, **keywords)

@@ -124,6 +124,31 @@ DEFECTS = (
         (("tests/test_records_trust.py::"
           "test_certify_resumed_with_other_weights_behind_the_path_is_refused_naming_both_fingerprints"),),
     ),
+    Defect(
+        "paired-denoiser-ignored", "--denoiser is recorded but the input passes undenoised",
+        "robusteval/model_zoo/paired.py",
+        "return self.denoiser.denoise(x, sigma)", "return x",
+        ("tests/test_denoiser_pairing.py::test_another_models_denoiser_is_the_one_that_purifies",),
+    ),
+    Defect(
+        "bpda-is-exact", "wrap's gradient='bpda' differentiates the preprocessing with autograd",
+        "robusteval/core/interface.py",
+        'if self.gradient == "exact" or not tracking:', "if True:",
+        ("tests/test_user_defenses.py::test_bpda_through_bit_depth_reduction_reaches_the_exact_robust_accuracy",),
+    ),
+    Defect(
+        "no-vertex-search", "the gradient-free escalation stops after Square",
+        "robusteval/attacks/remedies.py",
+        '    if norm == "Linf":\n        stages.append(', '    if False:\n        stages.append(',
+        ("tests/test_attacks_no_gradient.py::"
+         "test_an_opaque_rounding_front_end_is_attacked_to_within_3_points_of_the_exact_robust_accuracy",),
+    ),
+    Defect(
+        "worst-of-n-column-is-majority", "the leaderboard's worst-of-N column shows the majority vote",
+        "robusteval/reports/tables.py",
+        'float(p["worst_of_n_robust_accuracy"] if', 'float(p["robust_accuracy"] if',
+        ("tests/test_reports_worst_of_n.py::test_worst_of_n_has_its_own_column_beside_the_majority_vote",),
+    ),
 )
 
 
