@@ -39,7 +39,7 @@ from robusteval.attacks.evaluate import evaluate_attack
 from robusteval.core.atomic_files import atomic_write_bytes, atomic_write_json
 from robusteval.core.errors import UsageError
 from robusteval.core.vocabulary import parse_defense
-from robusteval.model_zoo.claims import Claim
+from robusteval.model_zoo.claims import NO_CLAIM_REASONS, Claim
 from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.reports.loading import load_runs
 from robusteval.reports.paths import slug
@@ -287,6 +287,9 @@ def papers_markdown(rows: list[ClaimRow]) -> str:
         if row.notes:
             parts.append(f"- {markdown_cell(row.model)}, {markdown_cell(row.claim.label)}: "
                          f"{markdown_cell('; '.join(row.notes))}")
+    # Why the other seed systems have no row: no claim of theirs could be confirmed (model_zoo/claims.py).
+    parts += ["", "## Systems without a recorded claim", "",
+              *(f"- {markdown_cell(name)}: {markdown_cell(reason)}" for name, reason in NO_CLAIM_REASONS.items())]
     return "\n".join(parts) + "\n"
 
 

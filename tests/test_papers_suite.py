@@ -11,9 +11,19 @@ from click.testing import CliRunner
 from test_official_checkpoints import cohen_cifar_file, make_cifar10
 
 from robusteval.cli import main
-from robusteval.model_zoo.claims import COHEN_CLAIMS, Claim, PaperProtocol
-from robusteval.model_zoo.factory import model_card
-from robusteval.papers import find_checkpoint, markdown_cell, paper_claims
+from robusteval.model_zoo.claims import (
+    COHEN_CLAIMS,
+    NO_CLAIM_REASONS,
+    Claim,
+    PaperProtocol,
+)
+from robusteval.model_zoo.factory import list_models, model_card
+from robusteval.papers import (
+    find_checkpoint,
+    markdown_cell,
+    paper_claims,
+    papers_markdown,
+)
 
 
 def test_cards_hold_the_papers_claims_as_data() -> None:
@@ -27,6 +37,20 @@ def test_cards_hold_the_papers_claims_as_data() -> None:
     assert {name for name, _ in paper_claims()} == {"cohen"}
     with pytest.raises(ValueError, match="certified claim needs its sigma"):
         Claim("cifar10", "L2-certified", 0.5, 0.4, "x", PaperProtocol("certify", "f"))
+
+
+def test_every_seed_system_has_its_claims_or_the_reason_it_has_none_and_the_report_says_it() -> None:
+    seeds = {name for name in list_models() if model_card(name).family == "joint"} | {"cohen"}
+    claimed = {name for name, _ in paper_claims()}
+    assert seeds == claimed | set(NO_CLAIM_REASONS) and not claimed & set(NO_CLAIM_REASONS)
+    # DMAE's figures as the official README's Table 1/3 print them: best over σ, so no claim can carry its σ.
+    dmae = NO_CLAIM_REASONS["dmae"]
+    assert "Table 1" in dmae and "ViT-L 73.6/64.6/53.7/41.5/27.5%" in dmae and "best over the noise levels" in dmae
+    assert "ViT-B: 79.2/64.6/47.3/36.1% at r = 0.25/0.5/0.75/1.0" in dmae and "no fine-tuned classifier" in dmae
+    assert model_card("dmae").paper.startswith("Wu, Ye, Gu, Zhang, Wang & He 2023")  # the paper's authors
+    report = papers_markdown([])
+    assert "## Systems without a recorded claim" in report and "- dmae: quanlin-wu/dmae" in report
+    assert all(f"- {name}: " in report for name in NO_CLAIM_REASONS)
 
 
 def test_a_claim_matches_its_budget_to_1e_4_and_its_checkpoint_with_or_without_models(tmp_path: Path) -> None:

@@ -120,3 +120,40 @@ COHEN_CLAIMS: tuple[Claim, ...] = (
     _cohen("imagenet", 0.50, 1.0, 0.38, "resnet50", 500, 100),
     _cohen("imagenet", 1.00, 2.0, 0.19, "resnet50", 500, 100),
 )
+
+
+# --- The seed systems without a claim, and why -------------------------------------------------------
+# A claim needs its figure, its threat model and budget (with σ for a certificate) and the released file it
+# was measured on, all read in the paper or its official repository. Where one of them could not be read,
+# the card has no claim and the reason stays here, so that the papers report can say why a system has no
+# row (and the next reader knows what was already looked at).
+NO_CLAIM_REASONS: dict[str, str] = {
+    "dmae": (
+        "quanlin-wu/dmae's README shows the paper's Table 1 (ImageNet: DMAE ViT-B 69.6/57.9/47.8/35.4/22.5%, "
+        "ViT-L 73.6/64.6/53.7/41.5/27.5% certified at L2 r = 0.5/1.0/1.5/2.0/3.0) and Table 3 (CIFAR-10, "
+        "ViT-B: 79.2/64.6/47.3/36.1% at r = 0.25/0.5/0.75/1.0; 80.8/67.1/49.7/37.7% with continued "
+        "pre-training), but each entry is the best over the noise levels σ, which the tables do not name, "
+        "and the README releases only the pre-trained DMAE-Base/Large encoders, no fine-tuned classifier "
+        "(fine-tuning writes checkpoint-<epoch>.pth); the per-σ table could not be read"
+    ),
+    "gmmc": (
+        "sndnyang/GMMC's README gives clean accuracy only (models A: 94.08%, B: 92.51%); the paper's "
+        "robustness comparison with JEM could not be read as a figure with its ε"
+    ),
+    "jem": (
+        "wgrathwohl/JEM's README gives the attack commands (attack_model.py, Linf and L2) but no figure; "
+        "the paper shows robustness as curves, and no number stated in its text could be read"
+    ),
+    "egc": (
+        "GuoQiushan/EGC's README gives ImageNet clean accuracy only (78.97% and 72.39%); the paper's "
+        "robustness is on CIFAR-10, for which no checkpoint is released, and its figures could not be read"
+    ),
+    "jdm": (
+        "KamilDeja/joint_diffusion's README and the paper's abstract state no robustness figure; none in the "
+        "paper's body could be read"
+    ),
+    "cdn": (
+        "the abstract (arXiv:2410.03505) says only that robustness increases over a standard classifier; no "
+        "figure in the paper's body could be read, and no official repository was found"
+    ),
+}

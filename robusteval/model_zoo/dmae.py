@@ -321,7 +321,7 @@ DMAE_RECIPE = DMAERecipe()
     "dmae",
     family="joint",
     system="Denoising Masked Autoencoder",
-    paper="Wu, Xu, Zhang, Zhao, Li, Zhang, Wang & He 2023, Denoising Masked Autoencoders Help Robust "
+    paper="Wu, Ye, Gu, Zhang, Wang & He 2023, Denoising Masked Autoencoders Help Robust "
     "Classification (ICLR)",
     capabilities={"logits", "denoise"},
     trainer=train_dmae,
