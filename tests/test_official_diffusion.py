@@ -727,7 +727,7 @@ def test_a_lightning_style_latent_diffusion_checkpoint_as_vae(tmp_path, monkeypa
                  "lr_schedulers": []}
     plain = tmp_path / "plain-model.ckpt"
     torch.save(lightning, plain)
-    model = load_egc(IMAGES_16, net_path, vae=plain, model_config={"num_heads": 2})
+    model = load_egc(IMAGES_16, net_path, vae=plain, model_config=TINY_FLAGS)
     torch.testing.assert_close(model.autoencoder.quant_conv.weight, vae_state["quant_conv.weight"])
 
     module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
@@ -746,10 +746,11 @@ def test_a_lightning_style_latent_diffusion_checkpoint_as_vae(tmp_path, monkeypa
         torch.save({**lightning, "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}}}, full)
     assert "pytorch_lightning" not in sys.modules
     with pytest.raises(UnsafePickleError) as refused:
-        load_egc(IMAGES_16, net_path, vae=full, model_config={"num_heads": 2})
+        load_egc(IMAGES_16, net_path, vae=full, model_config=TINY_FLAGS)
     message = str(refused.value)
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in message
     assert "--allow-unsafe-pickle" in message and "\n" not in message
+
 
 def test_egc_refuses_mismatched_files_and_data(tmp_path):
     net_path, _, vae_path, _ = save_egc(tmp_path)
