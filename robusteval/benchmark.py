@@ -6,8 +6,11 @@ A suite is a fixed grid (numbers of images, budgets, noise levels):
   `autoattack` on the L∞ and L2 grids;
 - for the joint models, adaptive attacks on their deployed pipelines at the
   suite's defense ε: the `denoise:S` purification (gradient `auto`: exact and
-  BPDA, a point counts as broken if either breaks it) and the randomized
-  `noise:S` pipeline (`autoattack-rand`, with EOT);
+  BPDA, a point counts as broken if either breaks it), the randomized
+  `noise:S` pipeline (`autoattack-rand`, with EOT) and, for the models of
+  `purify_models`, multi-step purification `purify:S:K` by the model's own
+  denoiser (`autoattack-rand`, gradient `auto`: exact through every step,
+  BPDA and the one-step surrogate, worst case per point);
 - randomized-smoothing certification at each σ of the suite, `direct`, and
   `denoised` for models with a denoiser; a baseline trained at one σ (its card's
   recipe says which) is certified at that σ only;
@@ -86,6 +89,12 @@ class Suite:
     # JEM's refinement (`attack_model.py`'s refined_logits) on the models trained with SGLD chains.
     sgld_models: tuple[str, ...] = ("jem", "gmmc")
     sgld_steps: int = 1
+    # DiffPure-style purify:S:K (ddpm) on the joint models deployed that way. An attack through it costs K
+    # denoiser passes per EOT draw for each of the three gradients of `auto`, and a model whose cross-entropy
+    # saturates (cdn) adds the remedies through all three: hence few steps and few points.
+    purify_models: tuple[str, ...] = ("jdm", "egc", "cdn")
+    purify_steps: int = 2
+    n_purify: int = 10
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,6 +206,13 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> l
                     jobs.append(GridRun("attack", model, suite.dataset, arguments,
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-rand-sgld{suite.sgld_steps}",
                                     cost=suite.n_defense * len(eps) * 4 * suite.sgld_steps))
+                if model in suite.purify_models and can_denoise and suite.n_purify > 0:
+                    defense = f"purify:{s}:{suite.purify_steps}"
+                    arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_purify,
+                                 "defense": defense, "gradient": "auto", "large_eps_check": suite.large_eps_check}
+                    jobs.append(GridRun("attack", model, suite.dataset, arguments,
+                                    folder / f"attack-{slug(model)}-{norm}-autoattack-rand-purify{s}-{suite.purify_steps}",
+                                    cost=suite.n_purify * len(eps) * 30 * suite.purify_steps))
         own_sigma = card.recipe.get("sigma")
         sigmas = (float(own_sigma),) if isinstance(own_sigma, (int, float)) else suite.sigmas
         modes = SMOOTHING_MODES if can_denoise else ("direct",)
@@ -246,6 +262,9 @@ def describe_suite(suite: Suite, run_seconds: float | None = None) -> str:
     if suite.defenses and suite.n_defense > 0:
         text.append(f"Adaptive attacks on the joint models' denoise:{suite.defense_sigma:g} and "
                     f"noise:{suite.defense_sigma:g} pipelines on {suite.n_defense} points ({grid(suite.defense_eps)}).")
+        if suite.n_purify > 0 and suite.purify_models:
+            text.append(f"Multi-step purification purify:{suite.defense_sigma:g}:{suite.purify_steps} "
+                        f"({', '.join(suite.purify_models)}) on {suite.n_purify} points, gradient auto.")
     text.append(f"Certification of {suite.n_certify} images per model, σ and mode with n0 = {suite.n0}, "
                 f"n = {suite.n:,}, α = {suite.alpha:g} (the largest certifiable radius is {reach:.2f}σ).")
     text.append(f"PSNR on {suite.denoise_images} images. Samples are small: read every figure with its 95% interval.")

@@ -69,6 +69,24 @@ def test_sgld_trained_models_get_jems_sgld_purification(tmp_path):
     assert not any("sgld" in label for label in _jobs(SUITES["digits-ci"], ["jem"], tmp_path))
 
 
+def test_the_diffusion_style_joint_models_get_multi_step_purification(tmp_path):
+    suite = SUITES["digits"]
+    jobs = _jobs(suite, ["jdm", "egc", "cdn", "dmae", "jem"], tmp_path)
+    k, s = suite.purify_steps, f"{suite.defense_sigma:g}"
+    assert k >= 2  # a multi-step process, not today's one-shot denoise:S
+    for model in ("jdm", "egc", "cdn"):
+        purify = jobs[f"attack-{model}-Linf-autoattack-rand-purify{s}-{k}"]
+        assert (purify.arguments["attack"], purify.arguments["defense"], purify.arguments["gradient"]) == (
+            "autoattack-rand", f"purify:{s}:{k}", "auto")
+        assert purify.arguments["n"] == suite.n_purify and purify.arguments["eps"] == [0.1]
+    assert not any("purify" in label for label in jobs if "dmae" in label or "jem" in label)
+    # The costliest runs start first, so the grid's wall time is not one slow run at the end.
+    costliest = max(jobs.values(), key=lambda job: job.cost)
+    assert "purify" in costliest.label
+    assert f"purify:{s}:{k}" in describe_suite(suite)
+    assert not any("purify" in label for label in _jobs(SUITES["digits-ci"], ["jdm"], tmp_path))
+
+
 def test_a_small_grid_runs_end_to_end_and_resumes(tmp_path):
     suite = dataclasses.replace(SUITES["digits-ci"], name="tiny", eps={}, n_certify=4, n0=20, n=100,
                                 denoise_images=8)
