@@ -151,3 +151,6 @@ def test_the_bare_certify_command_exits_0_and_names_the_model(tmp_path, monkeypa
     result = CliRunner().invoke(main, ["certify", "--sigma", "0.25"])
     assert result.exit_code == 0, result.output
     assert "model: gaussian (default" in result.stderr and "of gaussian: r=0:" in result.stdout
+    assert "images: the first 200 test images" in result.stderr
+    (summary,) = tmp_path.glob("runs/*/summary.json")
+    assert json.loads(summary.read_text())["n_images"] == 200
