@@ -41,6 +41,7 @@ intervals for both.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -185,19 +186,28 @@ def build_model(name: str, n_images: int, resnet_images: int, device: torch.devi
     raise click.BadParameter(f"unknown model {name!r}; use digits, cdn and/or resnet18", param_hint="--models")
 
 
-def whole_call(name: str, sigma: float, args: dict) -> dict:
+def whole_call(name: str, sigma: float, args: dict, cold_repeats: int = 1) -> dict:
     """One `robusteval.certify` call (auto compile) timed in a fresh process with empty inductor caches (a first
-    run on a machine), then again with the caches that call left (every later run)."""
-    child = {"name": name, "sigma": sigma, **{k: args[k] for k in (
+    run on a machine), `cold_repeats` times (each with caches of its own), then once more with the caches the last
+    one left (every later run). Each child also measures the model's eager forward rate after its call, so its
+    forward-only time comes from the same process and minute as its whole call (this machine drifts by 10-25%
+    between minutes)."""
+    child = {"name": name, "sigma": sigma, "forward_rate": True, **{k: args[k] for k in (
         "n_images", "resnet_images", "n0", "n", "alpha", "batch_size", "device", "threads")}}
-    runs = []
-    with tempfile.TemporaryDirectory() as cache:
+
+    def run_child(cache: str) -> dict:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        for _ in range(2):
-            out = subprocess.run([sys.executable, __file__, "--whole-call-child", json.dumps(child)], env=env,
-                                 check=True, capture_output=True, text=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {**runs[0], "warm_caches": runs[1]}
+        out = subprocess.run([sys.executable, __file__, "--whole-call-child", json.dumps(child)], env=env,
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    cold = []
+    for _ in range(cold_repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            cold.append(run_child(cache))
+            if len(cold) == cold_repeats:
+                warm = run_child(cache)
+    return {**cold[-1], "cold_runs": cold, "warm_caches": warm}
 
 
 def run_whole_call_child(spec: dict) -> None:
@@ -210,7 +220,13 @@ def run_whole_call_child(spec: dict) -> None:
     result = robusteval.certify(model, (x, y), sigma=spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
                                 batch_size=spec["batch_size"], compile=None, device=model.device)
     synchronize(model.device)
-    click.echo(json.dumps({"seconds": time.perf_counter() - started, "compile": result.summary["compile"]}))
+    seconds = time.perf_counter() - started
+    figures = {"seconds": seconds, "compile": result.summary["compile"]}
+    if spec.get("forward_rate"):
+        step = lambda images: model.logits(images, spec["sigma"]).argmax(1)  # noqa: E731
+        figures["forward_samples_per_second"] = forward_throughput(step, model.input_shape, spec["batch_size"],
+                                                                   model.device)
+    click.echo(json.dumps(figures))
 
 
 def interval(fraction: float, total: int) -> tuple[float, float]:
@@ -332,27 +348,37 @@ def simulate_designs(counts: np.ndarray, correct: np.ndarray, n_pilot: int, sigm
     return rows
 
 
+def forward_share(samples: int, run: dict) -> float:
+    """Forward-pass-only time (at the run's own eager rate) over the run's whole-call time."""
+    return samples / run["forward_samples_per_second"] / run["seconds"]
+
+
 def report_efficiency(name: str, label: str, model: JointModel, sigma: float, args: dict,
-                      counts: list[int]) -> list[dict]:
-    """Certify at its limit: the time the same forward passes alone take (eager, on one fixed batch) over the whole
-    call's time (a fresh process, automatic compile, warm-up included), with empty and with warm compile caches."""
+                      counts: list[int], cold_repeats: int = 3) -> list[dict]:
+    """Certify at its limit: the time the same forward passes alone take (eager, on one fixed batch, measured in
+    the whole call's own process right after it) over the whole call's time (a fresh process, automatic compile,
+    warm-up included), with empty compile caches (the median of `cold_repeats` first runs) and with warm ones."""
     batch, per_image = args["batch_size"], args["n0"] + args["n"]
-    step = lambda images: model.logits(images, sigma).argmax(1)  # noqa: E731
-    eager = forward_throughput(step, model.input_shape, batch, model.device)
     rows = []
     for count in counts:
-        passes = -(-count * per_image // batch)
-        forward_only = passes * batch / eager
-        whole = whole_call(name, sigma, {**args, "n_images": count})
-        row = {"model": name, "images": count, "forward_only_seconds": forward_only,
-               "cold": {**whole, "efficiency": forward_only / whole["seconds"]}}
-        row["cold"].pop("warm_caches")
-        row["warm"] = {**whole["warm_caches"], "efficiency": forward_only / whole["warm_caches"]["seconds"]}
+        samples = -(-count * per_image // batch) * batch
+        whole = whole_call(name, sigma, {**args, "n_images": count}, cold_repeats)
+        efficiency = functools.partial(forward_share, samples)
+        cold = sorted(whole["cold_runs"], key=efficiency)
+        median = cold[len(cold) // 2]
+        warm = whole["warm_caches"]
+        row = {"model": name, "images": count, "samples": samples,
+               "cold": {**median, "efficiency": efficiency(median),
+                        "efficiencies": [efficiency(run) for run in whole["cold_runs"]]},
+               "warm": {**warm, "efficiency": efficiency(warm)}}
+        row["cold"].pop("cold_runs", None)
         rows.append(row)
-        click.echo(f"{label} at {count} images: forward passes alone {forward_only:.1f} s (eager "
-                   f"{eager:.0f} samples/s); whole call {whole['seconds']:.1f} s (compile={whole['compile']}) with "
-                   f"empty compile caches: efficiency {row['cold']['efficiency']:.2f}; "
-                   f"{row['warm']['seconds']:.1f} s with warm caches: {row['warm']['efficiency']:.2f}")
+        click.echo(f"{label} at {count} images, empty compile caches (median of {len(cold)}): forward passes alone "
+                   f"{samples / median['forward_samples_per_second']:.1f} s (eager "
+                   f"{median['forward_samples_per_second']:.0f} samples/s), whole call {median['seconds']:.1f} s "
+                   f"(compile={median['compile']}): efficiency {row['cold']['efficiency']:.2f} (runs: "
+                   + ", ".join(f"{e:.2f}" for e in row["cold"]["efficiencies"]) + f"); warm caches: whole call "
+                   f"{warm['seconds']:.1f} s, efficiency {row['warm']['efficiency']:.2f}")
     return rows
 
 
@@ -469,11 +495,14 @@ def bench_model(name: str, label: str, model: JointModel, x: Tensor, y: Tensor, 
                    "the band where CERTIFY certifies 5-95% (radii: --sequential-radii, default 0.25,0.5,0.75).")
 @click.option("--efficiency", default=None, metavar="N1,N2,...",
               help="Only measure efficiency (forward-pass-only time / whole-call time) at these image counts.")
+@click.option("--efficiency-repeats", default=3, show_default=True,
+              help="First runs (each with empty compile caches) per --efficiency point; the median is reported.")
 @click.option("--whole-call-child", default=None, hidden=True, help="Internal: run one timed whole call.")
 def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha: float, sigma: float,
          batch_size: int, loop_batch: int, compile_model: bool, device: str, threads: int | None, skip_loop: bool,
          skip_art: bool, json_out: str | None, whole_call: bool, sequential_radii: str | None,
-         pilot_n: int | None, power_streams: int | None, efficiency: str | None, whole_call_child: str | None) -> None:
+         pilot_n: int | None, power_streams: int | None, efficiency: str | None, efficiency_repeats: int,
+         whole_call_child: str | None) -> None:
     """Images/s and samples/s of three randomized-smoothing certifiers on the same models and images."""
     if whole_call_child is not None:
         run_whole_call_child(json.loads(whole_call_child))
@@ -495,7 +524,7 @@ def main(models: str, n_images: int, resnet_images: int, n0: int, n: int, alpha:
         rows = []
         for name in [m.strip() for m in models.split(",") if m.strip()]:
             label, model, _, _ = build_model(name, max(counts), resnet_images, target)
-            rows += report_efficiency(name, label, model, sigma, args, counts)
+            rows += report_efficiency(name, label, model, sigma, args, counts, efficiency_repeats)
         if json_out:
             with open(json_out, "w") as handle:
                 json.dump(rows, handle, indent=2)
