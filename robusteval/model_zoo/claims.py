@@ -132,9 +132,11 @@ NO_CLAIM_REASONS: dict[str, str] = {
         "quanlin-wu/dmae's README shows the paper's Table 1 (ImageNet: DMAE ViT-B 69.6/57.9/47.8/35.4/22.5%, "
         "ViT-L 73.6/64.6/53.7/41.5/27.5% certified at L2 r = 0.5/1.0/1.5/2.0/3.0) and Table 3 (CIFAR-10, "
         "ViT-B: 79.2/64.6/47.3/36.1% at r = 0.25/0.5/0.75/1.0; 80.8/67.1/49.7/37.7% with continued "
-        "pre-training), but each entry is the best over the noise levels σ, which the tables do not name, "
-        "and the README releases only the pre-trained DMAE-Base/Large encoders, no fine-tuned classifier "
-        "(fine-tuning writes checkpoint-<epoch>.pth); the per-σ table could not be read"
+        "pre-training), but each entry is the best over σ ∈ {0.25, 0.5, 1.0} (Table 1's caption: the best "
+        "certified accuracy for each radius; FINETUNE.md: certify.py's default σ set), each σ its own "
+        "fine-tuned classifier, and the repository releases only the pre-trained DMAE-Base/Large encoders "
+        "(fine-tuning writes checkpoint-<epoch>.pth); a claim is one σ and one file, so a best-over-σ figure "
+        "is not recorded as one, and the per-σ figures are in the paper's appendix, which could not be read"
     ),
     "gmmc": (
         "sndnyang/GMMC's README gives clean accuracy only (models A: 94.08%, B: 92.51%); the paper's "
