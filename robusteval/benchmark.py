@@ -207,12 +207,13 @@ def plan(suite: Suite, models: Sequence[str], folder: Path, **options: Any) -> l
                                     folder / f"attack-{slug(model)}-{norm}-autoattack-rand-sgld{suite.sgld_steps}",
                                     cost=suite.n_defense * len(eps) * 4 * suite.sgld_steps))
                 if model in suite.purify_models and can_denoise and suite.n_purify > 0:
-                    defense = f"purify:{s}:{suite.purify_steps}"
+                    k = suite.purify_steps
                     arguments = {"attack": "autoattack-rand", "norm": norm, "eps": eps, "n": suite.n_purify,
-                                 "defense": defense, "gradient": "auto", "large_eps_check": suite.large_eps_check}
+                                 "defense": f"purify:{s}:{k}", "gradient": "auto",
+                                 "large_eps_check": suite.large_eps_check}
                     jobs.append(GridRun("attack", model, suite.dataset, arguments,
-                                    folder / f"attack-{slug(model)}-{norm}-autoattack-rand-purify{s}-{suite.purify_steps}",
-                                    cost=suite.n_purify * len(eps) * 30 * suite.purify_steps))
+                                    folder / f"attack-{slug(model)}-{norm}-autoattack-rand-purify{s}-{k}",
+                                    cost=suite.n_purify * len(eps) * 30 * k))
         own_sigma = card.recipe.get("sigma")
         sigmas = (float(own_sigma),) if isinstance(own_sigma, (int, float)) else suite.sigmas
         modes = SMOOTHING_MODES if can_denoise else ("direct",)
