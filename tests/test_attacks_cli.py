@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from attack_fixtures import clopper_pearson
+from cli_helpers import summary_without_time
 from click.testing import CliRunner
 
 from robusteval.cli import main
@@ -25,12 +26,6 @@ RESUME_ARGS = ["run", "--model", "standard", "--attack", "apgd-ce", "--eps", "0.
 def _records(path: Path) -> list[dict]:
     lines = (path / "samples.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "batch_seconds"} for line in lines if line.strip()]
-
-
-def _summary(path: Path) -> dict:
-    summary = json.loads((path / "summary.json").read_text())
-    summary.pop("seconds")
-    return summary
 
 
 @pytest.mark.slow
@@ -79,7 +74,7 @@ def test_run_killed_with_sigkill_resumes_to_the_uninterrupted_summary(tmp_path, 
     # At ε = 0.05 APGD attacks exactly the correct points of the batches left; the fresh run attacks them all.
     assert after_restart[0.05] == len(left) < attacked[0.05] == sum(r["correct"] for r in fresh_records)
 
-    assert _summary(killed) == _summary(tmp_path / "fresh")
+    assert summary_without_time(killed) == summary_without_time(tmp_path / "fresh")
     assert _records(killed) == _records(tmp_path / "fresh")
     for eps in ("0.05", "0.1"):
         name = f"adversarial_eps{eps}.pt"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error as shared_one_line_error
+from cli_helpers import summary_without_time
 from click.testing import CliRunner
 from test_official_checkpoints import jem_file, make_cifar10
 from test_official_diffusion import randomise
@@ -37,21 +39,11 @@ PREDICT_DIGITS = ["predict", "--model", "standard", "--sigma", "0.25", "--n", "2
 
 
 def one_line_error(result, *fragments: str) -> str:
-    """The command failed with exit 2 and a single `error:` line holding every fragment, no traceback."""
-    assert result.exit_code == 2, result.output
+    """The shared one-line error, and nothing of it spills onto the lines before."""
+    message = shared_one_line_error(result, *fragments)
     lines = result.stderr.strip().splitlines()
-    message = lines[-1]
-    assert message.startswith("error: ") and "Traceback" not in result.output, result.output
     assert not any(line.startswith(("error", "  ")) for line in lines[:-1]), result.stderr  # nothing spills over
-    for fragment in fragments:
-        assert fragment in message, message
     return message
-
-
-def summary_without_time(path: Path) -> dict:
-    summary = json.loads((path / "summary.json").read_text())
-    summary.pop("seconds")
-    return summary
 
 
 # --- JEM's replay buffer: declared sizes, laziness, shape, finiteness ---------------------------------------------

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -33,17 +34,6 @@ def _invoke(*args: str):
 
 def _ok(result) -> None:
     assert result.exit_code == 0, result.output
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    message = lines[-1]
-    assert message.startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def _records(run: Path) -> list[dict]:
@@ -99,7 +89,7 @@ def test_certify_resumed_with_other_weights_behind_the_path_is_refused_naming_bo
     first = _config(out)
     assert len(first["model_fingerprint"]) == 16 and first["file_fingerprints"]["checkpoint"]
     shutil.copy(GAUSSIAN, checkpoint)  # other weights behind the same path
-    message = _one_line_error(_invoke(*args), str(checkpoint), "model_fingerprint", first["model_fingerprint"])
+    message = one_line_error(_invoke(*args), str(checkpoint), "model_fingerprint", first["model_fingerprint"])
     assert "(stored)" in message and "(now)" in message and first["file_fingerprints"]["checkpoint"] in message
 
 
@@ -111,7 +101,7 @@ def test_shards_certified_with_other_weights_behind_one_path_do_not_merge(tmp_pa
     _ok(_invoke(*CERTIFY, "--checkpoint", checkpoint, "--shard", "2/2", "--out", tmp_path / "s2"))
     fingerprints = [_config(tmp_path / s)["model_fingerprint"] for s in ("s1", "s2")]
     assert fingerprints[0] != fingerprints[1]
-    _one_line_error(_invoke("merge", tmp_path / "s1", tmp_path / "s2", "--out", tmp_path / "merged"),
+    one_line_error(_invoke("merge", tmp_path / "s1", tmp_path / "s2", "--out", tmp_path / "merged"),
                     "model_fingerprint", *fingerprints, str(checkpoint))
     assert not (tmp_path / "merged" / "summary.json").exists()
 
@@ -131,7 +121,7 @@ def test_a_run_made_before_fingerprints_is_reported_but_not_resumed(certified, t
     del config["model_fingerprint"]
     (old / "config.json").write_text(json.dumps(config))
     _ok(_invoke("report", old, "--out", tmp_path / "report.html"))
-    _one_line_error(_invoke(*CERTIFY, "--out", old), "written before weights were fingerprinted", "--no-resume")
+    one_line_error(_invoke(*CERTIFY, "--out", old), "written before weights were fingerprinted", "--no-resume")
 
 
 # --- 2. every record checked against itself ---------------------------------------------------------------------
@@ -148,19 +138,19 @@ def test_merge_refuses_an_abstained_record_edited_to_correct(certified_shards, t
         record.update(prediction=None, abstain=True, radius=0.0, correct=True)
 
     s1, s2 = _edited_shard(certified_shards, tmp_path, abstained_but_correct)
-    _one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"),
+    one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"),
                     f"{s2 / 'samples.jsonl'} line 2: field correct")
 
 
 def test_merge_refuses_a_radius_that_does_not_follow_from_its_bound(certified_shards, tmp_path):
     s1, s2 = _edited_shard(certified_shards, tmp_path, lambda record: record.update(radius=5.0))
-    _one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"),
+    one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"),
                     f"{s2 / 'samples.jsonl'} line 2: field radius", "pA_lower")
 
 
 def test_merge_refuses_a_count_beyond_n(certified_shards, tmp_path):
     s1, s2 = _edited_shard(certified_shards, tmp_path, lambda record: record.update(count=101))
-    _one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"), "line 2: field count", "0..100")
+    one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"), "line 2: field count", "0..100")
 
 
 def test_resume_refuses_a_label_other_than_the_data_set_s(certified, tmp_path):
@@ -169,7 +159,7 @@ def test_resume_refuses_a_label_other_than_the_data_set_s(certified, tmp_path):
     records[2]["label"] = (records[2]["label"] + 1) % 10
     records[2]["correct"] = records[2]["prediction"] == records[2]["label"]  # consistent with itself
     _write_records(run, records)
-    _one_line_error(_invoke(*CERTIFY, "--out", run), f"{run / 'samples.jsonl'} line 3: field label",
+    one_line_error(_invoke(*CERTIFY, "--out", run), f"{run / 'samples.jsonl'} line 3: field label",
                     "data set's label")
 
 
@@ -179,9 +169,9 @@ def test_report_refuses_a_radius_edited_in_a_finished_run(certified, tmp_path):
     certified_line = next(k for k, r in enumerate(records) if not r["abstain"])
     records[certified_line]["radius"] = 5.0
     _write_records(run, records)
-    _one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
+    one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
                     f"line {certified_line + 1}: field radius")
-    _one_line_error(_invoke("check", run, "--baseline", tmp_path / "b.json", "--update"), "field radius")
+    one_line_error(_invoke("check", run, "--baseline", tmp_path / "b.json", "--update"), "field radius")
 
 
 def test_report_refuses_an_attack_record_at_an_eps_not_configured(attacked, tmp_path):
@@ -189,7 +179,7 @@ def test_report_refuses_an_attack_record_at_an_eps_not_configured(attacked, tmp_
     records = _records(run)
     records[0]["results"][1]["eps"] = 0.2
     _write_records(run, records)
-    _one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
+    one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
                     "line 1: field results[1].eps", "0.2")
 
 
@@ -202,9 +192,9 @@ def test_report_and_check_refuse_broken_flipped_to_false(attacked, tmp_path):
             result["broken"] = False
     _write_records(run, records)
     report = _invoke("report", run, "--out", tmp_path / "r.html")
-    message = _one_line_error(report, f"{run / 'samples.jsonl'} line", ".broken")
+    message = one_line_error(report, f"{run / 'samples.jsonl'} line", ".broken")
     assert int(message.split(" line ")[1].split(":")[0]) <= line + 1
-    _one_line_error(_invoke("check", run, "--baseline", tmp_path / "b.json", "--update"), ".broken")
+    one_line_error(_invoke("check", run, "--baseline", tmp_path / "b.json", "--update"), ".broken")
 
 
 def test_report_refuses_an_attack_name_the_run_did_not_run(attacked, tmp_path):
@@ -213,7 +203,7 @@ def test_report_refuses_an_attack_name_the_run_did_not_run(attacked, tmp_path):
     line = next(k for k, r in enumerate(records) if r["results"][-1]["broken"])
     records[line]["results"][-1]["attack"] = "pgd"
     _write_records(run, records)
-    _one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
+    one_line_error(_invoke("report", run, "--out", tmp_path / "r.html"),
                     f"line {line + 1}: field results[1].attack", "'pgd' is not an attack of this run")
 
 
@@ -224,7 +214,7 @@ def test_a_config_edited_to_another_attack_is_not_resumed_under_it(attacked, tmp
     config["attack"] = "pgd"
     (run / "config.json").write_text(json.dumps(config))
     pgd = [a if a != "fgsm" else "pgd" for a in ATTACK]
-    _one_line_error(_invoke(*pgd, "--out", run), "field results[", "'fgsm' is not an attack of this run")
+    one_line_error(_invoke(*pgd, "--out", run), "field results[", "'fgsm' is not an attack of this run")
 
 
 # --- 4. non-finite weights and logits ---------------------------------------------------------------------------
@@ -241,9 +231,9 @@ def _weights_with(tmp_path: Path, value: float, name: str) -> tuple[Path, str]:
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
     checkpoint, tensor = _weights_with(tmp_path, value, "bad.safetensors")
-    _one_line_error(_invoke(*CERTIFY, "--checkpoint", checkpoint, "--out", tmp_path / "c"), str(checkpoint),
+    one_line_error(_invoke(*CERTIFY, "--checkpoint", checkpoint, "--out", tmp_path / "c"), str(checkpoint),
                     f"tensor {tensor}", "non-finite")
-    _one_line_error(_invoke("run", "--model", "gaussian", "--attack", "fgsm", "--eps", "0.1", "--n", "4",
+    one_line_error(_invoke("run", "--model", "gaussian", "--attack", "fgsm", "--eps", "0.1", "--n", "4",
                             "--device", "cpu", "--quiet", "--checkpoint", checkpoint, "--out", tmp_path / "a"),
                     f"tensor {tensor}")
 
@@ -255,11 +245,11 @@ def test_logits_that_overflow_stop_certify_and_attack_runs_naming_the_model(tmp_
     checkpoint = tmp_path / "huge.safetensors"
     save_file(state, str(checkpoint), metadata={"dataset": "digits"})
     certify = _invoke(*CERTIFY, "--checkpoint", checkpoint, "--out", tmp_path / "c")
-    _one_line_error(certify, "model gaussian gave non-finite logits")
+    one_line_error(certify, "model gaussian gave non-finite logits")
     assert not (tmp_path / "c" / "samples.jsonl").exists() or not _records(tmp_path / "c")
     attack = _invoke("run", "--model", "gaussian", "--attack", "fgsm", "--eps", "0.1", "--n", "4", "--device", "cpu",
                      "--quiet", "--checkpoint", checkpoint, "--out", tmp_path / "a")
-    _one_line_error(attack, "model gaussian gave non-finite logits")
+    one_line_error(attack, "model gaussian gave non-finite logits")
 
 
 # --- 5. runs of different weights never share a row -------------------------------------------------------------
@@ -307,7 +297,7 @@ def _edit_entry(path: Path, edit) -> str:
 def test_check_refuses_a_malformed_baseline_naming_the_entry(baseline, edit, fragment):
     runs, path = baseline
     key = _edit_entry(path, edit)
-    _one_line_error(_invoke("check", *runs, "--baseline", path), f"entry {key!r}", fragment)
+    one_line_error(_invoke("check", *runs, "--baseline", path), f"entry {key!r}", fragment)
 
 
 def test_the_committed_baseline_is_well_formed():
@@ -348,7 +338,7 @@ def test_merge_refuses_a_label_changed_away_from_the_data_set_s(certified_shards
         record.update(label=other, top_class=other, **({"prediction": other} if record["prediction"] is not None else {}))
 
     s1, s2 = _edited_shard(certified_shards, tmp_path, relabelled)
-    message = _one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"), "line 2: field label")
+    message = one_line_error(_invoke("merge", s1, s2, "--out", tmp_path / "merged"), "line 2: field label")
     assert "samples.jsonl" in message
     assert not (tmp_path / "merged" / "summary.json").exists()
     merged = _invoke("merge", *certified_shards, "--out", tmp_path / "intact")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error, summary_without_time
 from click.testing import CliRunner
 
 from robusteval.cli import main
@@ -29,21 +30,6 @@ ATTACK = ["run", "--model", "standard", "--attack", "fgsm", "--eps", "0.05,0.1",
           "--no-large-eps-check"]
 CERTIFY = ["certify", "--model", "gaussian", "--sigma", "0.25", "--n0", "10", "--n", "50", "--n-images", "3",
            "--device", "cpu", "--no-compile", "--quiet"]
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def _summary(path: Path) -> dict:
-    summary = json.loads((path / "summary.json").read_text())
-    summary.pop("seconds")
-    return summary
 
 
 def _records(path: Path) -> list[dict]:
@@ -116,7 +102,7 @@ def test_two_processes_on_one_directory_one_refuses_and_the_resumed_run_equals_a
     records = _records(shared)
     assert sorted(r["index"] for r in records) == list(range(40))  # never duplicated
     assert records == _records(tmp_path / "fresh")
-    assert _summary(shared) == _summary(tmp_path / "fresh")
+    assert summary_without_time(shared) == summary_without_time(tmp_path / "fresh")
 
 
 # --- images of the wrong size, labels of a subset ----------------------------------------------------------------
@@ -129,7 +115,7 @@ def test_a_digits_model_on_28x28_images_is_an_error_naming_both_shapes(npz_files
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [*command, "--dataset", str(npz_files["28x28"]), "--checkpoint",
                                        STANDARD_WEIGHTS, "--out", str(out)])
-    _one_line_error(result, "1×8×8", "1×28×28", "standard")
+    one_line_error(result, "1×8×8", "1×28×28", "standard")
     assert not out.exists()
 
 
@@ -157,7 +143,7 @@ def test_labels_0_to_4_of_the_digits_are_accepted_and_a_label_beyond_the_classes
 
     beyond = runner.invoke(main, [*ATTACK, "--dataset", str(npz_files["label 10"]), "--checkpoint",
                                   STANDARD_WEIGHTS, "--out", str(tmp_path / "beyond")])
-    _one_line_error(beyond, "labels in [0, 10]", "10 classes")
+    one_line_error(beyond, "labels in [0, 10]", "10 classes")
     assert not (tmp_path / "beyond").exists()
 
 
@@ -176,20 +162,20 @@ def test_labels_0_to_4_of_the_digits_are_accepted_and_a_label_beyond_the_classes
 def test_a_rejected_run_is_one_line_and_leaves_no_directory(tmp_path, extra, fragment):
     out = tmp_path / "runs" / "x"
     result = CliRunner().invoke(main, [*ATTACK, "--n", "4", "--out", str(out), *extra])
-    _one_line_error(result, fragment)
+    one_line_error(result, fragment)
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_rejected_default_directory_is_not_created_either(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, [*ATTACK, "--n", "4", "--defense", "denoise:0.25"])
-    _one_line_error(result, "capability 'denoise'")
+    one_line_error(result, "capability 'denoise'")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_certify_without_the_needed_capability_leaves_no_directory(tmp_path):
     result = CliRunner().invoke(main, [*CERTIFY, "--mode", "denoised", "--out", str(tmp_path / "x")])
-    _one_line_error(result, "capability 'denoise'")
+    one_line_error(result, "capability 'denoise'")
     assert not (tmp_path / "x").exists()
 
 
@@ -203,11 +189,11 @@ def blocked(tmp_path) -> Path:
 
 def test_an_out_below_a_file_is_one_line_for_run_certify_and_report(tmp_path, blocked):
     runner = CliRunner()
-    _one_line_error(runner.invoke(main, [*ATTACK, "--n", "4", "--out", str(blocked)]), str(blocked), "is a file")
-    _one_line_error(runner.invoke(main, [*CERTIFY, "--out", str(blocked)]), str(blocked), "is a file")
+    one_line_error(runner.invoke(main, [*ATTACK, "--n", "4", "--out", str(blocked)]), str(blocked), "is a file")
+    one_line_error(runner.invoke(main, [*CERTIFY, "--out", str(blocked)]), str(blocked), "is a file")
     finished = tmp_path / "finished"
     assert runner.invoke(main, [*CERTIFY, "--out", str(finished)]).exit_code == 0
-    _one_line_error(runner.invoke(main, ["report", str(finished), "--out", str(blocked / "r.html")]),
+    one_line_error(runner.invoke(main, ["report", str(finished), "--out", str(blocked / "r.html")]),
                     "is a file")
 
 
@@ -218,8 +204,8 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, monkeypatch):
     locked.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
     runner = CliRunner()
-    _one_line_error(runner.invoke(main, [*ATTACK, "--n", "4", "--out", str(locked / "run")]), "not writable")
-    _one_line_error(runner.invoke(main, [*CERTIFY, "--out", str(locked / "run")]), "not writable")
+    one_line_error(runner.invoke(main, [*ATTACK, "--n", "4", "--out", str(locked / "run")]), "not writable")
+    one_line_error(runner.invoke(main, [*CERTIFY, "--out", str(locked / "run")]), "not writable")
     assert not (locked / "run").exists()
 
 
@@ -229,7 +215,7 @@ def test_an_os_error_while_creating_the_directory_is_one_line(tmp_path, monkeypa
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     result = CliRunner().invoke(main, [*ATTACK, "--n", "4", "--out", str(tmp_path / "run")])
-    _one_line_error(result, "cannot create run directory", "Permission denied")
+    one_line_error(result, "cannot create run directory", "Permission denied")
 
 
 # --- damaged run files -------------------------------------------------------------------------------------------
@@ -243,25 +229,25 @@ def test_a_truncated_summary_is_recomputed_by_run_and_named_by_report(tmp_path):
     out = tmp_path / "run"
     args = [*ATTACK, "--n", "10", "--out", str(out)]
     assert runner.invoke(main, args).exit_code == 0
-    intact = _summary(out)
+    intact = summary_without_time(out)
     _truncate(out / "summary.json")
 
     report = runner.invoke(main, ["report", str(out), "--out", str(tmp_path / "report.html")])
-    _one_line_error(report, str(out / "summary.json"), "damaged")
+    one_line_error(report, str(out / "summary.json"), "damaged")
 
     again = runner.invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert _summary(out) == intact  # recomputed from the intact records and adversarial examples
+    assert summary_without_time(out) == intact  # recomputed from the intact records and adversarial examples
 
 
 def test_a_truncated_summary_of_certify_is_recomputed(tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
     assert runner.invoke(main, [*CERTIFY, "--out", str(out)]).exit_code == 0
-    intact = _summary(out)
+    intact = summary_without_time(out)
     _truncate(out / "summary.json")
     assert runner.invoke(main, [*CERTIFY, "--out", str(out)]).exit_code == 0
-    assert _summary(out) == intact
+    assert summary_without_time(out) == intact
 
 
 @pytest.mark.parametrize("command", [ATTACK + ["--n", "5"], CERTIFY])
@@ -269,13 +255,13 @@ def test_a_truncated_config_names_the_file_and_no_resume_starts_afresh(tmp_path,
     runner = CliRunner()
     out = tmp_path / "run"
     assert runner.invoke(main, [*command, "--out", str(out)]).exit_code == 0
-    intact = _summary(out)
+    intact = summary_without_time(out)
     _truncate(out / "config.json")
-    _one_line_error(runner.invoke(main, [*command, "--out", str(out)]), str(out / "config.json"), "--no-resume")
+    one_line_error(runner.invoke(main, [*command, "--out", str(out)]), str(out / "config.json"), "--no-resume")
     report = runner.invoke(main, ["report", str(out), "--out", str(tmp_path / "report.html")])
-    _one_line_error(report, str(out / "config.json"))
+    one_line_error(report, str(out / "config.json"))
     assert runner.invoke(main, [*command, "--out", str(out), "--no-resume"]).exit_code == 0
-    assert _summary(out) == intact
+    assert summary_without_time(out) == intact
 
 
 def test_duplicated_certify_records_are_refused_naming_the_line(tmp_path):
@@ -286,7 +272,7 @@ def test_duplicated_certify_records_are_refused_naming_the_line(tmp_path):
     (out / "samples.jsonl").write_text("".join(lines + lines))  # what two writers left before the lock
     (out / "summary.json").unlink()
     result = runner.invoke(main, [*CERTIFY, "--n-images", "2", "--out", str(out)])
-    _one_line_error(result, f"{out / 'samples.jsonl'} line 3", "recorded twice")
+    one_line_error(result, f"{out / 'samples.jsonl'} line 3", "recorded twice")
 
 
 # --- small items -------------------------------------------------------------------------------------------------
@@ -301,7 +287,7 @@ def test_certify_accepts_allow_unsafe_pickle_as_its_error_advises(tmp_path):
     result = runner.invoke(main, [*CERTIFY, "--checkpoint", str(checkpoint), "--allow-unsafe-pickle",
                                   "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert _summary(tmp_path / "a")["certified_accuracy"] == _summary(tmp_path / "b")["certified_accuracy"]
+    assert summary_without_time(tmp_path / "a")["certified_accuracy"] == summary_without_time(tmp_path / "b")["certified_accuracy"]
 
 
 def test_seconds_of_a_resumed_denoise_run_count_every_process(tmp_path):
