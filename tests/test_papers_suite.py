@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_official_checkpoints import cohen_cifar_file, make_cifar10
@@ -13,17 +14,22 @@ from test_official_checkpoints import cohen_cifar_file, make_cifar10
 from robusteval.cli import main
 from robusteval.model_zoo.claims import (
     COHEN_CLAIMS,
+    DMAE_CLAIMS,
+    DMAE_SIGMAS,
     NO_CLAIM_REASONS,
     Claim,
     PaperProtocol,
 )
 from robusteval.model_zoo.factory import list_models, model_card
 from robusteval.papers import (
+    best_of,
     find_checkpoint,
+    interval,
     markdown_cell,
     paper_claims,
     papers_markdown,
 )
+from robusteval.reports.loading import load_runs
 
 
 def test_cards_hold_the_papers_claims_as_data() -> None:
@@ -34,24 +40,80 @@ def test_cards_hold_the_papers_claims_as_data() -> None:
     assert all(c.source.startswith("locuslab/smoothing README") for c in claims)
     assert all(c.protocol.checkpoint.endswith("checkpoint.pth.tar") for c in claims)
     # The other seed systems have no claim that could be confirmed: empty, never a guessed figure.
-    assert {name for name, _ in paper_claims()} == {"cohen"}
+    assert {name for name, _ in paper_claims()} == {"cohen", "dmae"}
     with pytest.raises(ValueError, match="certified claim needs its sigma"):
         Claim("cifar10", "L2-certified", 0.5, 0.4, "x", PaperProtocol("certify", "f"))
+
+
+def test_dmae_claims_are_the_tables_best_over_sigma_each_sigma_its_own_fine_tuned_file() -> None:
+    claims = model_card("dmae").claims
+    assert claims == DMAE_CLAIMS and all(claim.sigmas == DMAE_SIGMAS == (0.25, 0.5, 1.0) for claim in claims)
+    variants = list(dict.fromkeys((c.dataset, c.variant) for c in claims))
+    assert variants == [("cifar10", "ViT-B"), ("imagenet", "ViT-B"), ("imagenet", "ViT-L")]
+    cifar = [c for c in claims if c.dataset == "cifar10"]
+    assert [(c.budget, c.robust_accuracy) for c in cifar] == [(0.25, 0.792), (0.5, 0.646), (0.75, 0.473),
+                                                              (1.0, 0.361)]
+    large = [c for c in claims if c.variant == "ViT-L"]
+    assert [c.robust_accuracy for c in large] == [0.736, 0.646, 0.537, 0.415, 0.275]
+    # The official evaluations: the whole CIFAR-10 test set at n = 100,000; every 50th ImageNet image at 10,000.
+    assert {(c.protocol.n_images, c.protocol.skip, c.protocol.n, c.protocol.n0, c.protocol.alpha) for c in cifar} == {
+        (10_000, 1, 100_000, 100, 0.001)}
+    assert {(c.protocol.n_images, c.protocol.skip, c.protocol.n) for c in large} == {(1_000, 50, 10_000)}
+    assert cifar[0].protocol.checkpoint_for(0.5) == "dmae/cifar10/vit_base_patch16/sigma_0.50/checkpoint-*.pth"
+    assert large[0].protocol.checkpoint_for(1.0) == "dmae/imagenet/vit_large_patch16/sigma_1.00/checkpoint-*.pth"
+    assert cifar[1].label == "cifar10 ViT-B certified L2 r=0.5 (best of σ ∈ {0.25, 0.5, 1})"
+    assert cifar[1].noise_levels == (0.25, 0.5, 1.0) and COHEN_CLAIMS[0].noise_levels == (0.25,)
+    assert cifar[0].source.startswith("quanlin-wu/dmae README, the paper's Table 3 (CIFAR-10)")
+    protocol = PaperProtocol("certify", "a/sigma_{sigma}/f.pth")
+    with pytest.raises(ValueError, match="one sigma or a set"):
+        Claim("cifar10", "L2-certified", 0.5, 0.4, "x", protocol, sigma=0.25, sigmas=(0.25, 0.5))
+    with pytest.raises(ValueError, match="two or more increasing"):
+        Claim("cifar10", "L2-certified", 0.5, 0.4, "x", protocol, sigmas=(0.5, 0.25))
+    with pytest.raises(ValueError, match="holds {sigma}"):
+        Claim("cifar10", "L2-certified", 0.5, 0.4, "x", PaperProtocol("certify", "f.pth"), sigmas=(0.25, 0.5))
+
+
+def test_the_best_of_several_sigmas_gets_a_simultaneous_interval_that_covers_the_best_true_accuracy() -> None:
+    # Known answer: Bonferroni over m = 3, each a Clopper–Pearson interval at 1 - 0.05/3, the best's bounds the
+    # largest of them.
+    counts = {0.25: 30, 0.5: 34, 1.0: 12}
+    best = best_of(counts, 50)
+    each = [interval(count, 50, alpha=0.05 / 3) for count in counts.values()]
+    assert (best["value"], best["count"], best["n"]) == (34 / 50, 34, 50)
+    assert best["ci_low"] == max(i["ci_low"] for i in each) and best["ci_high"] == max(i["ci_high"] for i in each)
+    assert best["ci_low"] < interval(34, 50)["ci_low"]  # wider than a 95% interval around the best count alone
+    # Coverage of the largest true proportion where selection bias is worst (equal proportions): at least 95%
+    # for the simultaneous interval, clearly below it for the naive interval around the best count.
+    rng = np.random.default_rng(0)
+    truth, total, trials = 0.6, 200, 2000
+    draws = rng.binomial(total, truth, size=(trials, 3))
+    covered = naive = 0
+    for row in draws:
+        simultaneous = best_of(dict(zip(DMAE_SIGMAS, row.tolist(), strict=True)), total)
+        covered += simultaneous["ci_low"] <= truth <= simultaneous["ci_high"]
+        alone = interval(int(row.max()), total)
+        naive += alone["ci_low"] <= truth <= alone["ci_high"]
+    assert covered / trials >= 0.95 and naive / trials < 0.94
 
 
 def test_every_seed_system_has_its_claims_or_the_reason_it_has_none_and_the_report_says_it() -> None:
     seeds = {name for name in list_models() if model_card(name).family == "joint"} | {"cohen"}
     claimed = {name for name, _ in paper_claims()}
     assert seeds == claimed | set(NO_CLAIM_REASONS) and not claimed & set(NO_CLAIM_REASONS)
-    # DMAE's figures as the official README's Table 1/3 print them: best over σ, so no claim can carry its σ.
-    dmae = NO_CLAIM_REASONS["dmae"]
-    assert "Table 1" in dmae and "ViT-L 73.6/64.6/53.7/41.5/27.5%" in dmae
-    assert "best over σ ∈ {0.25, 0.5, 1.0}" in dmae
-    assert "ViT-B: 79.2/64.6/47.3/36.1% at r = 0.25/0.5/0.75/1.0" in dmae and "only the pre-trained" in dmae
     assert model_card("dmae").paper.startswith("Wu, Ye, Gu, Zhang, Wang & He 2023")  # the paper's authors
     report = papers_markdown([])
-    assert "## Systems without a recorded claim" in report and "- dmae: quanlin-wu/dmae" in report
+    assert "## Systems without a recorded claim" in report and "- jem: wgrathwohl/JEM" in report
     assert all(f"- {name}: " in report for name in NO_CLAIM_REASONS)
+
+
+def test_a_starred_file_name_takes_the_last_epoch_the_training_wrote(tmp_path: Path) -> None:
+    folder = tmp_path / "dmae" / "sigma_0.25"
+    assert find_checkpoint(tmp_path, "dmae/sigma_0.25/checkpoint-*.pth") is None  # no folder yet
+    folder.mkdir(parents=True)
+    for epoch in (9, 49, 100, 7):
+        (folder / f"checkpoint-{epoch}.pth").write_bytes(b"x")
+    (folder / "checkpoint-200.pth").mkdir()  # DeepSpeed writes folders of that name: not a file
+    assert find_checkpoint(tmp_path, "dmae/sigma_0.25/checkpoint-*.pth") == folder / "checkpoint-100.pth"
 
 
 def test_a_claim_matches_its_budget_to_1e_4_and_its_checkpoint_with_or_without_models(tmp_path: Path) -> None:
@@ -82,8 +144,8 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
     rows = json.loads((out / "papers" / "papers.json").read_text())["rows"]
     # Every claim of every card is a row, in the card's order, with the claimed figure from the card.
     assert [(r["model"], r["claim"]["dataset"], r["claim"]["budget"], r["claim"]["sigma"]) for r in rows] == [
-        ("cohen", c.dataset, c.budget, c.sigma) for c in COHEN_CLAIMS]
-    assert [r["claimed"] for r in rows] == [c.robust_accuracy for c in COHEN_CLAIMS]
+        (name, c.dataset, c.budget, c.sigma) for name, c in paper_claims()]
+    assert [r["claimed"] for r in rows] == [c.robust_accuracy for _, c in paper_claims()]
     measured = [r for r in rows if r["status"] == "measured"]
     assert [(r["claim"]["sigma"], r["claim"]["budget"]) for r in measured] == [(0.25, 0.25), (0.25, 0.5)]
     for row in measured:
@@ -103,10 +165,10 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
     # Both claims at σ = 0.25 share one certify run (the certificate is read at each radius).
     assert measured[0]["runs"][0] == measured[1]["runs"][0]
     missing = [r for r in rows if r["status"] == "missing"]
-    assert len(missing) == len(COHEN_CLAIMS) - 2
+    assert len(missing) == len(COHEN_CLAIMS) + len(DMAE_CLAIMS) - 2
     assert all(r["paper_protocol"] is None and r["gap"] is None for r in missing)
     assert str(model_dir / "models/imagenet/resnet50/noise_1.00/checkpoint.pth.tar") in result.stdout
-    assert "2 claims measured, 5 without their checkpoint, 0 failed" in result.stdout
+    assert f"2 claims measured, {len(missing)} without their checkpoint, 0 failed" in result.stdout
     markdown = (out / "papers" / "papers.md").read_text()
     assert "| cohen | cifar10 certified L2 r=0.25 (σ=0.25) |" in markdown and "missing: " in markdown
 
@@ -140,3 +202,63 @@ def test_an_empirical_claim_is_measured_with_the_papers_attack_autoattack_and_th
     assert (fgsm["attack"], fgsm["eps"], autoattack["attack"], autoattack["steps"]) == (
         "fgsm", [8 / 255], "autoattack", 2)
     assert "| jem | cifar10 Linf ε=0.03137 |" in (folder / "papers.md").read_text()
+
+
+def test_papers_suite_certifies_each_sigmas_fine_tune_and_compares_the_best_with_dmaes_table(tmp_path: Path) -> None:
+    """DMAE's CIFAR-10 claims on three synthetic fine-tunes (one folder per σ, as finetune_cifar10.py's
+    --output_dir), each holding an older, broken epoch beside the last one, which must be the file used."""
+    import pickle
+
+    import torch
+    from test_official_checkpoints import dmae_file
+
+    import robusteval
+    from robusteval.data import load_dataset
+
+    model_dir = tmp_path / "released"
+    files = {}
+    for sigma in DMAE_SIGMAS:
+        folder = model_dir / "dmae" / "cifar10" / "vit_base_patch16" / f"sigma_{sigma:.2f}"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint-3.pth").write_bytes(b"an older epoch, broken on purpose")
+        files[sigma] = folder / "checkpoint-12.pth"
+        dmae_file(files[sigma])
+    # Labels the synthetic ViT gets right on the clean images, so that certified accuracies are not all zero.
+    data = make_cifar10(tmp_path / "data", n=6)
+    model = robusteval.create_model("dmae", dataset="cifar10", checkpoint=files[0.25])
+    with torch.no_grad():
+        predicted = model(load_dataset("cifar10", root=data).x).argmax(1)
+    test_batch = data / "cifar-10-batches-py" / "test_batch"
+    batch = pickle.loads(test_batch.read_bytes())
+    test_batch.write_bytes(pickle.dumps({**batch, "labels": predicted.tolist()}, protocol=2))
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(main, [
+        "benchmark", "--suite", "papers", "--model-dir", str(model_dir), "--data-dir", str(data),
+        "--out", str(out), "--device", "cpu", "--n-certify", "6", "--n0", "5", "--n", "100", "--n-attack", "2",
+        "--votes", "2", "--eot", "1", "--steps", "2", "--no-large-eps-check"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads((out / "papers" / "papers.json").read_text())["rows"] if r["model"] == "dmae"]
+    measured = [r for r in rows if r["status"] == "measured"]
+    assert [r["claim"]["budget"] for r in measured] == [0.25, 0.5, 0.75, 1.0]
+    certified_runs = measured[0]["runs"][:3]
+    runs = load_runs(certified_runs)
+    assert [json.loads((Path(run) / "config.json").read_text())["sigma"] for run in certified_runs] == [
+        0.25, 0.5, 1.0]
+    for row in measured:
+        assert row["checkpoint"] == ", ".join(str(files[sigma]) for sigma in DMAE_SIGMAS)
+        assert row["runs"][:3] == certified_runs  # every radius reads the same three certify runs
+        per_sigma = {sigma: round(run.certified_accuracy_at(row["claim"]["budget"]) * 6)
+                     for sigma, run in zip(DMAE_SIGMAS, runs, strict=True)}
+        assert row["paper_protocol"] == best_of(per_sigma, 6)
+        assert row["gap"]["value"] == pytest.approx(row["claimed"] - max(per_sigma.values()) / 6)
+        assert any(note.startswith("certified per σ: σ=0.25 ") and "Bonferroni" in note for note in row["notes"])
+        chosen = max(per_sigma, key=lambda sigma: (per_sigma[sigma], -sigma))
+        assert any(f"autoattack-rand on smooth:{chosen:g}:2" in note for note in row["notes"])
+        assert row["autoattack"]["n"] == row["adaptive"]["n"] == 2
+    assert max(r["paper_protocol"]["value"] for r in measured) > 0  # the comparison is not of zeros
+    missing = [r for r in rows if r["status"] == "missing"]
+    assert len(missing) == 10 and all(r["claim"]["dataset"] == "imagenet" for r in missing)
+    assert missing[0]["checkpoint"] == ", ".join(
+        str(model_dir / f"dmae/imagenet/vit_base_patch16/sigma_{sigma:.2f}/checkpoint-*.pth") for sigma in DMAE_SIGMAS)
+    markdown = (out / "papers" / "papers.md").read_text()
+    assert "| dmae | cifar10 ViT-B certified L2 r=0.25 (best of σ ∈ {0.25, 0.5, 1}) |" in markdown

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from robusteval.core.interface import JointModel
 from robusteval.data import DatasetInfo, ImageDataset
+from robusteval.model_zoo.claims import DMAE_CLAIMS
 from robusteval.model_zoo.registry import register_model
 from robusteval.training import Recipe, TrainContext
 
@@ -327,6 +328,7 @@ DMAE_RECIPE = DMAERecipe()
     trainer=train_dmae,
     default_epochs=200,
     recipe=DMAE_RECIPE,
+    claims=DMAE_CLAIMS,
     departures=(
         "The official pre-training normalizes the target pixels per patch, so its decoder is not a denoiser of "
         "the image; this model's decoder rebuilds raw pixels and its `denoise` (decoder without masking) is an "

@@ -149,6 +149,22 @@ DEFECTS = (
         'float(p["worst_of_n_robust_accuracy"] if', 'float(p["robust_accuracy"] if',
         ("tests/test_reports_worst_of_n.py::test_worst_of_n_has_its_own_column_beside_the_majority_vote",),
     ),
+    Defect(
+        "best-of-unadjusted", "the best over several σ gets a plain 95% interval, as if it had not been chosen",
+        "robusteval/papers.py",
+        "each = [interval(count, total, alpha / len(counts)) for count in counts.values()]",
+        "each = [interval(count, total, alpha) for count in counts.values()]",
+        ("tests/test_papers_suite.py::"
+         "test_the_best_of_several_sigmas_gets_a_simultaneous_interval_that_covers_the_best_true_accuracy",),
+    ),
+    Defect(
+        "first-epoch-checkpoint", "a claim's starred file name takes the first epoch a training wrote",
+        "robusteval/papers.py",
+        "return max(found, key=_epoch_order)", "return min(found, key=_epoch_order)",
+        ("tests/test_papers_suite.py::test_a_starred_file_name_takes_the_last_epoch_the_training_wrote",
+         "tests/test_papers_suite.py::"
+         "test_papers_suite_certifies_each_sigmas_fine_tune_and_compares_the_best_with_dmaes_table"),
+    ),
 )
 
 
