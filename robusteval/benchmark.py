@@ -304,6 +304,9 @@ def run_benchmark(
         raise UsageError(f"jobs must be at least 1, got {jobs}")
     # A benchmark's shard is a part of its list of runs, not of each run's images.
     shard = Shard.parse(options.pop("shard", None))
+    if options.pop("every", 1) != 1:
+        raise UsageError("--every applies to run, certify and predict (and each claim of the papers suite sets "
+                         "its own); a grid suite evaluates its own images")
     if options.get("deterministic") is None:
         options["deterministic"] = True  # a benchmark's figures are compared across runs and machines
     suite = _with_options(suite, options)

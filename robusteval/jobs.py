@@ -40,6 +40,7 @@ from robusteval.core.names import resolve_name
 from robusteval.core.preflight import check_data_fits_model
 from robusteval.data import ImageDataset, dataset_info, load_dataset
 from robusteval.data.imagenet import DEFAULT_PREPROCESSING, PREPROCESSINGS, crop_size
+from robusteval.data.loading import check_every, every_nth
 from robusteval.model_zoo.factory import (
     checkpoint_dataset_info,
     create_model,
@@ -100,10 +101,18 @@ class JobOptions:
         "--model-kwargs", "JSON object of keyword arguments for a --model package.module:factory, e.g. "
                           "'{\"width\": 64}'."))
     # ImageNet's preprocessing (robusteval.data.imagenet.PREPROCESSINGS); None: the model's paper's (egc:
-    # Res256Crop256), else RobustBench's Res256Crop224. Recorded in the run's configuration.
+    # Res256Crop256, dmae: BicubicRes256Crop224), else RobustBench's Res256Crop224. Recorded in the run's
+    # configuration.
     preprocessing: str | None = _option(None, CliFlag(
-        "--preprocessing", "imagenet: Res256Crop224 (RobustBench's default), Crop288, BicubicRes256Crop224 or "
-                           "Res256Crop256 (EGC's, its default for egc)."))
+        "--preprocessing", "imagenet: Res256Crop224 (RobustBench's default), Crop288, BicubicRes256Crop224 "
+                           "(DMAE's, its default for dmae) or Res256Crop256 (EGC's, its default for egc)."))
+    # Every K-th test image (the papers' certify --skip / --sample_interval); recorded in the configuration when
+    # above 1. run, certify and predict take it (the jobs that record it); the papers suite sets each claim's.
+    every: int = _option(1, CliFlag(
+        "--every", "Evaluate every K-th test image (0, K, 2K, ...: Cohen et al.'s certify --skip 100 and DMAE's "
+                   "--sample_interval 50 on ImageNet, which then takes all validation images in the sorted "
+                   "ImageFolder order, not RobustBench's list); --n / --n-images count the images taken.",
+        default=1))
     # None: 'auto' for a registered name (CUDA when present); a JointModel instance stays where it is.
     device: str | torch.device | None = _option(None, CliFlag(
         "--device", "auto (CUDA when present), cpu, cuda or cuda:N.", default="auto"))
@@ -195,23 +204,26 @@ class Resolved:
         if assumed and "model_config" not in companions:
             companions["model_config"] = "assumed " + json.dumps(assumed, sort_keys=True)
         extra = {"model_source": self.model_source, "preprocessing": self.preprocessing,
-                 "image_order": getattr(self.data, "order", None)}
+                 "image_order": getattr(self.data, "order", None),
+                 "every": self.options.every if self.options.every != 1 else None}
         return {**companions, **{k: v for k, v in extra.items() if v is not None}, **self.denoiser_config}
 
 
 def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | None = None,
-                 preprocessing: str | None = None) -> ImageDataset:
+                 preprocessing: str | None = None, every: int = 1) -> ImageDataset:
     """The test split of a data set name or .npz path, an ImageDataset as is, or an (x, y) pair of tensors.
 
-    `limit`: a named data set reads only its first `limit` images (ImageNet decodes them one by one); the
-    other forms are returned whole.
+    `every`: every `every`-th image only (see `load_dataset`). `limit`: a named data set reads only the first
+    `limit` of those (ImageNet decodes them one by one); the other forms are returned whole.
     """
+    check_every(every)
     if isinstance(dataset, (str, Path)):
-        return load_dataset(str(dataset), "test", root=data_dir, limit=limit, preprocessing=preprocessing)
+        return load_dataset(str(dataset), "test", root=data_dir, limit=limit, preprocessing=preprocessing,
+                            every=every)
     if preprocessing is not None:
         raise UsageError("--preprocessing applies to imagenet given by name")
     if isinstance(dataset, ImageDataset):
-        return dataset
+        return every_nth(dataset, every)
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
         x, y = dataset
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
@@ -222,8 +234,8 @@ def resolve_data(dataset: Any, data_dir: str | Path | None = None, limit: int | 
         if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise UsageError(f"y must be {x.shape[0]} integer labels, got shape {tuple(y.shape)} and dtype {y.dtype}")
         classes = tuple(str(c) for c in range(int(y.max()) + 1 if y.numel() else 0))
-        return ImageDataset("custom", "test", x.detach().to(torch.float32).cpu(), y.detach().to(torch.long).cpu(),
-                            classes)
+        return every_nth(ImageDataset("custom", "test", x.detach().to(torch.float32).cpu(),
+                                      y.detach().to(torch.long).cpu(), classes), every)
     raise UsageError(f"the data set must be a name, an .npz path, an ImageDataset or a pair (x, y) of tensors, "
                      f"got {type(dataset).__name__}")
 
@@ -240,10 +252,12 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
     """
     if options.shard is not None and not shardable:
         raise UsageError("--shard applies to run, certify, predict and benchmark only")
+    if options.every != 1 and not shardable:  # the jobs that record it: a denoise or sample run would not say
+        raise UsageError("--every applies to run, certify and predict only")
     _check_denoiser_options(options, uses_denoiser)
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
     preprocessing = _preprocessing(model, options)
-    data = resolve_data(options.dataset, options.data_dir, limit, preprocessing) if load_data else None
+    data = resolve_data(options.dataset, options.data_dir, limit, preprocessing, options.every) if load_data else None
     if data is None and not isinstance(options.dataset, (str, Path)):
         raise UsageError("without images to evaluate, the data set must be given by name")
     # A named data set builds the model for that name (an .npz path reads its shape from the file).

@@ -143,6 +143,8 @@ def run_papers(model_dir: str | Path, out: str | Path = "runs", suite: PapersSui
         if options.get(taken) is not None:
             raise UsageError(f"the papers suite takes each claim's own {taken.replace('_', '-')}; do not pass it")
         options.pop(taken, None)
+    if options.pop("every", 1) != 1:
+        raise UsageError("the papers suite takes every image its claim's paper takes; do not pass --every")
     if options.get("deterministic") is None:
         options["deterministic"] = True
     say = on_event or (lambda message: logger.info("%s", message))
@@ -201,7 +203,7 @@ def _measure_certificate(row: ClaimRow, claim: Claim, folder: Path, name: str, f
         certified = folder / (f"{name}-s{sigma:g}-certify" + (f"-n{n_images}" if n_images is not None else ""))
         certify(row.model, claim.dataset, sigma=float(sigma), mode="direct", n0=suite.n0 or protocol.n0 or 100,
                 n=suite.n or protocol.n or 100_000, alpha=protocol.alpha or 0.001, n_images=n_images, out=certified,
-                checkpoint=file, **options)
+                checkpoint=file, every=protocol.skip, **options)
         (run,) = load_runs([certified])
         row.runs.append(str(certified))
         total = int(run.summary["n_images"])
@@ -217,7 +219,7 @@ def _measure_certificate(row: ClaimRow, claim: Claim, folder: Path, name: str, f
             + f"; the interval of the best holds for all {len(counts)} σ at once (Clopper–Pearson at "
               f"{100 * (1 - 0.05 / len(counts)):.2f}% each, Bonferroni)")
     if protocol.skip > 1:
-        row.notes.append(f"the first {total} test images; the paper takes every {protocol.skip}th")
+        row.notes.append(f"every {ordinal(protocol.skip)} test image in the sorted order, as the paper's script")
     # The attack goes at the pipeline the figure comes from: the smoothed classifier of the best σ.
     sigma = max(counts, key=lambda level: (counts[level], -level))
     defense = f"smooth:{sigma:g}:{suite.votes}"
@@ -231,7 +233,7 @@ def _measure_attack_claim(row: ClaimRow, claim: Claim, base: Path, suite: Papers
     n = _attack_points(claim, suite)
     paper = base.with_name(base.name + f"-{claim.threat_model}-{claim.budget:g}-{slug(protocol.attack)}")
     evaluate_attack(row.model, claim.dataset, attack=protocol.attack, norm=claim.threat_model, eps=[claim.budget],
-                    n=n, defense=claim.defense, steps=protocol.steps, out=paper,
+                    n=n, defense=claim.defense, steps=protocol.steps, out=paper, every=protocol.skip,
                     large_eps_check=suite.large_eps_check, masking_checks=suite.masking_checks, **common)
     (run,) = load_runs([paper])
     row.runs.append(str(paper))
@@ -255,7 +257,7 @@ def _attack_runs(row: ClaimRow, claim: Claim, base: Path, suite: PapersSuite, co
     gradient = "auto" if parse_defense(defense).differentiates_through else None
     evaluate_attack(row.model, claim.dataset, attack=attack, norm=norm, eps=[claim.budget],
                     n=_attack_points(claim, suite), defense=defense, gradient=gradient, eot=suite.eot,
-                    steps=suite.steps, out=out, large_eps_check=suite.large_eps_check,
+                    steps=suite.steps, out=out, every=claim.protocol.skip, large_eps_check=suite.large_eps_check,
                     masking_checks=suite.masking_checks, **common)
     (run,) = load_runs([out])
     row.runs.append(str(out))
@@ -267,6 +269,12 @@ def _attack_runs(row: ClaimRow, claim: Claim, base: Path, suite: PapersSuite, co
     row.notes.append(f"{attack} on {defense}" + (f", EOT {run.summary['eot']}" if run.summary.get("eot") else ""))
     if run.flags:
         row.notes.append("sanity flags: " + "; ".join(run.flags))
+
+
+def ordinal(number: int) -> str:
+    """2nd, 50th, 101st."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def interval(successes: int, total: int, alpha: float = 0.05) -> dict[str, float]:

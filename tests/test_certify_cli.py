@@ -154,3 +154,39 @@ def test_the_bare_certify_command_exits_0_and_names_the_model(tmp_path, monkeypa
     assert "images: the first 200 test images" in result.stderr
     (summary,) = tmp_path.glob("runs/*/summary.json")
     assert json.loads(summary.read_text())["n_images"] == 200
+
+
+def test_every_kth_image_is_certified_and_attacked_recorded_and_refused_where_not_recorded(tmp_path):
+    """--every K (Cohen et al.'s --skip, DMAE's --sample_interval): images 0, K, 2K, ... of the test split."""
+    from cli_helpers import one_line_error
+
+    from robusteval.data import load_dataset
+
+    runner = CliRunner()
+    out = tmp_path / "every"
+    result = runner.invoke(main, ["certify", *SMALL, "--n0", "10", "--n", "50", "--every", "5", "--skip", "1",
+                                  "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    digits = load_dataset("digits")
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    # --skip and --n-images count the images taken: positions 1..4 of every 5th, i.e. test images 5, 10, 15, 20.
+    assert [r["label"] for r in records] == digits.y[5:25:5].tolist()
+    assert json.loads((out / "config.json").read_text())["every"] == 5
+    plain = tmp_path / "plain"
+    assert runner.invoke(main, ["certify", *SMALL, "--n0", "10", "--n", "50", "--out", str(plain)]).exit_code == 0
+    assert "every" not in json.loads((plain / "config.json").read_text())  # unchanged configurations and hashes
+    attacked = tmp_path / "attack"
+    result = runner.invoke(main, ["run", "--model", "gaussian", "--attack", "fgsm", "--eps", "0.1", "--n", "3",
+                                  "--every", "7", "--device", "cpu", "--no-large-eps-check", "--no-masking-checks",
+                                  "--quiet", "--out", str(attacked)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((attacked / "config.json").read_text())["every"] == 7
+    labels = [json.loads(line)["label"] for line in (attacked / "samples.jsonl").read_text().splitlines()]
+    assert labels == digits.y[0:21:7].tolist()
+    one_line_error(runner.invoke(main, ["denoise", "--model", "cdn", "--n-images", "2", "--every", "2",
+                                        "--device", "cpu"]),
+                   "--every applies to run, certify and predict only")
+    one_line_error(runner.invoke(main, ["benchmark", "--suite", "digits-ci", "--every", "2",
+                                        "--out", str(tmp_path / "b")]), "a grid suite evaluates its own images")
+    one_line_error(runner.invoke(main, ["certify", *SMALL, "--every", "0", "--out", str(tmp_path / "z")]),
+                   "every must be a whole number of images >= 1")

@@ -131,6 +131,33 @@ def test_imagenet_uses_robustbenchs_list_order_when_all_its_files_exist(tmp_path
     assert decoded == order[:2], "only the first `limit` images are decoded"
 
 
+def test_every_kth_imagenet_image_comes_from_the_whole_sorted_order_as_in_the_papers_scripts(
+        tmp_path: Path, monkeypatch) -> None:
+    paths = sorted(make_imagenet(tmp_path), key=lambda p: (p.parent.name, p.name))
+    # RobustBench's list is present, yet every K-th image is counted in the ImageFolder order of all images
+    # (Cohen et al.'s certify.py --skip, DMAE's --sample_interval), and only the images taken are decoded.
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(f"{p.parent.name}/{p.name}" for p in paths[::-1]) + "\n")
+    real = imagenet.robustbench_helper_file
+    monkeypatch.setattr(imagenet, "robustbench_helper_file",
+                        lambda name: listed if name == "imagenet_test_image_ids.txt" else real(name))
+    assert load_dataset("imagenet", root=tmp_path).y.tolist() == [999, 999, 1, 0, 0]  # the list's order
+    decoded = []
+    original = imagenet.preprocess
+    monkeypatch.setattr(imagenet, "preprocess", lambda path, *how: decoded.append(path) or original(path, *how))
+    data = load_dataset("imagenet", root=tmp_path, every=2)
+    assert data.y.tolist() == [0, 1, 999] and data.order == imagenet.SORTED_ORDER
+    assert decoded == paths[::2]
+    decoded.clear()
+    assert load_dataset("imagenet", root=tmp_path, every=2, limit=2).y.tolist() == [0, 1]
+    assert decoded == [paths[0], paths[2]]
+    digits = load_dataset("digits")
+    strided = load_dataset("digits", every=3, limit=4)
+    assert torch.equal(strided.x, digits.x[0:12:3]) and torch.equal(strided.y, digits.y[0:12:3])
+    with pytest.raises(UsageError, match="every must be a whole number"):
+        load_dataset("digits", every=0)
+
+
 def test_imagenet_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no WordNet-id folders"):
         load_dataset("imagenet", root=tmp_path)

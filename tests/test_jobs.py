@@ -41,7 +41,7 @@ def test_every_evaluation_command_has_the_same_job_flags_with_the_same_help() ->
                                    evaluate_denoising, sample, counterfactual])
 def test_every_api_entry_point_refuses_an_unknown_option_and_names_the_shared_ones(entry) -> None:
     shared = ("data_dir, checkpoint, model_dir, allow_unsafe_pickle, vae, model_config, model_kwargs, preprocessing, "
-              "device")
+              "every, device")
     with pytest.raises(TypeError, match=shared):
         entry("standard", "digits", not_an_option=1, **({"sigma": 0.25} if entry in (robusteval.certify,
                                                                                   robusteval.predict) else {}))

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from test_official_checkpoints import cohen_cifar_file, make_cifar10
 
 from robusteval.cli import main
+from robusteval.core.errors import UsageError
 from robusteval.model_zoo.claims import (
     COHEN_CLAIMS,
     DMAE_CLAIMS,
@@ -262,3 +263,43 @@ def test_papers_suite_certifies_each_sigmas_fine_tune_and_compares_the_best_with
         str(model_dir / f"dmae/imagenet/vit_base_patch16/sigma_{sigma:.2f}/checkpoint-*.pth") for sigma in DMAE_SIGMAS)
     markdown = (out / "papers" / "papers.md").read_text()
     assert "| dmae | cifar10 ViT-B certified L2 r=0.25 (best of σ ∈ {0.25, 0.5, 1}) |" in markdown
+
+
+def test_a_claim_measured_on_every_kth_image_is_measured_on_those_images(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cohen et al.'s ImageNet protocol (every 100th image, certify.py --skip) and DMAE's (every 50th) on
+    CIFAR-10 in miniature: every 2nd of six images, two of them."""
+    import robusteval.papers as papers
+    from robusteval.data import load_dataset
+
+    released = tmp_path / "released" / "noise_0.25" / "checkpoint.pth.tar"
+    released.parent.mkdir(parents=True)
+    cohen_cifar_file(released)
+    data = make_cifar10(tmp_path / "data", n=6)
+    protocol = PaperProtocol("certify", "noise_0.25/checkpoint.pth.tar", n_images=2, skip=2, n0=5, n=20,
+                             alpha=0.001)
+    claim = Claim("cifar10", "L2-certified", 0.25, 0.6, "a test's claim", protocol, sigma=0.25)
+    monkeypatch.setattr(papers, "paper_claims", lambda: [("cohen", claim)])
+    suite = papers.PapersSuite(attack_points=2, votes=2, eot=1, steps=2, large_eps_check=False,
+                               masking_checks=False)
+    (row,), _ = papers.run_papers(tmp_path / "released", tmp_path / "runs", suite, data_dir=data, device="cpu")
+    assert row.status == "measured", row.status
+    labels = load_dataset("cifar10", root=data).y[0:4:2].tolist()
+    certified, attacked = (Path(run) for run in row.runs)
+    for run, records in ((certified, "samples.jsonl"), (attacked, "samples.jsonl")):
+        assert json.loads((run / "config.json").read_text())["every"] == 2
+        assert [json.loads(line)["label"] for line in (run / records).read_text().splitlines()] == labels
+    assert "every 2nd test image in the sorted order, as the paper's script" in row.notes
+    assert [papers.ordinal(k) for k in (1, 2, 3, 11, 12, 50, 100, 101, 112)] == [
+        "1st", "2nd", "3rd", "11th", "12th", "50th", "100th", "101st", "112th"]
+    with pytest.raises(UsageError, match="do not pass --every"):
+        papers.run_papers(tmp_path / "released", tmp_path / "runs", suite, data_dir=data, every=3)
+
+
+def test_dmae_and_cohen_evaluate_imagenet_with_their_own_scripts_preprocessing() -> None:
+    from robusteval.jobs import JobOptions, _preprocessing
+
+    # DMAE's util/datasets.py: bicubic resize to 256, centre crop 224; Cohen et al.'s: torchvision's default.
+    assert _preprocessing("dmae", JobOptions(dataset="imagenet")) == "BicubicRes256Crop224"
+    assert _preprocessing("cohen", JobOptions(dataset="imagenet")) == "Res256Crop224"
+    assert _preprocessing("dmae", JobOptions(dataset="imagenet", preprocessing="res256crop224")) == "Res256Crop224"

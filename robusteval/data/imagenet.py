@@ -107,9 +107,12 @@ def image_order(directory: Path) -> list[Path]:
     return ordered_images(directory)[0]
 
 
-def ordered_images(directory: Path) -> tuple[list[Path], str]:
-    """The images in their fixed order, and which order that is (ROBUSTBENCH_ORDER or SORTED_ORDER)."""
-    listed = robustbench_helper_file("imagenet_test_image_ids.txt")
+def ordered_images(directory: Path, whole: bool = False) -> tuple[list[Path], str]:
+    """The images in their fixed order, and which order that is (ROBUSTBENCH_ORDER or SORTED_ORDER).
+
+    whole: every image sorted (the ImageFolder order of the papers' scripts), even where RobustBench's list is.
+    """
+    listed = None if whole else robustbench_helper_file("imagenet_test_image_ids.txt")
     if listed is not None:
         names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
         paths = [directory / name for name in names]
@@ -154,15 +157,20 @@ def preprocess(path: Path, preprocessing: str = DEFAULT_PREPROCESSING) -> torch.
 
 
 def load_imagenet(split: str = "test", root: str | Path | None = None, limit: int | None = None,
-                  preprocessing: str = DEFAULT_PREPROCESSING) -> ImageDataset:
-    """The first `limit` validation images (all when None) in the fixed order, labelled by wnid, preprocessed."""
+                  preprocessing: str = DEFAULT_PREPROCESSING, every: int = 1) -> ImageDataset:
+    """The first `limit` validation images (all when None) in the fixed order, labelled by wnid, preprocessed.
+
+    every > 1: images 0, every, 2·every, ... of all validation images sorted by (wnid, file name), the
+    ImageFolder order in which the papers' scripts take every 50th (DMAE) or 100th (Cohen et al.) image.
+    """
     preprocessing = resolve_name(preprocessing, PREPROCESSINGS, "imagenet preprocessing")
     check_split(split)
     if split != "test":
         raise ValueError("imagenet: only the validation images (split 'test') are read")
     directory = _image_directory(root)
     labels_of = class_index(directory)
-    order, order_name = ordered_images(directory)
+    order, order_name = ordered_images(directory, whole=every > 1)
+    order = order[::every]
     if not order:
         raise FileNotFoundError(f"imagenet: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of "
                                 f"{directory}")

@@ -96,27 +96,46 @@ def load_digits(split: str = "test") -> ImageDataset:
 
 
 def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
-                 limit: int | None = None, preprocessing: str | None = None) -> ImageDataset:
+                 limit: int | None = None, preprocessing: str | None = None, every: int = 1) -> ImageDataset:
     """Load a data set by name, or an `.npz` file by path.
 
     Known names: see `DATASETS`. `root` is the directory holding the files of
     mnist, fashion-mnist (default /usr/share/datasets/fashion-mnist), cifar10,
-    cifar100 and imagenet; digits and .npz paths ignore it. `limit` keeps the
-    first `limit` images only (ImageNet then decodes only those). Nothing is
-    downloaded; missing files are a clear error naming what was expected where.
+    cifar100 and imagenet; digits and .npz paths ignore it. `every` keeps every
+    `every`-th image (0, every, 2·every, ...: the papers' certify scripts'
+    --skip / --sample_interval); ImageNet then takes every validation image in
+    the sorted ImageFolder order, as those scripts do, not RobustBench's list.
+    `limit` keeps the first `limit` images of those (ImageNet then decodes only
+    them). Nothing is downloaded; missing files are a clear error naming what
+    was expected where.
     `preprocessing`: ImageNet's (see `robusteval.data.imagenet.PREPROCESSINGS`; None: its default); other
     data sets take none.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    check_every(every)
     if str(name).lower() == "imagenet":  # decoded image by image, so only the first `limit` are read
         # deferred: it imports torchvision
         from robusteval.data.imagenet import load_imagenet
 
-        return load_imagenet(split, root, limit, **({"preprocessing": preprocessing} if preprocessing else {}))
+        return load_imagenet(split, root, limit, every=every,
+                             **({"preprocessing": preprocessing} if preprocessing else {}))
     if preprocessing is not None:
         raise UsageError(f"--preprocessing applies to imagenet only, not to data set {name!r}")
-    return _limited(_load_dataset(name, split, root), limit)
+    return _limited(every_nth(_load_dataset(name, split, root), every), limit)
+
+
+def check_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UsageError(f"every must be a whole number of images >= 1 (1: every image), got {every!r}")
+
+
+def every_nth(dataset: ImageDataset, every: int) -> ImageDataset:
+    """Images 0, every, 2·every, ... of the data set (itself when every is 1)."""
+    if every == 1:
+        return dataset
+    return ImageDataset(dataset.name, dataset.split, dataset.x[::every], dataset.y[::every], dataset.classes,
+                        order=dataset.order)
 
 
 def _limited(dataset: ImageDataset, limit: int | None) -> ImageDataset:

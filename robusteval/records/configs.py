@@ -12,11 +12,12 @@ from robusteval.records.encoding import to_json_dict as _json
 
 # Recorded only when there is one: the companions of an official --checkpoint
 # (robusteval.jobs.JobOptions.official_files), ImageNet's image order and preprocessing (robusteval.data.imagenet),
+# every K-th image taken (robusteval.jobs.JobOptions.every, when above 1),
 # where a --model package.module:factory came from (robusteval.jobs.Resolved.model_source), the fingerprints
 # of the files given (robusteval.core.fingerprints) and a --denoiser in front of the model's classifier
 # (robusteval.jobs.Resolved.denoiser_config).
-_COMPANIONS = ("vae", "model_config", "image_order", "file_fingerprints", "model_source", "preprocessing", "denoiser",
-               "denoiser_checkpoint", "denoiser_fingerprint")
+_COMPANIONS = ("vae", "model_config", "image_order", "every", "file_fingerprints", "model_source", "preprocessing",
+               "denoiser", "denoiser_checkpoint", "denoiser_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class AttackConfig:
     vae: str | None = None
     model_config: str | None = None
     image_order: str | None = None
+    every: int | None = None  # every K-th test image (records' indices count the images taken)
     file_fingerprints: dict[str, str] | None = None  # {option: fingerprint} of --checkpoint, --vae, --model-config
     model_source: dict[str, Any] | None = None
     preprocessing: str | None = None  # ImageNet's (robusteval.data.imagenet.PREPROCESSINGS)
@@ -96,6 +98,7 @@ class SmoothingConfig:
     vae: str | None = None
     model_config: str | None = None
     image_order: str | None = None
+    every: int | None = None  # every K-th test image (records' indices count the images taken)
     # The weights the records were computed with (robusteval.core.fingerprints); absent in runs made before.
     model_fingerprint: str | None = None
     file_fingerprints: dict[str, str] | None = None

@@ -117,6 +117,7 @@ def _dmae() -> OfficialArchitecture:
         build=dmae_vit.build_dmae, load=dmae_vit.load_dmae, capabilities=dmae_vit.DMAEClassifier.capabilities,
         not_offered={"denoise": "the fine-tuned classifier file holds the encoder only (DMAE's decoder is "
                                 "pre-training's and is not in it)"},
+        imagenet_preprocessing="BicubicRes256Crop224",  # DMAE's evaluation transform (util/datasets.py)
         unsettled=(
             "The number of attention heads is not in the weights' shapes: it comes from the file's args.model "
             "(vit_base_patch16: 12, vit_large_patch16: 16, vit_huge_patch14: 16), else from the width (768: 12, "
@@ -124,8 +125,9 @@ def _dmae() -> OfficialArchitecture:
             "Bicubic upsampling 32 -> 224 without antialiasing (torch interpolate, cubic a = -0.75): what "
             "torchvision's tensor Resize did before 0.17; newer torchvision antialiases by default, which changes "
             "the cubic kernel to a = -0.5. The official requirements do not pin torchvision.",
-            "ImageNet images are resized as RobustBench does (bilinear 256, centre crop 224) for every model; "
-            "DMAE's own evaluation transform resizes bicubically.",
+            "ImageNet is evaluated as DMAE's own evaluation transform does by default (util/datasets.py: bicubic "
+            "resize to 256, centre crop 224: --preprocessing BicubicRes256Crop224); --preprocessing Res256Crop224 "
+            "gives RobustBench's bilinear resize.",
             "Pre-training checkpoints (decoder_*, mask_token) are not classifiers: those entries are ignored with a "
             "warning and the missing fc_norm/head keys are reported.",
         ),
