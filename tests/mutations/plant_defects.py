@@ -165,6 +165,13 @@ DEFECTS = (
          "tests/test_papers_suite.py::"
          "test_papers_suite_certifies_each_sigmas_fine_tune_and_compares_the_best_with_dmaes_table"),
     ),
+    Defect(
+        "every-ignored", "--every K is recorded but ImageNet's first images are taken, not every K-th",
+        "robusteval/data/imagenet.py",
+        "    order = order[::every]\n", "    order = order[:]\n",
+        ("tests/test_data_cifar100_imagenet.py::"
+         "test_every_kth_imagenet_image_comes_from_the_whole_sorted_order_as_in_the_papers_scripts",),
+    ),
 )
 
 
