@@ -344,10 +344,11 @@ def papers_markdown(rows: list[ClaimRow]) -> str:
              "the worst case over everything robusteval's engine ran. Gap: claimed minus the certified accuracy "
              "measured (certificates) or minus the adaptive figure (empirical claims), 95% intervals.", "",
              line(header), "| " + " | ".join("---" for _ in header) + " |", *(line(cells) for cells in body), ""]
-    for row in rows:
-        if row.notes:
+    for row in rows:  # what the card says of the claim, then what was noticed measuring it
+        notes = [*row.claim.notes, *row.notes]
+        if notes:
             parts.append(f"- {markdown_cell(row.model)}, {markdown_cell(row.claim.label)}: "
-                         f"{markdown_cell('; '.join(row.notes))}")
+                         f"{markdown_cell('; '.join(notes))}")
     # Why the other seed systems have no row: no claim of theirs could be confirmed (model_zoo/claims.py).
     parts += ["", "## Systems without a recorded claim", "",
               *(f"- {markdown_cell(name)}: {markdown_cell(reason)}" for name, reason in NO_CLAIM_REASONS.items())]

@@ -40,6 +40,11 @@ def test_cards_hold_the_papers_claims_as_data() -> None:
     assert [(c.sigma, c.robust_accuracy) for c in imagenet] == [(0.25, 0.49)]  # the abstract's 49% at r = 0.5
     assert all(c.source.startswith("locuslab/smoothing README") for c in claims)
     assert all(c.protocol.checkpoint.endswith("checkpoint.pth.tar") for c in claims)
+    # experiments.MD: certify.py --skip 20 on CIFAR-10, --skip 100 on ImageNet, 500 images each.
+    assert {(c.dataset, c.protocol.n_images, c.protocol.skip) for c in claims} == {("cifar10", 500, 20),
+                                                                                ("imagenet", 500, 100)}
+    assert imagenet[0].notes == ("the repository's raw CERTIFY output data/certify/imagenet/resnet50/noise_0.25/test/"
+                                 "sigma_0.25 gives 49.4% over the 427 images it holds (211 of 427)",)
     # The other seed systems have no claim that could be confirmed: empty, never a guessed figure.
     assert {name for name, _ in paper_claims()} == {"cohen", "dmae"}
     with pytest.raises(ValueError, match="certified claim needs its sigma"):
@@ -135,7 +140,7 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
     released = model_dir / "models" / "cifar10" / "resnet110" / "noise_0.25" / "checkpoint.pth.tar"
     released.parent.mkdir(parents=True)
     cohen_cifar_file(released)  # the official format (depth read from the file: a ResNet-20 here)
-    data = make_cifar10(tmp_path / "data", n=4)
+    data = make_cifar10(tmp_path / "data", n=41)  # every 20th, as Cohen et al. certify: images 0, 20 and 40
     out = tmp_path / "runs"
     result = CliRunner().invoke(main, [
         "benchmark", "--suite", "papers", "--model-dir", str(model_dir), "--data-dir", str(data),
@@ -165,6 +170,7 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
         assert any("autoattack-rand on smooth:0.25:2" in note for note in row["notes"])
     # Both claims at σ = 0.25 share one certify run (the certificate is read at each radius).
     assert measured[0]["runs"][0] == measured[1]["runs"][0]
+    assert json.loads((Path(measured[0]["runs"][0]) / "config.json").read_text())["every"] == 20
     missing = [r for r in rows if r["status"] == "missing"]
     assert len(missing) == len(COHEN_CLAIMS) + len(DMAE_CLAIMS) - 2
     assert all(r["paper_protocol"] is None and r["gap"] is None for r in missing)
@@ -172,6 +178,7 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
     assert f"2 claims measured, {len(missing)} without their checkpoint, 0 failed" in result.stdout
     markdown = (out / "papers" / "papers.md").read_text()
     assert "| cohen | cifar10 certified L2 r=0.25 (σ=0.25) |" in markdown and "missing: " in markdown
+    assert "- cohen, cifar10 certified L2 r=0.5 (σ=0.25): the repository's raw CERTIFY output" in markdown
 
 
 def test_papers_suite_needs_a_model_dir(tmp_path: Path) -> None:
