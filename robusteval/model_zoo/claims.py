@@ -169,12 +169,17 @@ COHEN_CLAIMS: tuple[Claim, ...] = (
 # ImageNet image (1,000) with its default n = 10,000; both n0 = 100, alpha = 0.001.
 DMAE_SIGMAS = (0.25, 0.5, 1.0)
 _DMAE_FOLDER = "dmae/{dataset}/{model}/sigma_{{sigma}}/checkpoint-*.pth"
+_DMAE_AUTOCAST = ("the official certification runs the ViT under torch.cuda.amp.autocast (float16 matrix "
+                  "products); robusteval certifies in float32")
 _DMAE_NOTES = {
-    "cifar10": ("Table 3 also lists 80.8/67.1/49.7/37.7% for a DMAE-Base whose pre-training continued on CIFAR-10 "
+    "cifar10": (_DMAE_AUTOCAST,
+                "Table 3 also lists 80.8/67.1/49.7/37.7% for a DMAE-Base whose pre-training continued on CIFAR-10 "
                 "(pretrain_cifar10.py); these claims are for fine-tunes of the released DMAE-Base",
-                "finetune_cifar10.py keeps the epoch with the best radius-0 accuracy on every 25th test image: the "
-                "last checkpoint-<epoch>.pth it writes is that epoch"),
-    "imagenet": ("main_finetune.py writes a checkpoint-<epoch>.pth every epoch; the last one is taken",),
+                "finetune_cifar10.py saves an epoch when its smoothed accuracy at radius 0 (100 noise draws, every "
+                "10th test image) is the best so far: the last checkpoint-<epoch>.pth it writes is that epoch"),
+    "imagenet": (_DMAE_AUTOCAST, "main_finetune.py writes a checkpoint-<epoch>.pth every epoch; the last one is taken",
+                 "every 50th validation image (certify.py --sample_interval 50), resized bicubically to 256 and "
+                 "centre-cropped to 224 (util/datasets.py)"),
 }
 
 
