@@ -256,7 +256,7 @@ def resolve(model: JointModel | str, options: JobOptions, *, threat_model: str =
         raise UsageError("--every applies to run, certify and predict only")
     _check_denoiser_options(options, uses_denoiser)
     Shard.parse(options.shard)  # a malformed shard stops here, before the model is built
-    preprocessing = _preprocessing(model, options)
+    preprocessing = preprocessing_for(model, options)
     data = resolve_data(options.dataset, options.data_dir, limit, preprocessing, options.every) if load_data else None
     if data is None and not isinstance(options.dataset, (str, Path)):
         raise UsageError("without images to evaluate, the data set must be given by name")
@@ -303,7 +303,7 @@ def _is_imagenet(dataset: Any) -> bool:
     return isinstance(dataset, str) and dataset.lower() == "imagenet"
 
 
-def _preprocessing(model: JointModel | str, options: JobOptions) -> str | None:
+def preprocessing_for(model: JointModel | str, options: JobOptions) -> str | None:
     """ImageNet's preprocessing: the option, else the model's paper's, else RobustBench's default.
 
     Other data sets: the option as given (their loader refuses one).

@@ -134,6 +134,17 @@ def test_a_claim_matches_its_budget_to_1e_4_and_its_checkpoint_with_or_without_m
     assert markdown_cell("a|b<script>\nc") == "a\\|b&lt;script&gt; c"
 
 
+def small_papers_suite(model_dir: Path, data: Path, out: Path, *, n_certify: int, draws: int):
+    """`robusteval benchmark --suite papers` shrunk for a test: n_certify images, n0 = 5, n = draws, 2 attack
+    points on smooth:σ:2 with one EOT draw and two steps; it must exit 0."""
+    result = CliRunner().invoke(main, [
+        "benchmark", "--suite", "papers", "--model-dir", str(model_dir), "--data-dir", str(data),
+        "--out", str(out), "--device", "cpu", "--n-certify", str(n_certify), "--n0", "5", "--n", str(draws),
+        "--n-attack", "2", "--votes", "2", "--eot", "1", "--steps", "2", "--no-large-eps-check"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_missing_files(
         tmp_path: Path) -> None:
     model_dir = tmp_path / "released"
@@ -142,11 +153,7 @@ def test_papers_suite_on_a_synthetic_cohen_checkpoint_lists_every_claim_and_the_
     cohen_cifar_file(released)  # the official format (depth read from the file: a ResNet-20 here)
     data = make_cifar10(tmp_path / "data", n=41)  # every 20th, as Cohen et al. certify: images 0, 20 and 40
     out = tmp_path / "runs"
-    result = CliRunner().invoke(main, [
-        "benchmark", "--suite", "papers", "--model-dir", str(model_dir), "--data-dir", str(data),
-        "--out", str(out), "--device", "cpu", "--n-certify", "3", "--n0", "5", "--n", "20", "--n-attack", "2",
-        "--votes", "2", "--eot", "1", "--steps", "2", "--no-large-eps-check"])
-    assert result.exit_code == 0, result.output
+    result = small_papers_suite(model_dir, data, out, n_certify=3, draws=20)
     rows = json.loads((out / "papers" / "papers.json").read_text())["rows"]
     # Every claim of every card is a row, in the card's order, with the claimed figure from the card.
     assert [(r["model"], r["claim"]["dataset"], r["claim"]["budget"], r["claim"]["sigma"]) for r in rows] == [
@@ -240,11 +247,7 @@ def test_papers_suite_certifies_each_sigmas_fine_tune_and_compares_the_best_with
     batch = pickle.loads(test_batch.read_bytes())
     test_batch.write_bytes(pickle.dumps({**batch, "labels": predicted.tolist()}, protocol=2))
     out = tmp_path / "runs"
-    result = CliRunner().invoke(main, [
-        "benchmark", "--suite", "papers", "--model-dir", str(model_dir), "--data-dir", str(data),
-        "--out", str(out), "--device", "cpu", "--n-certify", "6", "--n0", "5", "--n", "100", "--n-attack", "2",
-        "--votes", "2", "--eot", "1", "--steps", "2", "--no-large-eps-check"])
-    assert result.exit_code == 0, result.output
+    small_papers_suite(model_dir, data, out, n_certify=6, draws=100)
     rows = [r for r in json.loads((out / "papers" / "papers.json").read_text())["rows"] if r["model"] == "dmae"]
     measured = [r for r in rows if r["status"] == "measured"]
     assert [r["claim"]["budget"] for r in measured] == [0.25, 0.5, 0.75, 1.0]
@@ -303,10 +306,10 @@ def test_a_claim_measured_on_every_kth_image_is_measured_on_those_images(tmp_pat
         papers.run_papers(tmp_path / "released", tmp_path / "runs", suite, data_dir=data, every=3)
 
 
-def test_dmae_and_cohen_evaluate_imagenet_with_their_own_scripts_preprocessing() -> None:
-    from robusteval.jobs import JobOptions, _preprocessing
+def test_dmae_and_cohen_evaluate_imagenet_with_their_own_scriptspreprocessing_for() -> None:
+    from robusteval.jobs import JobOptions, preprocessing_for
 
     # DMAE's util/datasets.py: bicubic resize to 256, centre crop 224; Cohen et al.'s: torchvision's default.
-    assert _preprocessing("dmae", JobOptions(dataset="imagenet")) == "BicubicRes256Crop224"
-    assert _preprocessing("cohen", JobOptions(dataset="imagenet")) == "Res256Crop224"
-    assert _preprocessing("dmae", JobOptions(dataset="imagenet", preprocessing="res256crop224")) == "Res256Crop224"
+    assert preprocessing_for("dmae", JobOptions(dataset="imagenet")) == "BicubicRes256Crop224"
+    assert preprocessing_for("cohen", JobOptions(dataset="imagenet")) == "Res256Crop224"
+    assert preprocessing_for("dmae", JobOptions(dataset="imagenet", preprocessing="res256crop224")) == "Res256Crop224"
